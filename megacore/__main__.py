@@ -1,0 +1,5 @@
+import sys
+
+from megacore.cli import main
+
+sys.exit(main())

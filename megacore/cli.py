@@ -1,0 +1,113 @@
+"""The ``megacore`` command: ``train``, ``preprocess``, ``convert``, ``generate``.
+
+    megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N]
+    megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
+    megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
+    megacore generate --model HF_DIR --prompt "text"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = __doc__
+
+
+def _launch_local(nproc: int, args: list[str]) -> int:
+    """Run ``megacore.train`` on ``nproc`` local processes through torchrun's launcher."""
+    from torch.distributed.run import main as torchrun_main
+
+    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "megacore.train", *args])
+    return 0
+
+
+def _init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEGACORE_BACKEND") != "gloo" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+
+
+def run_train(argv: list[str]) -> int:
+    from megacore.config import ConfigError, load_run_config
+    from megacore.training.loop import TrainingError
+
+    nproc = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc":
+            if i + 1 >= len(argv):
+                print("error: --nproc needs a number, e.g. --nproc 2", file=sys.stderr)
+                return 2
+            nproc = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--nproc="):
+            nproc = a.split("=", 1)[1]
+        elif a in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        else:
+            rest.append(a)
+        i += 1
+    if nproc is not None:
+        if not nproc.isdigit() or int(nproc) < 1:
+            print(f"error: --nproc {nproc!r} is not a positive integer", file=sys.stderr)
+            return 2
+        if int(nproc) > 1:
+            return _launch_local(int(nproc), rest)
+    config_path = rest[0] if rest and "=" not in rest[0] else None
+    overrides = rest[1:] if config_path else rest
+    try:
+        cfg = load_run_config(config_path, overrides)
+        _init_distributed()
+        from megacore.training.trainer import Trainer
+
+        Trainer(cfg).run()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return run_train(rest)
+    if command == "preprocess":
+        from megacore.data.preprocess import main as preprocess_main
+
+        return preprocess_main(rest)
+    if command == "convert":
+        from megacore.checkpoint.convert import main as convert_main
+
+        return convert_main(rest)
+    if command == "generate":
+        from megacore.inference.generate import main as generate_main
+
+        return generate_main(rest)
+    print(f"error: unknown command {command!r}; use one of train, preprocess, convert, generate\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

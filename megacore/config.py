@@ -1,0 +1,584 @@
+"""Typed, validated configuration.
+
+Every section is a dataclass with a ``validate()`` that names the bad field, the value and the fix.
+``RunConfig`` groups the sections of one training run and is what ``megacore train CONFIG.yaml
+key=value ...`` builds: YAML file first, then dotted overrides, then ``validate()``.
+
+Unknown keys are errors that list the nearest valid names, so a typo never silently falls back to
+a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
+    raise ConfigError(f"{field_name}={value!r} {problem}; {fix}")
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
+ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
+ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and numerics of a decoder-only transformer (dense GPT / Llama family).
+
+    ``num_query_groups`` is the number of key/value heads (GQA; equal to ``num_attention_heads``
+    for MHA, 1 for MQA). ``kv_channels`` is the per-head dimension (defaults to
+    ``hidden_size // num_attention_heads``). ``ffn_hidden_size`` defaults to ``4 * hidden_size``.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 1024
+    seq_length: int = 256
+    # Rows of the embedding/output tables are padded to a multiple of this (never changes the loss:
+    # padded logits are masked). Must be divisible by the tensor-parallel size.
+    vocab_padding_multiple: int = 128
+
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False
+    activation: str = "swiglu"
+
+    position_embedding: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rotary_scaling: Optional[str] = None
+    rotary_scaling_factor: float = 1.0
+    rotary_original_max_positions: Optional[int] = None
+    rotary_low_freq_factor: float = 1.0   # llama3
+    rotary_high_freq_factor: float = 4.0  # llama3
+    rotary_beta_fast: float = 32.0        # yarn
+    rotary_beta_slow: float = 1.0         # yarn
+    rotary_mscale: float = 1.0            # yarn
+    rotary_mscale_all_dim: float = 0.0    # yarn
+
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    qk_norm: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    sliding_window: Optional[int] = None
+    attention_softmax_scale: Optional[float] = None
+    attention_backend: str = "auto"
+
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scaled_output_init: bool = True
+
+    # Mixture of experts and hybrid stacks are part of the contract but not implemented yet.
+    num_experts: Optional[int] = None
+    moe_top_k: int = 2
+    layer_pattern: Optional[str] = None
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_padding_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
+
+    def validate(self) -> "TransformerConfig":
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                     "vocab_padding_multiple"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                _fail(f"model.{name}", v, "must be a positive integer", f"set model.{name} to a value >= 1")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            _fail("model.hidden_size", self.hidden_size,
+                  f"is not divisible by num_attention_heads={self.num_attention_heads}",
+                  "choose a hidden_size that is a multiple of num_attention_heads, or set model.kv_channels")
+        if self.num_query_groups is not None:
+            if self.num_query_groups <= 0:
+                _fail("model.num_query_groups", self.num_query_groups, "must be positive",
+                      "use 1 for MQA or num_attention_heads for MHA")
+            if self.num_attention_heads % self.num_query_groups != 0:
+                _fail("model.num_attention_heads", self.num_attention_heads,
+                      f"is not divisible by num_query_groups={self.num_query_groups}",
+                      "choose num_query_groups that divides num_attention_heads")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            _fail("model.ffn_hidden_size", self.ffn_hidden_size, "must be positive", "set a positive size")
+        if self.normalization not in NORMALIZATIONS:
+            _fail("model.normalization", self.normalization, "is not a known normalization",
+                  f"use one of {list(NORMALIZATIONS)}")
+        if self.activation not in ACTIVATIONS:
+            _fail("model.activation", self.activation, "is not a known activation", f"use one of {list(ACTIVATIONS)}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            _fail("model.position_embedding", self.position_embedding, "is not known",
+                  f"use one of {list(POSITION_EMBEDDINGS)}")
+        if self.position_embedding == "rope":
+            if not 0.0 < self.rotary_percent <= 1.0:
+                _fail("model.rotary_percent", self.rotary_percent, "must be in (0, 1]", "use e.g. 0.25 or 1.0")
+            if self.rotary_dim % 2 != 0 or self.rotary_dim == 0:
+                _fail("model.rotary_percent", self.rotary_percent,
+                      f"gives an odd or zero rotary dim {self.rotary_dim} (head_dim={self.head_dim})",
+                      "rotary dims come in pairs: choose rotary_percent so head_dim*rotary_percent is even")
+            if self.rotary_scaling not in ROTARY_SCALINGS:
+                _fail("model.rotary_scaling", self.rotary_scaling, "is not known", f"use one of {list(ROTARY_SCALINGS)}")
+            if self.rotary_scaling is not None and self.rotary_scaling_factor <= 0:
+                _fail("model.rotary_scaling_factor", self.rotary_scaling_factor, "must be positive", "use e.g. 8.0")
+            if self.rotary_scaling in ("llama3", "yarn") and self.rotary_original_max_positions is None:
+                _fail("model.rotary_original_max_positions", None,
+                      f"is required by rotary_scaling={self.rotary_scaling!r}",
+                      "set it to the pre-extension context length, e.g. 8192")
+        if self.head_dim % 2 != 0 and self.position_embedding == "rope":
+            _fail("model.kv_channels", self.head_dim, "is odd, so rotary pairs cannot be formed", "use an even head dim")
+        for name in ("attention_dropout", "hidden_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                _fail(f"model.{name}", v, "must be in [0, 1)", "use e.g. 0.0 or 0.1")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            _fail("model.sliding_window", self.sliding_window, "must be positive", "use null to disable it")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            _fail("model.attention_backend", self.attention_backend, "is not known", f"use one of {list(ATTENTION_BACKENDS)}")
+        if self.init_std <= 0:
+            _fail("model.init_std", self.init_std, "must be positive", "use e.g. 0.02")
+        if self.norm_epsilon <= 0:
+            _fail("model.norm_epsilon", self.norm_epsilon, "must be positive", "use e.g. 1e-5")
+        if self.num_experts is not None:
+            _fail("model.num_experts", self.num_experts, "requests MoE layers, which this version does not implement",
+                  "remove model.num_experts (dense models only for now)")
+        if self.layer_pattern is not None and set(self.layer_pattern) - {"*", "-"}:
+            _fail("model.layer_pattern", self.layer_pattern,
+                  "contains layer kinds this version does not implement (only '*' attention+MLP)",
+                  "remove model.layer_pattern or use only '*'")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. World size = pipeline * data * context * tensor (TP fastest-varying)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    fsdp: bool = False
+    pipeline_layers: Optional[list] = None
+    pipeline_schedule: str = "1f1b"
+    ddp_bucket_size_mb: float = 25.0
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+
+    def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
+        for name in ("tensor", "pipeline", "context", "expert"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(f"parallel.{name}", v, "must be an integer >= 1", f"set parallel.{name}=1 to disable it")
+        if self.virtual_pipeline is not None:
+            if self.virtual_pipeline < 1:
+                _fail("parallel.virtual_pipeline", self.virtual_pipeline, "must be >= 1", "use null to disable it")
+            if self.pipeline == 1 and self.virtual_pipeline > 1:
+                _fail("parallel.virtual_pipeline", self.virtual_pipeline, "needs parallel.pipeline > 1",
+                      "set parallel.pipeline >= 2 or remove virtual_pipeline")
+        if self.sequence_parallel and self.tensor == 1:
+            _fail("parallel.sequence_parallel", True, "needs parallel.tensor > 1",
+                  "set parallel.tensor >= 2 or sequence_parallel=false")
+        if self.fsdp and self.distributed_optimizer:
+            _fail("parallel.fsdp", True, "cannot be combined with parallel.distributed_optimizer",
+                  "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)")
+        if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
+            _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
+                  "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")
+        if world_size is not None:
+            model_parallel = self.tensor * self.pipeline * self.context
+            if world_size % model_parallel != 0:
+                _fail("parallel", f"tensor={self.tensor} pipeline={self.pipeline} context={self.context}",
+                      f"multiplies to {model_parallel}, which does not divide the world size {world_size}",
+                      "choose sizes whose product divides the number of processes")
+        return self
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor * self.pipeline * self.context)
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 200
+    global_batch_size: int = 8
+    micro_batch_size: int = 8
+    seed: int = 1234
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 20
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 0
+    eval_iters: int = 10
+    log_interval: int = 1
+
+    def validate(self) -> "TrainConfig":
+        for name in ("iters", "global_batch_size", "micro_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(f"train.{name}", v, "must be a positive integer", f"set train.{name} >= 1")
+        if self.global_batch_size % self.micro_batch_size != 0:
+            _fail("train.global_batch_size", self.global_batch_size,
+                  f"is not divisible by micro_batch_size={self.micro_batch_size}",
+                  "make global_batch_size a multiple of micro_batch_size * data-parallel size")
+        if self.lr_decay_style not in ("cosine", "linear", "wsd", "constant"):
+            _fail("train.lr_decay_style", self.lr_decay_style, "is not known",
+                  "use one of ['cosine', 'linear', 'wsd', 'constant']")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            _fail("train.min_lr", self.min_lr, f"must be in [0, lr={self.lr}] with lr > 0", "lower min_lr")
+        if self.warmup_iters < 0:
+            _fail("train.warmup_iters", self.warmup_iters, "must be >= 0", "use 0 to disable warmup")
+        if not 0.0 <= self.wsd_decay_fraction <= 1.0:
+            _fail("train.wsd_decay_fraction", self.wsd_decay_fraction, "must be in [0, 1]", "use e.g. 0.2")
+        if self.clip_grad < 0:
+            _fail("train.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+        return self
+
+
+@dataclass
+class DataConfig:
+    """``source``: ``default`` (the embedded corpus), ``mock`` (deterministic synthetic tokens) or
+    ``indexed`` (``paths``: Megatron .bin/.idx prefixes, with optional ``weights``)."""
+
+    source: str = "default"
+    paths: Optional[list] = None
+    weights: Optional[list] = None
+    split: str = "969,30,1"
+    tokenizer: Optional[str] = None
+    tokenizer_vocab_size: int = 4096
+    cache_dir: Optional[str] = None
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    num_workers: int = 0
+
+    def validate(self) -> "DataConfig":
+        if self.source not in ("default", "mock", "indexed"):
+            _fail("data.source", self.source, "is not known", "use one of ['default', 'mock', 'indexed']")
+        if self.source == "indexed" and not self.paths:
+            _fail("data.paths", self.paths, "is empty but data.source='indexed'",
+                  "list one or more .bin/.idx path prefixes (from `megacore preprocess`)")
+        if self.weights is not None:
+            if self.paths is None or len(self.weights) != len(self.paths):
+                _fail("data.weights", self.weights, "must have one weight per entry of data.paths",
+                      "give as many weights as paths, or omit weights")
+            if any(float(w) < 0 for w in self.weights) or sum(float(w) for w in self.weights) <= 0:
+                _fail("data.weights", self.weights, "must be non-negative with a positive sum", "fix the weights")
+        parts = str(self.split).split(",")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            nums = []
+        if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+            _fail("data.split", self.split, "must be three non-negative numbers 'train,valid,test'", "use e.g. '969,30,1'")
+        return self
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    interval: int = 0
+    load: Optional[str] = None
+    async_save: bool = False
+    keep_last: int = 3
+    save_on_exit: bool = True
+
+    def validate(self) -> "CheckpointConfig":
+        if self.interval < 0:
+            _fail("checkpoint.interval", self.interval, "must be >= 0", "use 0 to save only at the end")
+        if self.interval > 0 and not self.dir:
+            _fail("checkpoint.dir", self.dir, "is not set but checkpoint.interval > 0", "set checkpoint.dir=PATH")
+        if self.keep_last < 1:
+            _fail("checkpoint.keep_last", self.keep_last, "must be >= 1", "keep at least one checkpoint")
+        return self
+
+
+@dataclass
+class PrecisionConfig:
+    """``dtype`` is the compute/parameter dtype. With bf16/fp16 the optimizer keeps fp32 master
+    weights and gradients accumulate in fp32 unless ``master_weights=false``."""
+
+    dtype: str = "fp32"
+    master_weights: bool = True
+    fp8: Optional[str] = None
+    initial_loss_scale: float = 2.0 ** 16
+    loss_scale_window: int = 1000
+    min_loss_scale: float = 1.0
+    hysteresis: int = 2
+
+    def validate(self) -> "PrecisionConfig":
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            _fail("precision.dtype", self.dtype, "is not known", "use one of ['fp32', 'bf16', 'fp16']")
+        if self.fp8 not in (None, "tensorwise"):
+            _fail("precision.fp8", self.fp8, "is not known", "use null or 'tensorwise'")
+        if self.initial_loss_scale <= 0:
+            _fail("precision.initial_loss_scale", self.initial_loss_scale, "must be positive", "use e.g. 65536")
+        return self
+
+
+@dataclass
+class RecomputeConfig:
+    """``granularity``: null (off), ``full`` (whole layers; every ``every``-th layer) or
+    ``selective`` (the listed ``modules``: ``core_attn``, ``mlp_act``)."""
+
+    granularity: Optional[str] = None
+    every: int = 1
+    modules: list = field(default_factory=lambda: ["core_attn"])
+
+    def validate(self) -> "RecomputeConfig":
+        if self.granularity not in (None, "full", "selective"):
+            _fail("recompute.granularity", self.granularity, "is not known", "use null, 'full' or 'selective'")
+        if self.every < 1:
+            _fail("recompute.every", self.every, "must be >= 1", "use 1 to recompute every layer")
+        bad = [m for m in self.modules if m not in ("core_attn", "mlp_act")]
+        if bad:
+            _fail("recompute.modules", self.modules, f"contains unknown modules {bad}", "use 'core_attn' and/or 'mlp_act'")
+        return self
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/demo"
+    interval: int = 1
+    tensorboard: bool = False
+
+    def validate(self) -> "LogConfig":
+        if self.interval < 1:
+            _fail("log.interval", self.interval, "must be >= 1", "use 1 to log every step")
+        return self
+
+
+@dataclass
+class RunConfig:
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    device: str = "cpu"
+    compile: bool = False
+
+    def validate(self, world_size: Optional[int] = None) -> "RunConfig":
+        self.model.validate()
+        self.parallel.validate(world_size)
+        self.train.validate()
+        self.data.validate()
+        self.checkpoint.validate()
+        self.precision.validate()
+        self.recompute.validate()
+        self.log.validate()
+        if self.device not in ("cpu", "cuda", "auto"):
+            _fail("device", self.device, "is not known", "use 'cpu', 'cuda' or 'auto'")
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tensor != 0:
+            _fail("model.num_attention_heads", m.num_attention_heads, f"is not divisible by parallel.tensor={p.tensor}",
+                  "choose a tensor-parallel size that divides the number of heads")
+        kv = m.num_kv_heads
+        if kv % p.tensor != 0 and p.tensor % kv != 0:
+            _fail("model.num_query_groups", kv, f"and parallel.tensor={p.tensor} divide neither way",
+                  "KV heads are split across TP ranks (kv % tp == 0) or replicated (tp % kv == 0)")
+        if m.ffn_size % p.tensor != 0:
+            _fail("model.ffn_hidden_size", m.ffn_size, f"is not divisible by parallel.tensor={p.tensor}",
+                  "choose an ffn size that is a multiple of the tensor-parallel size")
+        if m.vocab_padding_multiple % p.tensor != 0:
+            _fail("model.vocab_padding_multiple", m.vocab_padding_multiple,
+                  f"is not divisible by parallel.tensor={p.tensor}", "use a multiple of the tensor-parallel size, e.g. 128")
+        if p.sequence_parallel and m.seq_length % p.tensor != 0:
+            _fail("model.seq_length", m.seq_length, f"is not divisible by parallel.tensor={p.tensor} (sequence parallel)",
+                  "choose a sequence length that is a multiple of the tensor-parallel size")
+        if p.context > 1 and m.seq_length % (2 * p.context) != 0:
+            _fail("model.seq_length", m.seq_length, f"is not divisible by 2*parallel.context={2 * p.context}",
+                  "choose a sequence length that is a multiple of twice the context-parallel size")
+        n_chunks = p.pipeline * (p.virtual_pipeline or 1)
+        if p.pipeline_layers is not None:
+            if len(p.pipeline_layers) != n_chunks or sum(p.pipeline_layers) != m.num_layers or min(p.pipeline_layers) < 1:
+                _fail("parallel.pipeline_layers", p.pipeline_layers,
+                      f"must list {n_chunks} positive layer counts summing to model.num_layers={m.num_layers}",
+                      "give one count per pipeline stage (times virtual stages)")
+        elif n_chunks > m.num_layers:
+            _fail("parallel.pipeline", p.pipeline, f"(x virtual {p.virtual_pipeline or 1}) asks for more stages than "
+                  f"model.num_layers={m.num_layers}", "use fewer pipeline stages or more layers")
+        if world_size is not None:
+            dp = p.data_parallel_size(world_size)
+            if self.train.global_batch_size % (self.train.micro_batch_size * dp) != 0:
+                _fail("train.global_batch_size", self.train.global_batch_size,
+                      f"is not divisible by micro_batch_size*data_parallel = {self.train.micro_batch_size}*{dp}",
+                      "make the global batch a multiple of micro_batch_size times the data-parallel size")
+        if self.precision.fp8 is not None and self.device == "cpu":
+            _fail("precision.fp8", self.precision.fp8, "needs a Hopper GPU", "set device=cuda or precision.fp8=null")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from dicts (YAML) and dotted overrides, with nearest-name suggestions.
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    if close:
+        return f"did you mean {', '.join(close)}?"
+    return f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number") from None
+        if f != int(f):
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number; give e.g. 0.1 or 1e-4") from None
+    if tp is str:
+        return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, str):
+            import yaml
+
+            parsed = yaml.safe_load(value)
+            value = parsed if isinstance(parsed, list) else [p for p in value.split(",") if p != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list; give e.g. [a, b] or a,b")
+        return list(value)
+    return value
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls, data: Optional[dict], prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with suggestions."""
+    data = dict(data or {})
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; {_suggest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a mapping of keys, got {value!r}")
+            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def apply_override(cfg: Any, dotted: str, value: Any) -> None:
+    """Set ``a.b.c=value`` on a nested dataclass, with type coercion and a clear unknown-key error."""
+    parts = dotted.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key {dotted!r} ({part!r} is not a key of {where}); {_suggest(part, names)}")
+        if i == len(parts) - 1:
+            tp = _type_hints(type(obj))[part]
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{dotted} is a section, not a value; set one of its keys, e.g. {dotted}.<key>=...")
+            setattr(obj, part, _coerce(value, tp, dotted))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
+
+
+def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config and apply ``key=value`` overrides (not yet validated)."""
+    import yaml
+
+    data = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist; pass the path to a YAML file such as configs/tiny_cpu.yaml") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, train:, ...)")
+    cfg = from_dict(RunConfig, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.iters=100)")
+        key, value = item.split("=", 1)
+        apply_override(cfg, key.strip(), value)
+    return cfg

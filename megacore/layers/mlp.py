@@ -1,0 +1,62 @@
+"""Feed-forward block: fc1 -> activation (optionally gated) -> fc2.
+
+Gated activations (SwiGLU, GeGLU) keep gate and up projections in one ``linear_fc1`` whose rows
+are ``[gate (F rows); up (F rows)]``: one GEMM instead of two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megacore.config import TransformerConfig
+from megacore.layers.norm import mark_init
+
+
+def _squared_relu(x):
+    return F.relu(x).square()
+
+
+ACTIVATION_FNS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "squared_relu": _squared_relu,
+    "swiglu": F.silu,  # applied to the gate half
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def gated_activation_reference(x_fused: torch.Tensor, activation: str) -> torch.Tensor:
+    gate, up = x_fused.chunk(2, dim=-1)
+    return ACTIVATION_FNS[activation](gate) * up
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.activation = config.activation
+        self.gated = config.gated_mlp
+        ffn = config.ffn_size
+        self.linear_fc1 = nn.Linear(config.hidden_size, 2 * ffn if self.gated else ffn, bias=config.add_bias_linear)
+        self.linear_fc2 = nn.Linear(ffn, config.hidden_size, bias=config.add_bias_linear)
+        mark_init(self.linear_fc1.weight, "normal")
+        mark_init(self.linear_fc2.weight, "scaled_normal")
+        for lin in (self.linear_fc1, self.linear_fc2):
+            if lin.bias is not None:
+                mark_init(lin.bias, "zeros")
+        # Selective recomputation: keep only fc1's output and recompute the activation in backward.
+        self.recompute_activation = False
+
+    def activation_fn(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return gated_activation_reference(x, self.activation)
+        return ACTIVATION_FNS[self.activation](x)
+
+    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        fc1_out = self.linear_fc1(hidden_BSH)
+        if self.recompute_activation and self.training and torch.is_grad_enabled():
+            return self.linear_fc2(checkpoint(self.activation_fn, fc1_out, use_reentrant=False))
+        return self.linear_fc2(self.activation_fn(fc1_out))

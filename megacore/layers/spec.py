@@ -1,0 +1,31 @@
+"""Declarative layer specs: which class builds each submodule of a transformer layer.
+
+A model is assembled from a ``LayerSpec``, so a user swaps one submodule (their own attention,
+norm or MLP) without forking the model::
+
+    spec = LayerSpec(mlp=MyMLP)            # MyMLP(config) -> nn.Module, forward(hidden_BSH)
+    model = GPTModel(config, layer_spec=spec)
+
+Each entry is a callable ``(config) -> nn.Module``; the norms are ``(config, dim) -> nn.Module``.
+Keep the attribute names of the default modules (``linear_qkv``, ``linear_fc1``, ...) if you want
+tensor parallelism and Hugging Face interop to recognise your replacement's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from megacore.layers.attention import CoreAttention, SelfAttention
+from megacore.layers.mlp import MLP
+from megacore.layers.norm import build_norm
+
+
+@dataclass
+class LayerSpec:
+    input_norm: Callable = build_norm
+    self_attention: Callable = SelfAttention
+    core_attention: Callable = CoreAttention
+    pre_mlp_norm: Callable = build_norm
+    mlp: Callable = MLP
+    final_norm: Callable = build_norm

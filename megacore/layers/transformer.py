@@ -1,0 +1,71 @@
+"""Pre-norm transformer layer and the block (stack of layers + final norm), with recomputation.
+
+Layer::  x = x + dropout(attn(norm1(x)));  x = x + dropout(mlp(norm2(x)))
+
+Layers live in an ``nn.ModuleDict`` keyed by their GLOBAL index, so a pipeline stage holding
+layers 8..15 names its parameters exactly like the full model does (``decoder.layers.8...``):
+checkpoints, Hugging Face export and deterministic init all key on those names.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megacore.config import RecomputeConfig, TransformerConfig
+from megacore.layers.spec import LayerSpec
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_norm = spec.input_norm(config, config.hidden_size)
+        self.self_attention = spec.self_attention(config, spec.core_attention)
+        self.pre_mlp_norm = spec.pre_mlp_norm(config, config.hidden_size)
+        self.mlp = spec.mlp(config)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
+        hidden_BSH = hidden_BSH + self.hidden_dropout(self.self_attention(self.input_norm(hidden_BSH), rotary, mask))
+        return hidden_BSH + self.hidden_dropout(self.mlp(self.pre_mlp_norm(hidden_BSH)))
+
+
+class TransformerBlock(nn.Module):
+    """Layers ``layer_numbers`` (global indices) and, when ``has_final_norm``, the final norm."""
+
+    def __init__(self, config: TransformerConfig, spec: Optional[LayerSpec] = None,
+                 layer_numbers: Optional[Iterable[int]] = None, has_final_norm: bool = True):
+        super().__init__()
+        spec = spec or LayerSpec()
+        numbers = list(range(config.num_layers) if layer_numbers is None else layer_numbers)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, spec) for i in numbers})
+        self.final_norm = spec.final_norm(config, config.hidden_size) if has_final_norm else None
+        self.full_recompute_layers: set[int] = set()
+
+    def configure_recompute(self, recompute: RecomputeConfig) -> None:
+        """Full: checkpoint every ``every``-th layer whole. Selective: only core attention and/or the
+        MLP activation, the activations that are large and cheap to recompute."""
+        self.full_recompute_layers = set()
+        selective = recompute.granularity == "selective"
+        for layer in self.layers.values():
+            core = getattr(layer.self_attention, "core_attention", None)
+            if core is not None and hasattr(core, "recompute"):
+                core.recompute = selective and "core_attn" in recompute.modules
+            if hasattr(layer.mlp, "recompute_activation"):
+                layer.mlp.recompute_activation = selective and "mlp_act" in recompute.modules
+            if recompute.granularity == "full" and layer.layer_number % recompute.every == 0:
+                self.full_recompute_layers.add(layer.layer_number)
+
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
+        for layer in self.layers.values():
+            if self.training and layer.layer_number in self.full_recompute_layers:
+                hidden_BSH = checkpoint(layer, hidden_BSH, rotary, mask, use_reentrant=False)
+            else:
+                hidden_BSH = layer(hidden_BSH, rotary, mask)
+        if self.final_norm is not None:
+            hidden_BSH = self.final_norm(hidden_BSH)
+        return hidden_BSH

@@ -1,0 +1,3 @@
+"""Models: ``GPTModel`` (dense GPT / Llama family)."""
+
+from megacore.models.gpt import GPTModel  # noqa: F401

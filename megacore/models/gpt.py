@@ -1,0 +1,147 @@
+"""GPTModel: embedding -> transformer block -> final norm -> output layer (tied or untied).
+
+One device first: this file knows nothing about parallelism. ``megacore.parallel.parallelize``
+swaps modules for their sharded versions and replaces ``cross_entropy`` with the vocab-parallel one.
+
+Labels follow the Megatron convention: ``labels[:, t]`` is the target for position t (already
+shifted, i.e. the token after ``input_ids[:, t]``); ``-100`` marks positions without a target.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacore.config import RecomputeConfig, TransformerConfig
+from megacore.layers.attention import build_attention_mask
+from megacore.layers.embedding import LanguageModelEmbedding
+from megacore.layers.norm import mark_init
+from megacore.layers.rotary import RotaryEmbedding
+from megacore.layers.spec import LayerSpec
+from megacore.layers.transformer import TransformerBlock
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_padded(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, vocab_size: int,
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-token CE over the first ``vocab_size`` columns (padding columns get no mass); 0 where ignored."""
+    logits = logits_BSV[..., :vocab_size].float()
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), labels_BS.reshape(-1),
+                           ignore_index=ignore_index, reduction="none")
+    return loss.view(labels_BS.shape)
+
+
+class GPTModel(nn.Module):
+    """Decoder-only language model.
+
+    ``pre_process``/``post_process`` let a pipeline stage hold only part of it: the first stage
+    embeds, the last applies the final norm, output layer and loss. ``layer_numbers`` are the global
+    indices of the layers this instance holds (all by default).
+
+    On construction outside the meta device the weights are initialized deterministically from
+    ``seed`` (see ``megacore.models.init``).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_spec: Optional[LayerSpec] = None, seed: int = 0,
+                 pre_process: bool = True, post_process: bool = True, layer_numbers=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.embedding = LanguageModelEmbedding(config) if pre_process else None
+        self.rotary = RotaryEmbedding(config) if config.position_embedding == "rope" else None
+        self.decoder = TransformerBlock(config, layer_spec, layer_numbers, has_final_norm=post_process)
+        self.output_layer = None
+        if post_process and not config.tie_embeddings:
+            self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+            mark_init(self.output_layer.weight, "normal")
+        # A tied last pipeline stage without the embedding holds its own copy of the table, kept equal
+        # to the first stage's by summing their gradients (megacore.pipeline).
+        if post_process and config.tie_embeddings and not pre_process:
+            self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+            mark_init(self.output_layer.weight, "normal")
+            self.output_layer.weight._megacore_global_name = "embedding.word_embeddings.weight"
+        self.cross_entropy = lambda logits, labels: cross_entropy_padded(logits, labels, config.vocab_size)
+        if not self.decoder.layers or next(self.parameters()).device.type != "meta":
+            from megacore.models.init import materialize
+
+            materialize(self, config, seed)
+
+    # ----------------------------------------------------------------------------- pieces
+    def configure_recompute(self, recompute: RecomputeConfig) -> None:
+        self.decoder.configure_recompute(recompute)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def output_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        """Logits over the padded vocab (a vocab shard under TP)."""
+        return F.linear(hidden_BSH, self.output_weight())
+
+    def compute_token_loss(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [B, S] (0 where the label is ignored)."""
+        return self.cross_entropy(self.output_logits(hidden_BSH), labels_BS)
+
+    def attention_inputs(self, seq_len: int, batch: int, device, dtype, position_ids=None, attention_mask=None):
+        rotary = self.rotary(seq_len, device, dtype, position_ids) if self.rotary is not None else None
+        padding, full = None, None
+        if attention_mask is not None:
+            padding, full = (attention_mask, None) if attention_mask.dim() == 2 else (None, attention_mask)
+        mask = build_attention_mask(batch, seq_len, device, padding, self.config.sliding_window, full)
+        return rotary, mask
+
+    def reduce_loss(self, token_loss_BS, labels_BS, loss_mask_BS=None, reduction: str = "mean"):
+        weights = (labels_BS != IGNORE_INDEX).to(token_loss_BS.dtype)
+        if loss_mask_BS is not None:
+            weights = weights * loss_mask_BS.to(token_loss_BS.dtype)
+        token_loss_BS = token_loss_BS * weights
+        if reduction == "none":
+            return token_loss_BS
+        if reduction == "sum":
+            return token_loss_BS.sum()
+        if reduction == "mean":
+            return token_loss_BS.sum() / weights.sum().clamp(min=1.0)
+        raise ValueError(f"reduction={reduction!r} is not known; use 'mean', 'sum' or 'none'")
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None, reduction: str = "mean", hidden_states=None):
+        """input_ids [B, S] -> logits [B, S, vocab_size], or the loss when ``labels`` is given.
+
+        ``attention_mask``: [B, S] padding mask (1 = real token) or a boolean [B, 1, S, S] mask
+        (True = may attend), and-ed with causality. ``hidden_states`` replaces the embedding
+        output on pipeline stages after the first.
+        """
+        if self.pre_process:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            if input_ids.shape[1] > self.config.seq_length and self.embedding.position_embeddings is not None:
+                raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.seq_length={self.config.seq_length} "
+                                 "(learned positions); shorten the input or raise seq_length")
+            hidden_BSH = self.embedding(input_ids, position_ids)
+        else:
+            hidden_BSH = hidden_states
+        batch, seq = hidden_BSH.shape[0], self._full_seq_len(hidden_BSH, input_ids)
+        rotary, mask = self.attention_inputs(seq, batch, hidden_BSH.device, hidden_BSH.dtype, position_ids, attention_mask)
+        hidden_BSH = self.decoder(hidden_BSH, rotary, mask)
+        if not self.post_process:
+            return hidden_BSH
+        if labels is None:
+            return self.full_logits(hidden_BSH)
+        return self.reduce_loss(self.compute_token_loss(hidden_BSH, labels), labels, loss_mask, reduction)
+
+    def _full_seq_len(self, hidden_BSH, input_ids):
+        if input_ids is not None:
+            return input_ids.shape[1]
+        return hidden_BSH.shape[1] * getattr(self, "sequence_parallel_size", 1)
+
+    def full_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, vocab_size] without padding columns (parallelize overrides this to gather shards)."""
+        return self.output_logits(hidden_BSH)[..., : self.config.vocab_size]

@@ -1,0 +1,84 @@
+"""Deterministic initialization: a seed defines the full global model, whatever the layout.
+
+Each parameter is filled from a CPU generator seeded by ``(seed, global parameter name)``: the FULL
+tensor is drawn (shape ``param._megacore_global_shape`` if the parameter is a shard, else its own
+shape) and, when ``param._megacore_shard_fn`` is set, only this rank's slice is kept. A TP=2 rank
+therefore holds exactly half of the TP=1 weight, and a pipeline stage holding layers 8..15 holds
+exactly those layers of the one-device model, because layer names are global.
+
+Init kinds (``param._megacore_init``, set by the module that owns the parameter):
+``normal`` N(0, init_std); ``scaled_normal`` N(0, init_std / sqrt(2·num_layers)) for the output
+projections of each residual branch (when ``scaled_output_init``); ``ones``; ``zeros``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megacore.config import TransformerConfig
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return (zlib.crc32(name.encode()) * 1_000_003 + seed) % (2 ** 63 - 1)
+
+
+def full_init_tensor(kind: str, shape, config: TransformerConfig, seed: int, name: str) -> torch.Tensor:
+    """The full fp32 tensor that parameter ``name`` starts from (on CPU)."""
+    if kind == "ones":
+        return torch.ones(shape)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    std = config.init_std
+    if kind == "scaled_normal" and config.scaled_output_init:
+        std = config.init_std / math.sqrt(2.0 * config.num_layers)
+    gen = torch.Generator().manual_seed(_name_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+def _default_kind(name: str, param: torch.Tensor) -> str:
+    if name.endswith("bias"):
+        return "zeros"
+    return "normal" if param.dim() >= 2 else "ones"
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, config: TransformerConfig, seed: int,
+                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Allocate (if on meta) and fill every parameter of ``model`` deterministically; returns it.
+
+    ``device``/``dtype`` default to the parameters' current ones (meta parameters go to CPU).
+    """
+    # to_empty()/to() create new Parameter objects: carry the _megacore_* attributes across.
+    saved = {name: {k: v for k, v in vars(p).items() if k.startswith("_megacore")}
+             for name, p in model.named_parameters(remove_duplicate=False)}
+    first = next(model.parameters(), None)
+    if first is not None and first.is_meta:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        model.to_empty(device=target)
+    elif device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        for k, v in saved.get(name, {}).items():
+            setattr(param, k, v)
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:  # tied weights: initialize once, under the first name
+            continue
+        seen.add(id(param))
+        kind = getattr(param, "_megacore_init", None) or _default_kind(name, param)
+        global_name = getattr(param, "_megacore_global_name", name)
+        shape = getattr(param, "_megacore_global_shape", param.shape)
+        full = full_init_tensor(kind, tuple(shape), config, seed, global_name)
+        shard_fn = getattr(param, "_megacore_shard_fn", None)
+        local = shard_fn(full) if shard_fn is not None else full
+        if tuple(local.shape) != tuple(param.shape):
+            raise RuntimeError(f"shard of {global_name} has shape {tuple(local.shape)}, parameter has {tuple(param.shape)}")
+        param.copy_(local)
+    return model

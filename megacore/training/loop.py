@@ -1,0 +1,91 @@
+"""The training loop: data -> micro-batches -> forward/backward -> optimizer step -> metrics.
+
+Loss normalization (layout-invariant): every micro-batch contributes the SUM of its per-token
+losses divided by the number of labelled tokens in the whole GLOBAL batch. Summed over micro-batches
+and data-parallel ranks (gradients are summed, not averaged), this is exactly the mean over all
+labelled tokens of the global batch, whatever the micro-batch count or the parallel layout.
+
+Samples are addressed by global index: step ``k`` consumes samples ``[k·G, (k+1)·G)`` of the
+training set (G = global batch size); data-parallel rank ``r`` takes the ``r``-th contiguous slice
+of G/DP samples, split into micro-batches. The data position is therefore just the step number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megacore.config import ConfigError, RunConfig
+from megacore.training.flops import flops_per_token, peak_tflops
+from megacore.training.lr_schedule import LRSchedule
+from megacore.training.metrics import MetricsLogger
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad data); the message says why and what to try."""
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but no CUDA GPU is visible; use device=cpu (or device=auto)")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def collate(samples: list[dict], device: torch.device) -> dict:
+    """Stack a list of sample dicts (numpy arrays) into tensors on ``device``."""
+    out = {}
+    for key in samples[0]:
+        arr = np.stack([s[key] for s in samples])
+        out[key] = torch.from_numpy(arr).to(device, non_blocking=True)
+    return out
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool = False
+    loss_scale: Optional[float] = None
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop finishes the current step, saves if configured, and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
