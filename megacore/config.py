@@ -494,7 +494,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} is not an integer; give a whole number") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
         return int(f)
     if tp is float:
@@ -509,7 +509,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             import yaml
 
             parsed = yaml.safe_load(value)
-            value = parsed if isinstance(parsed, list) else [p for p in value.split(",") if p != ""]
+            value = parsed if isinstance(parsed, list) else [yaml.safe_load(p) for p in value.split(",") if p.strip() != ""]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} is not a list; give e.g. [a, b] or a,b")
         return list(value)

@@ -1,1 +1,44 @@
+"""Triton kernels, each beside the plain-torch reference it must match.
 
+Every public function here dispatches: the Triton kernel when its input is on CUDA and Triton
+imports (or, for tests on CPU, with ``TRITON_INTERPRET=1`` set before importing triton and
+``force_triton=True``), else the ``*_reference`` function, which runs anywhere.
+
+- ``rms_norm``: fused residual add + RMSNorm, returns (y, new_residual)
+- ``apply_rotary``: half-rotation RoPE with partial rotary and optional position_ids
+- ``swiglu`` / ``geglu`` / ``gated_activation``: act(gate)·up over [gate ; up]
+- ``fused_linear_cross_entropy``: chunked linear + CE that never holds all logits; vocab-parallel aware
+
+Note: the functions ``swiglu`` and ``fused_linear_cross_entropy`` share their module's name, so the
+attribute ``megacore.kernels.swiglu`` is the function; import module contents with
+``from megacore.kernels.swiglu import ...`` (which always resolves the module).
+"""
+
+from megacore.kernels._dispatch import triton_available
+from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
+from megacore.kernels.rmsnorm import rms_norm, rms_norm_reference
+from megacore.kernels.rope import apply_rotary, apply_rotary_reference
+from megacore.kernels.swiglu import (
+    gated_activation,
+    gated_activation_reference,
+    geglu,
+    geglu_reference,
+    swiglu,
+    swiglu_reference,
+)
+
+__all__ = [
+    "apply_rotary",
+    "apply_rotary_reference",
+    "fused_linear_cross_entropy",
+    "gated_activation",
+    "gated_activation_reference",
+    "geglu",
+    "geglu_reference",
+    "linear_cross_entropy_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "swiglu",
+    "swiglu_reference",
+    "triton_available",
+]

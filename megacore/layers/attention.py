@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from megacore.parallel.rng import checkpoint
 
 from megacore.config import TransformerConfig
 from megacore.layers.norm import RMSNorm, mark_init
@@ -98,7 +98,7 @@ class CoreAttention(nn.Module):
 
     def forward(self, q, k, v, mask=None):
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self._attend, q, k, v, mask, use_reentrant=False)
+            return checkpoint(self._attend, q, k, v, mask)
         return self._attend(q, k, v, mask)
 
 

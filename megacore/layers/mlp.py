@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from megacore.parallel.rng import checkpoint
 
 from megacore.config import TransformerConfig
 from megacore.layers.norm import mark_init
@@ -58,5 +58,5 @@ class MLP(nn.Module):
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         fc1_out = self.linear_fc1(hidden_BSH)
         if self.recompute_activation and self.training and torch.is_grad_enabled():
-            return self.linear_fc2(checkpoint(self.activation_fn, fc1_out, use_reentrant=False))
+            return self.linear_fc2(checkpoint(self.activation_fn, fc1_out))
         return self.linear_fc2(self.activation_fn(fc1_out))

@@ -19,7 +19,7 @@ from megacore.config import TransformerConfig
 
 
 def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, orig_len: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _yarn_inv_freq(dim: int, base: float, factor: float, orig_len: int, beta_fas
     hi = min(math.ceil(dim_for_rotations(beta_slow)), dim - 1)
     if lo == hi:
         hi += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
     extrapolate_weight = 1 - ramp
     inv = _base_inv_freq(dim, base)
     return inv / factor * (1 - extrapolate_weight) + inv * extrapolate_weight

@@ -13,7 +13,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from megacore.parallel.rng import checkpoint
 
 from megacore.config import RecomputeConfig, TransformerConfig
 from megacore.layers.spec import LayerSpec
@@ -63,7 +63,7 @@ class TransformerBlock(nn.Module):
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
         for layer in self.layers.values():
             if self.training and layer.layer_number in self.full_recompute_layers:
-                hidden_BSH = checkpoint(layer, hidden_BSH, rotary, mask, use_reentrant=False)
+                hidden_BSH = checkpoint(layer, hidden_BSH, rotary, mask)
             else:
                 hidden_BSH = layer(hidden_BSH, rotary, mask)
         if self.final_norm is not None:

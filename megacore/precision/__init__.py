@@ -1,1 +1,11 @@
+"""Mixed precision: dtype helpers and loss scaling (fp16). FP8 lives elsewhere (not yet)."""
 
+from megacore.precision.loss_scaler import (ConstantLossScaler, DynamicLossScaler, LossScaler, build_loss_scaler,
+                                            unscale_and_check_)
+from megacore.precision.mixed import (DTYPES, autocast, cast_params_, needs_loss_scaling, needs_master_weights,
+                                      resolve_dtype)
+
+__all__ = [
+    "ConstantLossScaler", "DTYPES", "DynamicLossScaler", "LossScaler", "autocast", "build_loss_scaler",
+    "cast_params_", "needs_loss_scaling", "needs_master_weights", "resolve_dtype", "unscale_and_check_",
+]

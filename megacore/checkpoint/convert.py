@@ -1,0 +1,100 @@
+"""``megacore convert``: Hugging Face model directory <-> megacore distributed checkpoint.
+
+    megacore convert --from hf --input HF_DIR --output CKPT_DIR [--step 0] [--dtype bf16]
+    megacore convert --from megacore --input CKPT_DIR --output HF_DIR [--family llama] [--dtype bf16]
+
+HF -> megacore writes a model-only checkpoint (``iter_{step}``, ``latest``) that training loads at
+any parallel layout (``checkpoint.load=CKPT_DIR``, optimizer state then starts fresh: load it with
+``load_optimizer=False``). megacore -> HF reads any checkpoint (whatever TP/PP/DP wrote it) into one
+full model and exports it with ``megacore.interop.hf.save_pretrained``. The HF family and the
+original ``config.json`` travel in the checkpoint's ``extra`` so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Optional
+
+from megacore.checkpoint.directory import INDEX, resolve_load_path
+from megacore.checkpoint.errors import CheckpointError
+from megacore.checkpoint.serialize import dtype_from_name, read_json
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _torch_dtype(name: Optional[str]):
+    return None if name is None else dtype_from_name(DTYPES[name])
+
+
+def hf_to_megacore(hf_dir: str, ckpt_dir: str, step: int = 0, dtype: Optional[str] = None) -> str:
+    """Load a HF directory and save it as a megacore checkpoint; returns the ``iter_*`` path."""
+    from megacore.checkpoint.save import save_checkpoint
+    from megacore.interop.hf import load_pretrained
+
+    model = load_pretrained(hf_dir, dtype=_torch_dtype(dtype))
+    extra = {"hf_family": getattr(model, "hf_family", None), "hf_config": getattr(model, "hf_config", None),
+             "converted_from": os.path.abspath(hf_dir)}
+    return save_checkpoint(ckpt_dir, step, model, extra=extra).path
+
+
+def megacore_to_hf(ckpt: str, out_dir: str, family: Optional[str] = None, dtype: Optional[str] = None) -> str:
+    """Read a megacore checkpoint (any layout) into one full model and export it as HF."""
+    from megacore.checkpoint.load import load_checkpoint
+    from megacore.config import TransformerConfig
+    from megacore.interop.hf import build_empty, save_pretrained
+
+    path = resolve_load_path(ckpt, "latest")
+    if path is None:
+        raise CheckpointError(f"{ckpt} holds no checkpoint (no 'latest' file and no index.json)")
+    index = read_json(os.path.join(path, INDEX), path)
+    saved = index.get("model_config")
+    if not saved:
+        raise CheckpointError(f"checkpoint {path} records no model config, so the model cannot be rebuilt for export")
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    config = TransformerConfig(**{k: v for k, v in saved.items() if k in names})
+    model_keys = sorted(k for k in index["tensors"] if k.startswith("model/"))
+    torch_dtype = _torch_dtype(dtype) or dtype_from_name(index["tensors"][model_keys[0]]["dtype"])
+    import torch
+
+    model = build_empty(config, torch_dtype, torch.device("cpu"))
+    result = load_checkpoint(path, model, load_rng=False)
+    extra = result.extra or {}
+    if extra.get("hf_family"):
+        model.hf_family = extra["hf_family"]
+        model.hf_config = extra.get("hf_config")
+    save_pretrained(model, out_dir, family=family)
+    return out_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megacore convert",
+                                description="Convert between Hugging Face model directories and megacore checkpoints.")
+    p.add_argument("--from", dest="source", required=True, choices=("hf", "megacore"),
+                   help="format of --input: 'hf' (config.json + safetensors) or 'megacore' (a checkpoint directory)")
+    p.add_argument("--input", required=True, help="directory to read")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--step", type=int, default=0, help="step recorded in the megacore checkpoint (--from hf)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: as stored)")
+    p.add_argument("--family", default=None, help="HF family to export (--from megacore; default: as imported or inferred)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.source == "hf":
+            out = hf_to_megacore(args.input, args.output, step=args.step, dtype=args.dtype)
+        else:
+            out = megacore_to_hf(args.input, args.output, family=args.family, dtype=args.dtype)
+    except (CheckpointError, ValueError, FileNotFoundError, TypeError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[megacore] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

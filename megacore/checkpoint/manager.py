@@ -1,0 +1,89 @@
+"""``CheckpointManager``: the few calls a training loop makes, driven by ``CheckpointConfig``.
+
+    ckpt = CheckpointManager(cfg.checkpoint, log=print)
+    resumed = ckpt.resume(model_chunks, optimizer, scaler)        # LoadResult or None
+    step = resumed.step if resumed else 0                          # data position = step
+    for ...:
+        ...one optimizer step...; step += 1
+        if ckpt.should_save(step):
+            ckpt.save(step, model_chunks, optimizer, scaler, extra={"consumed_samples": step * G})
+        else:
+            ckpt.poll()                                            # commit a finished async save early
+    ckpt.finish(step, model_chunks, optimizer, scaler, extra=...)  # save on exit (if configured) + wait
+
+Every call is collective: make it on every rank at the same point of the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from megacore.checkpoint.directory import INDEX, resolve_load_path
+from megacore.checkpoint.load import LoadResult, load_checkpoint
+from megacore.checkpoint.save import SaveHandle, poll_pending, save_checkpoint, wait_for_pending
+from megacore.checkpoint.serialize import read_json
+from megacore.checkpoint.sharded import OPTIM_PREFIX
+from megacore.config import CheckpointConfig
+
+
+class CheckpointManager:
+    def __init__(self, cfg: CheckpointConfig, log: Callable[[str], None] = lambda msg: None):
+        self.cfg = cfg
+        self.log = log
+        self.last_saved_step: Optional[int] = None
+        self.last_handle: Optional[SaveHandle] = None
+
+    # ---------------------------------------------------------------------------- resume
+    def resume(self, model_chunks, optimizer=None, scaler=None, strict: bool = True) -> Optional[LoadResult]:
+        """Load ``checkpoint.load`` (or, when unset, the latest checkpoint in ``checkpoint.dir``).
+
+        Returns None when there is nothing to resume from. A model-only checkpoint (e.g. from
+        ``megacore convert --from hf``) loads the weights and leaves the optimizer fresh.
+        """
+        source = self.cfg.load or self.cfg.dir
+        if not source:
+            return None
+        path = resolve_load_path(source, "latest") if os.path.isdir(source) or self.cfg.load is None else \
+            resolve_load_path(None, source)
+        if path is None:
+            self.log(f"no checkpoint in {source} yet: starting from step 0")
+            return None
+        index = read_json(os.path.join(path, INDEX), path)
+        has_optim = any(k.startswith(OPTIM_PREFIX) for k in index["tensors"])
+        result = load_checkpoint(path, model_chunks, optimizer if has_optim else None, scaler, strict=strict)
+        note = "" if has_optim or optimizer is None else " (model only: the checkpoint has no optimizer state)"
+        rng = "" if result.rng_restored else f"; RNG not restored ({result.rng_note})"
+        self.log(f"resumed from {path} at step {result.step}{note}{rng}")
+        self.last_saved_step = result.step
+        return result
+
+    # ---------------------------------------------------------------------------- save
+    def should_save(self, step: int) -> bool:
+        return bool(self.cfg.dir) and self.cfg.interval > 0 and step % self.cfg.interval == 0
+
+    def save(self, step: int, model_chunks, optimizer=None, scaler=None, extra: Optional[dict] = None,
+             async_save: Optional[bool] = None) -> SaveHandle:
+        asynchronous = self.cfg.async_save if async_save is None else async_save
+        handle = save_checkpoint(self.cfg.dir, step, model_chunks, optimizer, scheduler_state={"step": step},
+                                 scaler=scaler, extra=extra, async_save=asynchronous, keep_last=self.cfg.keep_last)
+        mode = "async, writing in the background" if asynchronous else f"written to {handle.path}"
+        self.log(f"checkpoint of step {step}: training stalled {handle.stall_s:.3f}s ({mode})")
+        self.last_saved_step, self.last_handle = step, handle
+        return handle
+
+    def poll(self) -> Optional[str]:
+        """Commit a finished async save (collective, non-blocking); returns its path when committed."""
+        path = poll_pending()
+        if path is not None:
+            self.log(f"checkpoint committed: {path}")
+        return path
+
+    def finish(self, step: int, model_chunks, optimizer=None, scaler=None, extra: Optional[dict] = None) -> None:
+        """At the end of training (or on SIGTERM): save the final step if configured, then wait for
+        every pending write and commit."""
+        if self.cfg.dir and self.cfg.save_on_exit and step > 0 and self.last_saved_step != step:
+            self.save(step, model_chunks, optimizer, scaler, extra, async_save=False)
+        path = wait_for_pending()
+        if path is not None:
+            self.log(f"checkpoint committed: {path}")

@@ -1,0 +1,229 @@
+"""``megacore preprocess``: text -> Megatron ``.bin``/``.idx`` (one sequence per document).
+
+    megacore preprocess --input data.jsonl[.gz] [--json-key text] --output-prefix out/data \\
+        --tokenizer (tokenizer.json | sp.model | bpe) [--vocab-size 4096] [--workers 4] [--append-eod]
+
+Input: ``.jsonl`` (one JSON object per line; the document is ``obj[json_key]``; blank lines are
+skipped) or ``.txt`` (documents separated by one or more blank lines), optionally gzipped.
+``--tokenizer bpe`` trains a byte-level BPE on the input first (cached by content hash under the
+megacore cache directory) and writes it to ``PREFIX.tokenizer.json`` so training can use it
+(``data.source=indexed`` finds it beside the data automatically).
+
+Tokenization runs on ``--workers`` processes: a multiprocessing pool maps over chunks of documents
+and results are consumed in input order, so the output does not depend on the worker count. Unlike
+``Pool.imap`` (whose feeder thread reads the whole input ahead), at most ``4·workers`` chunks are in
+flight, so memory stays flat on inputs of any size.
+A progress line (documents, tokens, documents/s) goes to stderr every few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from megacore.data.cache import default_cache_dir
+from megacore.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from megacore.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+
+Chunk = list[tuple[int, str]]  # (line number, raw line or text)
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _input_kind(path: Path) -> str:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    raise ValueError(f"input {str(path)!r} is neither .jsonl nor .txt (optionally .gz); convert it to JSON lines "
+                     "with one {\"text\": ...} object per document")
+
+
+def read_raw(path: Path, kind: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, payload): a raw JSON line, or a blank-line-separated text document."""
+    with _open_text(path) as f:
+        if kind == "jsonl":
+            for no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield no, line
+            return
+        para, start = [], 0
+        for no, line in enumerate(f, start=1):
+            if line.strip():
+                if not para:
+                    start = no
+                para.append(line)
+            elif para:
+                yield start, "".join(para).rstrip("\n")
+                para = []
+        if para:
+            yield start, "".join(para).rstrip("\n")
+
+
+def parse_document(path: str, kind: str, json_key: str, line_no: int, raw: str) -> str:
+    if kind == "txt":
+        return raw
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                         f"JSON object such as {{\"{json_key}\": \"...\"}}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    if json_key not in obj:
+        raise ValueError(f"{path}:{line_no}: no key {json_key!r} (keys: {sorted(obj)[:10]}); pass --json-key NAME")
+    text = obj[json_key]
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{line_no}: {json_key!r} is a {type(text).__name__}, not a string")
+    return text
+
+
+def ordered_map(pool, fn, items: Iterator, window: int) -> Iterator:
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` tasks in flight."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def _chunks(items: Iterator[tuple[int, str]], size: int) -> Iterator[Chunk]:
+    chunk: Chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ------------------------------------------------------------------------------ worker side
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_path: str, path: str, kind: str, json_key: str, append_eod: bool, threads: bool) -> None:
+    if not threads:  # one process per core already; the tokenizers thread pool would oversubscribe
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tok=load_tokenizer(tokenizer_path), path=path, kind=kind, json_key=json_key, append_eod=append_eod)
+
+
+def _encode_chunk(chunk: Chunk) -> list[np.ndarray]:
+    w = _WORKER
+    texts = [parse_document(w["path"], w["kind"], w["json_key"], no, raw) for no, raw in chunk]
+    out = []
+    for ids in w["tok"].encode_batch(texts):
+        if w["append_eod"]:
+            ids.append(w["tok"].eod)
+        out.append(np.asarray(ids, dtype=np.int64))
+    return out
+
+
+# ------------------------------------------------------------------------------ main side
+def _resolve_tokenizer(args, path: Path, kind: str) -> tuple[Tokenizer, str]:
+    """(tokenizer, path the workers load it from)."""
+    if args.tokenizer != "bpe":
+        return load_tokenizer(args.tokenizer), args.tokenizer
+    texts = [parse_document(str(path), kind, args.json_key, no, raw) for no, raw in read_raw(path, kind)]
+    print(f"training a byte-level BPE (vocab {args.vocab_size}) on {len(texts)} documents", file=sys.stderr)
+    tok = train_bpe(texts, args.vocab_size, cache_dir=default_cache_dir(None))
+    out = Path(f"{args.output_prefix}.tokenizer.json")
+    tok.save(out)
+    return HFTokenizer(out), str(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megacore preprocess", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a .jsonl or .txt file (optionally .gz)")
+    p.add_argument("--json-key", default="text", help="JSON key holding the document text (default: text)")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a sentencepiece .model, or 'bpe'")
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the BPE trained with --tokenizer bpe")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+    p.add_argument("--chunk-size", type=int, default=64, help="documents per task sent to a worker")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    path = Path(args.input)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    if args.workers < 1 or args.chunk_size < 1:
+        raise ValueError(f"--workers ({args.workers}) and --chunk-size ({args.chunk_size}) must be >= 1")
+    kind = _input_kind(path)
+    Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    tok, tok_path = _resolve_tokenizer(args, path, kind)
+    init_args = (tok_path, str(path), kind, args.json_key, args.append_eod, args.workers == 1)
+    chunks = _chunks(read_raw(path, kind), args.chunk_size)
+    docs = tokens = skipped = 0
+    start = last_report = time.time()
+    with IndexedDatasetBuilder(f"{args.output_prefix}.bin", dtype=optimal_dtype(tok.vocab_size)) as builder:
+        pool: Optional[mp.pool.Pool] = None
+        if args.workers > 1:
+            # spawn, not fork: the parent may already run the tokenizers thread pool (BPE training)
+            pool = mp.get_context("spawn").Pool(args.workers, initializer=_init_worker, initargs=init_args)
+            results = ordered_map(pool, _encode_chunk, chunks, window=4 * args.workers)
+        else:
+            _init_worker(*init_args)
+            results = map(_encode_chunk, chunks)
+        try:
+            for encoded in results:
+                for ids in encoded:
+                    if ids.size == 0:
+                        skipped += 1  # an empty document would only add an empty sequence
+                        continue
+                    builder.add_document(ids, [ids.size])
+                    docs += 1
+                    tokens += int(ids.size)
+                now = time.time()
+                if now - last_report >= 2.0:
+                    last_report = now
+                    print(f"preprocess: {docs} docs, {tokens} tokens, {docs / (now - start):.0f} docs/s",
+                          file=sys.stderr, flush=True)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        builder.finalize(f"{args.output_prefix}.idx")
+    elapsed = max(time.time() - start, 1e-9)
+    print(f"preprocess: done, {docs} docs ({skipped} empty skipped), {tokens} tokens, {docs / elapsed:.0f} docs/s "
+          f"-> {args.output_prefix}.bin/.idx", file=sys.stderr, flush=True)
+    return {"documents": docs, "tokens": tokens, "skipped": skipped, "tokenizer": tok_path}
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage error (or --help)
+        return int(e.code or 0)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,210 @@
+"""Reading and writing Hugging Face weight files, without ever unpickling arbitrary objects.
+
+Reading: ``model.safetensors``, or shards listed in ``model.safetensors.index.json``; as a fallback a
+``pytorch_model.bin`` (or its sharded index), loaded with ``torch.load(weights_only=True)`` which
+only rebuilds tensors and plain containers. Tensors are read lazily, one at a time.
+
+Writing: safetensors shards of at most ``max_shard_size`` bytes (a tensor larger than that gets a
+shard of its own), an index json when there is more than one, all in a temporary directory that
+replaces the target in one rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+class CheckpointReader:
+    """Name -> tensor access over a HF model directory (single file or shards)."""
+
+    def __init__(self, hf_dir: Union[str, Path]):
+        self.dir = Path(hf_dir)
+        self._stack = contextlib.ExitStack()
+        self._where: dict[str, object] = {}  # name -> open safetensors handle or loaded bin dict
+        d = self.dir
+        if (d / SAFE_INDEX).exists():
+            self._open_sharded(d / SAFE_INDEX, self._open_safetensors)
+        elif (d / SAFE_SINGLE).exists():
+            self._open_safetensors(d / SAFE_SINGLE)
+        elif (d / BIN_INDEX).exists() or (d / BIN_SINGLE).exists():
+            warnings.warn(f"{d} holds only PyTorch pickle weights ({BIN_SINGLE}); loading them with "
+                          "torch.load(weights_only=True), which rebuilds tensors only. Prefer safetensors.",
+                          stacklevel=3)
+            if (d / BIN_INDEX).exists():
+                self._open_sharded(d / BIN_INDEX, self._open_bin)
+            else:
+                self._open_bin(d / BIN_SINGLE)
+        else:
+            raise FileNotFoundError(f"no weights in {d}: expected {SAFE_SINGLE}, {SAFE_INDEX} (sharded) "
+                                    f"or {BIN_SINGLE}; is this a Hugging Face model directory?")
+
+    def _open_sharded(self, index_path: Path, open_one) -> None:
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path} has no 'weight_map' object; the index file is corrupt")
+        for shard in sorted(set(weight_map.values())):
+            path = self.dir / shard
+            if not path.exists():
+                raise FileNotFoundError(f"shard {shard} listed in {index_path.name} is missing from {self.dir}")
+            open_one(path)
+        missing = [n for n in weight_map if n not in self._where]
+        if missing:
+            raise ValueError(f"{index_path.name} lists tensors its shards do not hold: {missing[:5]}")
+
+    def _open_safetensors(self, path: Path) -> None:
+        handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        for name in handle.keys():
+            self._where[name] = handle
+
+    def _open_bin(self, path: Path) -> None:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+        for name, t in state.items():
+            if isinstance(t, torch.Tensor):
+                self._where[name] = state
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._where[name]
+        if isinstance(src, dict):
+            return tuple(src[name].shape)
+        return tuple(src.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        src = self._where[name]
+        return src[name] if isinstance(src, dict) else src.get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+        self._where.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``5GB`` -> 5·10⁹ bytes, ``2GiB`` -> 2·2³⁰, an int is bytes."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size} must be positive")
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or e.g. '5GB', '500MB', '2GiB'")
+    return max(1, int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Greedy in insertion order: start a new shard when the next tensor would overflow this one."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + _nbytes(t) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += _nbytes(t)
+    return shards
+
+
+def _standalone(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning its storage (safetensors refuses views sharing memory)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != _nbytes(t) or t.storage_offset() != 0:
+        t = t.clone()
+    return t
+
+
+def write_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], max_shard_size: Union[int, str]) -> list[str]:
+    """Write ``tensors`` into ``out_dir`` as one file or shards + index; returns the file names."""
+    shards = plan_shards(tensors, parse_size(max_shard_size))
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file({n: _standalone(tensors[n]) for n in shards[0]}, str(out_dir / SAFE_SINGLE), metadata=meta)
+        return [SAFE_SINGLE]
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: _standalone(tensors[n]) for n in names}, str(out_dir / fname), metadata=meta)
+        files.append(fname)
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
+    with open(out_dir / SAFE_INDEX, "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+    return files + [SAFE_INDEX]
+
+
+def _is_replaced(name: str) -> bool:
+    """Files a fresh save supersedes (weights and config); anything else in the target dir is kept."""
+    return (name in ("config.json", SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
+            or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", name) is not None)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``out_dir`` by rename.
+
+    Files already in ``out_dir`` that the save does not supersede (tokenizer files, generation
+    config, ...) are copied over first, so saving into an existing model directory keeps them.
+    On error the temporary directory is removed and ``out_dir`` is untouched.
+    """
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not out.is_dir():
+                raise NotADirectoryError(f"{out} exists and is not a directory; choose another output path")
+            for entry in out.iterdir():
+                if _is_replaced(entry.name) or (tmp / entry.name).exists():
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name)
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,374 @@
+"""Tensor-parallel layers: column-, row- and vocab-parallel, holding LOCAL weight shards.
+
+Every sharded parameter describes itself, so init, checkpointing and HF export can rebuild the full
+tensor without knowing the module:
+
+* ``_megacore_global_shape``: the full tensor's shape;
+* ``_megacore_shard_fn``: full tensor -> this rank's local tensor (``materialize`` uses it);
+* ``_megacore_init``: the init kind, copied from the module it replaces;
+* ``_megacore_tp_dim`` and ``_megacore_tp_layout`` (a :class:`TPLayout`): which global rows of
+  that dim each TP rank holds; ``full_tensor`` / ``gather_full_state_dict`` reassemble with it.
+
+A :class:`TPLayout` lists, per rank, segments ``(global_start, length)`` along one dim; the local
+tensor is their concatenation. Plain splits are one segment per rank; fused weights are several
+(``linear_fc1`` rank r = ``[gate_r; up_r]``); grouped QKV with more TP ranks than KV groups holds
+a KV group's k/v rows on several ranks (``replicated``), whose gradients must then be summed over
+those ranks (``megacore.parallel.grad_sync``).
+
+Shapes: activations [B, S, H]; under sequence parallelism (SP) the residual stream is split along
+S, [B, S/t, H], and the layers gather/scatter at their edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacore.parallel import collectives as C
+from megacore.parallel.rng import TP_STREAM, fork
+
+Segments = tuple[tuple[int, int], ...]
+
+
+@dataclass
+class TPLayout:
+    """Rank r holds global rows ``per_rank[r]`` (segments ``(start, length)``) of dim ``dim``."""
+
+    dim: int
+    global_size: int
+    per_rank: tuple[Segments, ...]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # -- constructors ------------------------------------------------------------------------------
+    @classmethod
+    def contiguous(cls, dim: int, n: int, t: int) -> "TPLayout":
+        return cls.fused(dim, [n], t)
+
+    @classmethod
+    def fused(cls, dim: int, parts: Sequence[int], t: int) -> "TPLayout":
+        """Global dim = concatenation of ``parts``; each part is split evenly, rank r = [part_0 chunk r; ...]."""
+        for p in parts:
+            if p % t != 0:
+                raise ValueError(f"a fused part of size {p} (of {list(parts)}) is not divisible by tensor={t}")
+        offsets = [sum(parts[:i]) for i in range(len(parts))]
+        per_rank = tuple(tuple((off + r * (p // t), p // t) for off, p in zip(offsets, parts)) for r in range(t))
+        return cls(dim, sum(parts), per_rank)
+
+    @classmethod
+    def grouped_qkv(cls, num_heads: int, num_kv: int, head_dim: int, t: int) -> "TPLayout":
+        """Rows of the grouped fused QKV weight (per KV group: [q heads][k][v]) across t ranks.
+
+        ``num_kv % t == 0``: each rank gets ``num_kv / t`` whole groups (one contiguous block).
+        ``t % num_kv == 0``: each KV group is replicated on ``rep = t / num_kv`` neighbouring ranks
+        and its ``q_per_group`` query heads are split among them: rank r = g·rep + j holds query
+        heads ``j·q/rep .. (j+1)·q/rep`` of group g, then k_g and v_g. Its local layout is again
+        one group of ``q_per_group / rep`` heads, and its heads are global heads
+        ``r·H/t .. (r+1)·H/t``, so the row-parallel output projection splits contiguously.
+        """
+        qpg = num_heads // num_kv
+        rows = (qpg + 2) * head_dim
+        if num_kv % t == 0:
+            return cls.contiguous(0, num_kv * rows, t)
+        if t % num_kv != 0 or qpg % (t // num_kv) != 0:
+            raise ValueError(f"num_query_groups={num_kv}, num_attention_heads={num_heads} cannot be split over "
+                             f"tensor={t}: need num_query_groups % tensor == 0, or tensor % num_query_groups == 0 "
+                             "and num_attention_heads % tensor == 0")
+        rep = t // num_kv
+        qh = qpg // rep
+        per_rank = []
+        for r in range(t):
+            g, j = divmod(r, rep)
+            base = g * rows
+            per_rank.append(((base + j * qh * head_dim, qh * head_dim), (base + qpg * head_dim, 2 * head_dim)))
+        return cls(0, num_kv * rows, tuple(per_rank))
+
+    # -- queries -------------------------------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        return len(self.per_rank)
+
+    @property
+    def local_size(self) -> int:
+        return sum(n for _, n in self.per_rank[0])
+
+    def holders(self) -> torch.Tensor:
+        """[global_size] number of ranks holding each global row."""
+        if "holders" not in self._cache:
+            counts = torch.zeros(self.global_size, dtype=torch.int64)
+            for segs in self.per_rank:
+                for s, n in segs:
+                    counts[s:s + n] += 1
+            self._cache["holders"] = counts
+        return self._cache["holders"]
+
+    @property
+    def replicated(self) -> bool:
+        return bool((self.holders() > 1).any())
+
+    def local_index(self, rank: int) -> torch.Tensor:
+        """[local_size] global row of each local row."""
+        return torch.cat([torch.arange(s, s + n) for s, n in self.per_rank[rank]])
+
+    def owned_mask(self, rank: int) -> torch.Tensor:
+        """[local_size] True for the local rows this rank counts as their owner (the lowest rank
+        holding them), so a reduction over TP (e.g. a grad norm) counts replicated rows once."""
+        first = torch.full((self.global_size,), -1, dtype=torch.int64)
+        for r in reversed(range(self.tp_size)):
+            first[self.local_index(r)] = r
+        return first[self.local_index(rank)] == rank
+
+    # -- shard / assemble -----------------------------------------------------------------------------
+    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        if full.shape[self.dim] != self.global_size:
+            raise ValueError(f"expected size {self.global_size} along dim {self.dim}, got shape {tuple(full.shape)}")
+        parts = [full.narrow(self.dim, s, n) for s, n in self.per_rank[rank]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+
+    def assemble(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Full tensor from every rank's local tensor (replicated rows taken from the last holder)."""
+        shape = list(shards[0].shape)
+        shape[self.dim] = self.global_size
+        full = shards[0].new_empty(shape)
+        for segs, shard in zip(self.per_rank, shards):
+            local = 0
+            for s, n in segs:
+                full.narrow(self.dim, s, n).copy_(shard.narrow(self.dim, local, n))
+                local += n
+        return full
+
+    def replica_sum(self, local: torch.Tensor, rank: int, group) -> torch.Tensor:
+        """Sum the replicated rows of ``local`` over the ranks holding them (one all-reduce over the
+        TP group of a compact buffer of just the replicated rows); other rows pass through."""
+        key = ("replica", rank)
+        if key not in self._cache:
+            rep = self.holders() > 1
+            compact = torch.cumsum(rep.long(), 0) - 1
+            glob = self.local_index(rank)
+            sel = rep[glob]
+            self._cache[key] = (torch.nonzero(sel).flatten(), compact[glob[sel]], int(rep.sum()))
+        local_idx, compact_idx, n = self._cache[key]
+        if n == 0:
+            return local
+        local_idx, compact_idx = local_idx.to(local.device), compact_idx.to(local.device)
+        moved = local.movedim(self.dim, 0)
+        buf = moved.new_zeros((n, *moved.shape[1:]))
+        buf.index_copy_(0, compact_idx, moved.index_select(0, local_idx))
+        buf = C.all_reduce(buf, group)
+        out = moved.index_copy(0, local_idx, buf.index_select(0, compact_idx))
+        return out.movedim(0, self.dim)
+
+
+def _shard_fn(layout: TPLayout, rank: int, full: torch.Tensor) -> torch.Tensor:
+    return layout.shard(full, rank)
+
+
+def describe_shard(param: nn.Parameter, layout: TPLayout, rank: int, global_shape: Sequence[int],
+                   init: Optional[str] = None) -> nn.Parameter:
+    """Attach the ``_megacore_*`` shard attributes (see the module docstring) to ``param``."""
+    param._megacore_global_shape = tuple(int(s) for s in global_shape)
+    param._megacore_shard_fn = partial(_shard_fn, layout, rank)
+    param._megacore_tp_dim = layout.dim
+    param._megacore_tp_layout = layout
+    param._megacore_tp_rank = rank
+    if init is not None:
+        param._megacore_init = init
+    return param
+
+
+def _new_param(shape, device, dtype, requires_grad=True) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=requires_grad)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ + b with W's output rows split across TP: weight [out_local, in].
+
+    Input: [B, S, in] replicated (``copy_to_tp``: backward all-reduces dx), or [B, S/t, in] under
+    SP (``gather_from_sp``: all-gather along S, backward reduce-scatter). Output: [B, S, out_local],
+    or [B, S, out] with ``gather_output`` (contiguous layouts only). ``layout`` (dim 0) defaults to
+    an even contiguous split.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, tp_group=None,
+                 layout: Optional[TPLayout] = None, sequence_parallel: bool = False, gather_output: bool = False,
+                 device=None, dtype=None, init_weight: str = "normal", init_bias: str = "zeros"):
+        super().__init__()
+        self.tp_group = tp_group
+        t, r = C.group_size(tp_group), C.group_rank(tp_group)
+        self.layout = layout or TPLayout.contiguous(0, out_features, t)
+        if self.layout.global_size != out_features or self.layout.tp_size != t or self.layout.dim != 0:
+            raise ValueError(f"layout (dim {self.layout.dim}, size {self.layout.global_size}, {self.layout.tp_size} "
+                             f"ranks) does not fit out_features={out_features} over tensor={t}")
+        if gather_output and len(self.layout.per_rank[0]) != 1:
+            raise ValueError("gather_output needs a contiguous layout (one segment per rank)")
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
+        local = self.layout.local_size
+        self.weight = describe_shard(_new_param((local, in_features), device, dtype), self.layout, r,
+                                     (out_features, in_features), init_weight)
+        self.bias = None
+        if bias:
+            bias_layout = TPLayout(0, out_features, self.layout.per_rank)
+            self.bias = describe_shard(_new_param((local,), device, dtype), bias_layout, r, (out_features,), init_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = C.gather_from_sp(x, self.tp_group) if self.sequence_parallel else C.copy_to_tp(x, self.tp_group)
+        y = F.linear(x, self.weight, self.bias)
+        return C.gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features} (local {self.layout.local_size}), "
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = Σ_r x_r W_rᵀ + b with W's input columns split across TP: weight [out, in_local].
+
+    Input: [B, S, in_local] (already split, ``input_is_parallel``) or [B, S, in] (scattered here).
+    Output: [B, S, out] after an all-reduce, or [B, S/t, out] after a reduce-scatter along S under
+    SP. The bias is replicated and added after the reduction; under SP each rank sees only its
+    sequence shard, so the bias enters through ``copy_to_tp`` and its gradient is summed over TP
+    by autograd itself.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, tp_group=None,
+                 layout: Optional[TPLayout] = None, sequence_parallel: bool = False, input_is_parallel: bool = True,
+                 device=None, dtype=None, init_weight: str = "scaled_normal", init_bias: str = "zeros"):
+        super().__init__()
+        self.tp_group = tp_group
+        t, r = C.group_size(tp_group), C.group_rank(tp_group)
+        self.layout = layout or TPLayout.contiguous(1, in_features, t)
+        if self.layout.global_size != in_features or self.layout.tp_size != t or self.layout.dim != 1:
+            raise ValueError(f"layout (dim {self.layout.dim}, size {self.layout.global_size}, {self.layout.tp_size} "
+                             f"ranks) does not fit in_features={in_features} over tensor={t}")
+        if not input_is_parallel and len(self.layout.per_rank[0]) != 1:
+            raise ValueError("input_is_parallel=False needs a contiguous layout (one segment per rank)")
+        self.in_features, self.out_features = in_features, out_features
+        self.sequence_parallel, self.input_is_parallel = sequence_parallel, input_is_parallel
+        self.weight = describe_shard(_new_param((out_features, self.layout.local_size), device, dtype), self.layout,
+                                     r, (out_features, in_features), init_weight)
+        self.bias = None
+        if bias:
+            self.bias = _new_param((out_features,), device, dtype)
+            self.bias._megacore_init = init_bias
+            self.bias._megacore_sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = C.scatter_to_tp_last_dim(x, self.tp_group)
+        y = F.linear(x, self.weight)
+        y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
+        if self.bias is None:
+            return y
+        return y + (C.copy_to_tp(self.bias, self.tp_group) if self.sequence_parallel else self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features} (local {self.layout.local_size}), out={self.out_features}, "
+                f"bias={self.bias is not None}, sp={self.sequence_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the padded vocabulary) are split evenly across TP: weight [V/t, H].
+
+    ids [B, S] (replicated) -> [B, S, H] (all-reduce) or [B, S/t, H] (reduce-scatter under SP).
+    Each rank looks up the ids in its range ``[vocab_start, vocab_end)`` and contributes zeros for
+    the others, so the reduction yields every id's row exactly once.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, sequence_parallel: bool = False,
+                 device=None, dtype=None, init: str = "normal"):
+        super().__init__()
+        self.tp_group = tp_group
+        t, r = C.group_size(tp_group), C.group_rank(tp_group)
+        if num_embeddings % t != 0:
+            raise ValueError(f"padded vocabulary {num_embeddings} is not divisible by tensor={t}; "
+                             "make model.vocab_padding_multiple a multiple of the tensor-parallel size")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.sequence_parallel = sequence_parallel
+        self.layout = TPLayout.contiguous(0, num_embeddings, t)
+        self.vocab_start = r * (num_embeddings // t)
+        self.vocab_end = self.vocab_start + num_embeddings // t
+        self.weight = describe_shard(_new_param((num_embeddings // t, embedding_dim), device, dtype), self.layout, r,
+                                     (num_embeddings, embedding_dim), init)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if C.group_size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = torch.where(outside, torch.zeros_like(ids), ids - self.vocab_start)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return C.reduce_scatter_to_sp(out, self.tp_group)
+        return C.reduce_from_tp(out, self.tp_group)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} (rows {self.vocab_start}..{self.vocab_end}), {self.embedding_dim}"
+
+
+class SequenceParallelPositionEmbedding(nn.Module):
+    """Learned absolute positions under SP: the full table (replicated), output scattered along S.
+
+    position ids [B or 1, S] -> [B or 1, S/t, H]; the backward all-gathers the sequence, so every
+    rank's table gradient is already complete (no TP sum needed).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, device=None, dtype=None,
+                 init: str = "normal"):
+        super().__init__()
+        self.tp_group = tp_group
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = _new_param((num_embeddings, embedding_dim), device, dtype)
+        self.weight._megacore_init = init
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return C.scatter_to_sp(F.embedding(position_ids, self.weight), self.tp_group)
+
+
+class TPForkedDropout(nn.Dropout):
+    """Dropout drawing from the RNG tracker's tensor-parallel stream (masks differ across TP ranks):
+    for activations that are split across TP, e.g. sequence-parallel shards."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        with fork(TP_STREAM):
+            return super().forward(x)
+
+
+# ------------------------------------------------------------------------------------ full tensors
+def full_tensor(param: torch.Tensor, tensor: Optional[torch.Tensor] = None, group=None) -> torch.Tensor:
+    """The full (unsharded) value of ``tensor`` (default: ``param`` itself, detached), a TP shard laid
+    out like ``param``. Collective over the TP group (default ``get_state().tp_group``): every TP rank
+    must call it for the same parameters in the same order. Replicated params are returned as is."""
+    value = (param if tensor is None else tensor).detach()
+    layout: Optional[TPLayout] = getattr(param, "_megacore_tp_layout", None)
+    if layout is None or layout.tp_size == 1:
+        return value
+    if group is None:
+        from megacore.parallel.topology import get_state
+
+        group = get_state().tp_group
+    if C.group_size(group) != layout.tp_size:
+        raise ValueError(f"parameter is sharded over {layout.tp_size} ranks but the group has {C.group_size(group)}")
+    gathered = C.all_gather(value.contiguous(), layout.dim, group)
+    return layout.assemble(gathered.chunk(layout.tp_size, dim=layout.dim))
+
+
+def gather_full_state_dict(model: nn.Module, grads: bool = False, group=None) -> dict[str, torch.Tensor]:
+    """``{name: full tensor}`` for every parameter of ``model`` (``grads=True``: of its gradients,
+    ``main_grad`` if present, else ``.grad``; None stays None). Collective over the TP group."""
+    out: dict[str, Optional[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        value = p
+        if grads:
+            value = getattr(p, "main_grad", None)
+            value = p.grad if value is None else value
+            if value is None:
+                out[name] = None
+                continue
+        out[name] = full_tensor(p, value, group)
+    return out

@@ -1,0 +1,342 @@
+"""Process topology: the rank arithmetic and every process group, owned in one place.
+
+Rank order (TP fastest-varying, so a tensor-parallel group is neighbouring ranks on one host)::
+
+    rank = ((pp · DP + dp) · CP + cp) · TP + tp          world = PP × DP × CP × TP
+
+Expert (MoE) layers re-fold the same ranks of each pipeline stage as EDP × EP × ETP (ETP fastest)::
+
+    rank = ((pp · EDP + edp) · EP + ep) · ETP + etp     EDP = DP·CP·TP / (EP·ETP)
+
+``rank_groups`` is the pure arithmetic (no processes: tests and tools can call it anywhere).
+``initialize`` builds the groups (a ``DeviceMesh`` named ``("pp", "dp", "cp", "tp")`` plus an expert
+mesh ``("pp", "edp", "ep", "etp")`` and the composite groups) and ``get_state()`` answers every
+question about them. Before ``initialize`` (or after ``destroy``) ``get_state()`` is a single-rank
+state: sizes 1, ranks 0, groups ``None``, so one-device code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megacore.config import ConfigError
+
+MAIN_DIMS = ("pp", "dp", "cp", "tp")
+EXPERT_DIMS = ("pp", "edp", "ep", "etp")
+
+# Composite groups: name -> the mesh dims it spans (ranks in natural rank order).
+COMPOSITE_GROUPS = {
+    "dp_cp": ("main", ("dp", "cp")),        # gradient reduction of dense params
+    "tp_cp": ("main", ("cp", "tp")),
+    "mp": ("main", ("pp", "tp")),           # model-parallel: grad-norm / found-inf reductions
+    "tp_dp_cp": ("main", ("dp", "cp", "tp")),  # every rank of one pipeline stage
+    "ep_etp": ("expert", ("ep", "etp")),    # expert model-parallel
+}
+
+
+def _check_sizes(world_size: int, tensor: int, pipeline: int, context: int, expert: int, expert_tensor: int) -> int:
+    """Return the data-parallel size, or raise a ConfigError that names the sizes and the fix."""
+    for name, v in (("tensor", tensor), ("pipeline", pipeline), ("context", context), ("expert", expert),
+                    ("expert_tensor", expert_tensor)):
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"parallel.{name}={v!r} must be an integer >= 1; use 1 to disable it")
+    model_parallel = tensor * pipeline * context
+    if world_size % model_parallel != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor={tensor} x pipeline={pipeline} x context={context} "
+            f"= {model_parallel}; launch a multiple of {model_parallel} processes or choose sizes whose product "
+            f"divides {world_size}")
+    stage = world_size // pipeline  # ranks of one pipeline stage = DP·CP·TP
+    if stage % (expert * expert_tensor) != 0:
+        raise ConfigError(
+            f"expert={expert} x expert_tensor={expert_tensor} = {expert * expert_tensor} does not divide the "
+            f"{stage} ranks of a pipeline stage (world {world_size} / pipeline {pipeline}); choose expert and "
+            f"expert_tensor sizes whose product divides {stage}")
+    return world_size // model_parallel
+
+
+def _groups_over(ranks: torch.Tensor, dims: tuple[int, ...]) -> list[list[int]]:
+    """Split the rank grid into groups that vary along ``dims`` (all other coordinates fixed)."""
+    other = [d for d in range(ranks.dim()) if d not in dims]
+    size = 1
+    for d in dims:
+        size *= ranks.shape[d]
+    return ranks.permute(*other, *dims).reshape(-1, size).tolist()
+
+
+def rank_groups(world_size: int, tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1,
+                expert_tensor: int = 1) -> dict[str, list[list[int]]]:
+    """Every group of the layout as lists of global ranks (pure arithmetic, no processes).
+
+    Keys: ``tp, cp, dp, pp`` (main mesh dims), ``etp, ep, edp`` (expert mesh dims), the composites
+    ``dp_cp, tp_cp, mp (pp×tp), tp_dp_cp, ep_etp``, and ``embedding``: the first and last rank of each
+    pipeline group (one rank when PP=1), whose tied-embedding gradients are summed.
+    """
+    dp = _check_sizes(world_size, tensor, pipeline, context, expert, expert_tensor)
+    main = torch.arange(world_size).view(pipeline, dp, context, tensor)
+    edp = world_size // (pipeline * expert * expert_tensor)
+    expert_grid = torch.arange(world_size).view(pipeline, edp, expert, expert_tensor)
+    grids = {"main": (main, MAIN_DIMS), "expert": (expert_grid, EXPERT_DIMS)}
+    out: dict[str, list[list[int]]] = {}
+    for grid, names in grids.values():
+        for i, name in enumerate(names):
+            if name not in out:
+                out[name] = _groups_over(grid, (i,))
+    for name, (which, dims) in COMPOSITE_GROUPS.items():
+        grid, names = grids[which]
+        out[name] = _groups_over(grid, tuple(names.index(d) for d in dims))
+    out["embedding"] = [sorted({g[0], g[-1]}) for g in out["pp"]]
+    return out
+
+
+@dataclass
+class ParallelState:
+    """Sizes, ranks and groups of one process in the layout (see the module docstring).
+
+    Groups are ``torch.distributed`` process groups, or ``None`` in the single-rank (uninitialized)
+    state. ``*_size``/``*_rank`` follow the group names: ``tp pp dp cp ep etp edp``; ``dp_cp``
+    (gradient reduction), ``mp`` (tensor x pipeline), ``embedding`` (first + last pipeline stage).
+    """
+
+    initialized: bool = False
+    world_size: int = 1
+    rank: int = 0
+    backend: Optional[str] = None
+    device_type: str = "cpu"
+    sizes: dict = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
+    group_ranks: dict = field(default_factory=dict)   # name -> the global ranks of MY group
+    mesh: object = None            # DeviceMesh ("pp", "dp", "cp", "tp")
+    expert_mesh: object = None     # DeviceMesh ("pp", "edp", "ep", "etp")
+    virtual_pipeline_size: Optional[int] = None
+    virtual_pipeline_rank: Optional[int] = None   # set by the pipeline schedule while it runs a model chunk
+    owns_default_group: bool = False
+
+    # -- generic lookups -------------------------------------------------------------------------
+    def size(self, name: str) -> int:
+        return self.sizes.get(name, 1)
+
+    def rank_in(self, name: str) -> int:
+        return self.ranks.get(name, 0)
+
+    def group(self, name: str):
+        return self.groups.get(name)
+
+    def ranks_of(self, name: str) -> list[int]:
+        return self.group_ranks.get(name, [self.rank])
+
+    # -- named accessors (the common questions) ----------------------------------------------------
+    tp_group = property(lambda s: s.group("tp"))
+    pp_group = property(lambda s: s.group("pp"))
+    dp_group = property(lambda s: s.group("dp"))
+    cp_group = property(lambda s: s.group("cp"))
+    ep_group = property(lambda s: s.group("ep"))
+    etp_group = property(lambda s: s.group("etp"))
+    edp_group = property(lambda s: s.group("edp"))
+    dp_cp_group = property(lambda s: s.group("dp_cp"))
+    tp_cp_group = property(lambda s: s.group("tp_cp"))
+    mp_group = property(lambda s: s.group("mp"))
+    ep_etp_group = property(lambda s: s.group("ep_etp"))
+    embedding_group = property(lambda s: s.group("embedding"))
+    tp_size = property(lambda s: s.size("tp"))
+    pp_size = property(lambda s: s.size("pp"))
+    dp_size = property(lambda s: s.size("dp"))
+    cp_size = property(lambda s: s.size("cp"))
+    ep_size = property(lambda s: s.size("ep"))
+    etp_size = property(lambda s: s.size("etp"))
+    edp_size = property(lambda s: s.size("edp"))
+    dp_cp_size = property(lambda s: s.size("dp_cp"))
+    mp_size = property(lambda s: s.size("mp"))
+    tp_rank = property(lambda s: s.rank_in("tp"))
+    pp_rank = property(lambda s: s.rank_in("pp"))
+    dp_rank = property(lambda s: s.rank_in("dp"))
+    cp_rank = property(lambda s: s.rank_in("cp"))
+    ep_rank = property(lambda s: s.rank_in("ep"))
+    etp_rank = property(lambda s: s.rank_in("etp"))
+    edp_rank = property(lambda s: s.rank_in("edp"))
+    dp_cp_rank = property(lambda s: s.rank_in("dp_cp"))
+
+    # -- pipeline ---------------------------------------------------------------------------------
+    @property
+    def is_first_pipeline_stage(self) -> bool:
+        """First physical stage (ignores virtual chunks; see ``is_first_virtual_stage``)."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pipeline_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_first_virtual_stage(self) -> bool:
+        """First model chunk of the whole pipeline: physical stage 0 running virtual chunk 0."""
+        return self.is_first_pipeline_stage and (self.virtual_pipeline_rank or 0) == 0
+
+    @property
+    def is_last_virtual_stage(self) -> bool:
+        last_chunk = (self.virtual_pipeline_size or 1) - 1
+        return self.is_last_pipeline_stage and (self.virtual_pipeline_rank or 0) == last_chunk
+
+    @property
+    def pipeline_next_rank(self) -> int:
+        """Global rank of the next stage (wraps around, as interleaved schedules need)."""
+        ranks = self.ranks_of("pp")
+        return ranks[(self.pp_rank + 1) % len(ranks)]
+
+    @property
+    def pipeline_prev_rank(self) -> int:
+        ranks = self.ranks_of("pp")
+        return ranks[(self.pp_rank - 1) % len(ranks)]
+
+    @property
+    def embedding_ranks(self) -> list[int]:
+        return self.ranks_of("embedding")
+
+    @property
+    def is_in_embedding_group(self) -> bool:
+        return self.rank in self.embedding_ranks
+
+    def describe(self) -> str:
+        dims = " ".join(f"{n}={self.size(n)}" for n in ("tp", "cp", "dp", "pp", "ep", "etp", "edp"))
+        return f"rank {self.rank}/{self.world_size} [{dims}] coords " + " ".join(
+            f"{n}:{self.rank_in(n)}" for n in ("tp", "cp", "dp", "pp"))
+
+
+_STATE: Optional[ParallelState] = None
+_SINGLE = ParallelState()
+
+
+def get_state() -> ParallelState:
+    """The current layout, or a single-rank state (sizes 1, groups None) before ``initialize``."""
+    return _STATE if _STATE is not None else _SINGLE
+
+
+def is_initialized() -> bool:
+    return _STATE is not None
+
+
+def _init_default_group(backend: Optional[str]) -> bool:
+    """Initialize torch.distributed from env (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) if needed.
+
+    Without RANK/WORLD_SIZE in the environment a one-process group is made on an in-memory store.
+    Returns True when this call created the default group.
+    """
+    if dist.is_initialized():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def _make_groups(lists: list[list[int]], rank: int):
+    """Create one group per list (collective: every rank calls with the same lists); return mine."""
+    mine, _ = dist.new_subgroups_by_enumeration(lists)
+    if mine is None:  # cannot happen for a partition of the world, but be explicit
+        raise RuntimeError(f"rank {rank} is in none of the groups {lists}")
+    return mine
+
+
+def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1,
+               virtual_pipeline: Optional[int] = None, expert_tensor: int = 1,
+               backend: Optional[str] = None) -> ParallelState:
+    """Build every process group of the layout and make it the current state; returns it.
+
+    Uses the already-initialized default group, or initializes one from the environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT; without them a one-process group): ``backend`` applies only
+    then and defaults to nccl with CUDA, else gloo. Groups live on cuda for nccl, cpu otherwise.
+    ``expert``/``expert_tensor`` re-fold each pipeline stage's ranks for MoE layers (EDP is what is
+    left). ``virtual_pipeline`` is recorded for the pipeline schedules. Calling it again without
+    ``destroy()`` first is an error.
+    """
+    global _STATE
+    if _STATE is not None:
+        raise RuntimeError("megacore.parallel is already initialized; call megacore.parallel.destroy() first")
+    if virtual_pipeline is not None and (not isinstance(virtual_pipeline, int) or virtual_pipeline < 1):
+        raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline!r} must be >= 1; use None to disable it")
+    if virtual_pipeline is not None and virtual_pipeline > 1 and pipeline == 1:
+        raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline} needs pipeline > 1; "
+                          "set parallel.pipeline >= 2 or remove virtual_pipeline")
+    owns = _init_default_group(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    try:
+        lists = rank_groups(world, tensor, pipeline, context, expert, expert_tensor)
+    except ConfigError:
+        if owns:
+            dist.destroy_process_group()
+        raise
+    backend_name = str(dist.get_backend())
+    device_type = "cuda" if "nccl" in backend_name else "cpu"
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    dp = world // (tensor * pipeline * context)
+    mesh = init_device_mesh(device_type, (pipeline, dp, context, tensor), mesh_dim_names=MAIN_DIMS)
+    edp = world // (pipeline * expert * expert_tensor)
+    expert_mesh = DeviceMesh(device_type, torch.arange(world).view(pipeline, edp, expert, expert_tensor),
+                             mesh_dim_names=EXPERT_DIMS)
+    groups, group_ranks = {}, {}
+    for m, names in ((mesh, MAIN_DIMS), (expert_mesh, EXPERT_DIMS)):
+        for name in names:
+            if name in groups:
+                continue
+            g = m.get_group(name)
+            got = dist.get_process_group_ranks(g)
+            want = next(lst for lst in lists[name] if rank in lst)
+            if got != want:  # the mesh must agree with the documented arithmetic
+                raise RuntimeError(f"DeviceMesh group {name} of rank {rank} is {got}, expected {want}")
+            groups[name], group_ranks[name] = g, got
+    for name in COMPOSITE_GROUPS:
+        groups[name] = _make_groups(lists[name], rank)
+        group_ranks[name] = next(lst for lst in lists[name] if rank in lst)
+    # Embedding groups (first + last stage of each pipeline group) do not cover middle stages, so
+    # they are made one by one; every rank takes part in creating every group.
+    my_pp = next(i for i, lst in enumerate(lists["pp"]) if rank in lst)
+    groups["embedding"] = None
+    for i, lst in enumerate(lists["embedding"]):
+        g = dist.new_group(lst)
+        if rank in lst:
+            groups["embedding"] = g
+    group_ranks["embedding"] = lists["embedding"][my_pp]
+    sizes = {name: len(r) for name, r in group_ranks.items()}
+    ranks = {name: r.index(rank) if rank in r else 0 for name, r in group_ranks.items()}
+    _STATE = ParallelState(initialized=True, world_size=world, rank=rank, backend=backend_name,
+                           device_type=device_type, sizes=sizes, ranks=ranks, groups=groups,
+                           group_ranks=group_ranks, mesh=mesh, expert_mesh=expert_mesh,
+                           virtual_pipeline_size=virtual_pipeline, owns_default_group=owns)
+    return _STATE
+
+
+def destroy() -> None:
+    """Forget the layout and destroy its groups (and the default group if ``initialize`` made it)."""
+    global _STATE
+    state, _STATE = _STATE, None
+    if state is None:
+        return
+    from megacore.parallel import rng
+
+    rng.get_rng_tracker().reset()
+    if not dist.is_initialized():
+        return
+    if state.owns_default_group:
+        dist.destroy_process_group()  # destroys every subgroup too
+        return
+    seen: set[int] = set()
+    for g in state.groups.values():
+        # DeviceMesh reuses the default group for a dim spanning the world: never destroy that.
+        if g is None or id(g) in seen or g == dist.GroupMember.WORLD:
+            continue
+        seen.add(id(g))
+        try:
+            dist.destroy_process_group(g)
+        except (ValueError, RuntimeError):  # already gone (e.g. shared with a mesh that tore it down)
+            pass

@@ -1,0 +1,54 @@
+"""The module torch's ``PipelineStage`` runs: one GPTModel chunk with a tensor-in / tensor-out forward.
+
+torch.distributed.pipelining sends a stage's positional outputs to the next stage as its positional
+inputs and passes the step's keyword arguments to every stage. So:
+
+* first chunk of the pipeline:  ``forward(input_ids_BS, **kw) -> hidden_BSH``
+* middle chunks:                ``forward(hidden_BSH, **kw) -> hidden_BSH``
+* last chunk:                   ``forward(hidden_BSH, labels=labels_BS, **kw) -> token_loss_BS``
+
+where ``hidden_BSH`` is ``[B, S, H]`` (``[B, S/tp, H]`` under sequence parallelism) and
+``token_loss_BS`` is the per-token loss, 0 where ``labels == -100``. The schedule's ``loss_fn`` then
+applies the loss mask and the global token count (see ``megacore.pipeline.schedules``). ``kw`` is
+``position_ids`` / ``attention_mask`` (needed by every chunk: rotary and masks live in each layer) and,
+while an ``InFlightTracker`` is attached, ``microbatch_index`` (a [1] tensor naming the micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megacore.pipeline.inflight import InFlightTracker
+from megacore.pipeline.tied import unwrap
+
+
+class PipelineChunk(nn.Module):
+    """Adapter around ``chunk`` (a GPTModel chunk, possibly wrapped by DDP). Holds no parameters of its own."""
+
+    def __init__(self, chunk: nn.Module, chunk_index: int):
+        super().__init__()
+        self.chunk = chunk
+        object.__setattr__(self, "model", unwrap(chunk))  # same parameters; not registered twice
+        self.chunk_index = chunk_index
+        self.tracker: Optional[InFlightTracker] = None
+
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                microbatch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        m = self.model
+        input_ids, hidden = (x, None) if m.pre_process else (None, x)
+        kwargs = dict(position_ids=position_ids, attention_mask=attention_mask, hidden_states=hidden)
+        if m.post_process:
+            if labels is None:
+                raise ValueError("the last pipeline stage needs labels: every micro-batch dict must hold 'labels'")
+            kwargs.update(labels=labels, reduction="none")
+        if self.tracker is not None and microbatch_index is not None and torch.is_grad_enabled():
+            ctx = self.tracker.forward((self.chunk_index, int(microbatch_index.reshape(-1)[0])))
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            return self.chunk(input_ids, **kwargs)

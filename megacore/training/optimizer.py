@@ -1,0 +1,402 @@
+"""Mixed-precision AdamW: fp32 master weights, loss-scale aware, global grad clipping.
+
+``MixedPrecisionOptimizer`` steps ``torch.optim.AdamW`` (fused on CUDA, torch's default otherwise) on
+*master* tensors and copies the result back into the model:
+
+* bf16/fp16 parameter: the master is an fp32 copy; gradients come from ``param.main_grad`` (DDP's
+  fp32 accumulation buffer) or ``param.grad``; after the step the master is rounded into the param.
+* fp32 parameter (or ``master_weights=False``): no copy; the master is a view of the weights.
+
+Every master is a flat range ``[start, end)`` of one parameter (flattened). Here the range is the
+whole parameter; ``megacore.distributed.DistributedOptimizer`` reuses this class with ranges that
+are each data-parallel rank's shard of the flat gradient buffer, so everything below — grad
+gathering, unscaling, clipping, state dicts — is shared.
+
+One ``step()``::
+
+    finish DDP's gradient reduction (no-op when the loop already did)
+    grads -> master.grad (views of main_grad when dtypes match)
+    [fp16] unscale by 1/loss_scale, found_inf max-reduced over model-parallel + DP groups;
+           any inf/nan: skip the step on every rank, scaler backs off
+    global grad norm (each element counted once, see megacore.distributed.grad_clip); skip if not finite
+    clip to ``clip_grad``; AdamW on the masters; masters -> params; (distributed: all-gather params)
+
+Weight decay: parameters with ``no_weight_decay(name, param)`` (default: 1-D params — biases and
+norm weights — and any ``*.bias``) go to a group with ``weight_decay=0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device
+from megacore.distributed.grad_clip import (counts_for_norm, default_is_tp_replicated, local_norm_power,
+                                            scale_grads_)
+
+if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distributed -> this module)
+    from megacore.precision.loss_scaler import LossScaler
+
+STATE_FORMAT = "megacore.optimizer.v1"
+MOMENT_NAMES = ("exp_avg", "exp_avg_sq")
+_IMPLEMENTATION_KEYS = {"fused", "foreach", "capturable", "differentiable"}
+
+
+def default_no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """No weight decay for biases, norm weights and every other 1-D parameter."""
+    return param.dim() < 2 or name.endswith("bias")
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float,
+                        no_weight_decay: Callable[[str, torch.Tensor], bool] = default_no_weight_decay) -> list[dict]:
+    """Two ``torch.optim`` groups ``[decay, no_decay]`` of the trainable params of ``module``."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class StepInfo:
+    """What ``step()`` did: ``skipped`` (inf/nan grads), the global ``grad_norm`` before clipping
+    (None when skipped for overflow) and the ``loss_scale`` in force (None without a scaler)."""
+
+    skipped: bool
+    grad_norm: Optional[float]
+    loss_scale: Optional[float]
+
+
+@dataclass
+class StateEntry:
+    """``flat`` (live storage) == elements ``[start, start + flat.numel())`` of state ``state_name``
+    of ``param`` flattened (the ``checkpoint_entries()`` protocol of megacore.checkpoint)."""
+
+    param: nn.Parameter
+    state_name: str
+    flat: torch.Tensor
+    start: int
+
+
+@dataclass
+class Fragment:
+    """The optimizer's piece ``[start, end)`` of ``param`` (flattened): ``master`` is what AdamW steps."""
+
+    name: str
+    param: nn.Parameter
+    start: int
+    end: int
+    master: torch.Tensor
+    has_master_copy: bool   # False: master is a view of the weights themselves
+    group: int              # 0 = weight decay, 1 = no weight decay
+
+    def model_view(self) -> torch.Tensor:
+        return self.param.data.view(-1)[self.start:self.end]
+
+    def grad_view(self) -> Optional[torch.Tensor]:
+        g = getattr(self.param, "main_grad", None)
+        g = g if g is not None else self.param.grad
+        return None if g is None else g.reshape(-1)[self.start:self.end]
+
+
+def make_master(view: torch.Tensor, master_weights: bool) -> tuple[torch.Tensor, bool]:
+    """(master, has_copy): an fp32 copy of a half-precision ``view``, else ``view`` itself."""
+    if master_weights and view.dtype in (torch.bfloat16, torch.float16):
+        return view.detach().to(torch.float32).clone(), True
+    return view.detach(), False
+
+
+class MixedPrecisionOptimizer:
+    """AdamW over (sharded) master weights; see the module docstring.
+
+    Args:
+        model: the model, or its ``DistributedDataParallel`` wrapper (then ``step()`` first finishes
+            any outstanding gradient reduction, ``zero_grad()`` zeroes the grad buffers and found_inf
+            is also reduced over the DP group), or a list of them (the chunks of a virtual pipeline
+            stage: one optimizer steps them together). Build the optimizer after wrapping: DDP may
+            move parameters into flat buffers.
+        lr, betas, eps, weight_decay: AdamW hyperparameters (per group ``lr`` may be changed later
+            through ``param_groups``, as LR schedules do).
+        clip_grad: global grad-norm clip (0: no clipping; the norm is still computed and returned).
+        loss_scaler: a ``LossScaler`` for fp16 (None for fp32/bf16).
+        master_weights: keep fp32 masters for bf16/fp16 params (False: step the params directly).
+        model_parallel_groups: groups the model is split over, e.g. ``(tp_group, pp_group)``: the
+            grad norm and found_inf are reduced over them.
+        tp_group, is_tp_replicated: count TP-replicated params once in the norm (TP rank 0).
+        fused / foreach: AdamW implementation (default: fused when the masters are on CUDA).
+    """
+
+    shards_over_dp = False  # DistributedOptimizer: each DP rank owns a shard of the state
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip_grad: float = 0.0,
+                 loss_scaler: Optional[LossScaler] = None, master_weights: bool = True,
+                 model_parallel_groups: Sequence[ProcessGroup] = (), tp_group: ProcessGroup = None,
+                 is_tp_replicated: Callable[[torch.Tensor], bool] = default_is_tp_replicated,
+                 no_weight_decay: Callable[[str, torch.Tensor], bool] = default_no_weight_decay,
+                 fused: Optional[bool] = None, foreach: Optional[bool] = None):
+        if clip_grad < 0:
+            raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
+        from megacore.distributed.ddp import DistributedDataParallel
+
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not chunks:
+            raise ValueError("the optimizer got an empty list of model chunks; pass the model (or its chunks)")
+        self.ddps = [m for m in chunks if isinstance(m, DistributedDataParallel)]
+        if self.ddps and len(self.ddps) != len(chunks):
+            raise ValueError("wrap either every model chunk in DistributedDataParallel or none of them")
+        self.modules = [m.module if isinstance(m, DistributedDataParallel) else m for m in chunks]
+        if not self.shards_over_dp and any(d.use_distributed_optimizer for d in self.ddps):
+            raise ValueError("the model was wrapped with DistributedDataParallel(use_distributed_optimizer=True), whose "
+                             "gradients are only reduced within each rank's shard; use DistributedOptimizer, or wrap "
+                             "with use_distributed_optimizer=False for MixedPrecisionOptimizer")
+        self.clip_grad, self.loss_scaler, self.master_weights = clip_grad, loss_scaler, master_weights
+        self.model_parallel_groups = tuple(model_parallel_groups)
+        self.tp_group, self.is_tp_replicated = tp_group, is_tp_replicated
+        self.no_weight_decay = no_weight_decay
+        self.num_steps = 0
+        self.fragments: list[Fragment] = self._build_fragments()
+        params = [[f.master for f in self.fragments if f.group == g] for g in (0, 1)]
+        groups = [{"params": params[0], "weight_decay": weight_decay}, {"params": params[1], "weight_decay": 0.0}]
+        on_cuda = any(f.master.is_cuda for f in self.fragments)
+        impl = {}
+        if (on_cuda if fused is None else fused):
+            impl["fused"] = True
+        elif foreach is not None:
+            impl["foreach"] = foreach
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **impl)
+        self._init_state()
+
+    # ------------------------------------------------------------------ construction
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for m in self.modules for n, p in m.named_parameters() if p.requires_grad]
+
+    def _build_fragments(self) -> list[Fragment]:
+        out = []
+        for name, p in self._named_params():
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {name} is not contiguous; call .contiguous() on it before building the optimizer")
+            master, copy = make_master(p.data.view(-1), self.master_weights)
+            out.append(Fragment(name, p, 0, p.numel(), master, copy, int(self.no_weight_decay(name, p))))
+        return out
+
+    def _init_state(self) -> None:
+        """Allocate AdamW state up front (what its first step would), so it can be loaded into."""
+        for group in self.optimizer.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for m in group["params"]:
+                step_dtype = torch.float32 if on_device or torch.get_default_dtype() != torch.float64 else torch.float64
+                self.optimizer.state[m] = {
+                    "step": torch.zeros((), dtype=step_dtype, device=m.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(m, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(m, memory_format=torch.preserve_format)}
+
+    # ------------------------------------------------------------------ torch.optim-like surface
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        return self.loss_scaler.scale if self.loss_scaler is not None else None
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on (multiplied by the loss scale for fp16)."""
+        return self.loss_scaler.scale_loss(loss) if self.loss_scaler is not None else loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients: DDP grad buffers are zeroed, plain ``.grad``s dropped."""
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
+        for f in self.fragments:
+            f.param.grad = None
+            f.master.grad = None
+
+    # ------------------------------------------------------------------ groups
+    def _dp_groups(self) -> list[ProcessGroup]:
+        return [b.dp_group for ddp in self.ddps for b in ddp.grad_buffers]
+
+    def _found_inf_groups(self) -> list[ProcessGroup]:
+        return list(self.model_parallel_groups) + self._dp_groups()
+
+    def _norm_sets(self) -> list[tuple[list[Fragment], list[ProcessGroup]]]:
+        """(fragments, groups to sum over): replicated masters are identical across DP, so no DP group."""
+        return [(self.fragments, list(self.model_parallel_groups))]
+
+    # ------------------------------------------------------------------ step
+    def _prepare_grads(self) -> list[torch.Tensor]:
+        grads = []
+        for f in self.fragments:
+            g = f.grad_view()
+            if g is not None and g.dtype != f.master.dtype:
+                g = g.to(f.master.dtype)
+            f.master.grad = g
+            if g is not None:
+                grads.append(g)
+        return grads
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the prepared master grads (each unique element counted once)."""
+        device = self.fragments[0].master.device if self.fragments else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for frags, groups in self._norm_sets():
+            grads = [f.master.grad for f in frags if f.master.grad is not None
+                     and counts_for_norm(f.param, self.tp_group, self.is_tp_replicated)]
+            part = local_norm_power(grads, 2.0, device)
+            if active_groups(groups):
+                part = all_reduce_over(part.to(comm_device(device)), groups).to(device)
+            total = total + part
+        return total.sqrt()
+
+    @torch.no_grad()
+    def step(self) -> StepInfo:
+        """One optimizer step; returns a :class:`StepInfo`.
+
+        Finishes the DDP gradient reduction first if the training loop has not (a no-op otherwise).
+        """
+        for ddp in self.ddps:
+            ddp.finish_grad_sync()
+        grads = self._prepare_grads()
+        if self.loss_scaler is not None:
+            found_inf = self.loss_scaler.unscale_and_check_(grads, self._found_inf_groups())
+            self.loss_scaler.update(found_inf)
+            if found_inf:
+                self._drop_master_grads()
+                return StepInfo(True, None, self.loss_scale)
+        norm = self.grad_norm()
+        norm_value = float(norm)
+        if not math.isfinite(norm_value):  # same value on every rank, so every rank skips
+            self._drop_master_grads()
+            return StepInfo(True, norm_value, self.loss_scale)
+        if self.clip_grad > 0:
+            scale_grads_(grads, self.clip_grad, norm)
+        self.optimizer.step()
+        self.num_steps += 1
+        self._copy_masters_to_params()
+        self._drop_master_grads()
+        self._after_step()
+        return StepInfo(False, norm_value, self.loss_scale)
+
+    def _drop_master_grads(self) -> None:
+        for f in self.fragments:
+            f.master.grad = None
+
+    def _copy_masters_to_params(self) -> None:
+        copies = [f for f in self.fragments if f.has_master_copy]
+        if copies:
+            dst, src = [f.model_view() for f in copies], [f.master for f in copies]
+            try:
+                torch._foreach_copy_(dst, src)
+            except (RuntimeError, TypeError):
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+
+    def _after_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def reload_masters_from_params(self) -> None:
+        """Refresh fp32 masters from the model weights (after loading weights into the model)."""
+        for f in self.fragments:
+            if f.has_master_copy:
+                f.master.copy_(f.model_view())
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer-owned tensors on this rank: fp32 master copies + AdamW moments."""
+        n = sum(f.master.numel() * f.master.element_size() for f in self.fragments if f.has_master_copy)
+        for st in self.optimizer.state.values():
+            n += sum(st[k].numel() * st[k].element_size() for k in MOMENT_NAMES if k in st)
+        return n
+
+    # ------------------------------------------------------------------ state
+    def _hyperparams(self) -> list[dict]:
+        return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+                for g in self.optimizer.param_groups]
+
+    def checkpoint_entries(self) -> list[StateEntry]:
+        """Live tensors of every state of every fragment, with flat offsets into the local parameter."""
+        out = []
+        for f in self.fragments:
+            if f.has_master_copy:
+                out.append(StateEntry(f.param, "master", f.master, f.start))
+            st = self.optimizer.state[f.master]
+            out += [StateEntry(f.param, k, st[k], f.start) for k in MOMENT_NAMES]
+        return out
+
+    def checkpoint_common(self) -> dict:
+        return {"format": STATE_FORMAT, "step": self.num_steps, "param_groups": self._hyperparams(),
+                "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None}
+
+    def load_checkpoint_common(self, common: dict) -> None:
+        self.num_steps = int(common.get("step", 0))
+        for st in self.optimizer.state.values():
+            st["step"].fill_(self.num_steps)
+        for group, saved in zip(self.optimizer.param_groups, common.get("param_groups") or []):
+            for k, v in saved.items():  # hyperparameters only: the implementation follows this machine
+                if k in group and k != "params" and k not in _IMPLEMENTATION_KEYS:
+                    group[k] = tuple(v) if isinstance(group[k], tuple) else v
+        if self.loss_scaler is not None and common.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(common["loss_scaler"])
+
+    def state_dict(self) -> dict:
+        """Plain tensors + metadata: this rank's pieces of every parameter's optimizer state.
+
+        ``shards[i]``: ``name`` (parameter name in the unwrapped model), ``shape`` (local param shape),
+        ``start``/``end`` (flat element range of the parameter this piece covers), ``group``, and the
+        tensors ``exp_avg``, ``exp_avg_sq`` and ``master`` (fp32 copy, or None when the master is the
+        weight itself). Tensors are live storage: clone them before stepping if you save asynchronously.
+        """
+        shards = []
+        for f in self.fragments:
+            st = self.optimizer.state[f.master]
+            shards.append({"name": f.name, "shape": list(f.param.shape), "start": f.start, "end": f.end,
+                           "group": f.group, "master": f.master if f.has_master_copy else None,
+                           "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]})
+        sd = self.checkpoint_common()
+        sd.update({"kind": type(self).__name__, "shards": shards})
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load pieces saved by any layout: each local fragment is filled from the saved pieces of the
+        same parameter that overlap it (e.g. all ranks' shards of a DP=4 run, or one full piece).
+        Missing fp32 masters are taken from the current model weights (load those first)."""
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"optimizer state format {state_dict.get('format')!r} is not {STATE_FORMAT!r}; "
+                             "pass a dict produced by MixedPrecisionOptimizer/DistributedOptimizer.state_dict()")
+        by_name: dict[str, list[dict]] = {}
+        for s in state_dict["shards"]:
+            by_name.setdefault(s["name"], []).append(s)
+        for f in self.fragments:
+            st = self.optimizer.state[f.master]
+            covered = torch.zeros(f.end - f.start, dtype=torch.bool)
+            has_master = torch.zeros_like(covered)
+            for s in by_name.get(f.name, []):
+                if list(s["shape"]) != list(f.param.shape):
+                    raise ValueError(f"saved optimizer state of {f.name} is for shape {s['shape']}, the parameter is "
+                                     f"{list(f.param.shape)}; load with the same tensor-parallel layout")
+                a, z = max(f.start, s["start"]), min(f.end, s["end"])
+                if a >= z:
+                    continue
+                dst, src = slice(a - f.start, z - f.start), slice(a - s["start"], z - s["start"])
+                for k in MOMENT_NAMES:
+                    st[k][dst].copy_(s[k][src])
+                if f.has_master_copy and s.get("master") is not None:
+                    f.master[dst].copy_(s["master"][src])
+                    has_master[dst] = True
+                covered[dst] = True
+            if not bool(covered.all()):
+                missing = int((~covered).sum())
+                raise ValueError(f"the optimizer state dict does not cover {missing} of {covered.numel()} elements of "
+                                 f"{f.name}[{f.start}:{f.end}]; pass the shards of every rank of the saved run")
+            if f.has_master_copy and not bool(has_master.all()):
+                f.master[~has_master.to(f.master.device)] = f.model_view().float()[~has_master.to(f.master.device)]
+        self.load_checkpoint_common(state_dict)

@@ -1,0 +1,82 @@
+"""Shared helpers for the Hugging Face interop tests: tiny HF models with random weights (no
+download), the reference loss/gradient computation, and reading exported safetensors directly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100  # not a multiple of 128: exercises vocab padding
+BATCH, SEQ = 2, 16
+
+_ROPE_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+CASES: dict[str, tuple[str, dict]] = {
+    "llama_gqa": ("LlamaConfig", dict(_ROPE_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "llama_bias_tied": ("LlamaConfig", dict(_ROPE_COMMON, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+                                            tie_word_embeddings=True, head_dim=32)),
+    "mistral_sliding": ("MistralConfig", dict(_ROPE_COMMON, sliding_window=5)),
+    "qwen2_bias": ("Qwen2Config", dict(_ROPE_COMMON, use_sliding_window=False, sliding_window=4)),
+    "qwen2_sliding": ("Qwen2Config", dict(_ROPE_COMMON, use_sliding_window=True, sliding_window=6,
+                                          max_window_layers=0)),
+    "gpt2_tied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                     activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
+}
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Replace HF's init (norm weights 1, biases 0, std 0.02) by O(0.1) noise everywhere, so that
+    a wrong bias, norm or layout mapping changes the logits visibly."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        is_norm = p.dim() == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight")
+        p.copy_(1.0 + 0.1 * noise if is_norm else 0.1 * noise)
+    return model
+
+
+def build_hf(case: str, seed: int = 0, **extra):
+    """A randomly initialized tiny HF causal LM for ``case`` (eager attention, fp32, eval mode)."""
+    cls_name, kwargs = CASES[case]
+    config = getattr(transformers, cls_name)(**{**kwargs, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return randomize_(model, seed).eval()
+
+
+def sample_ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_loss_and_embedding_grad(model, ids: torch.Tensor):
+    """HF's own loss (it shifts the labels internally) and the grad of its input embedding table."""
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), model.get_input_embeddings().weight.grad.detach().clone()
+
+
+def megacore_loss_and_embedding_grad(model, ids: torch.Tensor):
+    """Our loss with pre-shifted labels (last position unlabelled) and the padded table's grad."""
+    model.zero_grad(set_to_none=True)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    loss = model(ids, labels=labels)
+    loss.backward()
+    return loss.detach(), model.embedding.word_embeddings.weight.grad.detach().clone()
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in every *.safetensors file of ``path`` (independent of megacore's reader)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        part = load_file(str(f))
+        assert not set(part) & set(out), f"tensor stored twice in {path}"
+        out.update(part)
+    return out
