@@ -16,9 +16,17 @@ USAGE = __doc__
 
 def _launch_local(nproc: int, args: list[str]) -> int:
     """Run ``megacore.train`` on ``nproc`` local processes through torchrun's launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "megacore.train", *args])
+    try:
+        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "megacore.train", *args])
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        code = next((c for c in codes if c > 0), 1)
+        print(f"error: training failed on {len(e.failures)} of {nproc} processes (exit codes {codes}); "
+              "the first message above says why", file=sys.stderr)
+        return code
     return 0
 
 
@@ -31,6 +39,14 @@ def _init_distributed() -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _rank_prefix() -> str:
+    return "" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"[rank {os.environ.get('RANK')}] "
 
 
 def run_train(argv: list[str]) -> int:
@@ -65,6 +81,8 @@ def run_train(argv: list[str]) -> int:
             return _launch_local(int(nproc), rest)
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
+    from megacore.training.trainer import PeerFailed
+
     try:
         cfg = load_run_config(config_path, overrides)
         _init_distributed()
@@ -72,11 +90,14 @@ def run_train(argv: list[str]) -> int:
 
         Trainer(cfg).run()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if _is_rank0():  # every rank validates the same config: say it once
+            print(f"config error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}training stopped: {e}", file=sys.stderr)
         return 1
+    except PeerFailed:
+        return 3
     finally:
         import torch.distributed as dist
 

@@ -3,32 +3,79 @@
     cfg = load_run_config("configs/tiny_cpu.yaml", ["train.iters=50"]).validate()
     summary = Trainer(cfg).run()
 
-See ``megacore.training.loop`` for the loss-normalization and data-order contract.
+One code path serves every layout. What the layout changes is declared, then applied:
+
+1. ``megacore.parallel.initialize`` builds the TP/PP/DP groups (a no-op layout on one process);
+2. ``megacore.pipeline.build_model_chunks`` builds this rank's pipeline stage(s) of the one-device
+   ``GPTModel`` on meta, TP-shards them (``parallel.tensor``, ``sequence_parallel``) and fills
+   every parameter from ``(train.seed, global name)``, so the seed defines the global model;
+3. each chunk is wrapped in ``megacore.distributed.DistributedDataParallel`` over the
+   data-parallel group (fp32 ``main_grad`` buffers, bucketed reduction overlapping backward), or in
+   FSDP2 (``parallel.fsdp``);
+4. ``MixedPrecisionOptimizer`` (replicated) or ``DistributedOptimizer`` (ZeRO-1/2,
+   ``parallel.distributed_optimizer``) steps fp32 master weights with a global grad norm counted
+   once across TP/PP/DP; fp16 adds a dynamic loss scaler;
+5. ``megacore.pipeline.forward_backward`` runs the micro-batches (gradient accumulation, or a
+   pipeline schedule when ``parallel.pipeline > 1``).
+
+Loss normalization and data order: see ``megacore.training.loop``. The loss scale of fp16 is
+folded into the token-count denominator (``loss * scale / N == loss / (N / scale)``), which keeps
+every pipeline schedule unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
 import torch
 import torch.distributed as dist
 
-from megacore.config import RunConfig
+from megacore.config import ConfigError, RunConfig
 from megacore.training.flops import flops_per_token, peak_tflops
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 
 
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay for biases, norm weights and other 1-D parameters; decay for matrices."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _check_supported(cfg: RunConfig) -> None:
+    """Options that the config accepts (they are part of the contract) but this version cannot run."""
+    p = cfg.parallel
+    if p.context > 1:
+        raise ConfigError(f"parallel.context={p.context}: context parallelism is not implemented in this version; "
+                          "set parallel.context=1 (use tensor/sequence parallelism for long sequences)")
+    if p.expert > 1:
+        raise ConfigError(f"parallel.expert={p.expert}: expert parallelism needs MoE layers, which this version does "
+                          "not implement; set parallel.expert=1")
+    if cfg.precision.fp8 is not None:
+        raise ConfigError(f"precision.fp8={cfg.precision.fp8!r}: FP8 training is not implemented in this version; "
+                          "set precision.fp8=null (bf16 is the fastest supported dtype)")
+    if p.fsdp and (p.tensor > 1 or p.pipeline > 1):
+        raise ConfigError("parallel.fsdp=true is supported with parallel.tensor=1 and parallel.pipeline=1 only; "
+                          "use parallel.distributed_optimizer=true for TP/PP layouts")
+
+
+class PeerFailed(RuntimeError):
+    """This rank stops because another rank failed (that rank reports the reason)."""
+
+
+def _truncate_metrics(log_dir: str, step: int) -> None:
+    """On resume from ``step``: drop records of later steps (a crashed run may have logged past its
+    last checkpoint), so ``metrics.jsonl`` reads as one uninterrupted run."""
+    import json
+    import os
+
+    path = os.path.join(log_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 class Trainer:
@@ -40,133 +87,346 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision.dtype]
         self.stop = StopFlag()
         self.step = 0
+        self.state = None
+        self.checkpoints = None
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        _check_supported(cfg)
+        cfg.validate(self.world_size)
+        self._init_parallel()
+        self._build_data()
+        cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
+        self.chunks = self.build_model()
+        self.optimizer, self.loss_scaler = self.build_optimizer()
+        self.schedule = LRSchedule(cfg.train)
+        self.flops_per_token = flops_per_token(cfg.model)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak_tflops = peak_tflops(name)
+        n_params = self._global_param_count()
+        p = cfg.parallel
+        self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, hidden "
+                   f"{cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
+        self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data "
+                   f"{self.dp_size}{' (sequence parallel)' if p.sequence_parallel else ''}; optimizer "
+                   f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
+                   f"{len(self.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
+        self._resume()
+        if self.step > 0 and self.rank == 0:
+            _truncate_metrics(cfg.log.dir, self.step)
+        self.metrics = MetricsLogger(cfg.log.dir, enabled=self.rank == 0, tensorboard=cfg.log.tensorboard,
+                                     total_iters=cfg.train.iters, resume=self.step > 0)
+
+    def _init_parallel(self) -> None:
+        from megacore import parallel
+
+        p = self.cfg.parallel
+        if self.world_size > 1:
+            self.state = parallel.initialize(tensor=p.tensor, pipeline=p.pipeline,
+                                             virtual_pipeline=p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None)
+        else:
+            self.state = parallel.get_state()
+        # Dropout: identical where a tensor is replicated, different across TP shards.
+        parallel.model_parallel_seed(self.cfg.train.seed)
+        self.dp_size = self.state.dp_size
+        self.dp_rank = self.state.dp_rank
+
+    def _build_data(self) -> None:
+        """Rank 0 trains/caches the tokenizer and builds the index files first; the others then read
+        the cache (no two processes write the same cache file)."""
+        t = self.cfg.train
+        n_train = t.iters * t.global_batch_size
+        n_eval = (t.iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
+        for turn in ((0,), tuple(range(1, self.world_size))):
+            failure = None
+            if self.rank in turn:
+                try:
+                    self._load_data(n_train, n_eval)
+                except (ConfigError, TrainingError) as e:
+                    failure = e
+            if self.world_size > 1:
+                # Everyone learns whether any rank failed, so no rank waits forever on the others.
+                flag = torch.tensor([0.0 if failure is None else 1.0], device=self._comm_device())
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                if failure is None and flag.item() > 0:
+                    raise PeerFailed("another rank could not build the data; its message says why")
+            if failure is not None:
+                raise failure
+        if self.train_ds is None:
+            raise TrainingError("the training split is empty; check data.split (e.g. 969,30,1) and data.paths")
+
+    def _load_data(self, n_train: int, n_eval: int) -> None:
         from megacore.data import build_datasets, build_tokenizer
 
+        cfg, t = self.cfg, self.cfg.train
         self.tokenizer = build_tokenizer(cfg.data, log=self._info)
         if self.tokenizer is not None and cfg.model.vocab_size != self.tokenizer.vocab_size:
             self._info(f"model.vocab_size set to the tokenizer's {self.tokenizer.vocab_size}")
             cfg.model.vocab_size = self.tokenizer.vocab_size
-        cfg.validate(self.world_size)
-        t = cfg.train
-        n_train = t.iters * t.global_batch_size
-        n_eval = (t.iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
         self.train_ds, self.valid_ds, _ = build_datasets(
             cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=t.seed,
             num_samples=(n_train, n_eval, 0), tokenizer=self.tokenizer, log=self._info)
-        self.model = self.build_model()
-        self.optimizer = torch.optim.AdamW(
-            weight_decay_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps)
-        self.schedule = LRSchedule(t)
-        self.metrics = MetricsLogger(cfg.log.dir, enabled=self.rank == 0, tensorboard=cfg.log.tensorboard,
-                                     total_iters=t.iters)
-        self.flops_per_token = flops_per_token(cfg.model)
-        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.peak_tflops = peak_tflops(name)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, "
-                   f"hidden {cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
 
-    def build_model(self) -> torch.nn.Module:
-        from megacore.models.gpt import GPTModel
-        from megacore.models.init import materialize
+    def build_model(self) -> list[torch.nn.Module]:
+        """This rank's model chunks, wrapped for data parallelism."""
+        from megacore.distributed import DistributedDataParallel
+        from megacore.pipeline.partition import build_model_chunks
 
-        cfg = self.cfg
-        with torch.device("meta"):
-            model = GPTModel(cfg.model)
-        materialize(model, cfg.model, cfg.train.seed, device=self.device, dtype=self.dtype)
-        model.configure_recompute(cfg.recompute)
-        model.train()
-        return model
+        cfg, p = self.cfg, self.cfg.parallel
+        chunks = build_model_chunks(cfg, self.state, device=self.device,
+                                    dtype=torch.float32 if p.fsdp else self.dtype)
+        if cfg.compile:
+            from megacore.training.compile import compile_model
+
+            chunks = [compile_model(c) for c in chunks]
+        if p.fsdp:
+            from megacore.distributed.fsdp import apply_fsdp
+
+            if not dist.is_initialized():
+                raise ConfigError("parallel.fsdp=true needs torch.distributed; launch with --nproc N or torchrun")
+            policy = None if self.dtype == torch.float32 else self.dtype
+            return [apply_fsdp(c, mp_policy=policy) for c in chunks]
+        return [DistributedDataParallel(c, self.state.dp_cp_group, bucket_size_mb=p.ddp_bucket_size_mb,
+                                        overlap_grad_reduce=p.overlap_grad_reduce,
+                                        use_distributed_optimizer=p.distributed_optimizer,
+                                        overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer)
+                for c in chunks]
+
+    def build_optimizer(self):
+        from megacore.distributed import DistributedOptimizer
+        from megacore.precision.loss_scaler import build_loss_scaler
+        from megacore.training.optimizer import MixedPrecisionOptimizer
+
+        cfg, t, pr = self.cfg, self.cfg.train, self.cfg.precision
+        scaler = build_loss_scaler(self.dtype, initial_scale=pr.initial_loss_scale, window=pr.loss_scale_window,
+                                   min_scale=pr.min_loss_scale, hysteresis=pr.hysteresis)
+        if cfg.parallel.fsdp:
+            if scaler is not None:
+                raise ConfigError("parallel.fsdp=true with precision.dtype=fp16 is not supported; use bf16")
+            from megacore.training.optimizer import weight_decay_groups
+
+            opt = torch.optim.AdamW(weight_decay_groups(self.chunks[0], t.weight_decay), lr=t.lr,
+                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+            return opt, None
+        groups = tuple(g for g in (self.state.tp_group, self.state.pp_group) if g is not None)
+        kind = DistributedOptimizer if cfg.parallel.distributed_optimizer else MixedPrecisionOptimizer
+        opt = kind(self.chunks, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                   weight_decay=t.weight_decay, clip_grad=t.clip_grad, loss_scaler=scaler,
+                   master_weights=pr.master_weights, model_parallel_groups=groups, tp_group=self.state.tp_group)
+        return opt, scaler
+
+    def _resume(self) -> None:
+        from megacore.checkpoint import CheckpointManager
+
+        self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._info)
+        if self.cfg.parallel.fsdp:
+            if self.cfg.checkpoint.dir or self.cfg.checkpoint.load:
+                raise ConfigError("checkpointing with parallel.fsdp=true is not supported yet; use "
+                                  "parallel.distributed_optimizer=true for resumable sharded runs")
+            return
+        result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
+        if result is not None:
+            self.step = result.step
+            if self.step >= self.cfg.train.iters:
+                self._info(f"the checkpoint is at step {self.step} >= train.iters={self.cfg.train.iters}: "
+                           "nothing left to train (raise train.iters to continue)")
+
+    def _global_param_count(self) -> int:
+        from megacore.pipeline.tied import unwrap
+
+        n = 0
+        for c in self.chunks:
+            for p in unwrap(c).parameters():
+                if getattr(p, "_megacore_shared_duplicate", False):
+                    continue
+                n += p.numel() * (1 if getattr(p, "_megacore_shard_fn", None) is None else self.cfg.parallel.tensor)
+        if self.world_size > 1 and self.state.pp_group is not None:
+            t = torch.tensor([n], dtype=torch.float64, device=self._comm_device())
+            dist.all_reduce(t, group=self.state.pp_group)
+            n = int(t.item())
+        return n
+
+    def _comm_device(self) -> torch.device:
+        return self.device if (dist.is_initialized() and dist.get_backend() == "nccl") else torch.device("cpu")
 
     def _info(self, msg: str) -> None:
         if self.rank == 0:
             print(f"[megacore] {msg}", flush=True)
 
     # ------------------------------------------------------------------------------- data
-    def global_batch(self, dataset, step: int) -> list[dict]:
-        g = self.cfg.train.global_batch_size
-        return [dataset[i] for i in range(step * g, (step + 1) * g)]
+    def micro_slices(self) -> list[range]:
+        """This data-parallel rank's micro-batches, as offsets into one global batch."""
+        t = self.cfg.train
+        per_rank = t.global_batch_size // self.dp_size
+        start = self.dp_rank * per_rank
+        return [range(start + i, start + i + t.micro_batch_size) for i in range(0, per_rank, t.micro_batch_size)]
 
-    def micro_batches(self, samples: list[dict]) -> list[dict]:
-        mbs = self.cfg.train.micro_batch_size
-        return [collate(samples[i:i + mbs], self.device) for i in range(0, len(samples), mbs)]
+    def micro_batches(self, dataset, batch_index: int) -> list[dict]:
+        base = batch_index * self.cfg.train.global_batch_size
+        keep_positions = self.cfg.data.reset_position_ids
+        out = []
+        for r in self.micro_slices():
+            mb = collate([dataset[base + i] for i in r], self.device)
+            if not keep_positions:
+                mb.pop("position_ids", None)
+            out.append(mb)
+        return out
+
+    def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and self.dp_size > 1:
+            dist.all_reduce(value, group=self.state.dp_cp_group)
+        return value
+
+    def _loss_over_layout(self, local: torch.Tensor) -> float:
+        """Each DP rank's last stage holds its share of the global mean: sum over DP and PP."""
+        value = local.detach().to(self._comm_device(), torch.float64).reshape(1)
+        if self.world_size > 1:
+            if self.dp_size > 1:
+                dist.all_reduce(value, group=self.state.dp_cp_group)
+            if self.state.pp_size > 1:
+                dist.all_reduce(value, group=self.state.pp_group)
+        return float(value.item())
 
     # ------------------------------------------------------------------------------- step
     def train_step(self, step: int) -> StepResult:
-        micro = self.micro_batches(self.global_batch(self.train_ds, step))
-        num_tokens = sum(int(mb["loss_mask"].sum().item()) for mb in micro)
+        from megacore.pipeline.schedules import forward_backward
+
+        micro = self.micro_batches(self.train_ds, step)
+        local_tokens = sum(float(mb["loss_mask"].sum().item()) for mb in micro)
+        num_tokens = self._sum_over_dp(torch.tensor([local_tokens], dtype=torch.float64,
+                                                    device=self._comm_device())).item()
         if num_tokens == 0:
-            raise TrainingError(f"step {step}: the global batch has no labelled tokens; check data.eod_mask_loss and the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.device, dtype=torch.float32)
-        for mb in micro:
-            loss = self.model(mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"],
-                              position_ids=mb.get("position_ids") if self.cfg.data.reset_position_ids else None,
-                              reduction="sum") / num_tokens
-            loss.backward()
-            total += loss.detach().float()
-        clip = self.cfg.train.clip_grad
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+            raise TrainingError(f"step {step + 1}: the global batch has no labelled tokens; check "
+                                "data.eod_mask_loss and the data")
+        self.optimizer.zero_grad()
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.schedule.apply(self.optimizer, step)
+        if self.cfg.parallel.fsdp:
+            return self._fsdp_step(micro, num_tokens)
+        local = forward_backward(self.chunks, micro, num_tokens / scale, pp_group=self.state.pp_group,
+                                 schedule=self.cfg.parallel.pipeline_schedule,
+                                 embedding_group=self.state.embedding_group)
+        info = self.optimizer.step()
+        loss = self._loss_over_layout(local) / scale
+        return StepResult(loss=loss, grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
+                          tokens=int(num_tokens), skipped=info.skipped, loss_scale=info.loss_scale)
+
+    def _fsdp_step(self, micro: list[dict], num_tokens: float) -> StepResult:
+        from megacore.distributed.fsdp import fsdp_no_sync
+        from megacore.pipeline.schedules import masked_loss_sum
+
+        model = self.chunks[0]
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, mb in enumerate(micro):
+            ctx = fsdp_no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+            with ctx:
+                kwargs = {k: mb[k] for k in ("position_ids", "attention_mask") if mb.get(k) is not None}
+                token_loss = model(mb["tokens"], labels=mb["labels"], reduction="none", **kwargs)
+                loss = masked_loss_sum(token_loss, mb["loss_mask"], num_tokens)
+                loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
-        return StepResult(loss=total.item(), grad_norm=float(grad_norm), tokens=num_tokens)
+        return StepResult(loss=self._loss_over_layout(total), grad_norm=float(norm), tokens=int(num_tokens))
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        self.model.eval()
+        from megacore.pipeline.schedules import forward_backward, forward_backward_no_pipelining
+
         t = self.cfg.train
-        loss_sum, tokens = 0.0, 0
-        base = (step // t.eval_interval) * t.eval_iters if t.eval_interval else 0
+        for c in self.chunks:
+            c.eval()
+        loss_sum, tokens = 0.0, 0.0
+        base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
         for k in range(t.eval_iters):
-            for mb in self.micro_batches(self.global_batch(self.valid_ds, base + k)):
-                loss_sum += self.model(mb["tokens"], labels=mb["labels"], loss_mask=mb["loss_mask"], reduction="sum").item()
-                tokens += int(mb["loss_mask"].sum().item())
-        self.model.train()
-        return loss_sum / max(tokens, 1)
+            micro = self.micro_batches(self.valid_ds, base + k)
+            local_tokens = sum(float(mb["loss_mask"].sum().item()) for mb in micro)
+            n = self._sum_over_dp(torch.tensor([local_tokens], dtype=torch.float64, device=self._comm_device())).item()
+            if n == 0:
+                continue
+            if self.cfg.parallel.fsdp:
+                local = forward_backward_no_pipelining(self.chunks, micro, n, forward_only=True)
+            else:
+                local = forward_backward(self.chunks, micro, n, pp_group=self.state.pp_group,
+                                         schedule=self.cfg.parallel.pipeline_schedule,
+                                         embedding_group=self.state.embedding_group, forward_only=True)
+            loss_sum += self._loss_over_layout(local) * n
+            tokens += n
+        for c in self.chunks:
+            c.train()
+        return loss_sum / max(tokens, 1.0)
 
     # ------------------------------------------------------------------------------- loop
+    def _stop_requested(self) -> bool:
+        """Every rank must stop at the same step: agree on the flag (MAX over the world)."""
+        if self.world_size == 1:
+            return self.stop.requested
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self._comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _extra(self) -> dict:
+        return {"consumed_samples": self.step * self.cfg.train.global_batch_size}
+
     def run(self) -> dict:
-        self.setup()
-        cfg, t = self.cfg, self.cfg.train
         self.stop.install()
-        first_loss = last_loss = None
-        start = time.time()
-        self.metrics.reset_timer(self.step)
         try:
-            while self.step < t.iters:
-                step_start = time.time()
-                if self.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                result = self.train_step(self.step)
-                if not math.isfinite(result.loss):
-                    raise TrainingError(
-                        f"loss is {result.loss} at step {self.step + 1} (lr {self.schedule(self.step):.3e}); training stopped. "
-                        "Try a lower train.lr, a longer train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.time() - step_start
-                self.step += 1
-                first_loss = result.loss if first_loss is None else first_loss
-                last_loss = result.loss
-                self._log(result, dt)
-                if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds is not None:
-                    self.metrics.log_eval(self.step, self.evaluate(self.step))
-                if self.stop.requested:
-                    self._info(f"received {self.stop.signal_name}: stopping cleanly after step {self.step}")
-                    break
+            self.setup()
+            return self._loop()
         finally:
             self.stop.restore()
-            self.metrics.close()
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.close()
+            if self.world_size > 1 and self.state is not None and self.state.initialized:
+                from megacore import parallel
+
+                parallel.destroy()
+
+    def _loop(self) -> dict:
+        t = self.cfg.train
+        first_loss = last_loss = None
+        start = time.time()
+        start_step = self.step
+        self.metrics.reset_timer(self.step)
+        stopped = False
+        while self.step < t.iters:
+            step_start = time.time()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            result = self.train_step(self.step)
+            if not math.isfinite(result.loss) and not result.skipped:
+                raise TrainingError(
+                    f"loss is {result.loss} at step {self.step + 1} (lr {self.schedule(self.step):.3e}); training "
+                    "stopped without saving (the last good checkpoint stays). Try a lower train.lr, a longer "
+                    "train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.time() - step_start
+            self.step += 1
+            first_loss = result.loss if first_loss is None else first_loss
+            last_loss = result.loss
+            self._log(result, dt)
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds is not None:
+                self.metrics.log_eval(self.step, self.evaluate(self.step))
+            if self.checkpoints.should_save(self.step):
+                self.checkpoints.save(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+            elif self.checkpoints.cfg.dir:
+                self.checkpoints.poll()
+            if self._stop_requested():
+                stopped = True
+                self._info(f"received {self.stop.signal_name or 'a stop signal'}: stopping cleanly after step {self.step}")
+                break
+        if not self.cfg.parallel.fsdp:
+            self.checkpoints.finish(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
         wall = time.time() - start
-        self._info(f"done: {self.step} steps in {wall:.1f}s, first loss {first_loss:.4f}, last loss {last_loss:.4f}"
-                   if first_loss is not None else "done: no steps run")
+        self._info(f"done: {self.step - start_step} steps in {wall:.1f}s, first loss {first_loss:.4f}, last loss "
+                   f"{last_loss:.4f}" if first_loss is not None else "done: no steps run")
         return {"steps": self.step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
-                "stopped_by_signal": self.stop.requested}
+                "stopped_by_signal": stopped}
 
     def _log(self, r: StepResult, dt: float) -> None:
         tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
