@@ -3,7 +3,7 @@
     megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N]
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
-    megacore generate --model HF_DIR --prompt "text"
+    megacore generate --model HF_DIR_OR_CKPT --prompt "text"
 """
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ class Trainer:
         return bool(flag.item())
 
     def _extra(self) -> dict:
-        return {"consumed_samples": self.step * self.cfg.train.global_batch_size}
+        return {"consumed_samples": self.step * self.cfg.train.global_batch_size, "run_config": self.cfg.to_dict()}
 
     def run(self) -> dict:
         self.stop.install()
