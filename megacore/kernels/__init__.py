@@ -2,7 +2,11 @@
 
 Every public function here dispatches: the Triton kernel when its input is on CUDA and Triton
 imports (or, for tests on CPU, with ``TRITON_INTERPRET=1`` set before importing triton and
-``force_triton=True``), else the ``*_reference`` function, which runs anywhere.
+``force_triton=True``), else the ``*_reference`` function, which runs anywhere. The process-wide
+backend (``MEGACORE_KERNELS=auto|triton|torch``, ``set_kernel_backend``, ``with kernel_backend(...)``)
+turns the kernels off everywhere, or forces them (CPU tensors then need the interpreter); the
+model's layers follow it. The kernels are torch custom ops (``megacore::*``), so ``torch.compile``
+keeps them in its graphs without graph breaks.
 
 - ``rms_norm``: fused residual add + RMSNorm, returns (y, new_residual)
 - ``apply_rotary``: half-rotation RoPE with partial rotary and optional position_ids
@@ -14,7 +18,7 @@ attribute ``megacore.kernels.swiglu`` is the function; import module contents wi
 ``from megacore.kernels.swiglu import ...`` (which always resolves the module).
 """
 
-from megacore.kernels._dispatch import triton_available
+from megacore.kernels._dispatch import get_kernel_backend, kernel_backend, set_kernel_backend, triton_available
 from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, linear_cross_entropy_reference
 from megacore.kernels.rmsnorm import rms_norm, rms_norm_reference
 from megacore.kernels.rope import apply_rotary, apply_rotary_reference
@@ -33,11 +37,14 @@ __all__ = [
     "fused_linear_cross_entropy",
     "gated_activation",
     "gated_activation_reference",
+    "get_kernel_backend",
     "geglu",
     "geglu_reference",
+    "kernel_backend",
     "linear_cross_entropy_reference",
     "rms_norm",
     "rms_norm_reference",
+    "set_kernel_backend",
     "swiglu",
     "swiglu_reference",
     "triton_available",

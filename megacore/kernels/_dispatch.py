@@ -5,14 +5,63 @@ Triton path runs when the inputs live on a CUDA device and Triton imports. On a 
 Triton code can still be exercised through Triton's interpreter (``TRITON_INTERPRET=1``, set
 before Triton is first imported) by passing ``force_triton=True``: that is how CI tests the
 kernels on tiny shapes.
+
+One process-wide backend, read from ``MEGACORE_KERNELS`` at import and changed with
+``set_kernel_backend`` / ``kernel_backend(...)``, applies to every call that does not pass
+``force_triton`` (the model's layers among them):
+
+    auto    Triton for CUDA tensors, the torch reference otherwise (the default)
+    triton  Triton always: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (else an error)
+    torch   the torch reference always (e.g. to let ``torch.compile`` fuse the reference instead)
+
+The decision reads only a module global, the tensor's device and the environment, so
+``torch.compile`` traces it without a graph break (and guards on the backend).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _backend_from_env() -> str:
+    name = os.environ.get("MEGACORE_KERNELS", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"MEGACORE_KERNELS={name!r} is not known; use one of {BACKENDS}")
+    return name
+
+
+_BACKEND = _backend_from_env()
+
+
+def get_kernel_backend() -> str:
+    """The process-wide kernel backend: "auto", "triton" or "torch" (see the module docstring)."""
+    return _BACKEND
+
+
+def set_kernel_backend(name: str) -> str:
+    """Set the process-wide kernel backend; returns the previous one. Compiled code recompiles."""
+    global _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {name!r} is not known; use one of {BACKENDS}")
+    previous, _BACKEND = _BACKEND, name
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """``with kernel_backend("torch"): ...`` runs the block with that backend, then restores the old one."""
+    previous = set_kernel_backend(name)
+    try:
+        yield
+    finally:
+        set_kernel_backend(previous)
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,13 +80,21 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TRITON_IMPORTS = triton_available()  # decided once: keeps use_triton trivial for torch.compile
+
+
 def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "kernel") -> bool:
     """Decide the path for ``tensor``: Triton on CUDA (or interpreter + ``force_triton``), else torch.
 
-    ``force_triton=True`` on CPU without the interpreter raises instead of silently running the
-    reference, so a test that asks for the kernel always gets the kernel.
+    Without ``force_triton`` the process-wide backend decides ("torch": never; "triton": as if
+    forced). ``force_triton=True`` (or backend "triton") on CPU without the interpreter raises
+    instead of silently running the reference, so a test that asks for the kernel always gets it.
     """
-    if not triton_available():
+    if not force_triton:
+        if _BACKEND == "torch":
+            return False
+        force_triton = _BACKEND == "triton"
+    if not _TRITON_IMPORTS:
         if force_triton:
             raise RuntimeError(f"{kernel}: force_triton=True but triton does not import; install triton "
                                f"or call without force_triton to use the torch reference")

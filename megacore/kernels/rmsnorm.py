@@ -103,62 +103,106 @@ def _num_warps(block_n: int) -> int:
     return min(max(block_n // 256, 1), 16)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """Triton forward/backward. Returns y, or (y, new_residual) when a residual is given."""
+def _rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float,
+                     zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (y like x, new_residual like residual (empty without one), rstd [M] fp32)."""
+    n = x.shape[-1]
+    x2 = x.contiguous().view(-1, n)
+    m = x2.shape[0]
+    block_n = next_power_of_2(n)
+    y = torch.empty_like(x2)
+    rstd = torch.empty(m, device=x.device, dtype=torch.float32)
+    if residual is not None:
+        r2 = residual.contiguous().view(-1, n)
+        h = torch.empty_like(r2)
+    else:
+        r2, h = x2, x2  # R and H are unused when HAS_RESIDUAL is off
+    if m > 0:
+        _rmsnorm_fwd_kernel[(m,)](x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0),
+                                  h.stride(0), n, eps, HAS_RESIDUAL=residual is not None,
+                                  ZERO_CENTERED=zero_centered, BLOCK_N=block_n, num_warps=_num_warps(block_n))
+    new_residual = h.view(residual.shape) if residual is not None else x.new_empty(0)
+    return y.view(x.shape), new_residual, rstd
 
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps: float, zero_centered: bool):
-        n = x.shape[-1]
-        x2 = x.contiguous().view(-1, n)
-        m = x2.shape[0]
-        block_n = next_power_of_2(n)
-        y = torch.empty_like(x2)
-        rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-        if residual is not None:
-            r2 = residual.contiguous().view(-1, n)
-            h = torch.empty_like(r2)
-        else:
-            r2, h = x2, x2  # R and H are unused when HAS_RESIDUAL is off
-        if m > 0:
-            _rmsnorm_fwd_kernel[(m,)](x2, r2, weight, y, h, rstd, x2.stride(0), r2.stride(0), y.stride(0),
-                                      h.stride(0), n, eps, HAS_RESIDUAL=residual is not None,
-                                      ZERO_CENTERED=zero_centered, BLOCK_N=block_n, num_warps=_num_warps(block_n))
-        ctx.save_for_backward(h, weight, rstd)
-        ctx.has_residual = residual is not None
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-        ctx.zero_centered = zero_centered
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        if residual is not None:
-            return y.view(x.shape), h.view(residual.shape)
-        return y.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        h, weight, rstd = ctx.saved_tensors
-        n = h.shape[-1]
-        m = h.shape[0]
-        dy = grads[0].contiguous().view(-1, n)
-        dh_extra = grads[1] if ctx.has_residual else None
-        if dh_extra is not None:
-            dh_extra = dh_extra.contiguous().view(-1, n)
-        dx = torch.empty(m, n, device=h.device, dtype=ctx.x_dtype)
-        store_dr = ctx.has_residual and ctx.residual_dtype != ctx.x_dtype
-        dr = torch.empty(m, n, device=h.device, dtype=ctx.residual_dtype) if store_dr else dx
-        n_prog = max(1, min(m, 2 * num_programs_hint(h.device)))
-        rows_per_program = -(-m // n_prog) if m else 0
-        dw_partial = torch.zeros(n_prog, n, device=h.device, dtype=torch.float32)
-        block_n = next_power_of_2(n)
-        if m > 0:
-            dhe = dh_extra if dh_extra is not None else dy
-            _rmsnorm_bwd_kernel[(n_prog,)](dy, dhe, h, weight, rstd, dx, dr, dw_partial, dy.stride(0),
-                                           dhe.stride(0), h.stride(0), dx.stride(0), dr.stride(0), m, n,
-                                           rows_per_program, HAS_DH_EXTRA=dh_extra is not None,
-                                           STORE_DR=store_dr, ZERO_CENTERED=ctx.zero_centered,
-                                           BLOCK_N=block_n, num_warps=_num_warps(block_n))
-        dweight = dw_partial.sum(0).to(weight.dtype)
-        dx = dx.view(ctx.x_shape)
-        dresidual = dr.view(ctx.x_shape) if ctx.has_residual else None
-        return dx, dweight, dresidual, None, None
+def _rmsnorm_backward(dy: torch.Tensor, dh_extra: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor, zero_centered: bool, x_dtype: torch.dtype,
+                      residual_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (dx, dweight, dresidual); dresidual is empty unless its dtype differs from x's."""
+    n = h.shape[-1]
+    h2 = h.contiguous().view(-1, n)
+    m = h2.shape[0]
+    dy2 = dy.contiguous().view(-1, n)
+    dhe = dh_extra.contiguous().view(-1, n) if dh_extra is not None else None
+    dx = torch.empty(m, n, device=h.device, dtype=x_dtype)
+    store_dr = residual_dtype is not None and residual_dtype != x_dtype
+    dr = torch.empty(m, n, device=h.device, dtype=residual_dtype) if store_dr else dx
+    n_prog = max(1, min(m, 2 * num_programs_hint(h.device)))
+    rows_per_program = -(-m // n_prog) if m else 0
+    dw_partial = torch.zeros(n_prog, n, device=h.device, dtype=torch.float32)
+    block_n = next_power_of_2(n)
+    if m > 0:
+        dhe_arg = dhe if dhe is not None else dy2
+        _rmsnorm_bwd_kernel[(n_prog,)](dy2, dhe_arg, h2, weight, rstd, dx, dr, dw_partial, dy2.stride(0),
+                                       dhe_arg.stride(0), h2.stride(0), dx.stride(0), dr.stride(0), m, n,
+                                       rows_per_program, HAS_DH_EXTRA=dhe is not None, STORE_DR=store_dr,
+                                       ZERO_CENTERED=zero_centered, BLOCK_N=block_n, num_warps=_num_warps(block_n))
+    dweight = dw_partial.sum(0).to(weight.dtype)
+    dr_out = dr.view(dy.shape) if store_dr else dx.new_empty(0)
+    return dx.view(dy.shape), dweight, dr_out
+
+
+# Custom ops (opaque to torch.compile: no graph break, the kernel runs as is inside compiled graphs).
+@torch.library.custom_op("megacore::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float,
+                     zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rmsnorm_forward(x, weight, residual, eps, zero_centered)
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, residual, eps, zero_centered):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # Contiguous, like the real outputs (a fake must match their strides, not just their shapes).
+    new_residual = residual.new_empty(residual.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), new_residual, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("megacore::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, dh_extra: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+                     rstd: torch.Tensor, zero_centered: bool, x_dtype: torch.dtype,
+                     residual_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rmsnorm_backward(dy, dh_extra, h, weight, rstd, zero_centered, x_dtype, residual_dtype)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, dh_extra, h, weight, rstd, zero_centered, x_dtype, residual_dtype):
+    store_dr = residual_dtype is not None and residual_dtype != x_dtype
+    dr = dy.new_empty(dy.shape, dtype=residual_dtype) if store_dr else dy.new_empty(0)
+    return dy.new_empty(dy.shape, dtype=x_dtype), weight.new_empty(weight.shape), dr
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, _eps, zero_centered = inputs
+    _y, new_residual, rstd = output
+    h = new_residual if residual is not None else x  # the normalized tensor
+    ctx.save_for_backward(h, weight, rstd)
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.zero_centered, ctx.x_dtype = zero_centered, x.dtype
+
+
+def _rms_norm_autograd(ctx, dy, dnew_residual, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    dh_extra = dnew_residual if ctx.has_residual else None
+    dx, dweight, dr = _rms_norm_bwd_op(dy, dh_extra, h, weight, rstd, ctx.zero_centered, ctx.x_dtype,
+                                       ctx.residual_dtype)
+    dresidual = None
+    if ctx.has_residual:
+        dresidual = dr if ctx.residual_dtype != ctx.x_dtype else dx
+    return dx, dweight, dresidual, None, None
+
+
+_rms_norm_fwd_op.register_autograd(_rms_norm_autograd, setup_context=_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual: Optional[torch.Tensor] = None,
@@ -179,6 +223,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, residual:
     triton_ok = x.dtype != torch.float64 and (residual is None or residual.dtype != torch.float64) and n <= _MAX_FUSED_N
     if not (triton_ok and use_triton(x, force_triton, "rms_norm")):
         return rms_norm_reference(x, weight, eps, residual, zero_centered_gamma)
-    if residual is None:
-        return _RMSNormFunction.apply(x, weight, None, float(eps), zero_centered_gamma), x
-    return _RMSNormFunction.apply(x, weight, residual, float(eps), zero_centered_gamma)
+    y, new_residual, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), bool(zero_centered_gamma))
+    return y, (new_residual if residual is not None else x)

@@ -145,17 +145,30 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: Optional
     return y
 
 
-class _RotaryFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin, pos, r: int):
-        ctx.save_for_backward(cos, sin, pos)
-        ctx.r = r
-        return _launch(x, cos, sin, pos, r, backward=False)
+# A custom op (opaque to torch.compile: no graph break); its backward is the same op with BACKWARD on.
+@torch.library.custom_op("megacore::rotary", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: Optional[torch.Tensor], r: int,
+               backward: bool) -> torch.Tensor:
+    return _launch(x, cos, sin, pos, r, backward)
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin, pos = ctx.saved_tensors
-        return _launch(dy, cos, sin, pos, ctx.r, backward=True), None, None, None, None
+
+@_rotary_op.register_fake
+def _(x, cos, sin, pos, r, backward):
+    return x.new_empty(x.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _x, cos, sin, pos, r, backward = inputs
+    ctx.save_for_backward(cos, sin, pos)
+    ctx.r, ctx.backward = r, backward
+
+
+def _rotary_autograd(ctx, dy):
+    cos, sin, pos = ctx.saved_tensors
+    return _rotary_op(dy, cos, sin, pos, ctx.r, not ctx.backward), None, None, None, None, None
+
+
+_rotary_op.register_autograd(_rotary_autograd, setup_context=_rotary_setup)
 
 
 def apply_rotary(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor, rotary_dim: Optional[int] = None,
@@ -170,4 +183,4 @@ def apply_rotary(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tenso
     if x_BSHD.dtype == torch.float64 or not use_triton(x_BSHD, force_triton, "apply_rotary"):
         return apply_rotary_reference(x_BSHD, cos_SD, sin_SD, r, position_ids)
     # cos/sin are constants of the position: detach so autograd never asks for their gradient.
-    return _RotaryFunction.apply(x_BSHD, cos_SD.detach(), sin_SD.detach(), position_ids, r)
+    return _rotary_op(x_BSHD, cos_SD.detach(), sin_SD.detach(), position_ids, r, False)

@@ -114,32 +114,64 @@ def _grid(m: int, f: int, block: int):
     return (m, triton.cdiv(f, block))
 
 
-class _GatedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_fused, act_id: int):
-        two_f = x_fused.shape[-1]
-        f = two_f // 2
-        x2 = x_fused.contiguous().view(-1, two_f)
-        y = torch.empty(x2.shape[0], f, device=x2.device, dtype=x2.dtype)
-        block = min(_BLOCK, next_power_of_2(f))
-        if y.numel():
-            _gated_fwd_kernel[_grid(x2.shape[0], f, block)](x2, y, f, x2.stride(0), y.stride(0), ACT=act_id,
-                                                             BLOCK=block, num_warps=4)
-        ctx.save_for_backward(x2)
-        ctx.act_id, ctx.shape = act_id, x_fused.shape
-        return y.view(*x_fused.shape[:-1], f)
+def _gated_forward(x_fused: torch.Tensor, act_id: int) -> torch.Tensor:
+    two_f = x_fused.shape[-1]
+    f = two_f // 2
+    x2 = x_fused.contiguous().view(-1, two_f)
+    y = torch.empty(x2.shape[0], f, device=x2.device, dtype=x2.dtype)
+    block = min(_BLOCK, next_power_of_2(f))
+    if y.numel():
+        _gated_fwd_kernel[_grid(x2.shape[0], f, block)](x2, y, f, x2.stride(0), y.stride(0), ACT=act_id,
+                                                         BLOCK=block, num_warps=4)
+    return y.view(*x_fused.shape[:-1], f)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (x2,) = ctx.saved_tensors
-        f = x2.shape[-1] // 2
-        dy2 = dy.contiguous().view(-1, f)
-        dx = torch.empty_like(x2)
-        block = min(_BLOCK, next_power_of_2(f))
-        if dx.numel():
-            _gated_bwd_kernel[_grid(x2.shape[0], f, block)](x2, dy2, dx, f, x2.stride(0), dy2.stride(0),
-                                                             dx.stride(0), ACT=ctx.act_id, BLOCK=block, num_warps=4)
-        return dx.view(ctx.shape), None
+
+def _gated_backward(x_fused: torch.Tensor, dy: torch.Tensor, act_id: int) -> torch.Tensor:
+    two_f = x_fused.shape[-1]
+    f = two_f // 2
+    x2 = x_fused.contiguous().view(-1, two_f)
+    dy2 = dy.contiguous().view(-1, f)
+    dx = torch.empty_like(x2)
+    block = min(_BLOCK, next_power_of_2(f))
+    if dx.numel():
+        _gated_bwd_kernel[_grid(x2.shape[0], f, block)](x2, dy2, dx, f, x2.stride(0), dy2.stride(0),
+                                                         dx.stride(0), ACT=act_id, BLOCK=block, num_warps=4)
+    return dx.view(x_fused.shape)
+
+
+# Custom ops (opaque to torch.compile: no graph break). The backward recomputes act(gate) from x.
+@torch.library.custom_op("megacore::gated_act_fwd", mutates_args=())
+def _gated_fwd_op(x_fused: torch.Tensor, act_id: int) -> torch.Tensor:
+    return _gated_forward(x_fused, act_id)
+
+
+@_gated_fwd_op.register_fake
+def _(x_fused, act_id):
+    return x_fused.new_empty(*x_fused.shape[:-1], x_fused.shape[-1] // 2)
+
+
+@torch.library.custom_op("megacore::gated_act_bwd", mutates_args=())
+def _gated_bwd_op(x_fused: torch.Tensor, dy: torch.Tensor, act_id: int) -> torch.Tensor:
+    return _gated_backward(x_fused, dy, act_id)
+
+
+@_gated_bwd_op.register_fake
+def _(x_fused, dy, act_id):
+    return x_fused.new_empty(x_fused.shape)
+
+
+def _gated_setup(ctx, inputs, output):
+    x_fused, act_id = inputs
+    ctx.save_for_backward(x_fused)
+    ctx.act_id = act_id
+
+
+def _gated_autograd(ctx, dy):
+    (x_fused,) = ctx.saved_tensors
+    return _gated_bwd_op(x_fused, dy, ctx.act_id), None
+
+
+_gated_fwd_op.register_autograd(_gated_autograd, setup_context=_gated_setup)
 
 
 def gated_activation(x_fused: torch.Tensor, activation: str, force_triton: bool = False) -> torch.Tensor:
@@ -152,7 +184,7 @@ def gated_activation(x_fused: torch.Tensor, activation: str, force_triton: bool 
     _split(x_fused)
     if x_fused.dtype == torch.float64 or not use_triton(x_fused, force_triton, "gated activation"):
         return gated_activation_reference(x_fused, activation)
-    return _GatedFunction.apply(x_fused, _ACT_IDS[activation])
+    return _gated_fwd_op(x_fused, _ACT_IDS[activation])
 
 
 def swiglu(x_fused: torch.Tensor, force_triton: bool = False) -> torch.Tensor:

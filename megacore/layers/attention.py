@@ -22,7 +22,7 @@ from megacore.parallel.rng import checkpoint
 
 from megacore.config import TransformerConfig
 from megacore.layers.norm import RMSNorm, mark_init
-from megacore.layers.rotary import apply_rotary_reference
+from megacore.layers.rotary import apply_rotary
 
 
 def build_attention_mask(batch: int, seq: int, device, padding_mask_BS=None, sliding_window=None,
@@ -122,7 +122,7 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.norm_epsilon)
         self.core_attention = core_attention_cls(config)
-        self.apply_rotary = apply_rotary_reference
+        self.apply_rotary = apply_rotary  # Triton kernel on CUDA, plain torch elsewhere
 
     def split_qkv(self, qkv_BSX: torch.Tensor):
         """[B, S, G·(q_per_group+2)·D] -> q [B,S,G·q_per_group,D], k [B,S,G,D], v [B,S,G,D]."""

@@ -1,7 +1,9 @@
 """Feed-forward block: fc1 -> activation (optionally gated) -> fc2.
 
 Gated activations (SwiGLU, GeGLU) keep gate and up projections in one ``linear_fc1`` whose rows
-are ``[gate (F rows); up (F rows)]``: one GEMM instead of two.
+are ``[gate (F rows); up (F rows)]``: one GEMM instead of two. They run as one fused Triton kernel
+(``megacore.kernels.gated_activation``) where the kernel backend says so (CUDA by default), else in
+plain torch.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from torch import nn
 from megacore.parallel.rng import checkpoint
 
 from megacore.config import TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.swiglu import gated_activation
 from megacore.layers.norm import mark_init
 
 
@@ -27,6 +31,10 @@ ACTIVATION_FNS = {
     "swiglu": F.silu,  # applied to the gate half
     "geglu": lambda x: F.gelu(x, approximate="tanh"),
 }
+
+
+# The fused kernel's name for each gated activation's gate function.
+_KERNEL_ACTIVATION = {"swiglu": "silu", "geglu": "gelu_tanh"}
 
 
 def gated_activation_reference(x_fused: torch.Tensor, activation: str) -> torch.Tensor:
@@ -52,6 +60,9 @@ class MLP(nn.Module):
 
     def activation_fn(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
+            kernel_act = _KERNEL_ACTIVATION.get(self.activation)
+            if kernel_act is not None and x.dtype != torch.float64 and use_triton(x, kernel="gated activation"):
+                return gated_activation(x, kernel_act)
             return gated_activation_reference(x, self.activation)
         return ACTIVATION_FNS[self.activation](x)
 

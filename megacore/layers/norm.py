@@ -3,6 +3,11 @@
 Zero-centred gamma stores ``weight - 1`` (initialized to 0) and applies ``1 + weight``: weight
 decay then pulls the scale towards 1 instead of 0. Both norms compute their statistics in fp32 and
 return the input dtype.
+
+RMSNorm runs the fused Triton kernel (``megacore.kernels.rms_norm``) where the kernel backend says so
+(CUDA tensors by default, see ``megacore.kernels._dispatch``) and the plain-torch code below
+otherwise. It can also take the residual: ``norm(x, residual=r)`` returns ``(norm(r + x), r + x)``,
+one kernel for the add and the norm.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.rmsnorm import rms_norm
 
 
 def mark_init(param: nn.Parameter, kind: str) -> nn.Parameter:
@@ -21,7 +28,12 @@ def mark_init(param: nn.Parameter, kind: str) -> nn.Parameter:
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x², last dim) + eps) · gamma   (gamma = 1 + weight when zero-centred)."""
+    """y = x / sqrt(mean(x², last dim) + eps) · gamma   (gamma = 1 + weight when zero-centred).
+
+    ``forward(x)`` -> y; ``forward(x, residual=r)`` -> (norm(r + x), r + x) (``fuses_residual``).
+    """
+
+    fuses_residual = True
 
     def __init__(self, dim: int, eps: float = 1e-5, zero_centered_gamma: bool = False):
         super().__init__()
@@ -30,7 +42,17 @@ class RMSNorm(nn.Module):
         init = 0.0 if zero_centered_gamma else 1.0
         self.weight = mark_init(nn.Parameter(torch.full((dim,), init)), "zeros" if zero_centered_gamma else "ones")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_triton(x, kernel="RMSNorm"):
+            y, new_residual = rms_norm(x, self.weight, self.eps, residual, self.zero_centered_gamma)
+            return y if residual is None else (y, new_residual)
+        if residual is not None:
+            h = residual + x
+            return self._normalize(h), h
+        return self._normalize(x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain-torch reference: statistics in fp32, normalized value rounded, then scaled."""
         x32 = x.float()
         normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
         gamma = self.weight + 1 if self.zero_centered_gamma else self.weight

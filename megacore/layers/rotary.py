@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from megacore.config import TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.rope import apply_rotary as apply_rotary_triton
 
 
 def _base_inv_freq(dim: int, base: float) -> torch.Tensor:
@@ -120,3 +122,10 @@ def apply_rotary_reference(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.T
     rotated = torch.cat([-x2, x1], dim=-1)
     out = x_rot * cos + rotated * sin
     return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+
+
+def apply_rotary(x_BSHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_reference``, or the Triton kernel where the kernel backend says so (CUDA by default)."""
+    if x_BSHD.dtype != torch.float64 and use_triton(x_BSHD, kernel="apply_rotary"):
+        return apply_rotary_triton(x_BSHD, cos, sin)
+    return apply_rotary_reference(x_BSHD, cos, sin)

@@ -30,8 +30,17 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
-        hidden_BSH = hidden_BSH + self.hidden_dropout(self.self_attention(self.input_norm(hidden_BSH), rotary, mask))
-        return hidden_BSH + self.hidden_dropout(self.mlp(self.pre_mlp_norm(hidden_BSH)))
+        attn_BSH = self.hidden_dropout(self.self_attention(self.input_norm(hidden_BSH), rotary, mask))
+        normed_BSH, hidden_BSH = add_then_norm(self.pre_mlp_norm, attn_BSH, hidden_BSH)
+        return hidden_BSH + self.hidden_dropout(self.mlp(normed_BSH))
+
+
+def add_then_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(residual + x), residual + x): one fused kernel when the norm ``fuses_residual`` (RMSNorm)."""
+    if getattr(norm, "fuses_residual", False):
+        return norm(x, residual=residual)
+    hidden = residual + x
+    return norm(hidden), hidden
 
 
 class TransformerBlock(nn.Module):

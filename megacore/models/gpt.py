@@ -5,6 +5,12 @@ swaps modules for their sharded versions and replaces ``cross_entropy`` with the
 
 Labels follow the Megatron convention: ``labels[:, t]`` is the target for position t (already
 shifted, i.e. the token after ``input_ids[:, t]``); ``-100`` marks positions without a target.
+
+The loss head (output layer + cross entropy) runs fused — ``megacore.kernels.fused_linear_cross_entropy``,
+chunked so the [B, S, V] logits never exist — where the kernel backend says so (CUDA by default, see
+``megacore.kernels._dispatch``), and as logits + ``cross_entropy`` otherwise. The fused head is one
+device only: once ``parallelize`` has replaced ``cross_entropy`` or ``output_logits`` (vocab-parallel
+TP) the model uses those.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import RecomputeConfig, TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from megacore.layers.attention import build_attention_mask
 from megacore.layers.embedding import LanguageModelEmbedding
 from megacore.layers.norm import mark_init
@@ -66,6 +74,7 @@ class GPTModel(nn.Module):
             mark_init(self.output_layer.weight, "normal")
             self.output_layer.weight._megacore_global_name = "embedding.word_embeddings.weight"
         self.cross_entropy = lambda logits, labels: cross_entropy_padded(logits, labels, config.vocab_size)
+        self._own_cross_entropy = self.cross_entropy  # replaced (e.g. by parallelize) => no fused loss head
         if not self.decoder.layers or next(self.parameters()).device.type != "meta":
             from megacore.models.init import materialize
 
@@ -86,7 +95,33 @@ class GPTModel(nn.Module):
 
     def compute_token_loss(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Per-token loss [B, S] (0 where the label is ignored)."""
+        if self.use_fused_loss(hidden_BSH):
+            return self._fused_loss(hidden_BSH, labels_BS, None, "none")
         return self.cross_entropy(self.output_logits(hidden_BSH), labels_BS)
+
+    def compute_loss(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS=None,
+                     reduction: str = "mean") -> torch.Tensor:
+        """The loss from the final hidden states: ``reduce_loss(compute_token_loss(...))``, or the fused
+        head computing the same reduction directly (its gradients then come out of the forward)."""
+        if reduction in ("mean", "sum", "none") and self.use_fused_loss(hidden_BSH):
+            weights = loss_mask_BS.to(torch.float32) if loss_mask_BS is not None else None
+            return self._fused_loss(hidden_BSH, labels_BS, weights, reduction)
+        return self.reduce_loss(self.compute_token_loss(hidden_BSH, labels_BS), labels_BS, loss_mask_BS, reduction)
+
+    def use_fused_loss(self, hidden_BSH: torch.Tensor) -> bool:
+        """Whether the loss head runs as ``fused_linear_cross_entropy``: the kernel backend picks Triton
+        for this tensor, the loss and output layer are this module's own (not vocab-parallel ones), and
+        no autocast is active (the fused head multiplies hidden and weight in their own dtype)."""
+        own_head = self.cross_entropy is self._own_cross_entropy and "output_logits" not in self.__dict__
+        return (own_head and hidden_BSH.dtype == self.output_weight().dtype
+                and not torch.is_autocast_enabled(hidden_BSH.device.type)
+                and use_triton(hidden_BSH, kernel="fused_linear_cross_entropy"))
+
+    def _fused_loss(self, hidden_BSH, labels_BS, weights_BS, reduction: str) -> torch.Tensor:
+        # No label range check: it would synchronize the device every step.
+        return fused_linear_cross_entropy(hidden_BSH, self.output_weight(), labels_BS, ignore_index=IGNORE_INDEX,
+                                          vocab_valid=self.config.vocab_size, reduction=reduction,
+                                          token_weights=weights_BS, check_labels=False)
 
     def attention_inputs(self, seq_len: int, batch: int, device, dtype, position_ids=None, attention_mask=None):
         rotary = self.rotary(seq_len, device, dtype, position_ids) if self.rotary is not None else None
@@ -135,7 +170,7 @@ class GPTModel(nn.Module):
             return hidden_BSH
         if labels is None:
             return self.full_logits(hidden_BSH)
-        return self.reduce_loss(self.compute_token_loss(hidden_BSH, labels), labels, loss_mask, reduction)
+        return self.compute_loss(hidden_BSH, labels, loss_mask, reduction)
 
     def _full_seq_len(self, hidden_BSH, input_ids):
         if input_ids is not None:

@@ -23,3 +23,21 @@ def test_force_triton_without_interpreter_or_cuda_raises(monkeypatch):
 
 def test_next_power_of_2():
     assert [next_power_of_2(n) for n in (0, 1, 2, 3, 48, 64, 65)] == [1, 1, 2, 4, 64, 64, 128]
+
+
+def test_process_wide_backend(monkeypatch):
+    """MEGACORE_KERNELS / set_kernel_backend: "torch" never picks Triton, "triton" acts like force_triton."""
+    from megacore.kernels import _dispatch
+
+    x = torch.randn(2, 8)
+    with _dispatch.kernel_backend("torch"):
+        assert not use_triton(x)
+    if triton_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with _dispatch.kernel_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            use_triton(x)
+    monkeypatch.setenv("MEGACORE_KERNELS", "Torch")
+    assert _dispatch._backend_from_env() == "torch"
+    monkeypatch.setenv("MEGACORE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MEGACORE_KERNELS='fast'"):
+        _dispatch._backend_from_env()
