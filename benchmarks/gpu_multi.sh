@@ -31,9 +31,9 @@ ckpt)  # save at TP2xPP2 (step 6), resume at TP4 and at PP2xDP2; the loss contin
     parallel.pipeline=2 parallel.sequence_parallel=true train.micro_batch_size=1 checkpoint.dir=$C/ckpt \
     checkpoint.interval=6 checkpoint.async_save=true --nproc 4 > "$C/full.log" 2>&1; echo "full rc $?"
   timeout 150 python3 -m megacore train configs/llama_1b_gpu.yaml $COMMON log.dir=$C/tp4 parallel.tensor=4 \
-    checkpoint.dir=null checkpoint.load=$C/ckpt/iter_0000006 --nproc 4 > "$C/tp4.log" 2>&1; echo "tp4 rc $?"
+    checkpoint.dir=null checkpoint.interval=0 checkpoint.load=$C/ckpt/iter_0000006 --nproc 4 > "$C/tp4.log" 2>&1; echo "tp4 rc $?"
   timeout 150 python3 -m megacore train configs/llama_1b_gpu.yaml $COMMON log.dir=$C/pp2dp2 parallel.pipeline=2 \
-    parallel.distributed_optimizer=true train.micro_batch_size=1 checkpoint.dir=null \
+    parallel.distributed_optimizer=true train.micro_batch_size=1 checkpoint.dir=null checkpoint.interval=0 \
     checkpoint.load=$C/ckpt/iter_0000006 --nproc 4 > "$C/pp2dp2.log" 2>&1; echo "pp2dp2 rc $?"
   grep -h "stalled\|resumed" "$C"/*.log | head -5
   python3 - "$C" <<'EOF' | tee "$OUT/ckpt.txt"
