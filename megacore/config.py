@@ -200,6 +200,7 @@ class ParallelConfig:
     ddp_bucket_size_mb: float = 25.0
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
+    grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
         for name in ("tensor", "pipeline", "context", "expert"):
@@ -218,6 +219,9 @@ class ParallelConfig:
         if self.fsdp and self.distributed_optimizer:
             _fail("parallel.fsdp", True, "cannot be combined with parallel.distributed_optimizer",
                   "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
+                  "use fp32 (exact sums) or bf16 (half the traffic)")
         if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
             _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
                   "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")

@@ -190,7 +190,8 @@ class Trainer:
         return [DistributedDataParallel(c, self.state.dp_cp_group, bucket_size_mb=p.ddp_bucket_size_mb,
                                         overlap_grad_reduce=p.overlap_grad_reduce,
                                         use_distributed_optimizer=p.distributed_optimizer,
-                                        overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer)
+                                        overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer,
+                                        grad_reduce_dtype=DTYPES[p.grad_reduce_dtype])
                 for c in chunks]
 
     def build_optimizer(self):
