@@ -16,12 +16,12 @@ from megacore.checkpoint.errors import CheckpointError  # noqa: F401
 from megacore.checkpoint.load import LoadResult, load_checkpoint  # noqa: F401
 from megacore.checkpoint.manager import CheckpointManager  # noqa: F401
 from megacore.checkpoint.optim_state import FlatStateEntry, describe_optimizer  # noqa: F401
-from megacore.checkpoint.save import (SaveHandle, pending_save, poll_pending, save_checkpoint,  # noqa: F401
-                                      wait_for_pending)
+from megacore.checkpoint.save import (SaveHandle, pending_save, poll_pending, prepare_snapshot_buffers,  # noqa: F401
+                                      save_checkpoint, wait_for_pending)
 from megacore.checkpoint.sharded import ShardedPiece, describe_model  # noqa: F401
 
 __all__ = [
     "CheckpointError", "CheckpointManager", "CkptView", "FlatStateEntry", "LoadResult", "LogicalView", "SaveHandle", "Segment",
     "ShardedPiece", "describe_model", "describe_optimizer", "list_checkpoints", "load_checkpoint", "pending_save",
-    "poll_pending", "prune", "resolve_load_path", "save_checkpoint", "wait_for_pending",
+    "poll_pending", "prepare_snapshot_buffers", "prune", "resolve_load_path", "save_checkpoint", "wait_for_pending",
 ]

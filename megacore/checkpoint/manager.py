@@ -12,6 +12,11 @@
     ckpt.finish(step, model_chunks, optimizer, scaler, extra=...)  # save on exit (if configured) + wait
 
 Every call is collective: make it on every rank at the same point of the loop.
+
+With async saving configured (``checkpoint.dir``, ``interval > 0``, ``async_save``) and CUDA
+available, ``resume()`` also allocates the pinned host buffers the saves copy into
+(:meth:`prepare`), so that the first save, like every later one, stalls training only for the
+device->host copy instead of also page-locking several GB of host memory.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
+import torch
+
 from megacore.checkpoint.directory import INDEX, resolve_load_path
 from megacore.checkpoint.load import LoadResult, load_checkpoint
-from megacore.checkpoint.save import SaveHandle, poll_pending, save_checkpoint, wait_for_pending
+from megacore.checkpoint.save import (SaveHandle, poll_pending, prepare_snapshot_buffers, save_checkpoint,
+                                      wait_for_pending)
 from megacore.checkpoint.serialize import read_json
 from megacore.checkpoint.sharded import OPTIM_PREFIX
 from megacore.config import CheckpointConfig
@@ -40,7 +48,21 @@ class CheckpointManager:
 
         Returns None when there is nothing to resume from. A model-only checkpoint (e.g. from
         ``megacore convert --from hf``) loads the weights and leaves the optimizer fresh.
+        Then, when async saves are configured, reserves their snapshot buffers (:meth:`prepare`).
         """
+        result = self._load(model_chunks, optimizer, scaler, strict)
+        if self.cfg.dir and self.cfg.interval > 0 and self.cfg.async_save and torch.cuda.is_available():
+            self.prepare(model_chunks, optimizer)
+        return result
+
+    def prepare(self, model_chunks, optimizer=None) -> None:
+        """Allocate the pinned host buffers the next save copies into (collective; a no-op on CPU)."""
+        stats = prepare_snapshot_buffers(model_chunks, optimizer)
+        if stats is not None and stats.alloc_bytes:
+            self.log(f"checkpoint snapshot buffers: {stats.alloc_bytes / 2**30:.2f} GiB of "
+                     f"{'pinned' if stats.pinned else 'pageable'} host memory in {stats.alloc_s:.2f}s")
+
+    def _load(self, model_chunks, optimizer, scaler, strict: bool) -> Optional[LoadResult]:
         source = self.cfg.load or self.cfg.dir
         if not source:
             return None

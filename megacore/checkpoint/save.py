@@ -5,10 +5,13 @@
     ...                       # training continues while a thread writes the files
     handle.wait()             # before the next save and before exit (save_checkpoint waits itself)
 
-The snapshot copies this rank's pieces into CPU memory (pinned and reused between saves on GPU);
-``handle.stall_s`` measures it. The writer thread only writes files and hashes them. ``wait()``
-joins it, checks every rank succeeded, and rank 0 writes ``index.json`` and ``COMPLETE``, renames
-``iter_N.tmp`` to ``iter_N`` and replaces ``latest`` (see megacore.checkpoint.directory).
+The snapshot copies this rank's pieces into host memory: on GPU one pass of ``non_blocking``
+copies into pinned buffers reused between saves, then one wait (megacore.checkpoint.snapshot).
+``handle.stall_s`` measures describe + plan + snapshot; the writer thread then serializes, hashes,
+writes and fsyncs from the host copies. ``wait()`` joins it, checks every rank succeeded, and rank 0
+writes ``index.json`` and ``COMPLETE``, renames ``iter_N.tmp`` to ``iter_N`` and replaces ``latest``
+(see megacore.checkpoint.directory). ``prepare_snapshot_buffers`` allocates the pinned buffers ahead
+of the first save (e.g. at startup), so that save too stalls only for the copy.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megacore.checkpoint import comm
+from megacore.checkpoint import comm, snapshot
 from megacore.checkpoint.boxes import slices
 from megacore.checkpoint.directory import COMPLETE, INDEX, commit, iter_name, prepare_tmp_dir, rank_file, rank_meta
 from megacore.checkpoint.errors import CheckpointError
@@ -30,12 +33,12 @@ from megacore.checkpoint.plan import SavePlan, chunk_name, make_plan, piece_meta
 from megacore.checkpoint.rng import capture_rng, current_layout
 from megacore.checkpoint.serialize import read_json, to_json_tree, write_json, write_safetensors
 from megacore.checkpoint.sharded import ShardedPiece, as_chunks, describe_model, finish_param_sync
+from megacore.checkpoint.snapshot import SnapshotStats
 
 FORMAT = "megacore-checkpoint"
 VERSION = 1
 
 _pending: Optional["SaveHandle"] = None
-_pinned_cache: dict[tuple, list[torch.Tensor]] = {}
 
 
 class SaveHandle:
@@ -45,6 +48,11 @@ class SaveHandle:
         self.root, self.step, self.tmp, self.keep_last, self.group = root, step, tmp, keep_last, group
         self.path: Optional[str] = None      # the committed iter_N directory, once done
         self.stall_s = 0.0                   # time training was blocked (describe + plan + snapshot)
+        self.snapshot_s = 0.0                # of which the snapshot (pinned allocation + copies + the wait)
+        self.snapshot_bytes = 0              # bytes copied to host memory by the snapshot
+        self.d2h_s: Optional[float] = None   # GPU time of the device->host copy pass (CUDA events)
+        self.alloc_s = 0.0                   # of snapshot_s: allocating new pinned buffers (0 when reused)
+        self.alloc_bytes = 0                 # pinned bytes newly allocated by this save
         self.write_s = 0.0                   # time the writer spent (background when async)
         self.bytes_written = 0
         self._thread: Optional[threading.Thread] = None
@@ -115,30 +123,54 @@ def poll_pending(group=None) -> Optional[str]:
     return _pending.wait() if all(flags) else None
 
 
-def _snapshot(pieces: list[ShardedPiece], async_save: bool) -> list[torch.Tensor]:
-    """CPU copies of ``pieces``: pinned (reused across saves) for GPU tensors; clones on CPU when async."""
-    on_gpu = any(p.tensor.is_cuda for p in pieces)
-    if on_gpu:
-        signature = tuple((p.shape, p.tensor.dtype) for p in pieces)
-        bufs = _pinned_cache.get(signature)
-        if bufs is None:
-            _pinned_cache.clear()
-            bufs = [torch.empty(s, dtype=d, pin_memory=True) for s, d in signature]
-            _pinned_cache[signature] = bufs
-        for buf, p in zip(bufs, pieces):
-            buf.copy_(p.tensor, non_blocking=p.tensor.is_cuda)
-        torch.cuda.synchronize()
-        return bufs
-    if async_save:
-        return [p.tensor.clone(memory_format=torch.contiguous_format) for p in pieces]
-    return [p.tensor.contiguous() for p in pieces]
-
-
 def _sub_piece(p: ShardedPiece, offsets: tuple, shape: tuple) -> ShardedPiece:
     if tuple(offsets) == tuple(p.offsets) and tuple(shape) == p.shape:
         return p
     view = p.tensor[slices([a - b for a, b in zip(offsets, p.offsets)], shape)]
     return ShardedPiece(p.key, p.global_shape, tuple(offsets), view)
+
+
+def _describe(model_chunks, optimizer) -> tuple[list[ShardedPiece], Optional[dict]]:
+    """This rank's pieces (model, then optimizer) and the optimizer's JSON-like common state."""
+    pieces = describe_model(as_chunks(model_chunks))
+    optim_common = None
+    if optimizer is not None:
+        optim_pieces, optim_common = describe_optimizer(optimizer, as_chunks(model_chunks))
+        pieces += optim_pieces
+    return pieces, optim_common
+
+
+def _gather_plan(error: Optional[str], pieces: list[ShardedPiece], what: str, rank: int, group) -> tuple[SavePlan, list]:
+    """Collective: every rank's metadata -> the plan, and this rank's ``(chunk name, view)`` to write."""
+    metas = [piece_meta(p) for p in pieces] if error is None else []
+    gathered = comm.all_gather_object((error, metas), group)
+    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    if failed:
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}: {failed[0][1]}")
+    plan = make_plan([m for _, m in gathered], rank)
+    mine = [_sub_piece(pieces[w.piece], w.offsets, w.shape) for w in plan.writes]
+    return plan, [(chunk_name(p.key, p.offsets), p.tensor) for p in mine]
+
+
+def prepare_snapshot_buffers(model_chunks, optimizer=None, group=None) -> Optional[SnapshotStats]:
+    """Allocate the pinned buffers the next ``save_checkpoint`` of these chunks will copy into (collective).
+
+    Call it once before training (after building the optimizer and loading any checkpoint) so the
+    first save does not pay for page-locking several GB of host memory. Returns what was allocated
+    (``alloc_bytes``, ``alloc_s``), or None when nothing is pinned (no CUDA tensor). A save whose
+    pieces differ (another layout, optimizer state created later) reallocates by itself.
+    """
+    rank = comm.rank(group)
+    error, pieces = None, []
+    try:
+        finish_param_sync(model_chunks)
+        pieces, _ = _describe(model_chunks, optimizer)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    _, items = _gather_plan(error, pieces, "preparing checkpoint buffers", rank, group)
+    if not snapshot.uses_pool(items):
+        return None
+    return snapshot.default_pool().reserve(snapshot.snapshot_keys(items))
 
 
 def _config_dict(chunks) -> Optional[dict]:
@@ -178,18 +210,12 @@ def save_checkpoint(directory: str, step: int, model_chunks, optimizer=None, sch
     rank, world = comm.rank(group), comm.world_size(group)
     tmp = os.path.join(directory, iter_name(step) + ".tmp")
     handle = SaveHandle(directory, step, tmp, keep_last, group)
-    error, metas, pieces, common_tensors, rng_tensors, rank_json, common = None, [], [], {}, {}, {}, None
+    error, pieces, common_tensors, rng_tensors, rank_json, common = None, [], {}, {}, {}, None
     try:
         finish_param_sync(model_chunks)
-        chunks = as_chunks(model_chunks)
         if rank == 0:
             prepare_tmp_dir(directory, step)
-        pieces = describe_model(chunks)
-        optim_common = None
-        if optimizer is not None:
-            optim_pieces, optim_common = describe_optimizer(optimizer, chunks)
-            pieces += optim_pieces
-        metas = [piece_meta(p) for p in pieces]
+        pieces, optim_common = _describe(model_chunks, optimizer)
         rank_json = {"rank": rank, "rng": to_json_tree(capture_rng(), "rng", rng_tensors)}
         if rank == 0:
             common = {"scheduler": scheduler_state, "scaler": scaler.state_dict() if scaler is not None else None,
@@ -197,22 +223,19 @@ def save_checkpoint(directory: str, step: int, model_chunks, optimizer=None, sch
             common = to_json_tree(common, "common", common_tensors)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    gathered = comm.all_gather_object((error, metas), group)
-    failed = [(r, e) for r, (e, _) in enumerate(gathered) if e]
-    if failed:
-        raise CheckpointError(f"saving step {step} to {directory} failed on rank {failed[0][0]}: {failed[0][1]}")
-    plan: SavePlan = make_plan([m for _, m in gathered], rank)
-    entries = []
+    plan, items = _gather_plan(error, pieces, f"saving step {step} to {directory}", rank, group)
+    entries, stats = [], None
     try:
-        mine = [_sub_piece(pieces[w.piece], w.offsets, w.shape) for w in plan.writes]
-        snaps = _snapshot(mine, async_save)
-        entries = [(chunk_name(p.key, p.offsets), t) for p, t in zip(mine, snaps)]
+        snaps, stats = snapshot.take_snapshot(items, async_save)
+        handle.snapshot_s, handle.snapshot_bytes, handle.d2h_s = stats.seconds, stats.bytes, stats.d2h_s
+        handle.alloc_s, handle.alloc_bytes = stats.alloc_s, stats.alloc_bytes
+        entries = [(name, t) for (name, _), t in zip(items, snaps)]
         entries += sorted(rng_tensors.items()) + sorted(common_tensors.items())
         if rank == 0:
             handle._index = {"format": FORMAT, "version": VERSION, "step": int(step), "world_size": world,
                              "layout": current_layout(), "model_config": _config_dict(as_chunks(model_chunks)),
                              "tensors": plan.tensors, "common": common, "common_file": rank_file(0)}
-    except Exception as e:  # e.g. out of pinned memory: reported collectively by wait(), never half-written
+    except Exception as e:  # reported collectively by wait(), never half-written
         handle._error = f"snapshot failed: {type(e).__name__}: {e}"
     handle.stall_s = time.perf_counter() - t0
     if handle._error is not None:
@@ -224,6 +247,8 @@ def save_checkpoint(directory: str, step: int, model_chunks, optimizer=None, sch
         handle._thread = threading.Thread(target=_write_rank, args=(handle, rank, entries, rank_json),
                                           name=f"megacore-ckpt-{step}", daemon=False)
         handle._thread.start()
+        if stats is not None and stats.pooled:
+            snapshot.default_pool().reader = handle._thread  # the pool joins it before its buffers are reused
         _pending = handle
         return handle
     _write_rank(handle, rank, entries, rank_json)
