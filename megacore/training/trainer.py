@@ -263,21 +263,28 @@ class Trainer:
         start = self.dp_rank * per_rank
         return [range(start + i, start + i + t.micro_batch_size) for i in range(0, per_rank, t.micro_batch_size)]
 
-    def micro_batches(self, dataset, batch_index: int) -> list[dict]:
+    def micro_batches(self, dataset, batch_index: int) -> tuple[list[dict], float]:
+        """This rank's micro-batches of global batch ``batch_index``, and their labelled-token count
+        (counted on the host before the copy to the device, so counting never waits for the GPU)."""
         base = batch_index * self.cfg.train.global_batch_size
         keep_positions = self.cfg.data.reset_position_ids
-        out = []
+        out, labelled = [], 0.0
         for r in self.micro_slices():
-            mb = collate([dataset[base + i] for i in r], self.device)
+            samples = [dataset[base + i] for i in r]
+            labelled += float(sum(s["loss_mask"].sum() for s in samples))
+            mb = collate(samples, self.device)
             if not keep_positions:
                 mb.pop("position_ids", None)
             out.append(mb)
-        return out
+        return out, labelled
 
-    def _sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1 and self.dp_size > 1:
-            dist.all_reduce(value, group=self.state.dp_cp_group)
-        return value
+    def _count_over_dp(self, local: float) -> float:
+        """Labelled tokens of the whole global batch: this rank's count summed over data parallelism."""
+        if self.world_size == 1 or self.dp_size == 1:
+            return local
+        value = torch.tensor([local], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(value, group=self.state.dp_cp_group)
+        return float(value.item())
 
     def _loss_over_layout(self, local: torch.Tensor) -> float:
         """Each DP rank's last stage holds its share of the global mean: sum over DP and PP."""
@@ -293,10 +300,8 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         from megacore.pipeline.schedules import forward_backward
 
-        micro = self.micro_batches(self.train_ds, step)
-        local_tokens = sum(float(mb["loss_mask"].sum().item()) for mb in micro)
-        num_tokens = self._sum_over_dp(torch.tensor([local_tokens], dtype=torch.float64,
-                                                    device=self._comm_device())).item()
+        micro, local_tokens = self.micro_batches(self.train_ds, step)
+        num_tokens = self._count_over_dp(local_tokens)
         if num_tokens == 0:
             raise TrainingError(f"step {step + 1}: the global batch has no labelled tokens; check "
                                 "data.eod_mask_loss and the data")
@@ -343,9 +348,8 @@ class Trainer:
         loss_sum, tokens = 0.0, 0.0
         base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
         for k in range(t.eval_iters):
-            micro = self.micro_batches(self.valid_ds, base + k)
-            local_tokens = sum(float(mb["loss_mask"].sum().item()) for mb in micro)
-            n = self._sum_over_dp(torch.tensor([local_tokens], dtype=torch.float64, device=self._comm_device())).item()
+            micro, local_tokens = self.micro_batches(self.valid_ds, base + k)
+            n = self._count_over_dp(local_tokens)
             if n == 0:
                 continue
             if self.cfg.parallel.fsdp:
