@@ -31,14 +31,12 @@ def _launch_local(nproc: int, args: list[str]) -> int:
 
 
 def _init_distributed() -> None:
-    import torch
-    import torch.distributed as dist
+    """Under torchrun (WORLD_SIZE > 1): join the default process group (NCCL with CUDA, else gloo;
+    MEGACORE_BACKEND=gloo forces gloo)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from megacore.parallel.topology import init_default_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("MEGACORE_BACKEND") != "gloo" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        init_default_group("gloo" if os.environ.get("MEGACORE_BACKEND") == "gloo" else None)
 
 
 def _is_rank0() -> bool:

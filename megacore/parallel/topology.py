@@ -220,7 +220,7 @@ def is_initialized() -> bool:
     return _STATE is not None
 
 
-def _init_default_group(backend: Optional[str]) -> bool:
+def init_default_group(backend: Optional[str] = None) -> bool:
     """Initialize torch.distributed from env (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) if needed.
 
     Without RANK/WORLD_SIZE in the environment a one-process group is made on an in-memory store.
@@ -267,7 +267,7 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
     if virtual_pipeline is not None and virtual_pipeline > 1 and pipeline == 1:
         raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline} needs pipeline > 1; "
                           "set parallel.pipeline >= 2 or remove virtual_pipeline")
-    owns = _init_default_group(backend)
+    owns = init_default_group(backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     try:
         lists = rank_groups(world, tensor, pipeline, context, expert, expert_tensor)

@@ -97,11 +97,16 @@ def _check_micro_batches(micro_batches: Sequence[dict], num_tokens_global) -> No
 
 
 def _accumulation_contexts(chunks: Sequence[nn.Module]) -> contextlib.ExitStack:
-    """Enter ``no_sync()`` on every DDP-wrapped chunk: gradients only accumulate until the caller syncs."""
+    """Suspend data-parallel gradient reduction on every chunk (``no_sync()`` of megacore's DDP, or
+    FSDP2's ``set_requires_gradient_sync(False)``): gradients only accumulate until the caller syncs."""
+    from megacore.distributed.fsdp import fsdp_no_sync
+
     stack = contextlib.ExitStack()
     for c in chunks:
         if callable(getattr(c, "no_sync", None)):
             stack.enter_context(c.no_sync())
+        elif callable(getattr(c, "set_requires_gradient_sync", None)):
+            stack.enter_context(fsdp_no_sync(c))
     return stack
 
 

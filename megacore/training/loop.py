@@ -12,10 +12,8 @@ of G/DP samples, split into micro-batches. The data position is therefore just t
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,9 +21,6 @@ import numpy as np
 import torch
 
 from megacore.config import ConfigError, RunConfig
-from megacore.training.flops import flops_per_token, peak_tflops
-from megacore.training.lr_schedule import LRSchedule
-from megacore.training.metrics import MetricsLogger
 
 
 class TrainingError(RuntimeError):

@@ -25,14 +25,16 @@ every pipeline schedule unchanged.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+import os
 import time
 
 import torch
 import torch.distributed as dist
 
 from megacore.config import ConfigError, RunConfig
+from megacore.distributed.comm import comm_device
 from megacore.training.flops import flops_per_token, peak_tflops
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
@@ -63,9 +65,6 @@ class PeerFailed(RuntimeError):
 def _truncate_metrics(log_dir: str, step: int) -> None:
     """On resume from ``step``: drop records of later steps (a crashed run may have logged past its
     last checkpoint), so ``metrics.jsonl`` reads as one uninterrupted run."""
-    import json
-    import os
-
     path = os.path.join(log_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
@@ -147,7 +146,7 @@ class Trainer:
                     failure = e
             if self.world_size > 1:
                 # Everyone learns whether any rank failed, so no rank waits forever on the others.
-                flag = torch.tensor([0.0 if failure is None else 1.0], device=self._comm_device())
+                flag = torch.tensor([0.0 if failure is None else 1.0], device=comm_device(self.device))
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 if failure is None and flag.item() > 0:
                     raise PeerFailed("another rank could not build the data; its message says why")
@@ -243,13 +242,10 @@ class Trainer:
                     continue
                 n += p.numel() * (1 if getattr(p, "_megacore_shard_fn", None) is None else self.cfg.parallel.tensor)
         if self.world_size > 1 and self.state.pp_group is not None:
-            t = torch.tensor([n], dtype=torch.float64, device=self._comm_device())
+            t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
             dist.all_reduce(t, group=self.state.pp_group)
             n = int(t.item())
         return n
-
-    def _comm_device(self) -> torch.device:
-        return self.device if (dist.is_initialized() and dist.get_backend() == "nccl") else torch.device("cpu")
 
     def _info(self, msg: str) -> None:
         if self.rank == 0:
@@ -282,13 +278,13 @@ class Trainer:
         """Labelled tokens of the whole global batch: this rank's count summed over data parallelism."""
         if self.world_size == 1 or self.dp_size == 1:
             return local
-        value = torch.tensor([local], dtype=torch.float64, device=self._comm_device())
+        value = torch.tensor([local], dtype=torch.float64, device=comm_device(self.device))
         dist.all_reduce(value, group=self.state.dp_cp_group)
         return float(value.item())
 
     def _loss_over_layout(self, local: torch.Tensor) -> float:
         """Each DP rank's last stage holds its share of the global mean: sum over DP and PP."""
-        value = local.detach().to(self._comm_device(), torch.float64).reshape(1)
+        value = local.detach().to(comm_device(self.device), torch.float64).reshape(1)
         if self.world_size > 1:
             if self.dp_size > 1:
                 dist.all_reduce(value, group=self.state.dp_cp_group)
@@ -308,39 +304,28 @@ class Trainer:
         self.optimizer.zero_grad()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.schedule.apply(self.optimizer, step)
-        if self.cfg.parallel.fsdp:
-            return self._fsdp_step(micro, num_tokens)
         local = forward_backward(self.chunks, micro, num_tokens / scale, pp_group=self.state.pp_group,
                                  schedule=self.cfg.parallel.pipeline_schedule,
                                  embedding_group=self.state.embedding_group)
+        if self.cfg.parallel.fsdp:
+            return StepResult(loss=self._loss_over_layout(local), grad_norm=self._fsdp_optimizer_step(),
+                              tokens=int(num_tokens))
         info = self.optimizer.step()
         loss = self._loss_over_layout(local) / scale
         return StepResult(loss=loss, grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
                           tokens=int(num_tokens), skipped=info.skipped, loss_scale=info.loss_scale)
 
-    def _fsdp_step(self, micro: list[dict], num_tokens: float) -> StepResult:
-        from megacore.distributed.fsdp import fsdp_no_sync
-        from megacore.pipeline.schedules import masked_loss_sum
-
-        model = self.chunks[0]
-        total = torch.zeros((), device=self.device, dtype=torch.float32)
-        for i, mb in enumerate(micro):
-            ctx = fsdp_no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-            with ctx:
-                kwargs = {k: mb[k] for k in ("position_ids", "attention_mask") if mb.get(k) is not None}
-                token_loss = model(mb["tokens"], labels=mb["labels"], reduction="none", **kwargs)
-                loss = masked_loss_sum(token_loss, mb["loss_mask"], num_tokens)
-                loss.backward()
-            total += loss.detach()
+    def _fsdp_optimizer_step(self) -> float:
+        """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm."""
         clip = self.cfg.train.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.chunks[0].parameters(), clip if clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
-        return StepResult(loss=self._loss_over_layout(total), grad_norm=float(norm), tokens=int(num_tokens))
+        return float(norm)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        from megacore.pipeline.schedules import forward_backward, forward_backward_no_pipelining
+        from megacore.pipeline.schedules import forward_backward
 
         t = self.cfg.train
         for c in self.chunks:
@@ -352,12 +337,9 @@ class Trainer:
             n = self._count_over_dp(local_tokens)
             if n == 0:
                 continue
-            if self.cfg.parallel.fsdp:
-                local = forward_backward_no_pipelining(self.chunks, micro, n, forward_only=True)
-            else:
-                local = forward_backward(self.chunks, micro, n, pp_group=self.state.pp_group,
-                                         schedule=self.cfg.parallel.pipeline_schedule,
-                                         embedding_group=self.state.embedding_group, forward_only=True)
+            local = forward_backward(self.chunks, micro, n, pp_group=self.state.pp_group,
+                                     schedule=self.cfg.parallel.pipeline_schedule,
+                                     embedding_group=self.state.embedding_group, forward_only=True)
             loss_sum += self._loss_over_layout(local) * n
             tokens += n
         for c in self.chunks:
@@ -369,7 +351,7 @@ class Trainer:
         """Every rank must stop at the same step: agree on the flag (MAX over the world)."""
         if self.world_size == 1:
             return self.stop.requested
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self._comm_device())
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=comm_device(self.device))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
