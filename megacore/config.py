@@ -11,9 +11,7 @@ a default.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -461,128 +459,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building configs from dicts (YAML) and dotted overrides, with nearest-name suggestions.
-
-
-def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    if close:
-        return f"did you mean {', '.join(close)}?"
-    return f"valid keys: {', '.join(sorted(valid))}"
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
-        if isinstance(value, int):
-            return value
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number")
-        return int(f)
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number; give e.g. 0.1 or 1e-4") from None
-    if tp is str:
-        return str(value)
-    if tp is list or origin is list:
-        if isinstance(value, str):
-            import yaml
-
-            parsed = yaml.safe_load(value)
-            value = parsed if isinstance(parsed, list) else [yaml.safe_load(p) for p in value.split(",") if p.strip() != ""]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} is not a list; give e.g. [a, b] or a,b")
-        return list(value)
-    return value
-
-
-def _type_hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls, data: Optional[dict], prefix: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with suggestions."""
-    data = dict(data or {})
-    hints = _type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; {_suggest(key, names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full} must be a mapping of keys, got {value!r}")
-            kwargs[key] = from_dict(tp, value, prefix=f"{full}.")
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
-
-
-def apply_override(cfg: Any, dotted: str, value: Any) -> None:
-    """Set ``a.b.c=value`` on a nested dataclass, with type coercion and a clear unknown-key error."""
-    parts = dotted.split(".")
-    obj = cfg
-    for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(obj)]
-        if part not in names:
-            where = ".".join(parts[:i]) or "top level"
-            raise ConfigError(f"unknown config key {dotted!r} ({part!r} is not a key of {where}); {_suggest(part, names)}")
-        if i == len(parts) - 1:
-            tp = _type_hints(type(obj))[part]
-            if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"{dotted} is a section, not a value; set one of its keys, e.g. {dotted}.<key>=...")
-            setattr(obj, part, _coerce(value, tp, dotted))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"{'.'.join(parts[:i + 1])} is a value, not a section")
-
-
-def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config and apply ``key=value`` overrides (not yet validated)."""
-    import yaml
-
-    data = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist; pass the path to a YAML file such as configs/tiny_cpu.yaml") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, train:, ...)")
-    cfg = from_dict(RunConfig, data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.iters=100)")
-        key, value = item.split("=", 1)
-        apply_override(cfg, key.strip(), value)
-    return cfg
+# Building configs from YAML and dotted overrides lives in megacore.config_loading; re-exported here
+# so ``from megacore.config import load_run_config`` keeps working.
+from megacore.config_loading import apply_override, from_dict, load_run_config  # noqa: E402,F401
