@@ -233,14 +233,15 @@ class Trainer:
                            "nothing left to train (raise train.iters to continue)")
 
     def _global_param_count(self) -> int:
+        """Parameters of the one-device model: each local parameter counts at its global shape (TP
+        shards and replicated KV heads alike), the tied output copy not at all, summed over stages."""
         from megacore.pipeline.tied import unwrap
 
         n = 0
         for c in self.chunks:
             for p in unwrap(c).parameters():
-                if getattr(p, "_megacore_shared_duplicate", False):
-                    continue
-                n += p.numel() * (1 if getattr(p, "_megacore_shard_fn", None) is None else self.cfg.parallel.tensor)
+                if not getattr(p, "_megacore_shared_duplicate", False):
+                    n += math.prod(getattr(p, "_megacore_global_shape", p.shape))
         if self.world_size > 1 and self.state.pp_group is not None:
             t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
             dist.all_reduce(t, group=self.state.pp_group)
