@@ -31,6 +31,7 @@ from torch import nn
 
 from megacore.parallel import collectives as C
 from megacore.parallel.rng import TP_STREAM, fork
+from megacore.precision.fp8 import linear as _linear
 
 Segments = tuple[tuple[int, int], ...]
 
@@ -207,6 +208,7 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("gather_output needs a contiguous layout (one segment per rank)")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
+        self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
         local = self.layout.local_size
         self.weight = describe_shard(_new_param((local, in_features), device, dtype), self.layout, r,
                                      (out_features, in_features), init_weight)
@@ -217,7 +219,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = C.gather_from_sp(x, self.tp_group) if self.sequence_parallel else C.copy_to_tp(x, self.tp_group)
-        y = F.linear(x, self.weight, self.bias)
+        y = _linear(x, self.weight, self.bias, fp8=getattr(self, "fp8", False))
         return C.gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -249,6 +251,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError("input_is_parallel=False needs a contiguous layout (one segment per rank)")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.input_is_parallel = sequence_parallel, input_is_parallel
+        self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
         self.weight = describe_shard(_new_param((out_features, self.layout.local_size), device, dtype), self.layout,
                                      r, (out_features, in_features), init_weight)
         self.bias = None
@@ -260,7 +263,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = C.scatter_to_tp_last_dim(x, self.tp_group)
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight, fp8=getattr(self, "fp8", False))
         y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
         if self.bias is None:
             return y

@@ -1,4 +1,5 @@
-"""Mixed precision: dtype helpers and loss scaling (fp16). FP8 lives elsewhere (not yet)."""
+"""Mixed precision: dtype helpers, loss scaling (fp16) and FP8 GEMMs (`megacore.precision.fp8`, imported
+on demand: `apply_fp8`, `fp8_linear`)."""
 
 from megacore.precision.loss_scaler import (ConstantLossScaler, DynamicLossScaler, LossScaler, build_loss_scaler,
                                             unscale_and_check_)
