@@ -18,6 +18,7 @@ Variants:
   megacore_compile_sel_attn        + selective recompute of core attention
   megacore_compile_sel_attn_mlp    + selective recompute of core attention and the MLP activation
   megacore_compile_full            + full recompute of every layer
+  megacore_compile_fp8             + FP8 GEMMs (precision.fp8=tensorwise) in every transformer-layer linear
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ VARIANTS = {
     "megacore_compile_sel_attn_mlp": (dict(kind="megacore", compile=True, recompute="selective:core_attn+mlp_act"),
                                       {}),
     "megacore_compile_full": (dict(kind="megacore", compile=True, recompute="full"), {}),
+    "megacore_compile_fp8": (dict(kind="megacore", compile=True, fp8="tensorwise"), {}),
 }
 DEFAULT = ["baseline_bf16_eager", "baseline_bf16_compile", "baseline_amp_compile", "megacore_eager",
            "megacore_compile", "megacore_compile_torchkernels", "megacore_compile_sel_attn"]

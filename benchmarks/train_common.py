@@ -86,10 +86,11 @@ def build_baseline(a, amp: bool, compile: bool) -> Callable:
     return step
 
 
-def build_megacore(a, compile: bool, recompute: str | None = None) -> Callable:
+def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | None = None) -> Callable:
     """GPTModel in bf16, DDP wrapper (fp32 main grads), MixedPrecisionOptimizer (fp32 masters, fused AdamW).
 
     ``recompute``: None, "full", or "selective:<module>+<module>" (core_attn, mlp_act).
+    ``fp8``: None or a recipe of ``megacore.precision.fp8.apply_fp8`` ("tensorwise").
     """
     import torch
 
@@ -113,6 +114,10 @@ def build_megacore(a, compile: bool, recompute: str | None = None) -> Callable:
             rc.modules = mods.split("+")
         rc.validate()
         model.configure_recompute(rc)
+    if fp8:
+        from megacore.precision.fp8 import apply_fp8
+
+        apply_fp8(model, recipe=fp8)
     if compile:
         from megacore.training.compile import compile_model
 

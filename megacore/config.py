@@ -199,6 +199,9 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
+    # Overlap TP communication with the matmuls it feeds (inductor's micro-pipelined "async TP" on
+    # symmetric memory): needs sequence_parallel, compile=true and CUDA.
+    tp_comm_overlap: bool = False
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
         for name in ("tensor", "pipeline", "context", "expert"):
@@ -217,6 +220,10 @@ class ParallelConfig:
         if self.fsdp and self.distributed_optimizer:
             _fail("parallel.fsdp", True, "cannot be combined with parallel.distributed_optimizer",
                   "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)")
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            _fail("parallel.tp_comm_overlap", True, "needs parallel.sequence_parallel=true (it overlaps the "
+                  "sequence all-gathers and reduce-scatters)", "set parallel.sequence_parallel=true or "
+                  "tp_comm_overlap=false")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
                   "use fp32 (exact sums) or bf16 (half the traffic)")
@@ -452,7 +459,12 @@ class RunConfig:
                       f"is not divisible by micro_batch_size*data_parallel = {self.train.micro_batch_size}*{dp}",
                       "make the global batch a multiple of micro_batch_size times the data-parallel size")
         if self.precision.fp8 is not None and self.device == "cpu":
-            _fail("precision.fp8", self.precision.fp8, "needs a Hopper GPU", "set device=cuda or precision.fp8=null")
+            _fail("precision.fp8", self.precision.fp8, "runs its GEMMs in float8 on NVIDIA GPUs of compute capability "
+                  ">= 8.9 (H100/H200, Ada) and cannot run on device=cpu",
+                  "set device=cuda on such a GPU, or precision.fp8=null")
+        if p.tp_comm_overlap and (not self.compile or self.device == "cpu"):
+            _fail("parallel.tp_comm_overlap", True, "is done by torch.compile's micro-pipelined TP on CUDA "
+                  "symmetric memory", "set compile=true and device=cuda, or parallel.tp_comm_overlap=false")
         return self
 
     def to_dict(self) -> dict:

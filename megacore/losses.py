@@ -52,11 +52,13 @@ class _VocabParallelCE(torch.autograd.Function):
         v_local = logits.shape[-1]
         x = _upcast(logits)
         valid_col = _column_masks(v_local, vocab_start, vocab_valid, logits.device)
-        has_padding = not bool(valid_col.all())
+        # Decided from the sizes, not from valid_col: reading a device tensor would sync the GPU
+        # and break torch.compile graphs.
+        has_padding = vocab_start + v_local > vocab_valid
         if has_padding:
             x = x.masked_fill(~valid_col, float("-inf"))
         local_max = x.max(dim=-1).values
-        m = all_reduce(local_max, group, op=dist.ReduceOp.MAX)
+        m = all_reduce(local_max, group, op="max")
         shifted = x - m.unsqueeze(-1)
         local_label = labels - vocab_start
         owns = (local_label >= 0) & (local_label < v_local) & (labels != ignore_index)

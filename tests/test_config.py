@@ -120,6 +120,7 @@ PARALLEL_ERRORS = [
     (dict(pipeline=2, virtual_pipeline=0), "parallel.virtual_pipeline", ""),
     (dict(fsdp=True, distributed_optimizer=True), "parallel.fsdp", "distributed_optimizer"),
     (dict(pipeline_schedule="dualpipe"), "parallel.pipeline_schedule", "1f1b"),
+    (dict(tensor=2, tp_comm_overlap=True), "parallel.tp_comm_overlap", "sequence_parallel=true"),
 ]
 
 
@@ -165,6 +166,8 @@ RUN_ERRORS = [
      "train.global_batch_size", "2*8"),
     (dict(precision=PrecisionConfig(fp8="tensorwise")), 1, "precision.fp8", "cuda"),
     (dict(device="tpu"), 1, "device", "cuda"),
+    (dict(parallel=ParallelConfig(tensor=2, sequence_parallel=True, tp_comm_overlap=True)), 2,
+     "parallel.tp_comm_overlap", "compile=true"),
 ]
 
 

@@ -101,6 +101,9 @@ class DistributedDataParallel(nn.Module):
         self.use_distributed_optimizer = use_distributed_optimizer
         self.overlap_param_gather = overlap_param_gather and use_distributed_optimizer
         self.require_grad_sync = True
+        self._tp_sum_pending = False  # a gradient arrived since the last finish_grad_sync
+        self._has_finalize_params = any(getattr(m, "_megacore_tp_sync_mode", None) == "finalize"
+                                        for m in module.modules())
 
         # One buffer per (param dtype, grad dtype, group kind); order of first appearance.
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -132,13 +135,9 @@ class DistributedDataParallel(nn.Module):
         self._owner: dict[int, int] = {}
         self._fired: set[int] = set()
         self._unhooked_buckets = None
+        self._waits_for: dict[int, list[nn.Parameter]] = {}  # module id -> params its pre-hook waits for
         if self.overlap_param_gather:
-            for m in module.modules():
-                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-                for p in own:
-                    self._owner.setdefault(id(p), id(m))
-                if own:
-                    self._hook_handles.append(m.register_forward_pre_hook(self._wait_params_hook))
+            self._install_param_wait_hooks(module)
 
     # ------------------------------------------------------------------ forward / state
     def forward(self, *args, **kwargs):
@@ -179,6 +178,7 @@ class DistributedDataParallel(nn.Module):
         if buf.synced:
             raise RuntimeError("a gradient arrived after finish_grad_sync() of this step; call "
                                "ddp.zero_grad_buffer() (or optimizer.zero_grad()) before the next backward")
+        self._tp_sum_pending = True
         if getattr(param, "grad_added_to_main_grad", False):  # a fused kernel wrote into main_grad itself
             param.grad_added_to_main_grad = False
         elif param.grad is not None:
@@ -207,9 +207,21 @@ class DistributedDataParallel(nn.Module):
 
         Afterwards ``main_grad`` holds the DP-summed gradient (with the distributed optimizer: only
         within this rank's shard of each bucket; the rest of the buffer holds partial sums).
+
+        Then the tensor-parallel sums of parameters marked ``grad_sync="finalize"`` (sequence-parallel
+        norm weights, replicated KV rows; ``megacore.parallel.finalize_grads_tp``) run once, in one
+        coalesced all-reduce per group. Sums commute, so taking the TP sum after the DP sum gives the
+        same gradient; waiting for the DP reduction first keeps the two from writing ``main_grad``
+        concurrently.
         """
         for buf in self.grad_buffers:
             buf.finish_grad_sync()
+        if self._tp_sum_pending:
+            self._tp_sum_pending = False
+            if self._has_finalize_params:
+                from megacore.parallel.grad_sync import finalize_grads_tp
+
+                finalize_grads_tp(self.module)
 
     def zero_grad_buffer(self) -> None:
         """Zero every ``main_grad`` (and drop any stray ``param.grad``) before a new step."""
@@ -246,12 +258,40 @@ class DistributedDataParallel(nn.Module):
                 buf.finish_param_sync()
             self._param_gather_pending = False
 
+    def _install_param_wait_hooks(self, module: nn.Module) -> None:
+        """Forward pre-hooks that wait for the all-gather of the parameters a module is about to use.
+
+        A module compiled with ``Module.compile()`` (a TransformerLayer under ``compile=true``) is one
+        unit: one hook, run outside the compiled graph (``torch.compiler.disable``; at the top of the
+        layer, so the layer still compiles as one graph), waits for every parameter inside it. A hook
+        on each submodule would run inside the compiled code and split the graph at every linear.
+        Other modules wait for their own parameters.
+        """
+        covered: set[int] = set()
+        units = [m for m in module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        hook = torch.compiler.disable(self._wait_params_hook)
+        for unit in units:
+            params = [p for p in unit.parameters() if p.requires_grad and id(p) not in covered]
+            if params:
+                covered.update(id(p) for p in params)
+                self._register_wait(unit, params, hook)
+        for m in module.modules():
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
+            if own:
+                self._register_wait(m, own, self._wait_params_hook)
+
+    def _register_wait(self, m: nn.Module, params: list, hook) -> None:
+        for p in params:
+            self._owner.setdefault(id(p), id(m))
+        self._waits_for[id(m)] = params
+        self._hook_handles.append(m.register_forward_pre_hook(hook))
+
     def _wait_params_hook(self, module: nn.Module, args) -> None:
         if self._unhooked_buckets is None:
             self._fired.add(id(module))
         if not self._param_gather_pending:
             return
-        for p in module.parameters(recurse=False):
+        for p in self._waits_for.get(id(module), ()):
             buf = self._buffer_of.get(id(p))
             if buf is not None:
                 buf.param_to_bucket[id(p)].finish_param_sync()

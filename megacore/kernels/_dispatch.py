@@ -10,7 +10,11 @@ One process-wide backend, read from ``MEGACORE_KERNELS`` at import and changed w
 ``set_kernel_backend`` / ``kernel_backend(...)``, applies to every call that does not pass
 ``force_triton`` (the model's layers among them):
 
-    auto    Triton for CUDA tensors, the torch reference otherwise (the default)
+    auto    Triton for CUDA tensors in eager mode, the torch reference otherwise (the default).
+            Under ``torch.compile`` it traces the reference: inductor fuses it into its own
+            kernels, launched from the compiled graph, where each of our custom ops would cost a
+            Python-level launch (~0.1-0.4 ms of host time per call, measured on H100: enough to
+            make a tensor-parallel step host-bound)
     triton  Triton always: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (else an error)
     torch   the torch reference always (e.g. to let ``torch.compile`` fuse the reference instead)
 
@@ -91,7 +95,7 @@ def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "
     instead of silently running the reference, so a test that asks for the kernel always gets it.
     """
     if not force_triton:
-        if _BACKEND == "torch":
+        if _BACKEND == "torch" or (_BACKEND == "auto" and torch.compiler.is_compiling()):
             return False
         force_triton = _BACKEND == "triton"
     if not _TRITON_IMPORTS:

@@ -93,8 +93,13 @@ class CoreAttention(nn.Module):
         self.recompute = False
 
     def _attend(self, q, k, v, mask):
+        attend = ATTENTION_BACKENDS[self.backend]
+        if not (self.training and self.dropout_p > 0):
+            # No random draw: skip the RNG fork (its generator-state swaps cost host time and break
+            # torch.compile graphs).
+            return attend(q, k, v, mask, self.scale, self.dropout_p, self.training)
         with self.rng_context():
-            return ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, self.dropout_p, self.training)
+            return attend(q, k, v, mask, self.scale, self.dropout_p, self.training)
 
     def forward(self, q, k, v, mask=None):
         if self.recompute and self.training and torch.is_grad_enabled():

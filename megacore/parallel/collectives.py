@@ -29,6 +29,11 @@ Backends: NCCL uses the flat-tensor collectives (``all_gather_into_tensor`` /
 reduce-scatter, so on gloo we use the list ``all_gather`` and ``all_reduce`` + slice, which every
 build supports; the CPU test sizes make the extra traffic irrelevant. ``FORCE_FLAT_COLLECTIVES``
 lets the tests run the NCCL code path on gloo.
+
+Under ``torch.compile`` the flat path is spelled with the functional collectives
+(``torch.distributed._functional_collectives``) along the real dim, so each TP layer traces into
+one graph, collectives included, in the form inductor's overlap passes recognize (all-gather
+feeding a matmul, a matmul feeding a reduce-scatter: ``parallel.tp_comm_overlap``).
 """
 
 from __future__ import annotations
@@ -65,6 +70,17 @@ def _use_flat(group: ProcessGroup) -> bool:
     return FORCE_FLAT_COLLECTIVES or dist.get_backend(group) != "gloo"
 
 
+def _functional(group: ProcessGroup) -> bool:
+    """Trace the functional collectives: compiling, on a backend with flat collectives."""
+    return torch.compiler.is_compiling() and _use_flat(group)
+
+
+def _funcol():
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
+
+
 def _split_size(x: torch.Tensor, dim: int, t: int, what: str) -> int:
     n = x.shape[dim]
     if n % t != 0:
@@ -73,12 +89,20 @@ def _split_size(x: torch.Tensor, dim: int, t: int, what: str) -> int:
     return n // t
 
 
-def all_reduce(x: torch.Tensor, group: ProcessGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum (or ``op``) over the group; returns a new tensor (the input is not modified)."""
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(x: torch.Tensor, group: ProcessGroup, op: str = "sum") -> torch.Tensor:
+    """Sum (or ``op``: "sum", "max", "min") over the group; returns a new tensor (the input is not
+    modified). The op is a string because torch.compile cannot hash ``dist.ReduceOp`` values."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce op={op!r} is not known; use one of {sorted(_REDUCE_OPS)}")
     if group_size(group) == 1:
         return x
+    if _functional(group):
+        return _funcol().all_reduce(x.contiguous(), op, group)
     out = x.contiguous().clone()
-    dist.all_reduce(out, op=op, group=group)
+    dist.all_reduce(out, op=_REDUCE_OPS[op], group=group)
     return out
 
 
@@ -97,6 +121,12 @@ def all_gather(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tensor:
     if t == 1:
         return x
     x = x.contiguous()
+    if _functional(group):
+        # Gather along dim 0, then chunk + cat into place: funcol's own gather_dim > 0 helper is not
+        # traceable in torch 2.11 (a graph break per call), and this split/cat form is the one
+        # inductor's micro-pipeline pass matches.
+        gathered = _funcol().all_gather_tensor(x, 0, group)
+        return gathered if dim % x.dim() == 0 else torch.cat(torch.chunk(gathered, t, dim=0), dim=dim)
     if _use_flat(group):
         # The flat collective concatenates along dim 0: gather there and move the dim into place.
         moved = x.movedim(dim, 0).contiguous()
@@ -114,6 +144,10 @@ def reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup) -> torch.Tens
     if t == 1:
         return x
     n = _split_size(x, dim, t, "reduce_scatter")
+    if _functional(group):
+        if dim % x.dim() != 0:  # bring rank j's chunk to the j-th block of dim 0 (see all_gather)
+            x = torch.cat(torch.chunk(x, t, dim=dim), dim=0)
+        return _funcol().reduce_scatter_tensor(x.contiguous(), "sum", 0, group)
     if _use_flat(group):
         moved = x.movedim(dim, 0).contiguous()
         out = torch.empty((n, *moved.shape[1:]), dtype=x.dtype, device=x.device)

@@ -175,12 +175,17 @@ def build_stage_modules(config: TransformerConfig, pp_rank: int, pp_size: int, v
 
 
 def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = None,
-                       dtype: Optional[torch.dtype] = None) -> list:
+                       dtype: Optional[torch.dtype] = None, tp_grad_sync: str = "hook") -> list:
     """This rank's model chunks for a ``RunConfig``: its pipeline stage (``parallel.pipeline``,
     ``virtual_pipeline``, ``pipeline_layers``), TP-sharded by ``megacore.parallel.parallelize`` when
     ``parallel.tensor > 1`` (with ``sequence_parallel``), filled from ``train.seed``, recompute
     configured, in training mode. ``state`` defaults to ``megacore.parallel.get_state()``.
     (Dropout under TP needs ``megacore.parallel.model_parallel_seed(seed)`` first.)
+
+    ``tp_grad_sync`` is ``parallelize``'s ``grad_sync``: ``"hook"`` (nothing to call) or
+    ``"finalize"`` (one coalesced TP all-reduce per step, run by megacore's
+    ``DistributedDataParallel.finish_grad_sync``; what the trainer uses: no per-parameter hooks in
+    the backward and no Python pre-hooks inside compiled layers).
     """
     from megacore import parallel
 
@@ -192,7 +197,8 @@ def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = N
                           f"tensor={p.tensor}, pipeline={p.pipeline}, ...) with the same sizes")
     fn = None
     if state.tp_size > 1:
-        fn = lambda m: parallel.parallelize(m, state, sequence_parallel=p.sequence_parallel)  # noqa: E731
+        fn = lambda m: parallel.parallelize(m, state, sequence_parallel=p.sequence_parallel,
+                                                  grad_sync=tp_grad_sync)  # noqa: E731
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
                                  device, dtype, p.pipeline_layers, parallelize_fn=fn)
     for chunk in chunks:

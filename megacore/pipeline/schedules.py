@@ -55,19 +55,29 @@ _AUTO: Any = object()  # "take it from megacore.parallel.get_state()"
 MODEL_KEYS = ("position_ids", "attention_mask")
 
 
-def masked_loss_sum(token_loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor, num_tokens: float) -> torch.Tensor:
-    """``sum(token_loss_BS * loss_mask_BS) / num_tokens`` as an fp32 scalar."""
+def masked_loss_sum(token_loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor, num_tokens) -> torch.Tensor:
+    """``sum(token_loss_BS * loss_mask_BS) / num_tokens`` as an fp32 scalar.
+
+    ``num_tokens`` is a number or a one-element tensor (e.g. a token count still being all-reduced
+    on the GPU, so the host need not read it); both give the same bits: the count is rounded to
+    fp32 and, on CUDA, applied as a multiplication by its fp32 reciprocal, which is what torch
+    itself does when a CUDA tensor is divided by a Python number.
+    """
     if token_loss_BS.shape != loss_mask_BS.shape:
         raise ValueError(f"the last stage returned per-token losses of shape {tuple(token_loss_BS.shape)} but the "
                          f"loss mask has shape {tuple(loss_mask_BS.shape)}; the last chunk must return [B, S]")
-    return (token_loss_BS.float() * loss_mask_BS.float()).sum() / num_tokens
+    total = (token_loss_BS.float() * loss_mask_BS.float()).sum()
+    if not isinstance(num_tokens, torch.Tensor):
+        return total / num_tokens
+    denom = num_tokens.detach().reshape(()).to(device=total.device, dtype=torch.float32)
+    return total * torch.reciprocal(denom) if total.device.type == "cuda" else total / denom
 
 
 class MaskedLossSum:
     """The schedules' ``loss_fn(output, target)``: ``masked_loss_sum`` with a per-step token count."""
 
     def __init__(self):
-        self.num_tokens = 1.0
+        self.num_tokens = 1.0   # a number or a one-element tensor (see masked_loss_sum)
 
     def __call__(self, token_loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor) -> torch.Tensor:
         return masked_loss_sum(token_loss_BS, loss_mask_BS, self.num_tokens)
@@ -91,9 +101,16 @@ def _check_micro_batches(micro_batches: Sequence[dict], num_tokens_global) -> No
         if mb["tokens"].shape != micro_batches[0]["tokens"].shape:
             raise ValueError(f"micro-batch {i} has tokens of shape {tuple(mb['tokens'].shape)}, micro-batch 0 "
                              f"{tuple(micro_batches[0]['tokens'].shape)}: pipeline schedules need equal micro-batches")
-    if float(num_tokens_global) <= 0:
+    # A tensor count is not checked here: reading it would wait for the device (the caller checks
+    # when it reads the count anyway, e.g. the Trainer one step later).
+    if not isinstance(num_tokens_global, torch.Tensor) and float(num_tokens_global) <= 0:
         raise ValueError(f"num_tokens_global={num_tokens_global} must be > 0: it is the number of labelled tokens "
                          "in the global batch (sum of loss_mask over all micro-batches and data-parallel ranks)")
+
+
+def _denominator(num_tokens_global):
+    """The loss denominator as given: a tensor stays on its device (never read), a number becomes a float."""
+    return num_tokens_global if isinstance(num_tokens_global, torch.Tensor) else float(num_tokens_global)
 
 
 def _accumulation_contexts(chunks: Sequence[nn.Module]) -> contextlib.ExitStack:
@@ -155,7 +172,7 @@ def forward_backward_no_pipelining(chunks: Sequence[nn.Module], micro_batches: S
         track = tracker.forward((0, i)) if tracker is not None and not forward_only else contextlib.nullcontext()
         with sync, track, torch.set_grad_enabled(not forward_only and torch.is_grad_enabled()):
             token_loss = model(mb["tokens"], labels=mb["labels"], reduction="none", **kwargs)
-            loss = masked_loss_sum(token_loss, _loss_mask(mb), float(num_tokens_global))
+            loss = masked_loss_sum(token_loss, _loss_mask(mb), _denominator(num_tokens_global))
             if not forward_only:
                 loss.backward()
         total += loss.detach()
@@ -227,7 +244,8 @@ def forward_backward(chunks: Sequence[nn.Module], micro_batches: Sequence[dict],
         chunks: this rank's model chunks, in chunk order (chunk c = pipeline stage c*pp + pp_rank).
         micro_batches: dicts of ``tokens``, ``labels`` [B, S] and optional ``loss_mask``,
             ``position_ids``, ``attention_mask``; the same list on every pipeline rank.
-        num_tokens_global: labelled tokens in the global batch (the loss denominator).
+        num_tokens_global: labelled tokens in the global batch (the loss denominator): a number, or a
+            one-element tensor on the device, which is used without being read (no host sync).
         pp_group: the pipeline group (default: ``megacore.parallel.get_state().pp_group``; ``None`` or a
             one-rank group means no pipelining).
         schedule: ``1f1b`` | ``interleaved`` | ``gpipe`` | ``zero_bubble``.
@@ -254,7 +272,7 @@ def forward_backward(chunks: Sequence[nn.Module], micro_batches: Sequence[dict],
                           "sum their gradients; call megacore.parallel.initialize(pipeline=...) first or pass "
                           "embedding_group=")
     runner = _runner_for(chunks, pp_group, name, micro_batches, forward_only, tracker is not None)
-    runner.loss_fn.num_tokens = float(num_tokens_global)
+    runner.loss_fn.num_tokens = _denominator(num_tokens_global)
     for a in runner.adapters:
         a.tracker = tracker
 

@@ -25,3 +25,20 @@ def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bo
     if getattr(model, "post_process", False):
         model.compute_loss = torch.compile(model.compute_loss, mode=mode, fullgraph=fullgraph, backend=backend)
     return model
+
+
+def enable_tp_comm_overlap(tp_group) -> None:
+    """Let inductor overlap sequence-parallel communication with the matmuls next to it.
+
+    Its micro-pipeline pass rewrites "all-gather -> matmul" and "matmul -> reduce-scatter" in the
+    compiled layer graphs into fused ops that split the matmul into per-rank chunks and move each
+    chunk through symmetric memory (NVLink copies) while the neighbouring chunk is multiplied, so
+    the collective hides behind the GEMM. Needs CUDA, NVLink peers, and the functional collectives
+    that ``megacore.parallel.collectives`` emits under compile. Call before the first compiled step.
+    (Uses no NVLink multicast: only peer-to-peer copies.)
+    """
+    import torch._inductor.config as inductor_config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    enable_symm_mem_for_group(tp_group.group_name)
+    inductor_config._micro_pipeline_tp = True

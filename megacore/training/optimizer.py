@@ -21,6 +21,20 @@ One ``step()``::
     global grad norm (each element counted once, see megacore.distributed.grad_clip); skip if not finite
     clip to ``clip_grad``; AdamW on the masters; masters -> params; (distributed: all-gather params)
 
+Host synchronization. With fused AdamW (the default for CUDA masters) ``step()`` never waits for
+the GPU in bf16/fp32: the grad norm stays a device tensor and clipping and the non-finite skip are
+folded into the fused kernel through the two optional tensors torch's fused Adam/AdamW read from
+the optimizer object: ``grad_scale`` (every gradient is divided by it; here
+``max(1, (norm + 1e-6) / clip_grad)``, i.e. the clip factor, or None without clipping) and
+``found_inf`` (when it is 1 the kernel leaves params and moments alone and torch undoes the step
+counter increment; here ``1`` when the norm is inf/nan). The step's ``StepInfo`` then holds device
+tensors that are read when someone asks (:class:`StepInfo`), and ``num_steps`` counts the skipped
+steps on the device until it is read (at checkpoint time). The masters -> params copy and the
+distributed optimizer's param all-gather run either way (a skipped step copies unchanged values).
+The syncs that remain: fp16 reads ``found_inf`` of the unscale check (the dynamic loss scaler
+updates its scale on the host), and the non-fused path (CPU, or ``fused=False``) reads the norm
+as before (``float(norm)``, then ``scale_grads_``) -- free on CPU, identical numbers.
+
 Weight decay: parameters with ``no_weight_decay(name, param)`` (default: 1-D params — biases and
 norm weights — and any ``*.bias``) go to a group with ``weight_decay=0``.
 """
@@ -37,6 +51,7 @@ from torch import nn
 from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device
 from megacore.distributed.grad_clip import (counts_for_norm, default_is_tp_replicated, local_norm_power,
                                             scale_grads_)
+from megacore.training.metrics import read_scalars
 
 if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distributed -> this module)
     from megacore.precision.loss_scaler import LossScaler
@@ -61,14 +76,64 @@ def weight_decay_groups(module: nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-@dataclass
 class StepInfo:
     """What ``step()`` did: ``skipped`` (inf/nan grads), the global ``grad_norm`` before clipping
-    (None when skipped for overflow) and the ``loss_scale`` in force (None without a scaler)."""
+    (None when skipped for overflow) and the ``loss_scale`` in force (None without a scaler).
 
-    skipped: bool
-    grad_norm: Optional[float]
-    loss_scale: Optional[float]
+    ``skipped`` and ``grad_norm`` may still be device tensors when ``step()`` returns (fused AdamW:
+    the step was decided on the GPU and the host did not wait for it). Reading either attribute
+    resolves both with one device->host copy, which waits for the GPU to finish the step. To read
+    them together with other device values in one copy, take :meth:`pending`, read everything
+    (``megacore.training.metrics.read_scalars``) and hand the numbers back to :meth:`resolve`::
+
+        info = opt.step()                 # returns at once
+        ...                               # queue more GPU work
+        info.grad_norm                    # waits here (or: info.resolve(values_read_elsewhere))
+    """
+
+    __slots__ = ("_skipped", "_grad_norm", "loss_scale")
+
+    def __init__(self, skipped, grad_norm, loss_scale: Optional[float]):
+        self._skipped = skipped        # bool, or a 0-dim tensor (non-zero: skipped)
+        self._grad_norm = grad_norm    # float/None, or a 0-dim tensor
+        self.loss_scale = loss_scale
+
+    def pending(self) -> list[torch.Tensor]:
+        """The values not read yet, in a fixed order (``[skipped, grad_norm]``, those that are tensors)."""
+        return [v for v in (self._skipped, self._grad_norm) if isinstance(v, torch.Tensor)]
+
+    @property
+    def ready(self) -> bool:
+        """True when every value is a host number (reading one does not wait for the device)."""
+        return not self.pending()
+
+    def resolve(self, values: Optional[Sequence[float]] = None) -> "StepInfo":
+        """Turn the pending device values into numbers: ``values`` are the host numbers of
+        :meth:`pending`, in that order (already read by the caller); None reads them here."""
+        tensors = self.pending()
+        if not tensors:
+            return self
+        values = list(read_scalars(tensors) if values is None else values)
+        if len(values) != len(tensors):
+            raise ValueError(f"StepInfo.resolve got {len(values)} values for {len(tensors)} pending tensors")
+        if isinstance(self._skipped, torch.Tensor):
+            self._skipped = bool(values.pop(0) != 0)
+        if isinstance(self._grad_norm, torch.Tensor):
+            self._grad_norm = float(values.pop(0))
+        return self
+
+    @property
+    def skipped(self) -> bool:
+        return self.resolve()._skipped
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        return self.resolve()._grad_norm
+
+    def __repr__(self) -> str:
+        show = lambda v: "<on device>" if isinstance(v, torch.Tensor) else repr(v)  # noqa: E731
+        return (f"StepInfo(skipped={show(self._skipped)}, grad_norm={show(self._grad_norm)}, "
+                f"loss_scale={self.loss_scale!r})")
 
 
 @dataclass
@@ -158,7 +223,9 @@ class MixedPrecisionOptimizer:
         self.model_parallel_groups = tuple(model_parallel_groups)
         self.tp_group, self.is_tp_replicated = tp_group, is_tp_replicated
         self.no_weight_decay = no_weight_decay
-        self.num_steps = 0
+        self._num_steps = 0                              # steps applied, as far as the host knows
+        self._device_skips: Optional[torch.Tensor] = None  # skips decided on the device, not read yet
+        self._device_steps = 0                           # steps attempted on the device since last read
         self.fragments: list[Fragment] = self._build_fragments()
         params = [[f.master for f in self.fragments if f.group == g] for g in (0, 1)]
         groups = [{"params": params[0], "weight_decay": weight_decay}, {"params": params[1], "weight_decay": 0.0}]
@@ -203,6 +270,28 @@ class MixedPrecisionOptimizer:
     @property
     def state(self):
         return self.optimizer.state
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps applied (skipped ones not counted). After fused steps this reads the
+        device's skip count (a host sync): read it when saving, not every step."""
+        if self._device_steps:
+            skipped = int(read_scalars([self._device_skips])[0])
+            self._num_steps += self._device_steps - skipped
+            self._device_steps = 0
+            self._device_skips.zero_()
+        return self._num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        self._num_steps, self._device_steps = int(value), 0
+        if self._device_skips is not None:
+            self._device_skips.zero_()
+
+    @property
+    def fused(self) -> bool:
+        """True when AdamW is torch's fused kernel: then ``step()`` runs without host syncs (bf16/fp32)."""
+        return bool(self.optimizer.param_groups and self.optimizer.param_groups[0].get("fused"))
 
     @property
     def loss_scale(self) -> Optional[float]:
@@ -258,20 +347,25 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self) -> StepInfo:
-        """One optimizer step; returns a :class:`StepInfo`.
+        """One optimizer step; returns a :class:`StepInfo` (possibly not read yet, see there).
 
         Finishes the DDP gradient reduction first if the training loop has not (a no-op otherwise).
+        Host syncs: none with fused AdamW in bf16/fp32; fp16 reads its overflow flag; the
+        non-fused path reads the grad norm (see the module docstring).
         """
         for ddp in self.ddps:
             ddp.finish_grad_sync()
         grads = self._prepare_grads()
         if self.loss_scaler is not None:
+            # The one sync of an fp16 step: the dynamic scaler decides its next scale on the host.
             found_inf = self.loss_scaler.unscale_and_check_(grads, self._found_inf_groups())
             self.loss_scaler.update(found_inf)
             if found_inf:
                 self._drop_master_grads()
                 return StepInfo(True, None, self.loss_scale)
         norm = self.grad_norm()
+        if self.fused:
+            return self._fused_step(norm)
         norm_value = float(norm)
         if not math.isfinite(norm_value):  # same value on every rank, so every rank skips
             self._drop_master_grads()
@@ -284,6 +378,34 @@ class MixedPrecisionOptimizer:
         self._drop_master_grads()
         self._after_step()
         return StepInfo(False, norm_value, self.loss_scale)
+
+    def _fused_step(self, norm: torch.Tensor) -> StepInfo:
+        """Clip and skip inside torch's fused AdamW kernel: no host sync (module docstring).
+
+        Same decisions as the non-fused path: a non-finite norm skips the step (params, moments
+        and AdamW's step counter unchanged); otherwise gradients are multiplied by
+        ``min(1, clip / (norm + 1e-6))``, here as a division by its inverse (equal up to rounding).
+        """
+        norm = norm.float()
+        finite = torch.isfinite(norm)
+        found_inf = (~finite).float()           # torch's kernel skips when found_inf == 1.0 exactly
+        grad_scale = None
+        if self.clip_grad > 0:
+            grad_scale = ((norm + 1e-6) / self.clip_grad).clamp(min=1.0)
+            grad_scale = torch.where(finite, grad_scale, torch.ones_like(grad_scale))
+        self.optimizer.grad_scale, self.optimizer.found_inf = grad_scale, found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.grad_scale = self.optimizer.found_inf = None
+        if self._device_skips is None:
+            self._device_skips = torch.zeros((), dtype=torch.float64, device=found_inf.device)
+        self._device_skips.add_(found_inf)
+        self._device_steps += 1
+        self._copy_masters_to_params()          # unchanged masters when skipped: a harmless copy
+        self._drop_master_grads()
+        self._after_step()
+        return StepInfo(found_inf, norm, self.loss_scale)
 
     def _drop_master_grads(self) -> None:
         for f in self.fragments:

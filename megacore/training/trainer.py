@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ from megacore.distributed.comm import comm_device
 from megacore.training.flops import flops_per_token, peak_tflops
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
-from megacore.training.metrics import MetricsLogger
+from megacore.training.metrics import MetricsLogger, read_scalars
 
 
 def _check_supported(cfg: RunConfig) -> None:
@@ -50,9 +51,12 @@ def _check_supported(cfg: RunConfig) -> None:
     if p.expert > 1:
         raise ConfigError(f"parallel.expert={p.expert}: expert parallelism needs MoE layers, which this version does "
                           "not implement; set parallel.expert=1")
-    if cfg.precision.fp8 is not None:
-        raise ConfigError(f"precision.fp8={cfg.precision.fp8!r}: FP8 training is not implemented in this version; "
-                          "set precision.fp8=null (bf16 is the fastest supported dtype)")
+    if cfg.precision.fp8 is not None:  # the config rejects device=cpu; here the resolved device is known
+        from megacore.precision.fp8 import fp8_device_problem
+
+        problem = fp8_device_problem(resolve_device(cfg))
+        if problem is not None:
+            raise ConfigError(problem)
     if p.fsdp and (p.tensor > 1 or p.pipeline > 1):
         raise ConfigError("parallel.fsdp=true is supported with parallel.tensor=1 and parallel.pipeline=1 only; "
                           "use parallel.distributed_optimizer=true for TP/PP layouts")
@@ -75,6 +79,52 @@ def _truncate_metrics(log_dir: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+class PendingStep:
+    """A training step as ``Trainer.train_step`` queued it: its numbers may still be on the device.
+
+    Reading a CUDA value makes the host wait until the GPU has computed it, and then the GPU idles
+    while the host prepares the next step. So the trainer reads step ``k`` only after step
+    ``k + 1`` is queued (``Trainer._loop``), with one device->host copy (:meth:`resolve`) of
+    everything the step produced: the loss and the ranks' stop votes (one all-reduce), the
+    labelled-token count (a device tensor when it was all-reduced over data parallelism) and the
+    optimizer's grad norm and skip flag (``StepInfo``). A step made from an already-read
+    ``StepResult`` (:meth:`of`) is ``ready``.
+    """
+
+    def __init__(self, index: int, loss_votes=None, tokens=None, info=None, scale: float = 1.0,
+                 result: Optional[StepResult] = None):
+        self.index = index              # 0-based; logs and checkpoints call it step index + 1
+        self.loss_votes = loss_votes    # [global loss sum * scale, stop votes]: 2-element tensor
+        self.tokens = tokens            # labelled tokens of the global batch: number or tensor
+        self.info = info                # the optimizer's StepInfo
+        self.scale = scale              # the loss scale the loss sum still carries
+        self.result = result            # the StepResult, once read
+        self.votes: Optional[float] = None  # ranks that asked to stop (None: not collected)
+        self.mem_gb: Optional[float] = None  # peak GPU memory allocated while the step was queued
+        self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
+
+    @classmethod
+    def of(cls, index: int, result: StepResult) -> "PendingStep":
+        return cls(index, result=result)
+
+    @property
+    def ready(self) -> bool:
+        """True when the step's numbers are on the host already."""
+        return self.result is not None
+
+    def resolve(self) -> StepResult:
+        """Read the step's numbers (one device->host copy; waits for the GPU to finish the step)."""
+        if self.result is None:
+            info = self.info
+            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens, *info.pending()])
+            loss_sum, self.votes, tokens = values[:3]
+            info.resolve(values[3:])
+            self.result = StepResult(loss=loss_sum / self.scale,
+                                     grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
+                                     tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale)
+        return self.result
 
 
 class Trainer:
@@ -173,11 +223,21 @@ class Trainer:
         from megacore.pipeline.partition import build_model_chunks
 
         cfg, p = self.cfg, self.cfg.parallel
+        # TP gradient sums in finalize mode: DDP.finish_grad_sync runs them once per step (FSDP
+        # excludes TP, so every TP run is DDP-wrapped).
         chunks = build_model_chunks(cfg, self.state, device=self.device,
-                                    dtype=torch.float32 if p.fsdp else self.dtype)
-        if cfg.compile:
-            from megacore.training.compile import compile_model
+                                    dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
+        if cfg.precision.fp8 is not None:  # before compile / DDP / FSDP wrap the chunks
+            from megacore.precision.fp8 import apply_fp8
 
+            n_fp8 = sum(apply_fp8(c, recipe=cfg.precision.fp8) for c in chunks)
+            self._info(f"fp8 ({cfg.precision.fp8}): {n_fp8} linear layers run their GEMMs in float8 on this rank; "
+                       f"the output layer and embeddings stay {cfg.precision.dtype}")
+        if cfg.compile:
+            from megacore.training.compile import compile_model, enable_tp_comm_overlap
+
+            if p.tp_comm_overlap and self.state.tp_size > 1:
+                enable_tp_comm_overlap(self.state.tp_group)
             chunks = [compile_model(c) for c in chunks]
         if p.fsdp:
             from megacore.distributed.fsdp import apply_fsdp
@@ -275,81 +335,134 @@ class Trainer:
             out.append(mb)
         return out, labelled
 
-    def _count_over_dp(self, local: float) -> float:
-        """Labelled tokens of the whole global batch: this rank's count summed over data parallelism."""
+    def _count_over_dp(self, local: float):
+        """Labelled tokens of the whole global batch: this rank's count summed over data parallelism.
+
+        Without data parallelism that is the host count itself. Otherwise it is a one-element fp64
+        tensor whose all-reduce is queued and never read here (under NCCL a collective only orders
+        GPU streams, so the host does not wait): the loss is divided by the tensor, and the count
+        is read later with the step's other numbers (``PendingStep``).
+        """
         if self.world_size == 1 or self.dp_size == 1:
             return local
-        value = torch.tensor([local], dtype=torch.float64, device=comm_device(self.device))
+        # torch.full is a fill kernel on the device: no host->device copy, which would sync.
+        value = torch.full((1,), float(local), dtype=torch.float64, device=comm_device(self.device))
         dist.all_reduce(value, group=self.state.dp_cp_group)
-        return float(value.item())
+        return value if value.device == self.device else value.to(self.device)
 
-    def _loss_over_layout(self, local: torch.Tensor) -> float:
-        """Each DP rank's last stage holds its share of the global mean: sum over DP and PP."""
+    def _loss_over_layout(self, local: torch.Tensor) -> torch.Tensor:
+        """Each DP rank's last stage holds its share of the global mean: sum over DP and PP.
+
+        Returns the sum as a one-element fp64 tensor (comm device), not read here."""
         value = local.detach().to(comm_device(self.device), torch.float64).reshape(1)
         if self.world_size > 1:
             if self.dp_size > 1:
                 dist.all_reduce(value, group=self.state.dp_cp_group)
             if self.state.pp_size > 1:
                 dist.all_reduce(value, group=self.state.pp_group)
-        return float(value.item())
+        return value
+
+    def _loss_and_stop_votes(self, local: torch.Tensor) -> torch.Tensor:
+        """``[global loss sum, stop votes]`` (fp64, comm device) from ONE all-reduce over all ranks.
+
+        Not read here. The loss is the sum over DP and PP of ``_loss_over_layout``; the TP ranks of
+        a stage hold the same loss, so only TP rank 0 adds it (a world sum with zeros from the
+        others is that DP x PP sum). The vote counts the ranks whose stop flag (SIGTERM/SIGINT) is
+        set: riding on the loss, the stop agreement needs no collective or host sync of its own.
+        """
+        dev = comm_device(self.device)
+        loss = local.detach().to(dev, torch.float64).reshape(1)
+        if self.world_size > 1 and self.state.tp_rank != 0:
+            loss = torch.zeros_like(loss)
+        vote = torch.full((1,), 1.0 if self.stop.requested else 0.0, dtype=torch.float64, device=dev)
+        both = torch.cat([loss, vote])
+        if self.world_size > 1:
+            dist.all_reduce(both)
+        return both
+
+    @staticmethod
+    def _no_tokens_message(step: int) -> str:
+        return f"step {step + 1}: the global batch has no labelled tokens; check data.eod_mask_loss and the data"
 
     # ------------------------------------------------------------------------------- step
-    def train_step(self, step: int) -> StepResult:
+    def train_step(self, step: int) -> PendingStep:
+        """Queue training step ``step`` (0-based); returns it unread (:class:`PendingStep`).
+
+        Host syncs on CUDA: none in bf16/fp32 with the fused AdamW of ``MixedPrecisionOptimizer``
+        / ``DistributedOptimizer`` (the labelled tokens are counted on the host, all-reduced on the
+        device and divided by as a tensor; the optimizer clips and skips inside its kernel; the loss
+        and the stop flag leave in one all-reduce nobody waits for here). fp16 keeps one: the loss
+        scaler reads its overflow flag. Whatever is left is read by ``PendingStep.resolve``.
+        """
         from megacore.pipeline.schedules import forward_backward
+        from megacore.training.optimizer import StepInfo
 
         micro, local_tokens = self.micro_batches(self.train_ds, step)
         num_tokens = self._count_over_dp(local_tokens)
-        if num_tokens == 0:
-            raise TrainingError(f"step {step + 1}: the global batch has no labelled tokens; check "
-                                "data.eod_mask_loss and the data")
+        if not isinstance(num_tokens, torch.Tensor) and num_tokens == 0:  # known on the host: fail now
+            raise TrainingError(self._no_tokens_message(step))
         self.optimizer.zero_grad()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.schedule.apply(self.optimizer, step)
-        local = forward_backward(self.chunks, micro, num_tokens / scale, pp_group=self.state.pp_group,
+        denominator = num_tokens if scale == 1.0 else num_tokens / scale
+        local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
                                  schedule=self.cfg.parallel.pipeline_schedule,
                                  embedding_group=self.state.embedding_group)
         if self.cfg.parallel.fsdp:
-            return StepResult(loss=self._loss_over_layout(local), grad_norm=self._fsdp_optimizer_step(),
-                              tokens=int(num_tokens))
-        info = self.optimizer.step()
-        loss = self._loss_over_layout(local) / scale
-        return StepResult(loss=loss, grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
-                          tokens=int(num_tokens), skipped=info.skipped, loss_scale=info.loss_scale)
+            info = StepInfo(False, self._fsdp_optimizer_step(), None)
+        else:
+            info = self.optimizer.step()
+        return PendingStep(step, self._loss_and_stop_votes(local), num_tokens, info, scale)
 
-    def _fsdp_optimizer_step(self) -> float:
-        """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm."""
+    def _fsdp_optimizer_step(self) -> torch.Tensor:
+        """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm, unread."""
         clip = self.cfg.train.clip_grad
         norm = torch.nn.utils.clip_grad_norm_(self.chunks[0].parameters(), clip if clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
-        return float(norm)
+        return norm.detach()
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
+        """Mean loss over ``train.eval_iters`` validation batches; the numbers are read once, at the end."""
         from megacore.pipeline.schedules import forward_backward
 
         t = self.cfg.train
         for c in self.chunks:
             c.eval()
-        loss_sum, tokens = 0.0, 0.0
+        sums, counts = [], []
         base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
         for k in range(t.eval_iters):
             micro, local_tokens = self.micro_batches(self.valid_ds, base + k)
             n = self._count_over_dp(local_tokens)
-            if n == 0:
+            if isinstance(n, torch.Tensor):
+                # An empty batch (n == 0) contributes 0 / 1 * 0: what skipping it did, without reading n.
+                denominator = n.clamp(min=1.0)
+            elif n == 0:
                 continue
-            local = forward_backward(self.chunks, micro, n, pp_group=self.state.pp_group,
+            else:
+                denominator = n
+            local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
                                      schedule=self.cfg.parallel.pipeline_schedule,
                                      embedding_group=self.state.embedding_group, forward_only=True)
-            loss_sum += self._loss_over_layout(local) * n
-            tokens += n
+            sums.append(self._loss_over_layout(local))
+            counts.append(n)
         for c in self.chunks:
             c.train()
+        values = read_scalars(sums + counts)
+        loss_sum, tokens = 0.0, 0.0
+        for value, n in zip(values[:len(sums)], values[len(sums):]):
+            loss_sum += value * n
+            tokens += n
         return loss_sum / max(tokens, 1.0)
 
     # ------------------------------------------------------------------------------- loop
-    def _stop_requested(self) -> bool:
-        """Every rank must stop at the same step: agree on the flag (MAX over the world)."""
+    def _stop_requested(self, votes: Optional[float] = None) -> bool:
+        """Every rank must stop at the same step. ``votes``: the number of ranks that asked to stop,
+        from the all-reduce a step's loss travelled in (already the same on every rank); None:
+        agree now (MAX of the flags over the world, a collective and a host sync)."""
+        if votes is not None:
+            return votes > 0
         if self.world_size == 1:
             return self.stop.requested
         flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=comm_device(self.device))
@@ -375,37 +488,64 @@ class Trainer:
                 parallel.destroy()
 
     def _loop(self) -> dict:
+        """Run steps until ``train.iters`` or an agreed stop request.
+
+        The host runs one step ahead of the numbers: step ``k + 1`` is queued before step ``k`` is
+        read (``PendingStep.resolve``: the step's one host sync in bf16/fp32, which waits for the
+        GPU to finish step ``k`` while step ``k + 1`` is already queued behind it), then step ``k``
+        is checked (no labelled tokens, non-finite loss: raise, naming step ``k``), logged, and its
+        stop votes decide whether to stop. A stop agreed at step ``k`` therefore ends the run after
+        step ``k + 1``, on every rank. Before an eval, a checkpoint save, a stop or the end, the
+        queued step is read first (so nothing is saved after a bad loss).
+
+        ``step_time_s`` is the time from the end of the previous step (or of an eval/save) to the
+        end of this one on the timeline that runs the step: the GPU's (CUDA events recorded when a
+        step is queued, read once the step is read, so timing needs no sync), the host's on CPU.
+        It includes the GPU idling while the host prepares a step, so it is the wall time per step
+        in steady state whether the GPU or the host is the bottleneck.
+        """
         t = self.cfg.train
         first_loss = last_loss = None
         start = time.time()
         start_step = self.step
         self.metrics.reset_timer(self.step)
+        self._mark = self._timing_mark()
+        pending: Optional[PendingStep] = None
         stopped = False
-        while self.step < t.iters:
-            step_start = time.time()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            result = self.train_step(self.step)
-            if not math.isfinite(result.loss) and not result.skipped:
-                raise TrainingError(
-                    f"loss is {result.loss} at step {self.step + 1} (lr {self.schedule(self.step):.3e}); training "
-                    "stopped without saving (the last good checkpoint stays). Try a lower train.lr, a longer "
-                    "train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.time() - step_start
-            self.step += 1
+
+        def finish(p: PendingStep) -> None:
+            nonlocal first_loss, last_loss, stopped
+            result, stop = self._finish_step(p)
             first_loss = result.loss if first_loss is None else first_loss
             last_loss = result.loss
-            self._log(result, dt)
-            if t.eval_interval and self.step % t.eval_interval == 0 and self.valid_ds is not None:
+            stopped = stopped or stop
+
+        while self.step < t.iters:
+            try:
+                queued = self._queue_step(self.step)
+            except TrainingError:
+                if pending is not None:  # report the earlier step first (it may be the cause)
+                    finish(pending)
+                raise
+            if pending is not None:
+                finish(pending)
+            pending = queued
+            self.step += 1
+            evaluate = bool(t.eval_interval) and self.step % t.eval_interval == 0 and self.valid_ds is not None
+            save = self.checkpoints.should_save(self.step)
+            if pending.ready or stopped or evaluate or save or self.step >= t.iters:
+                finish(pending)
+                pending = None
+            if evaluate:
                 self.metrics.log_eval(self.step, self.evaluate(self.step))
-            if self.checkpoints.should_save(self.step):
+            if save:
                 self.checkpoints.save(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
-            elif self.checkpoints.cfg.dir:
+            elif self.checkpoints.cfg.dir and self.step % self.cfg.log.interval == 0:
+                # Collective, and a host sync while an async save is in flight: every log interval.
                 self.checkpoints.poll()
-            if self._stop_requested():
-                stopped = True
+            if evaluate or save:
+                self._mark = self._timing_mark()  # the next step's time excludes eval and saving
+            if stopped:
                 self._info(f"received {self.stop.signal_name or 'a stop signal'}: stopping cleanly after step {self.step}")
                 break
         if not self.cfg.parallel.fsdp:
@@ -416,17 +556,66 @@ class Trainer:
         return {"steps": self.step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
                 "stopped_by_signal": stopped}
 
-    def _log(self, r: StepResult, dt: float) -> None:
+    def _timing_mark(self):
+        """Now, on the timeline that runs the steps: a CUDA event recorded on the current stream
+        (it completes when the GPU gets there), or the host clock on CPU."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def _seconds_between(start, end) -> float:
+        """Seconds between two marks. Called once the step's values were read, so the events are
+        complete and ``synchronize`` returns at once (it only waits for a step read early)."""
+        if isinstance(start, float):
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def _queue_step(self, step: int) -> PendingStep:
+        """``train_step`` plus its timing marks and the peak GPU memory allocated while queueing it
+        (the allocator counts on the host, so this is the step's peak without waiting for the GPU)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        queued = self.train_step(step)
+        if not isinstance(queued, PendingStep):  # a StepResult already read (e.g. a stand-in step)
+            queued = PendingStep.of(step, queued)
+        if cuda:
+            queued.mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
+        queued.start_mark, queued.end_mark = self._mark, self._timing_mark()
+        self._mark = queued.end_mark
+        return queued
+
+    def _finish_step(self, p: PendingStep) -> tuple[StepResult, bool]:
+        """Read step ``p`` (the host sync), check it, log it; returns (result, stop agreed)."""
+        result = p.resolve()
+        dt = self._seconds_between(p.start_mark, p.end_mark)
+        if result.tokens == 0:
+            raise TrainingError(self._no_tokens_message(p.index))
+        if not math.isfinite(result.loss) and not result.skipped:
+            raise TrainingError(
+                f"loss is {result.loss} at step {p.index + 1} (lr {self.schedule(p.index):.3e}); training "
+                "stopped without saving (the last good checkpoint stays). Try a lower train.lr, a longer "
+                "train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
+        self._log(result, dt, p.index + 1, p.mem_gb)
+        return result, self._stop_requested(p.votes)
+
+    def _log(self, r: StepResult, dt: float, step: Optional[int] = None, mem_gb: Optional[float] = None) -> None:
+        """One metrics record for step ``step`` (1-based; default ``self.step``) that took ``dt`` seconds."""
+        step = self.step if step is None else step
         tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tps = tokens_global / dt
-        record = {"step": self.step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(self.step - 1),
+        record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
                   "tokens_per_s": tps, "step_time_s": dt, "labelled_tokens": r.tokens}
         if self.device.type == "cuda":
             achieved = tps * self.flops_per_token / self.world_size / 1e12
             record["tflops_per_gpu"] = achieved
             record["mfu"] = achieved / self.peak_tflops if self.peak_tflops else None
-            record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["mem_gb"] = mem_gb if mem_gb is not None else torch.cuda.max_memory_allocated(self.device) / 2**30
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
             record["skipped"] = r.skipped
-        self.metrics.log_step(record, print_line=self.step % self.cfg.log.interval == 0 or self.step == 1)
+        self.metrics.log_step(record, print_line=step % self.cfg.log.interval == 0 or step == 1)

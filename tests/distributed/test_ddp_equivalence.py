@@ -9,6 +9,9 @@ errors below that floor.
 
 ``distopt_deferred_gather`` replaces the async parameter all-gather by one that leaves NaNs until
 waited for, so it fails if any parameter is read before the forward pre-hooks waited for it.
+
+``*_fused`` run torch's fused AdamW (the default for CUDA masters) with clipping and the non-finite
+skip folded into its kernel (``grad_scale``/``found_inf``, no host sync), on CPU.
 """
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from tests.distributed.conftest import case
 from tests.distributed.worlds import DDP_CASES
 
-CASE_NAMES = [c[0] for c in DDP_CASES] + ["distopt_deferred_gather"]
+CASE_NAMES = [c[0] for c in DDP_CASES] + ["distopt_deferred_gather"] + [c[0] + "_fused" for c in DDP_CASES[:2]]
 
 
 @pytest.mark.parametrize("world", [2, 4])

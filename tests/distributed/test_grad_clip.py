@@ -58,3 +58,19 @@ def test_tp2_dp2_layout_counts_every_element_once(norm_type):
         r = per_rank[norm_type]
         assert r["norm"] == pytest.approx(r["ref"], rel=1e-6)
         assert r["clip_err"] <= 1e-9
+
+
+@pytest.mark.parametrize("kind", ["replicated", "distopt"])
+@pytest.mark.parametrize("impl", ["unfused", "fused"])
+def test_nonfinite_norm_skips_the_step_on_every_rank(kind, impl):
+    """No loss scaler: a NaN gradient (in rank 0's shard only, for the distributed optimizer) gives
+    a NaN global norm everywhere, every rank skips (weights, moments and AdamW's step counter
+    untouched), the next step trains. Fused: the skip is decided inside the AdamW kernel and
+    nothing is read from the device until asked."""
+    for r in case(2, f"nonfinite/{kind}/{impl}"):
+        assert r["skipped"] == [True, False], r
+        assert r["norm_finite"] == [False, True], r
+        assert r["params_unchanged"] and r["state_unchanged"], r
+        assert r["unread_after_step"] == (impl == "fused"), r
+        assert r["num_steps"] == 2, r  # steps 1 and 3 applied; the skipped one is not counted
+        assert r["ranks_identical"] and r["moved_after"], r

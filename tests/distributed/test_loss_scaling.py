@@ -69,8 +69,9 @@ def test_bad_scaler_arguments_name_the_fix():
         ConstantLossScaler(0.0)
 
 
-@pytest.mark.parametrize("kind", ["replicated", "distopt"])
+@pytest.mark.parametrize("kind", ["replicated", "distopt", "replicated_fused", "distopt_fused"])
 def test_fp16_overflow_on_one_rank_skips_everywhere_and_recovers(kind):
+    """``*_fused``: torch's fused AdamW, where clipping runs inside the kernel after the unscale."""
     for r in case(2, f"fp16/overflow/{kind}"):
         assert r["skipped"] == [False, False, False, True] + [False] * 6
         s = r["scales"]

@@ -7,6 +7,7 @@ the test files assert on the entries (see tests/distributed/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -60,14 +61,14 @@ def deferred_param_gather():
         grad_buffer.all_gather_flat = real
 
 
-def case_ddp(ref, distributed, micro, bucket_mb, overlap, overlap_gather, deferred=False):
+def case_ddp(ref, distributed, micro, bucket_mb, overlap, overlap_gather, deferred=False, fused=None):
     ref_params, ref_norms, ref_losses, _ = ref
     if deferred:
         with deferred_param_gather():
-            return case_ddp(ref, distributed, micro, bucket_mb, overlap, overlap_gather)
+            return case_ddp(ref, distributed, micro, bucket_mb, overlap, overlap_gather, fused=fused)
     ddp = DistributedDataParallel(build_model(), bucket_size_mb=bucket_mb, overlap_grad_reduce=overlap,
                                   use_distributed_optimizer=distributed, overlap_param_gather=overlap_gather)
-    opt = make_optimizer(ddp, distributed)
+    opt = make_optimizer(ddp, distributed, fused=fused)
     infos, losses = train_steps(ddp, opt, STEPS, micro)
     params = {n: p.detach() for n, p in ddp.module.named_parameters()}
     norm_err = max(abs(i.grad_norm - r) / r for i, r in zip(infos, ref_norms))
@@ -127,13 +128,13 @@ def _null():
     return contextlib.nullcontext()
 
 
-def case_fp16_overflow(distributed: bool):
+def case_fp16_overflow(distributed: bool, fused=None):
     """Inject an inf into rank 0's own gradient shard at step 3: every rank must skip and back off."""
     rank = dist.get_rank()
     model = cast_params_(build_model(), torch.float16)
     ddp = DistributedDataParallel(model, bucket_size_mb=0.004, use_distributed_optimizer=distributed)
     scaler = DynamicLossScaler(initial_scale=2.0 ** 10, growth_interval=3, hysteresis=1)
-    opt = make_optimizer(ddp, distributed, loss_scaler=scaler)
+    opt = make_optimizer(ddp, distributed, loss_scaler=scaler, fused=fused)
     record = {}
 
     def before_step(step):
@@ -174,6 +175,38 @@ def case_fp16_skip_leaves_params(distributed: bool):
     same_state = all(torch.equal(a, s["exp_avg"]) for a, s in zip(state_before, opt.state.values()))
     return {"skipped": [i.skipped for i in infos], "scales": [i.loss_scale for i in infos],
             "params_unchanged": same, "moments_unchanged": same_state}
+
+
+def case_nonfinite_norm_skip(distributed: bool, fused: bool):
+    """bf16/fp32 (no loss scaler): a NaN gradient makes the global norm NaN on every rank, so every
+    rank skips that step (fused: decided on the device, inside AdamW, and not read until asked) and
+    the next step trains normally; the ranks keep identical weights. The distributed optimizer sums
+    the norm over DP, so a NaN in rank 0's own shard suffices; replicated gradients are reduced
+    before the step (a NaN there is on every rank), so it goes into every rank's copy."""
+    ddp = DistributedDataParallel(build_model(), bucket_size_mb=0.004, use_distributed_optimizer=distributed)
+    opt = make_optimizer(ddp, distributed, fused=fused)
+    train_steps(ddp, opt, 1, micro=2)
+    before = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    state_before = [(s["exp_avg"].clone(), s["step"].clone()) for s in opt.state.values()]
+
+    def inject(step):
+        if dist.get_rank() == 0 or not distributed:
+            f = opt.fragments[0]
+            f.param.main_grad.view(-1)[f.start] = float("nan")
+
+    bad, _ = train_steps(ddp, opt, 1, micro=2, before_step=inject, first_step=1)
+    unread = not bad[0].ready
+    same = all(torch.equal(before[n], p.detach()) for n, p in ddp.module.named_parameters())
+    same_state = all(torch.equal(a, s["exp_avg"]) and torch.equal(c, s["step"])
+                     for (a, c), s in zip(state_before, opt.state.values()))
+    good, _ = train_steps(ddp, opt, 1, micro=2, first_step=2)
+    flat = torch.cat([p.detach().float().view(-1) for p in ddp.module.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return {"skipped": [i.skipped for i in bad + good], "norm_finite": [math.isfinite(i.grad_norm) for i in bad + good],
+            "unread_after_step": unread, "params_unchanged": same, "state_unchanged": same_state,
+            "num_steps": opt.num_steps, "ranks_identical": all(torch.equal(gathered[0], g) for g in gathered),
+            "moved_after": not all(torch.equal(before[n], p.detach()) for n, p in ddp.module.named_parameters())}
 
 
 def case_reshard_state(ref, steps_before: int = 3, steps_after: int = 3):
@@ -282,6 +315,10 @@ def run_world(rank: int, world_size: int) -> dict:
             results[f"ddp/{name}"] = run_case(case_ddp, ref, distributed, micro[world_size], bucket_mb, overlap, gather)
         # Param all-gathers that complete only when waited for: proves every read waits first.
         results["ddp/distopt_deferred_gather"] = run_case(case_ddp, ref, True, 1, 0.004, True, True, deferred=True)
+        # torch's fused AdamW (the CUDA default) with clipping and skipping folded into its kernel, on CPU.
+        for name, distributed, micro, bucket_mb, overlap, gather in DDP_CASES[:2]:
+            results[f"ddp/{name}_fused"] = run_case(case_ddp, ref, distributed, micro[world_size], bucket_mb, overlap,
+                                                    gather, fused=True)
         results["bytes/fp32"] = run_case(case_state_bytes, torch.float32)
         results["bytes/bf16"] = run_case(case_state_bytes, torch.bfloat16)
         results["reshard"] = run_case(case_reshard_state, ref)
@@ -291,7 +328,11 @@ def run_world(rank: int, world_size: int) -> dict:
             for distributed in (False, True):
                 key = "distopt" if distributed else "replicated"
                 results[f"fp16/overflow/{key}"] = run_case(case_fp16_overflow, distributed)
+                results[f"fp16/overflow/{key}_fused"] = run_case(case_fp16_overflow, distributed, True)
                 results[f"fp16/skip/{key}"] = run_case(case_fp16_skip_leaves_params, distributed)
+                for fused in (False, True):
+                    results[f"nonfinite/{key}/{'fused' if fused else 'unfused'}"] = run_case(
+                        case_nonfinite_norm_skip, distributed, fused)
         if world_size == 4:
             results["gradnorm/tp_dp"] = run_case(case_grad_norm_tp_dp, world_size)
             results["parallel_state"] = run_case(case_parallel_state_groups)  # last: it re-initializes groups
