@@ -4,24 +4,13 @@ name the NCCL kernels (is a collective slow by itself, or only inside a training
     torchrun --nproc-per-node 2 benchmarks/nccl_groups.py
 """
 import os
-import time
 
 import torch
 import torch.distributed as dist
+from bench_nccl import bench  # seconds per call of fn, CUDA-synchronized (same folder)
 from torch.profiler import ProfilerActivity, profile
 
 import megacore.parallel as P
-
-
-def bench(fn, n=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
 
 
 def main():
@@ -32,8 +21,8 @@ def main():
     x = torch.randn(4, 2048, 2048, device="cuda", dtype=torch.bfloat16)  # 32 MiB, one SP activation
     full = torch.empty(8, 2048, 2048, device="cuda", dtype=torch.bfloat16)
     for name, group in (("world", None), ("tp", state.tp_group)):
-        rs = bench(lambda: dist.reduce_scatter_tensor(x.new_empty(2, 2048, 2048), x, group=group))
-        ag = bench(lambda: dist.all_gather_into_tensor(full, x, group=group))
+        rs = 1e3 * bench(lambda: dist.reduce_scatter_tensor(x.new_empty(2, 2048, 2048), x, group=group))
+        ag = 1e3 * bench(lambda: dist.all_gather_into_tensor(full, x, group=group))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             dist.reduce_scatter_tensor(x.new_empty(2, 2048, 2048), x, group=group)
             dist.all_gather_into_tensor(full, x, group=group)

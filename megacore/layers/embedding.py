@@ -25,5 +25,7 @@ class LanguageModelEmbedding(nn.Module):
         if self.position_embeddings is not None:
             if position_ids_BS is None:
                 position_ids_BS = torch.arange(input_ids_BS.shape[1], device=input_ids_BS.device)[None, :]
-            hidden_BSH = hidden_BSH + self.position_embeddings(position_ids_BS)
+            # Full [B, S] ids: under sequence parallelism the positions are split over the batch's
+            # tokens like the word embeddings (megacore.parallel.collectives), not broadcast.
+            hidden_BSH = hidden_BSH + self.position_embeddings(position_ids_BS.expand_as(input_ids_BS))
         return self.dropout(hidden_BSH)

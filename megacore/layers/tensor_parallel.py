@@ -15,8 +15,9 @@ tensor is their concatenation. Plain splits are one segment per rank; fused weig
 a KV group's k/v rows on several ranks (``replicated``), whose gradients must then be summed over
 those ranks (``megacore.parallel.grad_sync``).
 
-Shapes: activations [B, S, H]; under sequence parallelism (SP) the residual stream is split along
-S, [B, S/t, H], and the layers gather/scatter at their edges.
+Shapes: activations [B, S, H]; under sequence parallelism (SP) the residual stream is split over
+the batch's tokens, [B, S/t, H] per rank (``megacore.parallel.collectives``: rank r holds token
+chunk r of the flattened B·S tokens), and the layers gather/scatter at their edges.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ + b with W's output rows split across TP: weight [out_local, in].
 
     Input: [B, S, in] replicated (``copy_to_tp``: backward all-reduces dx), or [B, S/t, in] under
-    SP (``gather_from_sp``: all-gather along S, backward reduce-scatter). Output: [B, S, out_local],
+    SP (``gather_from_sp``: all-gather of the tokens, backward reduce-scatter). Output: [B, S, out_local],
     or [B, S, out] with ``gather_output`` (contiguous layouts only). ``layout`` (dim 0) defaults to
     an even contiguous split.
     """
@@ -231,7 +232,7 @@ class RowParallelLinear(nn.Module):
     """y = Σ_r x_r W_rᵀ + b with W's input columns split across TP: weight [out, in_local].
 
     Input: [B, S, in_local] (already split, ``input_is_parallel``) or [B, S, in] (scattered here).
-    Output: [B, S, out] after an all-reduce, or [B, S/t, out] after a reduce-scatter along S under
+    Output: [B, S, out] after an all-reduce, or [B, S/t, out] after a reduce-scatter of the tokens under
     SP. The bias is replicated and added after the reduction; under SP each rank sees only its
     sequence shard, so the bias enters through ``copy_to_tp`` and its gradient is summed over TP
     by autograd itself.
@@ -313,10 +314,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class SequenceParallelPositionEmbedding(nn.Module):
-    """Learned absolute positions under SP: the full table (replicated), output scattered along S.
+    """Learned absolute positions under SP: the full table (replicated), output scattered like the
+    word embeddings (token chunk r of the batch).
 
-    position ids [B or 1, S] -> [B or 1, S/t, H]; the backward all-gathers the sequence, so every
-    rank's table gradient is already complete (no TP sum needed).
+    position ids [B, S] -> [B, S/t, H]; the backward all-gathers the tokens, so every rank's table
+    gradient is already complete (no TP sum needed).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group=None, device=None, dtype=None,

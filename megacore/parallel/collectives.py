@@ -2,7 +2,9 @@
 
 Notation: t = group size, r = this rank's index in the group, x_r = rank r's input, ``Σ_r`` a sum
 over the group, ``[a_0 | ... | a_{t-1}]`` concatenation along the stated dim, ``chunk_r(x)`` the r-th
-of t equal chunks. Activations are [B, S, H]; the sequence dim is 1.
+of t equal chunks. Activations are [B, S, H]; the sequence dim is 1. The sequence-parallel (SP)
+functions work on the tokens: ``tok(x)`` is x viewed as [B·S, H] (batch-major), and an SP shard is
+``chunk_r(tok(x))`` stored as [B, S/t, H] (see "Sequence-parallel shards" below).
 
 ============================  ==============================  ==============================
 function                      forward                         backward (of the output grad g)
@@ -11,17 +13,25 @@ copy_to_tp                    y = x                           dx = Σ_r g_r     
 reduce_from_tp                y = Σ_r x_r     (all-reduce)    dx = g
 scatter_to_tp_last_dim        y = chunk_r(x, -1)              dx = [g_0 | ... | g_{t-1}] (-1)
 gather_from_tp_last_dim       y = [x_0 | ... | x_{t-1}] (-1)  dx = chunk_r(g, -1)
-scatter_to_sp                 y = chunk_r(x, 1)               dx = [g_0 | ... | g_{t-1}] (1)
-gather_from_sp                y = [x_0 | ... | x_{t-1}] (1)   dx = chunk_r(Σ_r g_r, 1) (reduce-scatter)
-                                                              or chunk_r(g, 1) if the grad is
+scatter_to_sp                 y = chunk_r(tok(x))             dx = [g_0 | ... | g_{t-1}] (tokens)
+gather_from_sp                y = [x_0 | ... | x_{t-1}]       dx = chunk_r(tok(Σ_r g_r)) (reduce-scatter)
+                              (tokens)                        or chunk_r(tok(g)) if the grad is
                                                               not a partial sum
-reduce_scatter_to_sp          y = chunk_r(Σ_r x_r, 1)         dx = [g_0 | ... | g_{t-1}] (1)
+reduce_scatter_to_sp          y = chunk_r(tok(Σ_r x_r))       dx = [g_0 | ... | g_{t-1}] (tokens)
 all_to_all                    split dim a, exchange, cat      the inverse all-to-all
                               along dim b
 ============================  ==============================  ==============================
 
 ``group=None`` (or a group of one rank, or torch.distributed not initialized) means "no
 parallelism": every function is then the identity.
+
+Sequence-parallel shards: rank r holds the r-th contiguous 1/t of the batch's B·S tokens, in a
+tensor of shape [B, S/t, H]. Everything that runs on SP shards (norms, dropout, residual adds,
+position-embedding adds) is token-wise, so which tokens a rank holds does not matter, only that
+every SP function agrees. Splitting the flattened tokens makes every SP collective a plain
+dim-0 collective on a view: no transposing copies before and after it (splitting dim 1 of a
+batch-major [B, S, H] would need them whenever B > 1), and under compile the simplest all-gather /
+reduce-scatter patterns for inductor. For B = 1 it is the same as splitting the sequence.
 
 Backends: NCCL uses the flat-tensor collectives (``all_gather_into_tensor`` /
 ``reduce_scatter_tensor``, spelled ``all_gather_single`` / ``reduce_scatter_single`` from torch
@@ -266,28 +276,51 @@ def gather_from_tp_last_dim(x: torch.Tensor, group: ProcessGroup) -> torch.Tenso
     return x if _skip(group) else _Gather.apply(x, x.dim() - 1, group, False)
 
 
+def _tokens(x: torch.Tensor, t: int, what: str) -> torch.Tensor:
+    """x [B, S, ...] viewed as [B·S, ...] (a view for contiguous x), after checking S splits t ways."""
+    if x.dim() < 2:
+        raise ValueError(f"{what}: expected [batch, seq, ...], got shape {tuple(x.shape)}")
+    if x.shape[SEQ_DIM] % t != 0:
+        raise ValueError(f"{what}: the sequence length {x.shape[SEQ_DIM]} (tensor of shape {tuple(x.shape)}) is not "
+                         f"divisible by the group size {t}; choose a sequence length that is a multiple of the "
+                         "tensor-parallel size")
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
 def scatter_to_sp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """[B, S, H] -> [B, S/t, H]: fwd keeps sequence chunk r; bwd all-gathers the sequence.
+    """[B, S, H] -> [B, S/t, H]: fwd keeps token chunk r; bwd all-gathers the tokens.
 
     For a replicated activation entering a sequence-parallel region (its grad shards are disjoint).
     """
-    return x if _skip(group) else _Scatter.apply(x, SEQ_DIM, group)
+    if _skip(group):
+        return x
+    t = group_size(group)
+    out = _Scatter.apply(_tokens(x, t, "scatter_to_sp"), 0, group)
+    return out.view(x.shape[0], x.shape[1] // t, *x.shape[2:])
 
 
 def gather_from_sp(x: torch.Tensor, group: ProcessGroup, grad_is_partial: bool = True) -> torch.Tensor:
-    """[B, S/t, H] -> [B, S, H]: fwd all-gathers the sequence.
+    """[B, S/t, H] -> [B, S, H]: fwd all-gathers the tokens.
 
     bwd with ``grad_is_partial`` (the default: the consumer is a column-parallel linear, so each
     rank's grad is a partial sum over its output shard): dx = chunk_r(Σ_r g_r) (reduce-scatter).
     Otherwise (the consumer is replicated): dx = chunk_r(g).
     """
-    return x if _skip(group) else _Gather.apply(x, SEQ_DIM, group, grad_is_partial)
+    if _skip(group):
+        return x
+    t = group_size(group)
+    out = _Gather.apply(_tokens(x, 1, "gather_from_sp"), 0, group, grad_is_partial)
+    return out.view(x.shape[0], x.shape[1] * t, *x.shape[2:])
 
 
 def reduce_scatter_to_sp(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """[B, S, H] partial sums -> [B, S/t, H]: fwd y = chunk_r(Σ_r x_r) (reduce-scatter along the
-    sequence); bwd all-gathers the sequence. The exit of a row-parallel linear under SP."""
-    return x if _skip(group) else _ReduceScatter.apply(x, SEQ_DIM, group)
+    """[B, S, H] partial sums -> [B, S/t, H]: fwd y = chunk_r(Σ_r x_r) over the tokens
+    (reduce-scatter); bwd all-gathers the tokens. The exit of a row-parallel linear under SP."""
+    if _skip(group):
+        return x
+    t = group_size(group)
+    out = _ReduceScatter.apply(_tokens(x, t, "reduce_scatter_to_sp"), 0, group)
+    return out.view(x.shape[0], x.shape[1] // t, *x.shape[2:])
 
 
 def all_to_all(x: torch.Tensor, group: ProcessGroup, scatter_dim: int, gather_dim: int) -> torch.Tensor:

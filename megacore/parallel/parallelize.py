@@ -14,12 +14,12 @@ ColwiseQKV             fused grouped QKV, column-parallel: whole KV groups per r
                        those ranks (``grad_sync`` kind "replicas")
 Colwise / ColwiseGated column-parallel linear; gated fc1 splits gate and up separately so rank r
                        holds [gate_r; up_r]
-Rowwise                row-parallel linear (all-reduce, or reduce-scatter along S under SP)
+Rowwise                row-parallel linear (all-reduce, or reduce-scatter of the tokens under SP)
 VocabEmbedding         vocab-parallel embedding over config.padded_vocab_size rows
 VocabOutput            column-parallel output layer over the padded vocab, logits stay sharded
 ReplicatedPartialGrad  replicated params whose gradient is split across TP (QK-norm): TP sum
 SequenceParallelNorm   norm running on sequence shards: params replicated, gradients TP-summed
-SequenceParallelPositions  learned positions scattered along S
+SequenceParallelPositions  learned positions scattered over the tokens like the word embeddings
 TPForkedDropout        dropout on sequence shards draws from the tensor-parallel RNG stream
 TPRandom               core attention dropout (local heads) draws from the tensor-parallel stream
 Replicate              declared replicated, nothing to do (silences the coverage check)

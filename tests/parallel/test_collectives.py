@@ -24,6 +24,16 @@ def _cases(t):
     def chunk(x, dim, r):
         return x.chunk(t, dim=dim)[r]
 
+    # Sequence-parallel shards split the batch's flattened tokens (B*S, batch-major).
+    def tok(x):
+        return x.reshape(-1, x.shape[-1])
+
+    def sp_chunk(x, r):
+        return chunk(tok(x), 0, r).view(x.shape[0], x.shape[1] // t, x.shape[2])
+
+    def sp_cat(xs):
+        return cat([tok(x) for x in xs], 0).view(xs[0].shape[0], xs[0].shape[1] * t, xs[0].shape[2])
+
     a2a_shape = (B, S // t, 4, 3)
     return {
         "copy_to_tp": (C.copy_to_tp, (B, S, H), (B, S, H),
@@ -35,14 +45,14 @@ def _cases(t):
         "gather_from_tp_last_dim": (C.gather_from_tp_last_dim, (B, S, H // t), (B, S, H),
                                     lambda xs, gs, r: (cat(xs, -1), chunk(gs[r], -1, r))),
         "scatter_to_sp": (C.scatter_to_sp, (B, S, H), (B, S // t, H),
-                          lambda xs, gs, r: (chunk(xs[r], 1, r), cat(gs, 1))),
+                          lambda xs, gs, r: (sp_chunk(xs[r], r), sp_cat(gs))),
         "gather_from_sp": (C.gather_from_sp, (B, S // t, H), (B, S, H),
-                           lambda xs, gs, r: (cat(xs, 1), chunk(sum(gs), 1, r))),
+                           lambda xs, gs, r: (sp_cat(xs), sp_chunk(sum(gs), r))),
         "gather_from_sp_replicated_grad": (lambda x, g: C.gather_from_sp(x, g, grad_is_partial=False),
                                            (B, S // t, H), (B, S, H),
-                                           lambda xs, gs, r: (cat(xs, 1), chunk(gs[r], 1, r))),
+                                           lambda xs, gs, r: (sp_cat(xs), sp_chunk(gs[r], r))),
         "reduce_scatter_to_sp": (C.reduce_scatter_to_sp, (B, S, H), (B, S // t, H),
-                                 lambda xs, gs, r: (chunk(sum(xs), 1, r), cat(gs, 1))),
+                                 lambda xs, gs, r: (sp_chunk(sum(xs), r), sp_cat(gs))),
         "all_to_all": (lambda x, g: C.all_to_all(x, g, scatter_dim=2, gather_dim=1), a2a_shape,
                        (B, S, 4 // t, 3),
                        lambda xs, gs, r: (cat([chunk(xs[j], 2, r) for j in range(t)], 1),

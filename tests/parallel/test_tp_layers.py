@@ -92,8 +92,8 @@ def _layer_cases(rank, world):
         if got.shape != want.shape or not torch.allclose(got, want, atol=tol, rtol=tol):
             failures.append(f"{tag}: {tuple(got.shape)} vs {tuple(want.shape)}")
 
-    def seq(x):
-        return x.chunk(t, 1)[rank]
+    def seq(x):  # this rank's sequence-parallel shard: token chunk r of the flattened batch
+        return x.reshape(-1, x.shape[-1]).chunk(t, 0)[rank].view(x.shape[0], x.shape[1] // t, x.shape[-1])
 
     def cols(x):
         return x.chunk(t, -1)[rank]
