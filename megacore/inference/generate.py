@@ -21,8 +21,8 @@ from ``--config``'s ``data:`` section (for ``data.source=default`` the cached by
 embedded corpus, the one training used), or from the ``data`` section of a ``run_config`` that the
 checkpoint's ``extra`` records. Without any, pass ``--prompt-ids``.
 
-Decoding is the KV-cache-free loop of ``megacore.inference.sampling`` (every token re-runs the full
-forward): ``--temperature 0`` (the default) is greedy. Generation stops at ``--max-new-tokens`` or at
+Decoding is the KV-cached loop of ``megacore.inference.sampling`` (the prompt is fed once, then one
+token per step): ``--temperature 0`` (the default) is greedy. Generation stops at ``--max-new-tokens`` or at
 an end-of-sequence token (the HF config's ``eos_token_id``, else the tokenizer's end-of-document
 id; ``--ignore-eos`` disables this). The prompt and the continuation are printed to stdout.
 """

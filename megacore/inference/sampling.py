@@ -1,12 +1,16 @@
-"""Autoregressive decoding: greedy and temperature / top-k / top-p sampling, without a KV cache.
+"""Autoregressive decoding: greedy and temperature / top-k / top-p sampling, with a KV cache.
 
     ids_BT = generate(model, prompt_ids_BS, max_new_tokens=32)                              # greedy
     ids_BT = generate(model, prompt_ids_BS, 32, temperature=0.8, top_k=50, top_p=0.95, seed=1)
 
-Every new token re-runs the FULL forward over the whole sequence so far (prompt + generated
-tokens): cost O(T²) per sequence instead of O(T) with a KV cache, which is fine for checking a
-model, not for serving. Only the last window of ``config.seq_length`` tokens is fed to the model
-once the sequence grows past it (the model never sees more positions than it was built for).
+A one-device ``GPTModel`` decodes with a ``megacore.inference.KVCache``: the prompt is fed once
+(prefill), then each step feeds only the newest token, whose attention reads the cached keys and
+values. Any other causal LM (``model(ids)`` -> logits), or ``use_cache=False``, re-runs the full
+forward over the whole sequence for every token (O(T²)); both give the same tokens.
+
+The model never sees more than ``config.seq_length`` positions: once the sequence grows past it,
+only the last window is fed (uncached), or, with the cache, the cache is reset and refilled with
+the last window at every further step, which is the same computation.
 
 Next-token choice from the logits ``z`` of the last position (fp32), in Hugging Face's order:
 
@@ -57,6 +61,18 @@ def next_token(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int = 0
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits_BV.device)
 
 
+def _new_cache(model, batch: int, window: Optional[int]):
+    """A KVCache for a whole one-device GPTModel, else None (decode without a cache)."""
+    from megacore.models.gpt import GPTModel
+
+    whole = getattr(model, "pre_process", False) and getattr(model, "post_process", False)
+    if not isinstance(model, GPTModel) or not whole or getattr(model, "_megacore_tp", None) is not None or not window:
+        return None
+    from megacore.inference.kv_cache import KVCache
+
+    return KVCache.for_model(model, batch, max_length=window)
+
+
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -71,11 +87,12 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
-             eos_ids: Iterable[int] = ()) -> torch.Tensor:
+             eos_ids: Iterable[int] = (), use_cache: bool = True) -> torch.Tensor:
     """Continue ``input_ids`` [B, S] (or [S]) by up to ``max_new_tokens`` tokens; returns [B, S + n].
 
     ``model(ids)`` must return logits [B, S, V] (a one-device ``GPTModel``, or any causal LM with
     that signature). The model is switched to eval mode for the call and restored afterwards.
+    ``use_cache``: decode with a KV cache when the model supports one (see the module docstring).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     squeeze = input_ids.dim() == 1
@@ -89,10 +106,19 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     pad = torch.zeros_like(finished, dtype=ids.dtype)
     was_training = model.training
     model.eval()
+    cache = _new_cache(model, ids.shape[0], window) if use_cache else None
     try:
         for _ in range(max_new_tokens):
             context = ids[:, -window:] if window else ids
-            logits_BV = model(context)[:, -1, :]
+            if cache is None:
+                logits_BV = model(context)[:, -1, :]
+            else:
+                if cache.length == 0 or cache.length + 1 > cache.max_length:
+                    cache.reset()          # first step, or the window is full: (re)fill it
+                    feed = context
+                else:
+                    feed = ids[:, -1:]     # only the newest token; the rest is cached
+                logits_BV = model(feed, kv_cache=cache)[:, -1, :]
             token = next_token(logits_BV, temperature, top_k, top_p, generator)
             token = torch.where(finished, pad, token)
             ids = torch.cat([ids, token[:, None]], dim=1)

@@ -138,12 +138,14 @@ class SelfAttention(nn.Module):
         q = qkv[:, :, :, : self.q_per_group].reshape(b, s, groups * self.q_per_group, self.head_dim)
         return q, qkv[:, :, :, self.q_per_group], qkv[:, :, :, self.q_per_group + 1]
 
-    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
         q, k, v = self.split_qkv(self.linear_qkv(hidden_BSH))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
+        if kv_cache is not None:  # append the new positions; attend over every cached one
+            k, v = kv_cache.update(k, v)
         out_BSHD = self.core_attention(q, k, v, mask)
         return self.linear_proj(out_BSHD.reshape(*out_BSHD.shape[:2], -1))

@@ -29,8 +29,13 @@ class TransformerLayer(nn.Module):
         self.mlp = spec.mlp(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
-        attn_BSH = self.hidden_dropout(self.self_attention(self.input_norm(hidden_BSH), rotary, mask))
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
+        normed_BSH = self.input_norm(hidden_BSH)
+        if kv_cache is None:
+            attn_BSH = self.self_attention(normed_BSH, rotary, mask)
+        else:  # incremental decoding: kv_cache is this layer's LayerKVCache
+            attn_BSH = self.self_attention(normed_BSH, rotary, mask, kv_cache=kv_cache)
+        attn_BSH = self.hidden_dropout(attn_BSH)
         normed_BSH, hidden_BSH = add_then_norm(self.pre_mlp_norm, attn_BSH, hidden_BSH)
         return hidden_BSH + self.hidden_dropout(self.mlp(normed_BSH))
 
@@ -69,9 +74,11 @@ class TransformerBlock(nn.Module):
             if recompute.granularity == "full" and layer.layer_number % recompute.every == 0:
                 self.full_recompute_layers.add(layer.layer_number)
 
-    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None) -> torch.Tensor:
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
         for layer in self.layers.values():
-            if self.training and layer.layer_number in self.full_recompute_layers:
+            if kv_cache is not None:
+                hidden_BSH = layer(hidden_BSH, rotary, mask, kv_cache=kv_cache.layer(layer.layer_number))
+            elif self.training and layer.layer_number in self.full_recompute_layers:
                 hidden_BSH = checkpoint(layer, hidden_BSH, rotary, mask)
             else:
                 hidden_BSH = layer(hidden_BSH, rotary, mask)

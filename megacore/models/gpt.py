@@ -147,13 +147,18 @@ class GPTModel(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, reduction: str = "mean", hidden_states=None):
+                loss_mask: Optional[torch.Tensor] = None, reduction: str = "mean", hidden_states=None,
+                kv_cache=None):
         """input_ids [B, S] -> logits [B, S, vocab_size], or the loss when ``labels`` is given.
 
         ``attention_mask``: [B, S] padding mask (1 = real token) or a boolean [B, 1, S, S] mask
         (True = may attend), and-ed with causality. ``hidden_states`` replaces the embedding
-        output on pipeline stages after the first.
+        output on pipeline stages after the first. ``kv_cache`` (a
+        ``megacore.inference.KVCache``): ``input_ids`` are the NEW tokens, at positions continuing
+        from ``kv_cache.length``; returns their logits (incremental decoding).
         """
+        if kv_cache is not None:
+            return self._forward_cached(input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states)
         if self.pre_process:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -171,6 +176,30 @@ class GPTModel(nn.Module):
         if labels is None:
             return self.full_logits(hidden_BSH)
         return self.compute_loss(hidden_BSH, labels, loss_mask, reduction)
+
+    def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
+        if labels is not None or position_ids is not None or attention_mask is not None or hidden_states is not None:
+            raise ValueError("forward(kv_cache=...) takes only input_ids (the new tokens): positions and the causal "
+                             "mask come from the cache; labels, position_ids, attention_mask and hidden_states are "
+                             "for the uncached forward")
+        if not (self.pre_process and self.post_process) or getattr(self, "_megacore_tp", None) is not None:
+            raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage or a "
+                             "tensor-parallel shard); rebuild the model on one device for generation")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, new_tokens] tensor, got {tuple(input_ids.shape)}")
+        batch, new = input_ids.shape
+        kv_cache.check_room(new, batch)
+        start = kv_cache.length
+        if self.embedding.position_embeddings is not None and start + new > self.config.seq_length:
+            raise ValueError(f"position {start + new - 1} is past model.seq_length={self.config.seq_length} (learned "
+                             "positions); reset the cache and re-feed the last window")
+        positions = torch.arange(start, start + new, device=input_ids.device)[None, :].expand(batch, new)
+        hidden_BSH = self.embedding(input_ids, positions)
+        rotary = self.rotary(new, input_ids.device, hidden_BSH.dtype, positions) if self.rotary is not None else None
+        mask = kv_cache.attention_mask(new, input_ids.device, self.config.sliding_window)
+        hidden_BSH = self.decoder(hidden_BSH, rotary, mask, kv_cache=kv_cache)
+        kv_cache.advance(new)
+        return self.full_logits(hidden_BSH)
 
     def _full_seq_len(self, hidden_BSH, input_ids):
         if input_ids is not None:

@@ -1,0 +1,104 @@
+"""Key/value cache for incremental decoding with a one-device ``GPTModel``.
+
+    cache = KVCache.for_model(model, batch=2, max_length=256)
+    logits = model(prompt_ids_BS, kv_cache=cache)        # prefill: positions 0..S-1
+    logits = model(next_ids_B1, kv_cache=cache)          # decode: position S, attends to 0..S
+
+Each attention layer stores the keys and values of every position it has seen (after QK-norm and
+rotary, i.e. exactly what its attention reads) in preallocated [B, max_length, G, D] buffers, G
+the layer's KV heads. A forward with ``kv_cache`` feeds only the NEW tokens: their positions
+continue from ``cache.length``; each layer appends their k/v and attends over everything cached
+(causal, and within ``sliding_window`` when the model has one); ``cache.length`` advances by the
+number of new tokens once the forward is done.
+
+The math is the full forward's: the new tokens' queries see the same keys and values, at the same
+positions, as they would in a forward over the whole sequence (``tests/inference/test_kv_cache.py``
+checks logits and greedy tokens against the uncached model).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class LayerKVCache:
+    """One layer's slice of a :class:`KVCache`: ``update(k, v)`` appends and returns all keys/values."""
+
+    def __init__(self, cache: "KVCache", layer_number: int):
+        self.cache, self.layer_number = cache, layer_number
+
+    def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(self.layer_number, k_BSGD, v_BSGD)
+
+
+class KVCache:
+    """Keys and values of every layer for ``batch`` sequences of up to ``max_length`` positions."""
+
+    def __init__(self, batch: int, max_length: int, kv_heads: int, head_dim: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        if batch < 1 or max_length < 1:
+            raise ValueError(f"KVCache needs batch >= 1 and max_length >= 1, got batch={batch}, max_length={max_length}")
+        self.batch, self.max_length = batch, max_length
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.device, self.dtype = device, dtype
+        self.length = 0
+        self._k: dict[int, torch.Tensor] = {}
+        self._v: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_length: Optional[int] = None) -> "KVCache":
+        """A cache shaped for ``model`` (a one-device GPTModel), on its device and in its dtype.
+        ``max_length`` defaults to the model's ``seq_length``."""
+        config = model.config
+        p = next(model.parameters())
+        length = config.seq_length if max_length is None else max_length
+        return cls(batch, length, config.num_kv_heads, config.head_dim, p.device, p.dtype)
+
+    def layer(self, layer_number: int) -> LayerKVCache:
+        return LayerKVCache(self, layer_number)
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept for reuse)."""
+        self.length = 0
+
+    def check_room(self, new_tokens: int, batch: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"the input has batch {batch} but the KV cache was made for batch {self.batch}; "
+                             "make a new KVCache.for_model(model, batch=...)")
+        if self.length + new_tokens > self.max_length:
+            raise ValueError(f"the KV cache holds {self.length} of {self.max_length} positions and cannot take "
+                             f"{new_tokens} more; make it larger (max_length) or reset() it and re-feed the "
+                             "context you want to keep")
+
+    def update(self, layer_number: int, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
+        """Write the new tokens' k/v at positions ``length..length+S`` of layer ``layer_number``;
+        return the layer's keys and values for positions ``0..length+S``."""
+        b, s, g, d = k_BSGD.shape
+        if layer_number not in self._k:
+            shape = (self.batch, self.max_length, g, d)
+            self._k[layer_number] = torch.empty(shape, device=k_BSGD.device, dtype=k_BSGD.dtype)
+            self._v[layer_number] = torch.empty(shape, device=v_BSGD.device, dtype=v_BSGD.dtype)
+        k_all, v_all = self._k[layer_number], self._v[layer_number]
+        end = self.length + s
+        k_all[:, self.length:end] = k_BSGD
+        v_all[:, self.length:end] = v_BSGD
+        return k_all[:, :end], v_all[:, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        """Count ``new_tokens`` positions as cached (the model calls this after every layer appended)."""
+        self.length += new_tokens
+
+    def attention_mask(self, new_tokens: int, device, sliding_window: Optional[int] = None):
+        """Boolean mask [1, 1, S_new, length + S_new] (True = may attend) for the new tokens' queries, or
+        None when it is plain causal attention over a fresh cache (SDPA's causal fast path)."""
+        start = self.length
+        if start == 0 and sliding_window is None:
+            return None
+        q = torch.arange(start, start + new_tokens, device=device)[:, None]
+        k = torch.arange(start + new_tokens, device=device)[None, :]
+        mask = k <= q
+        if sliding_window is not None:
+            mask = mask & (k > q - sliding_window)
+        return mask[None, None]
