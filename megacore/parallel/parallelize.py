@@ -27,7 +27,9 @@ Replicate              declared replicated, nothing to do (silences the coverage
 
 Model edges (set on the instance): ``cross_entropy`` becomes ``vocab_parallel_cross_entropy``;
 ``output_logits`` enters the TP region (``copy_to_tp``, or ``gather_from_sp`` of the final-norm
-output under SP) and multiplies by the local vocab shard (the embedding shard when tied);
+output under SP) and multiplies by the local vocab shard (the embedding shard when tied); where
+the Triton kernels run (CUDA, eager), the loss head is instead the fused vocab-parallel
+``fused_linear_cross_entropy``, which never materializes the logit shard;
 ``full_logits`` (``model(input_ids)`` without labels) gathers the vocab shards into full
 [B, S, vocab_size] logits; ``sequence_parallel_size`` tells the model the residual stream is split.
 
@@ -327,6 +329,37 @@ def _tp_output_logits(model, hidden_BSH: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden_BSH, model.output_weight())
 
 
+def _tp_use_fused_loss(model, hidden_BSH: torch.Tensor) -> bool:
+    """The fused vocab-parallel loss head runs where the single-device one would: the kernel backend
+    picks Triton for this tensor (CUDA in eager mode by default), hidden and weight share a dtype,
+    no autocast, and ``model.cross_entropy`` is still the vocab-parallel loss parallelize installed."""
+    from megacore.kernels._dispatch import use_triton
+
+    return (isinstance(model.cross_entropy, VocabParallelLoss) and hidden_BSH.dtype == model.output_weight().dtype
+            and not torch.is_autocast_enabled(hidden_BSH.device.type)
+            and use_triton(hidden_BSH, kernel="fused_linear_cross_entropy"))
+
+
+def _tp_fused_loss(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, weights_BS, reduction: str):
+    """Output GEMM + cross entropy over this rank's vocab shard without materializing the logits
+    (``fused_linear_cross_entropy`` with ``tp_group``). Its hidden gradient is a partial sum over
+    the vocab shards; the entering collective's backward sums it over TP (``gather_from_sp``'s
+    reduce-scatter under SP, ``copy_to_tp``'s all-reduce otherwise)."""
+    from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from megacore.losses import IGNORE_INDEX
+
+    ctx: TPContext = model._megacore_tp
+    if ctx.sequence_parallel:
+        hidden_BSH = C.gather_from_sp(hidden_BSH, ctx.group)
+    else:
+        hidden_BSH = C.copy_to_tp(hidden_BSH, ctx.group)
+    loss = model.cross_entropy
+    # No label range check: it would synchronize the device every step.
+    return fused_linear_cross_entropy(hidden_BSH, model.output_weight(), labels_BS, ignore_index=IGNORE_INDEX,
+                                      vocab_valid=loss.vocab_valid, tp_group=ctx.group, vocab_start=loss.vocab_start,
+                                      reduction=reduction, token_weights=weights_BS, check_labels=False)
+
+
 def _tp_full_logits(model, hidden_BSH: torch.Tensor) -> torch.Tensor:
     """Full logits [B, S, vocab_size] on every TP rank (vocab shards gathered, padding dropped)."""
     ctx: TPContext = model._megacore_tp
@@ -380,6 +413,8 @@ def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequenc
     model.cross_entropy = VocabParallelLoss(ctx.group, ctx.rank * vocab_local, config.vocab_size)
     model.output_logits = types.MethodType(_tp_output_logits, model)
     model.full_logits = types.MethodType(_tp_full_logits, model)
+    model.use_fused_loss = types.MethodType(_tp_use_fused_loss, model)
+    model._fused_loss = types.MethodType(_tp_fused_loss, model)
     return model
 
 
