@@ -128,6 +128,8 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_epsilon)
         self.core_attention = core_attention_cls(config)
         self.apply_rotary = apply_rotary  # Triton kernel on CUDA, plain torch elsewhere
+        # Context parallelism (megacore.parallel.context_parallel): keys/values are all-gathered over it.
+        self.cp_group = None
 
     def split_qkv(self, qkv_BSX: torch.Tensor):
         """[B, S, G·(q_per_group+2)·D] -> q [B,S,G·q_per_group,D], k [B,S,G,D], v [B,S,G,D]."""
@@ -145,6 +147,10 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
+        if self.cp_group is not None:  # every rank's keys/values; the mask compares global positions
+            from megacore.parallel.context_parallel import gather_kv
+
+            k, v = gather_kv(k, self.cp_group), gather_kv(v, self.cp_group)
         if kv_cache is not None:  # append the new positions; attend over every cached one
             k, v = kv_cache.update(k, v)
         out_BSHD = self.core_attention(q, k, v, mask)

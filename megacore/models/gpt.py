@@ -125,6 +125,15 @@ class GPTModel(nn.Module):
 
     def attention_inputs(self, seq_len: int, batch: int, device, dtype, position_ids=None, attention_mask=None):
         rotary = self.rotary(seq_len, device, dtype, position_ids) if self.rotary is not None else None
+        cp_group = getattr(self, "_megacore_cp", None)
+        if cp_group is not None:  # context parallel: causal by global position against the gathered keys
+            from megacore.parallel.context_parallel import cp_attention_mask
+
+            if position_ids is None or attention_mask is not None:
+                raise ValueError("a context-parallel model needs position_ids (the global positions of this rank's "
+                                 "tokens, from megacore.parallel.context_parallel.split_sample_for_cp) and takes no "
+                                 "attention_mask")
+            return rotary, cp_attention_mask(position_ids, cp_group, self.config.sliding_window)
         padding, full = None, None
         if attention_mask is not None:
             padding, full = (attention_mask, None) if attention_mask.dim() == 2 else (None, attention_mask)

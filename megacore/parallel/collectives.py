@@ -276,6 +276,12 @@ def gather_from_tp_last_dim(x: torch.Tensor, group: ProcessGroup) -> torch.Tenso
     return x if _skip(group) else _Gather.apply(x, x.dim() - 1, group, False)
 
 
+def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup, grad_is_partial: bool = True) -> torch.Tensor:
+    """fwd: [x_0 | ... | x_{t-1}] along ``dim``; bwd: chunk_r(Σ_r g_r) (reduce-scatter) with
+    ``grad_is_partial``, else chunk_r(g). (Context parallelism gathers keys/values with it.)"""
+    return x if _skip(group) else _Gather.apply(x, dim % x.dim(), group, grad_is_partial)
+
+
 def _tokens(x: torch.Tensor, t: int, what: str) -> torch.Tensor:
     """x [B, S, ...] viewed as [B·S, ...] (a view for contiguous x), after checking S splits t ways."""
     if x.dim() < 2:

@@ -201,6 +201,11 @@ def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = N
                                                   grad_sync=tp_grad_sync)  # noqa: E731
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
                                  device, dtype, p.pipeline_layers, parallelize_fn=fn)
+    if state.cp_size > 1:
+        from megacore.parallel.context_parallel import apply_context_parallel
+
+        for chunk in chunks:
+            apply_context_parallel(chunk, state.cp_group)
     for chunk in chunks:
         chunk.configure_recompute(cfg.recompute)
         chunk.train()

@@ -45,9 +45,13 @@ from megacore.training.metrics import MetricsLogger, read_scalars
 def _check_supported(cfg: RunConfig) -> None:
     """Options that the config accepts (they are part of the contract) but this version cannot run."""
     p = cfg.parallel
-    if p.context > 1:
-        raise ConfigError(f"parallel.context={p.context}: context parallelism is not implemented in this version; "
-                          "set parallel.context=1 (use tensor/sequence parallelism for long sequences)")
+    if p.context > 1 and p.fsdp:
+        raise ConfigError(f"parallel.context={p.context} with parallel.fsdp=true is not supported; use "
+                          "parallel.distributed_optimizer=true with context parallelism")
+    if p.context > 1 and cfg.data.reset_position_ids:
+        raise ConfigError(f"parallel.context={p.context} with data.reset_position_ids=true is not supported: the "
+                          "context-parallel causal mask is built from the global positions; set "
+                          "data.reset_position_ids=false")
     if p.expert > 1:
         raise ConfigError(f"parallel.expert={p.expert}: expert parallelism needs MoE layers, which this version does "
                           "not implement; set parallel.expert=1")
@@ -157,7 +161,8 @@ class Trainer:
         p = cfg.parallel
         self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, hidden "
                    f"{cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
-        self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data "
+        self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x "
+                   f"{f'context {p.context} x ' if p.context > 1 else ''}data "
                    f"{self.dp_size}{' (sequence parallel)' if p.sequence_parallel else ''}; optimizer "
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
@@ -172,7 +177,7 @@ class Trainer:
 
         p = self.cfg.parallel
         if self.world_size > 1:
-            self.state = parallel.initialize(tensor=p.tensor, pipeline=p.pipeline,
+            self.state = parallel.initialize(tensor=p.tensor, pipeline=p.pipeline, context=p.context,
                                              virtual_pipeline=p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None)
         else:
             self.state = parallel.get_state()
@@ -324,10 +329,16 @@ class Trainer:
         """This rank's micro-batches of global batch ``batch_index``, and their labelled-token count
         (counted on the host before the copy to the device, so counting never waits for the GPU)."""
         base = batch_index * self.cfg.train.global_batch_size
-        keep_positions = self.cfg.data.reset_position_ids
+        cp, cp_rank = self.state.cp_size, self.state.cp_rank
+        # Context parallel: keep this rank's tokens, with their global positions (rotary and the mask).
+        keep_positions = self.cfg.data.reset_position_ids or cp > 1
         out, labelled = [], 0.0
         for r in self.micro_slices():
             samples = [dataset[base + i] for i in r]
+            if cp > 1:
+                from megacore.parallel.context_parallel import split_sample_for_cp
+
+                samples = [split_sample_for_cp(s, cp, cp_rank) for s in samples]
             labelled += float(sum(s["loss_mask"].sum() for s in samples))
             mb = collate(samples, self.device)
             if not keep_positions:
@@ -343,7 +354,7 @@ class Trainer:
         GPU streams, so the host does not wait): the loss is divided by the tensor, and the count
         is read later with the step's other numbers (``PendingStep``).
         """
-        if self.world_size == 1 or self.dp_size == 1:
+        if self.world_size == 1 or self.state.dp_cp_size == 1:
             return local
         # torch.full is a fill kernel on the device: no host->device copy, which would sync.
         value = torch.full((1,), float(local), dtype=torch.float64, device=comm_device(self.device))
@@ -356,7 +367,7 @@ class Trainer:
         Returns the sum as a one-element fp64 tensor (comm device), not read here."""
         value = local.detach().to(comm_device(self.device), torch.float64).reshape(1)
         if self.world_size > 1:
-            if self.dp_size > 1:
+            if self.state.dp_cp_size > 1:
                 dist.all_reduce(value, group=self.state.dp_cp_group)
             if self.state.pp_size > 1:
                 dist.all_reduce(value, group=self.state.pp_group)

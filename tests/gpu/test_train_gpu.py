@@ -41,8 +41,10 @@ def test_bf16_training_on_one_gpu_logs_gpu_metrics(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("extra", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
-                                   ["parallel.distributed_optimizer=true"], ["parallel.pipeline=2"]],
-                         ids=["tp2_sp", "dp2_distopt", "pp2"])
+                                   ["parallel.tensor=2", "parallel.sequence_parallel=true", "compile=true"],
+                                   ["parallel.distributed_optimizer=true"], ["parallel.pipeline=2"],
+                                   ["parallel.context=2"]],
+                         ids=["tp2_sp", "tp2_sp_compiled", "dp2_distopt", "pp2", "cp2"])
 def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
     ref = [r["loss"] for r in _train(tmp_path, "ref", [])]
     got = [r["loss"] for r in _train(tmp_path, "two", extra, nproc=2)]

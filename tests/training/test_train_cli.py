@@ -102,6 +102,7 @@ LAYOUTS = [
     ("dp2_distopt", ["parallel.distributed_optimizer=true"], 2),
     ("pp2", ["parallel.pipeline=2"], 2),
     ("dp2_fsdp", ["parallel.fsdp=true"], 2),
+    ("cp2", ["parallel.context=2"], 2),
 ]
 
 
@@ -174,9 +175,9 @@ def test_unknown_key_is_a_clear_error(data):
 
 
 def test_unsupported_layout_is_a_clear_error(data):
-    out = run_cli(["train", "configs/tiny_cpu.yaml", "parallel.context=2"], data["env"])
+    out = run_cli(["train", "configs/tiny_cpu.yaml", "parallel.expert=2"], data["env"])
     assert out.returncode == 2
-    assert "parallel.context" in out.stderr and "not implemented" in out.stderr
+    assert "parallel.expert" in out.stderr and "not implement" in out.stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_message(monkeypatch, tmp_path):

@@ -1,0 +1,93 @@
+"""Context parallelism (CP): each rank of the CP group holds part of every sequence.
+
+Split. The sequence of length S is cut into ``2·c`` equal chunks (c = CP size); rank r holds chunks
+``r`` and ``2c-1-r`` (``cp_token_index``). Under causal attention the early chunks are cheap and
+the late ones expensive, so pairing them balances the work across ranks. Each rank runs the whole
+model on its S/c tokens.
+
+Attention. Queries stay local. Keys and values (after rotary, so each key carries its own global
+position) are all-gathered over the CP group (``gather_kv``):
+
+    forward   K = [K_0 | ... | K_{c-1}]  along the sequence (all-gather)
+    backward  dK_r = Σ_j dK^{(j)} restricted to rank r's tokens  (reduce-scatter: every rank's
+              queries contributed to the gradient of rank r's keys)
+
+and the causal mask compares global positions: query i (position p_i) may attend to key j
+(position q_j) iff q_j <= p_i, and within the sliding window if the model has one
+(``cp_attention_mask``). This is the all-gather form of CP: K/V memory is O(S) per rank (the
+activations of the rest of the layer are O(S/c)), and one all-gather per layer per direction; ring
+attention, which streams K/V blocks instead, is not implemented.
+
+Everything else is token-wise, so it needs nothing. The loss is each rank's share of the global
+mean: its tokens' loss sum divided by the labelled tokens of the whole global batch, which the
+trainer sums over DP×CP. Gradients are summed over DP×CP by DDP, whose group is ``dp_cp``. RoPE
+and learned positions use ``position_ids``: the global positions of the local tokens, set by
+``split_for_cp``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from megacore.parallel import collectives as C
+
+
+def cp_token_index(seq_len: int, cp_size: int, cp_rank: int) -> np.ndarray:
+    """Global positions held by CP rank ``cp_rank``: chunks ``r`` and ``2c-1-r`` of ``2c``."""
+    if seq_len % (2 * cp_size) != 0:
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2*context={2 * cp_size}; choose a "
+                         "sequence length that is a multiple of twice the context-parallel size")
+    chunk = seq_len // (2 * cp_size)
+    first = np.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    last_chunk = 2 * cp_size - 1 - cp_rank
+    second = np.arange(last_chunk * chunk, (last_chunk + 1) * chunk)
+    return np.concatenate([first, second])
+
+
+def split_sample_for_cp(sample: dict, cp_size: int, cp_rank: int) -> dict:
+    """This CP rank's tokens of one sample (arrays of length S: tokens, labels, loss_mask, ...), with
+    ``position_ids`` set to their global positions."""
+    seq_len = len(sample["tokens"])
+    index = cp_token_index(seq_len, cp_size, cp_rank)
+    out = {k: np.asarray(v)[index] for k, v in sample.items()}
+    if "position_ids" not in out:
+        out["position_ids"] = index.astype(np.int64)
+    return out
+
+
+def gather_kv(x_BSGD: torch.Tensor, group) -> torch.Tensor:
+    """All-gather keys or values over CP along the sequence; backward: reduce-scatter (see module doc)."""
+    return C.gather_along_dim(x_BSGD, 1, group, grad_is_partial=True)
+
+
+def cp_attention_mask(position_ids_BS: torch.Tensor, group, sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Boolean [B, 1, S_local, S] mask (True = may attend) of the local queries against the gathered keys."""
+    keys_BS = C.gather_along_dim(position_ids_BS.contiguous(), 1, group, grad_is_partial=False)
+    q = position_ids_BS[:, None, :, None]
+    k = keys_BS[:, None, None, :]
+    mask = k <= q
+    if sliding_window is not None:
+        mask = mask & (k > q - sliding_window)
+    return mask
+
+
+def apply_context_parallel(model: nn.Module, group) -> nn.Module:
+    """Make ``model`` (a GPTModel or pipeline stage; TP may already be applied) context-parallel over
+    ``group``: every self-attention gathers K/V over it and the model builds the CP mask. The model
+    must then be called with ``position_ids`` (the global positions of its tokens)."""
+    if C.group_size(group) == 1:
+        return model
+    from megacore.layers.attention import SelfAttention
+
+    from megacore.models.gpt import GPTModel
+
+    for module in model.modules():
+        if isinstance(module, SelfAttention):
+            module.cp_group = group
+        if isinstance(module, GPTModel):  # a pipeline chunk may wrap it
+            module._megacore_cp = group
+    return model
