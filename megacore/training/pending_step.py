@@ -1,0 +1,55 @@
+"""A queued training step whose numbers may still be on the device (what ``Trainer.train_step``
+returns; the trainer reads it one step late)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megacore.training.loop import StepResult
+from megacore.training.metrics import read_scalars
+
+
+class PendingStep:
+    """A training step as ``Trainer.train_step`` queued it: its numbers may still be on the device.
+
+    Reading a CUDA value makes the host wait until the GPU has computed it, and then the GPU idles
+    while the host prepares the next step. So the trainer reads step ``k`` only after step
+    ``k + 1`` is queued (``Trainer._loop``), with one device->host copy (:meth:`resolve`) of
+    everything the step produced: the loss and the ranks' stop votes (one all-reduce), the
+    labelled-token count (a device tensor when it was all-reduced over data parallelism) and the
+    optimizer's grad norm and skip flag (``StepInfo``). A step made from an already-read
+    ``StepResult`` (:meth:`of`) is ``ready``.
+    """
+
+    def __init__(self, index: int, loss_votes=None, tokens=None, info=None, scale: float = 1.0,
+                 result: Optional[StepResult] = None):
+        self.index = index              # 0-based; logs and checkpoints call it step index + 1
+        self.loss_votes = loss_votes    # [global loss sum * scale, stop votes]: 2-element tensor
+        self.tokens = tokens            # labelled tokens of the global batch: number or tensor
+        self.info = info                # the optimizer's StepInfo
+        self.scale = scale              # the loss scale the loss sum still carries
+        self.result = result            # the StepResult, once read
+        self.votes: Optional[float] = None  # ranks that asked to stop (None: not collected)
+        self.mem_gb: Optional[float] = None  # peak GPU memory allocated while the step was queued
+        self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
+
+    @classmethod
+    def of(cls, index: int, result: StepResult) -> "PendingStep":
+        return cls(index, result=result)
+
+    @property
+    def ready(self) -> bool:
+        """True when the step's numbers are on the host already."""
+        return self.result is not None
+
+    def resolve(self) -> StepResult:
+        """Read the step's numbers (one device->host copy; waits for the GPU to finish the step)."""
+        if self.result is None:
+            info = self.info
+            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens, *info.pending()])
+            loss_sum, self.votes, tokens = values[:3]
+            info.resolve(values[3:])
+            self.result = StepResult(loss=loss_sum / self.scale,
+                                     grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
+                                     tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale)
+        return self.result
