@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from megacore.layers.attention import causal_mask
+
 
 class LayerKVCache:
     """One layer's slice of a :class:`KVCache`: ``update(k, v)`` appends and returns all keys/values."""
@@ -96,9 +98,6 @@ class KVCache:
         start = self.length
         if start == 0 and sliding_window is None:
             return None
-        q = torch.arange(start, start + new_tokens, device=device)[:, None]
-        k = torch.arange(start + new_tokens, device=device)[None, :]
-        mask = k <= q
-        if sliding_window is not None:
-            mask = mask & (k > q - sliding_window)
-        return mask[None, None]
+        queries = torch.arange(start, start + new_tokens, device=device)
+        keys = torch.arange(start + new_tokens, device=device)
+        return causal_mask(queries, keys, sliding_window)[None, None]

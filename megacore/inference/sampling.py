@@ -65,8 +65,7 @@ def _new_cache(model, batch: int, window: Optional[int]):
     """A KVCache for a whole one-device GPTModel, else None (decode without a cache)."""
     from megacore.models.gpt import GPTModel
 
-    whole = getattr(model, "pre_process", False) and getattr(model, "post_process", False)
-    if not isinstance(model, GPTModel) or not whole or getattr(model, "_megacore_tp", None) is not None or not window:
+    if not isinstance(model, GPTModel) or not model.supports_kv_cache or not window:
         return None
     from megacore.inference.kv_cache import KVCache
 

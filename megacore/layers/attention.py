@@ -25,6 +25,18 @@ from megacore.layers.norm import RMSNorm, mark_init
 from megacore.layers.rotary import apply_rotary
 
 
+def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, sliding_window=None) -> torch.Tensor:
+    """Boolean [..., Sq, Sk] (True = may attend) from the positions of queries [..., Sq] and keys
+    [..., Sk]: a key at or before the query, and within the last ``sliding_window`` positions (the
+    query's own included) when given. One rule for the full forward, KV-cache decoding (queries
+    after the cached keys) and context parallelism (positions of gathered keys)."""
+    q, k = q_positions[..., :, None], k_positions[..., None, :]
+    mask = k <= q
+    if sliding_window is not None:
+        mask = mask & (k > q - sliding_window)
+    return mask
+
+
 def build_attention_mask(batch: int, seq: int, device, padding_mask_BS=None, sliding_window=None,
                          full_mask=None) -> torch.Tensor | None:
     """Boolean mask [B, 1, S, S] (True = may attend), or None when plain causal suffices.
@@ -35,11 +47,8 @@ def build_attention_mask(batch: int, seq: int, device, padding_mask_BS=None, sli
     """
     if padding_mask_BS is None and sliding_window is None and full_mask is None:
         return None
-    q = torch.arange(seq, device=device)[:, None]
-    k = torch.arange(seq, device=device)[None, :]
-    mask = (k <= q)[None, None]
-    if sliding_window is not None:
-        mask = mask & (k > q - sliding_window)[None, None]
+    positions = torch.arange(seq, device=device)
+    mask = causal_mask(positions, positions, sliding_window)[None, None]
     if padding_mask_BS is not None:
         mask = mask & padding_mask_BS.bool()[:, None, None, :]
     if full_mask is not None:

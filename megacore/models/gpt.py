@@ -112,10 +112,14 @@ class GPTModel(nn.Module):
         """Whether the loss head runs as ``fused_linear_cross_entropy``: the kernel backend picks Triton
         for this tensor, the loss and output layer are this module's own (not vocab-parallel ones), and
         no autocast is active (the fused head multiplies hidden and weight in their own dtype)."""
-        own_head = self.cross_entropy is self._own_cross_entropy and "output_logits" not in self.__dict__
-        return (own_head and hidden_BSH.dtype == self.output_weight().dtype
+        return (self._loss_head_is_fusable() and hidden_BSH.dtype == self.output_weight().dtype
                 and not torch.is_autocast_enabled(hidden_BSH.device.type)
                 and use_triton(hidden_BSH, kernel="fused_linear_cross_entropy"))
+
+    def _loss_head_is_fusable(self) -> bool:
+        """The loss and output layer are the ones ``_fused_loss`` computes: this module's own
+        (``parallelize`` installs its vocab-parallel pair, with a ``_fused_loss`` of its own)."""
+        return self.cross_entropy is self._own_cross_entropy and "output_logits" not in self.__dict__
 
     def _fused_loss(self, hidden_BSH, labels_BS, weights_BS, reduction: str) -> torch.Tensor:
         # No label range check: it would synchronize the device every step.
@@ -186,14 +190,22 @@ class GPTModel(nn.Module):
             return self.full_logits(hidden_BSH)
         return self.compute_loss(hidden_BSH, labels, loss_mask, reduction)
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """True for a whole one-device model: ``forward(kv_cache=...)`` works (not a pipeline stage,
+        nor a tensor- or context-parallel model)."""
+        return (self.pre_process and self.post_process and getattr(self, "_megacore_tp", None) is None
+                and getattr(self, "_megacore_cp", None) is None)
+
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
         if labels is not None or position_ids is not None or attention_mask is not None or hidden_states is not None:
             raise ValueError("forward(kv_cache=...) takes only input_ids (the new tokens): positions and the causal "
                              "mask come from the cache; labels, position_ids, attention_mask and hidden_states are "
                              "for the uncached forward")
-        if not (self.pre_process and self.post_process) or getattr(self, "_megacore_tp", None) is not None:
-            raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage or a "
-                             "tensor-parallel shard); rebuild the model on one device for generation")
+        if not self.supports_kv_cache:
+            raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage, a "
+                             "tensor-parallel shard or a context-parallel model); rebuild the model on one device "
+                             "for generation")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, new_tokens] tensor, got {tuple(input_ids.shape)}")
         batch, new = input_ids.shape

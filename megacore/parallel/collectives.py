@@ -41,9 +41,10 @@ build supports; the CPU test sizes make the extra traffic irrelevant. ``FORCE_FL
 lets the tests run the NCCL code path on gloo.
 
 Under ``torch.compile`` the flat path is spelled with the functional collectives
-(``torch.distributed._functional_collectives``) along the real dim, so each TP layer traces into
-one graph, collectives included, in the form inductor's overlap passes recognize (all-gather
-feeding a matmul, a matmul feeding a reduce-scatter: ``parallel.tp_comm_overlap``).
+(``torch.distributed._functional_collectives``) on dim 0, with a chunk/cat for other dims, so each
+TP layer traces into one graph, collectives included, in the form inductor's overlap passes
+recognize (all-gather feeding a matmul, a matmul feeding a reduce-scatter:
+``parallel.tp_comm_overlap``).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def scatter_to_tp_last_dim(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor
 
 def gather_from_tp_last_dim(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     """[..., N/t] -> [..., N]: fwd all-gathers the last dim; bwd keeps chunk r of the grad."""
-    return x if _skip(group) else _Gather.apply(x, x.dim() - 1, group, False)
+    return gather_along_dim(x, -1, group, grad_is_partial=False)
 
 
 def gather_along_dim(x: torch.Tensor, dim: int, group: ProcessGroup, grad_is_partial: bool = True) -> torch.Tensor:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from megacore.layers.attention import causal_mask
 from megacore.parallel import collectives as C
 
 
@@ -67,12 +68,7 @@ def gather_kv(x_BSGD: torch.Tensor, group) -> torch.Tensor:
 def cp_attention_mask(position_ids_BS: torch.Tensor, group, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Boolean [B, 1, S_local, S] mask (True = may attend) of the local queries against the gathered keys."""
     keys_BS = C.gather_along_dim(position_ids_BS.contiguous(), 1, group, grad_is_partial=False)
-    q = position_ids_BS[:, None, :, None]
-    k = keys_BS[:, None, None, :]
-    mask = k <= q
-    if sliding_window is not None:
-        mask = mask & (k > q - sliding_window)
-    return mask
+    return causal_mask(position_ids_BS, keys_BS, sliding_window)[:, None]
 
 
 def apply_context_parallel(model: nn.Module, group) -> nn.Module:

@@ -329,15 +329,11 @@ def _tp_output_logits(model, hidden_BSH: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden_BSH, model.output_weight())
 
 
-def _tp_use_fused_loss(model, hidden_BSH: torch.Tensor) -> bool:
-    """The fused vocab-parallel loss head runs where the single-device one would: the kernel backend
-    picks Triton for this tensor (CUDA in eager mode by default), hidden and weight share a dtype,
-    no autocast, and ``model.cross_entropy`` is still the vocab-parallel loss parallelize installed."""
-    from megacore.kernels._dispatch import use_triton
-
-    return (isinstance(model.cross_entropy, VocabParallelLoss) and hidden_BSH.dtype == model.output_weight().dtype
-            and not torch.is_autocast_enabled(hidden_BSH.device.type)
-            and use_triton(hidden_BSH, kernel="fused_linear_cross_entropy"))
+def _tp_loss_head_is_fusable(model) -> bool:
+    """The fused vocab-parallel loss head (``_tp_fused_loss``) computes the loss parallelize
+    installed; the other conditions are ``GPTModel.use_fused_loss``'s (Triton for this tensor,
+    matching dtypes, no autocast)."""
+    return isinstance(model.cross_entropy, VocabParallelLoss)
 
 
 def _tp_fused_loss(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, weights_BS, reduction: str):
@@ -413,7 +409,7 @@ def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequenc
     model.cross_entropy = VocabParallelLoss(ctx.group, ctx.rank * vocab_local, config.vocab_size)
     model.output_logits = types.MethodType(_tp_output_logits, model)
     model.full_logits = types.MethodType(_tp_full_logits, model)
-    model.use_fused_loss = types.MethodType(_tp_use_fused_loss, model)
+    model._loss_head_is_fusable = types.MethodType(_tp_loss_head_is_fusable, model)
     model._fused_loss = types.MethodType(_tp_fused_loss, model)
     return model
 
