@@ -52,6 +52,7 @@ from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_ov
 from megacore.distributed.grad_clip import (counts_for_norm, default_is_tp_replicated, local_norm_power,
                                             scale_grads_)
 from megacore.training.metrics import read_scalars
+from megacore.training.step_info import StepInfo
 
 if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distributed -> this module)
     from megacore.precision.loss_scaler import LossScaler
@@ -74,66 +75,6 @@ def weight_decay_groups(module: nn.Module, weight_decay: float,
         if p.requires_grad:
             (no_decay if no_weight_decay(name, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class StepInfo:
-    """What ``step()`` did: ``skipped`` (inf/nan grads), the global ``grad_norm`` before clipping
-    (None when skipped for overflow) and the ``loss_scale`` in force (None without a scaler).
-
-    ``skipped`` and ``grad_norm`` may still be device tensors when ``step()`` returns (fused AdamW:
-    the step was decided on the GPU and the host did not wait for it). Reading either attribute
-    resolves both with one device->host copy, which waits for the GPU to finish the step. To read
-    them together with other device values in one copy, take :meth:`pending`, read everything
-    (``megacore.training.metrics.read_scalars``) and hand the numbers back to :meth:`resolve`::
-
-        info = opt.step()                 # returns at once
-        ...                               # queue more GPU work
-        info.grad_norm                    # waits here (or: info.resolve(values_read_elsewhere))
-    """
-
-    __slots__ = ("_skipped", "_grad_norm", "loss_scale")
-
-    def __init__(self, skipped, grad_norm, loss_scale: Optional[float]):
-        self._skipped = skipped        # bool, or a 0-dim tensor (non-zero: skipped)
-        self._grad_norm = grad_norm    # float/None, or a 0-dim tensor
-        self.loss_scale = loss_scale
-
-    def pending(self) -> list[torch.Tensor]:
-        """The values not read yet, in a fixed order (``[skipped, grad_norm]``, those that are tensors)."""
-        return [v for v in (self._skipped, self._grad_norm) if isinstance(v, torch.Tensor)]
-
-    @property
-    def ready(self) -> bool:
-        """True when every value is a host number (reading one does not wait for the device)."""
-        return not self.pending()
-
-    def resolve(self, values: Optional[Sequence[float]] = None) -> "StepInfo":
-        """Turn the pending device values into numbers: ``values`` are the host numbers of
-        :meth:`pending`, in that order (already read by the caller); None reads them here."""
-        tensors = self.pending()
-        if not tensors:
-            return self
-        values = list(read_scalars(tensors) if values is None else values)
-        if len(values) != len(tensors):
-            raise ValueError(f"StepInfo.resolve got {len(values)} values for {len(tensors)} pending tensors")
-        if isinstance(self._skipped, torch.Tensor):
-            self._skipped = bool(values.pop(0) != 0)
-        if isinstance(self._grad_norm, torch.Tensor):
-            self._grad_norm = float(values.pop(0))
-        return self
-
-    @property
-    def skipped(self) -> bool:
-        return self.resolve()._skipped
-
-    @property
-    def grad_norm(self) -> Optional[float]:
-        return self.resolve()._grad_norm
-
-    def __repr__(self) -> str:
-        show = lambda v: "<on device>" if isinstance(v, torch.Tensor) else repr(v)  # noqa: E731
-        return (f"StepInfo(skipped={show(self._skipped)}, grad_norm={show(self._grad_norm)}, "
-                f"loss_scale={self.loss_scale!r})")
 
 
 @dataclass
@@ -374,9 +315,7 @@ class MixedPrecisionOptimizer:
             scale_grads_(grads, self.clip_grad, norm)
         self.optimizer.step()
         self.num_steps += 1
-        self._copy_masters_to_params()
-        self._drop_master_grads()
-        self._after_step()
+        self._publish_update()
         return StepInfo(False, norm_value, self.loss_scale)
 
     def _fused_step(self, norm: torch.Tensor) -> StepInfo:
@@ -402,10 +341,15 @@ class MixedPrecisionOptimizer:
             self._device_skips = torch.zeros((), dtype=torch.float64, device=found_inf.device)
         self._device_skips.add_(found_inf)
         self._device_steps += 1
-        self._copy_masters_to_params()          # unchanged masters when skipped: a harmless copy
+        self._publish_update()                  # unchanged masters when skipped: a harmless copy
+        return StepInfo(found_inf, norm, self.loss_scale)
+
+    def _publish_update(self) -> None:
+        """After AdamW stepped the masters: round them into the params, drop the master grads, and
+        let a subclass follow up (the distributed optimizer's param all-gather)."""
+        self._copy_masters_to_params()
         self._drop_master_grads()
         self._after_step()
-        return StepInfo(found_inf, norm, self.loss_scale)
 
     def _drop_master_grads(self) -> None:
         for f in self.fragments:

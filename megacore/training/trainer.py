@@ -316,35 +316,24 @@ class Trainer:
         dist.all_reduce(value, group=self.state.dp_cp_group)
         return value if value.device == self.device else value.to(self.device)
 
-    def _loss_over_layout(self, local: torch.Tensor) -> torch.Tensor:
-        """Each DP rank's last stage holds its share of the global mean: sum over DP and PP.
+    def _sum_over_layout(self, local: torch.Tensor, *extra: float) -> torch.Tensor:
+        """``[global loss sum, *extra summed over ranks]`` (fp64, comm device) from ONE all-reduce
+        over all ranks; not read here.
 
-        Returns the sum as a one-element fp64 tensor (comm device), not read here."""
-        value = local.detach().to(comm_device(self.device), torch.float64).reshape(1)
-        if self.world_size > 1:
-            if self.state.dp_cp_size > 1:
-                dist.all_reduce(value, group=self.state.dp_cp_group)
-            if self.state.pp_size > 1:
-                dist.all_reduce(value, group=self.state.pp_group)
-        return value
-
-    def _loss_and_stop_votes(self, local: torch.Tensor) -> torch.Tensor:
-        """``[global loss sum, stop votes]`` (fp64, comm device) from ONE all-reduce over all ranks.
-
-        Not read here. The loss is the sum over DP and PP of ``_loss_over_layout``; the TP ranks of
-        a stage hold the same loss, so only TP rank 0 adds it (a world sum with zeros from the
-        others is that DP x PP sum). The vote counts the ranks whose stop flag (SIGTERM/SIGINT) is
-        set: riding on the loss, the stop agreement needs no collective or host sync of its own.
+        Each DP/CP rank's last stage holds its share of the global mean loss; the TP ranks of a
+        stage hold the same value, so only TP rank 0 adds it: the world sum is then the sum over
+        DP, CP and PP. ``extra`` rides along, e.g. the stop vote (1 on ranks whose SIGTERM/SIGINT
+        flag is set), so stopping needs no collective or host sync of its own.
         """
         dev = comm_device(self.device)
         loss = local.detach().to(dev, torch.float64).reshape(1)
         if self.world_size > 1 and self.state.tp_rank != 0:
             loss = torch.zeros_like(loss)
-        vote = torch.full((1,), 1.0 if self.stop.requested else 0.0, dtype=torch.float64, device=dev)
-        both = torch.cat([loss, vote])
+        # torch.full fills on the device: no host->device copy (which would sync).
+        values = torch.cat([loss, *(torch.full((1,), float(v), dtype=torch.float64, device=dev) for v in extra)])
         if self.world_size > 1:
-            dist.all_reduce(both)
-        return both
+            dist.all_reduce(values)
+        return values
 
     @staticmethod
     def _no_tokens_message(step: int) -> str:
@@ -361,7 +350,7 @@ class Trainer:
         scaler reads its overflow flag. Whatever is left is read by ``PendingStep.resolve``.
         """
         from megacore.pipeline.schedules import forward_backward
-        from megacore.training.optimizer import StepInfo
+        from megacore.training.step_info import StepInfo
 
         micro, local_tokens = self.micro_batches(self.train_ds, step)
         num_tokens = self._count_over_dp(local_tokens)
@@ -378,7 +367,8 @@ class Trainer:
             info = StepInfo(False, self._fsdp_optimizer_step(), None)
         else:
             info = self.optimizer.step()
-        return PendingStep(step, self._loss_and_stop_votes(local), num_tokens, info, scale)
+        stop_vote = 1.0 if self.stop.requested else 0.0
+        return PendingStep(step, self._sum_over_layout(local, stop_vote), num_tokens, info, scale)
 
     def _fsdp_optimizer_step(self) -> torch.Tensor:
         """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm, unread."""
@@ -411,7 +401,7 @@ class Trainer:
             local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
                                      schedule=self.cfg.parallel.pipeline_schedule,
                                      embedding_group=self.state.embedding_group, forward_only=True)
-            sums.append(self._loss_over_layout(local))
+            sums.append(self._sum_over_layout(local)[0])
             counts.append(n)
         for c in self.chunks:
             c.train()
@@ -569,9 +559,9 @@ class Trainer:
         self._log(result, dt, p.index + 1, p.mem_gb)
         return result, self._stop_requested(p.votes)
 
-    def _log(self, r: StepResult, dt: float, step: Optional[int] = None, mem_gb: Optional[float] = None) -> None:
-        """One metrics record for step ``step`` (1-based; default ``self.step``) that took ``dt`` seconds."""
-        step = self.step if step is None else step
+    def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float]) -> None:
+        """One metrics record for step ``step`` (1-based) that took ``dt`` seconds; ``mem_gb``: its
+        peak GPU memory (None on CPU)."""
         tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tps = tokens_global / dt
         record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
@@ -580,7 +570,7 @@ class Trainer:
             achieved = tps * self.flops_per_token / self.world_size / 1e12
             record["tflops_per_gpu"] = achieved
             record["mfu"] = achieved / self.peak_tflops if self.peak_tflops else None
-            record["mem_gb"] = mem_gb if mem_gb is not None else torch.cuda.max_memory_allocated(self.device) / 2**30
+            record["mem_gb"] = mem_gb
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
             record["skipped"] = r.skipped
