@@ -29,6 +29,7 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
+TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem")
 
 
 @dataclass
@@ -199,9 +200,14 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
-    # Overlap TP communication with the matmuls it feeds (inductor's micro-pipelined "async TP" on
-    # symmetric memory): needs sequence_parallel, compile=true and CUDA.
-    tp_comm_overlap: bool = False
+    # Overlap sequence-parallel communication with compute inside the compiled layer graphs (needs
+    # sequence_parallel, compile=true and CUDA): "off"; "schedule" (inductor's overlap scheduler
+    # starts each collective early and waits late, so it runs beside independent compute);
+    # "symm_mem" (inductor's micro-pipelined async TP on symmetric memory). See docs/parallelism-tp.md.
+    tp_comm_overlap: str = "off"
+    # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
+    # the groups are independent, so one group's collectives can run while another computes.
+    tp_batch_chunks: int = 1
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
         for name in ("tensor", "pipeline", "context", "expert"):
@@ -220,10 +226,24 @@ class ParallelConfig:
         if self.fsdp and self.distributed_optimizer:
             _fail("parallel.fsdp", True, "cannot be combined with parallel.distributed_optimizer",
                   "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)")
-        if self.tp_comm_overlap and not self.sequence_parallel:
-            _fail("parallel.tp_comm_overlap", True, "needs parallel.sequence_parallel=true (it overlaps the "
-                  "sequence all-gathers and reduce-scatters)", "set parallel.sequence_parallel=true or "
-                  "tp_comm_overlap=false")
+        # The first spelling was a boolean, where true meant inductor's async TP.
+        legacy = {True: "symm_mem", False: "off", "true": "symm_mem", "false": "off"}
+        if isinstance(self.tp_comm_overlap, (bool, str)) and self.tp_comm_overlap in legacy:
+            self.tp_comm_overlap = legacy[self.tp_comm_overlap]
+        if self.tp_comm_overlap not in TP_COMM_OVERLAP_MODES:
+            _fail("parallel.tp_comm_overlap", self.tp_comm_overlap, "is not known",
+                  f"use one of {list(TP_COMM_OVERLAP_MODES)}")
+        if self.tp_comm_overlap != "off" and not self.sequence_parallel:
+            _fail("parallel.tp_comm_overlap", self.tp_comm_overlap, "needs parallel.sequence_parallel=true (it "
+                  "overlaps the sequence all-gathers and reduce-scatters)", "set parallel.sequence_parallel=true "
+                  "or tp_comm_overlap=off")
+        if not isinstance(self.tp_batch_chunks, int) or self.tp_batch_chunks < 1:
+            _fail("parallel.tp_batch_chunks", self.tp_batch_chunks, "must be an integer >= 1",
+                  "set parallel.tp_batch_chunks=1 to disable it")
+        if self.tp_batch_chunks > 1 and (self.tensor == 1 or self.context > 1):
+            _fail("parallel.tp_batch_chunks", self.tp_batch_chunks, "splits micro-batches to overlap tensor-parallel "
+                  "communication and needs parallel.tensor > 1 without context parallelism",
+                  "set parallel.tp_batch_chunks=1")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
                   "use fp32 (exact sums) or bf16 (half the traffic)")
@@ -462,9 +482,14 @@ class RunConfig:
             _fail("precision.fp8", self.precision.fp8, "runs its GEMMs in float8 on NVIDIA GPUs of compute capability "
                   ">= 8.9 (H100/H200, Ada) and cannot run on device=cpu",
                   "set device=cuda on such a GPU, or precision.fp8=null")
-        if p.tp_comm_overlap and (not self.compile or self.device == "cpu"):
-            _fail("parallel.tp_comm_overlap", True, "is done by torch.compile's micro-pipelined TP on CUDA "
-                  "symmetric memory", "set compile=true and device=cuda, or parallel.tp_comm_overlap=false")
+        if p.tp_comm_overlap != "off" and (not self.compile or self.device == "cpu"):
+            _fail("parallel.tp_comm_overlap", p.tp_comm_overlap, "is done by torch.compile's inductor on CUDA",
+                  "set compile=true and device=cuda, or parallel.tp_comm_overlap=off")
+        chunks = p.tp_batch_chunks * (p.tensor if p.sequence_parallel else 1)
+        if p.tp_batch_chunks > 1 and self.train.micro_batch_size % chunks != 0:
+            _fail("parallel.tp_batch_chunks", p.tp_batch_chunks, f"needs train.micro_batch_size divisible by "
+                  f"tp_batch_chunks{' x tensor (sequence-parallel shards hold whole sequences)' if p.sequence_parallel else ''}"
+                  f" = {chunks}", f"set train.micro_batch_size to a multiple of {chunks} or lower tp_batch_chunks")
         return self
 
     def to_dict(self) -> dict:

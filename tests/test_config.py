@@ -121,6 +121,11 @@ PARALLEL_ERRORS = [
     (dict(fsdp=True, distributed_optimizer=True), "parallel.fsdp", "distributed_optimizer"),
     (dict(pipeline_schedule="dualpipe"), "parallel.pipeline_schedule", "1f1b"),
     (dict(tensor=2, tp_comm_overlap=True), "parallel.tp_comm_overlap", "sequence_parallel=true"),
+    (dict(tensor=2, tp_comm_overlap="schedule"), "parallel.tp_comm_overlap", "sequence_parallel=true"),
+    (dict(tensor=2, sequence_parallel=True, tp_comm_overlap="async"), "parallel.tp_comm_overlap", "schedule"),
+    (dict(tp_batch_chunks=2), "parallel.tp_batch_chunks", "tensor > 1"),
+    (dict(tensor=2, context=2, tp_batch_chunks=2), "parallel.tp_batch_chunks", "context"),
+    (dict(tensor=2, tp_batch_chunks=0), "parallel.tp_batch_chunks", ">= 1"),
 ]
 
 
@@ -168,6 +173,11 @@ RUN_ERRORS = [
     (dict(device="tpu"), 1, "device", "cuda"),
     (dict(parallel=ParallelConfig(tensor=2, sequence_parallel=True, tp_comm_overlap=True)), 2,
      "parallel.tp_comm_overlap", "compile=true"),
+    # Sequence groups of whole sequences: the micro-batch must split over groups x SP ranks.
+    (dict(parallel=ParallelConfig(tensor=2, sequence_parallel=True, tp_batch_chunks=2),
+          train=TrainConfig(global_batch_size=4, micro_batch_size=2)), 2, "parallel.tp_batch_chunks", "multiple of 4"),
+    (dict(parallel=ParallelConfig(tensor=2, tp_batch_chunks=3), train=TrainConfig(global_batch_size=4, micro_batch_size=2)),
+     2, "parallel.tp_batch_chunks", "multiple of 3"),
 ]
 
 

@@ -28,8 +28,20 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_norm = spec.pre_mlp_norm(config, config.hidden_size)
         self.mlp = spec.mlp(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        # parallel.tp_batch_chunks: run the layer on this many independent groups of sequences so
+        # that one group's TP collectives can overlap another's compute (megacore.parallel.batch_chunks).
+        self.batch_chunks = 1
+        self.sequence_parallel_size = 1
 
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
+        if self.batch_chunks > 1 and kv_cache is None:
+            from megacore.parallel.batch_chunks import forward_in_batch_chunks
+
+            return forward_in_batch_chunks(self._forward, hidden_BSH, rotary, mask, self.batch_chunks,
+                                           self.sequence_parallel_size)
+        return self._forward(hidden_BSH, rotary, mask, kv_cache)
+
+    def _forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
         normed_BSH = self.input_norm(hidden_BSH)
         if kv_cache is None:
             attn_BSH = self.self_attention(normed_BSH, rotary, mask)

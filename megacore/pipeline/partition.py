@@ -206,6 +206,11 @@ def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = N
 
         for chunk in chunks:
             apply_context_parallel(chunk, state.cp_group)
+    if p.tp_batch_chunks > 1:
+        from megacore.parallel.batch_chunks import apply_batch_chunks
+
+        for chunk in chunks:
+            apply_batch_chunks(chunk, p.tp_batch_chunks)
     for chunk in chunks:
         chunk.configure_recompute(cfg.recompute)
         chunk.train()

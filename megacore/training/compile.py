@@ -14,6 +14,8 @@ lets inductor fuse them.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 
@@ -27,18 +29,59 @@ def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bo
     return model
 
 
-def enable_tp_comm_overlap(tp_group) -> None:
-    """Let inductor overlap sequence-parallel communication with the matmuls next to it.
+def enable_tp_comm_overlap(tp_group, mode: str = "symm_mem") -> str:
+    """Let inductor overlap sequence-parallel communication with compute in the compiled graphs.
+    Call before the first compiled step; returns what was switched on (for the log).
 
-    Its micro-pipeline pass rewrites "all-gather -> matmul" and "matmul -> reduce-scatter" in the
-    compiled layer graphs into fused ops that split the matmul into per-rank chunks and move each
-    chunk through symmetric memory (NVLink copies) while the neighbouring chunk is multiplied, so
-    the collective hides behind the GEMM. Needs CUDA, NVLink peers, and the functional collectives
-    that ``megacore.parallel.collectives`` emits under compile. Call before the first compiled step.
-    (Uses no NVLink multicast: only peer-to-peer copies.)
+    Under compile every collective is a functional op followed by its ``wait_tensor``, traced right
+    after it; without a reordering pass each wait sits at its issue point, so nothing overlaps.
+
+    - ``"schedule"``: inductor's overlap scheduler (``aten_distributed_optimizations``) estimates
+      collective and compute times and moves each collective's start earlier and its wait later,
+      as far as the data dependencies (and a memory cap) allow. With ``parallel.tp_batch_chunks``
+      the graph holds independent chains of sequences whose compute can cover each other's
+      collectives; without it, the backward's reduce-scatters can hide behind the weight-gradient
+      matmuls. Falls back to ``"reorder"`` on a torch without that scheduler.
+    - ``"reorder"``: the older scheduler-IR passes (sink waits, raise collectives, preserving peak
+      memory).
+    - ``"symm_mem"``: the micro-pipeline pass rewrites "all-gather -> matmul" and "matmul ->
+      reduce-scatter" into fused ops that split the matmul into per-rank chunks and move each
+      chunk through symmetric memory (NVLink peer copies, no multicast) while the neighbouring
+      chunk is multiplied.
     """
-    import torch._inductor.config as inductor_config
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+    import os
 
-    enable_symm_mem_for_group(tp_group.group_name)
-    inductor_config._micro_pipeline_tp = True
+    import torch._inductor.config as inductor_config
+
+    margin = int(os.environ.get("MEGACORE_TP_SM_MARGIN", "0"))
+    if margin and hasattr(torch._C, "_set_sm_carveout_experimental"):
+        # Keep SMs free of cuBLAS's persistent GEMM kernels so an overlapping NCCL kernel can start
+        # at once instead of spinning until the GEMM drains (experimental knob, measured only).
+        torch._C._set_sm_carveout_experimental(margin)
+    if mode == "schedule":
+        options = getattr(inductor_config, "aten_distributed_optimizations", None)
+        if options is not None and hasattr(options, "enable_overlap_scheduling"):
+            options.enable_overlap_scheduling = True
+            if os.environ.get("MEGACORE_TP_LOW_CONTENTION") and hasattr(options, "enable_low_contention_collectives"):
+                options.enable_low_contention_collectives = True  # copy-engine collectives (experiment)
+            if hasattr(options, "compute_estimator"):
+                # Every rank must order its collectives identically: a deterministic cost model,
+                # not per-rank kernel timings, decides the schedule.
+                options.compute_estimator = "analytical"
+            return "inductor overlap scheduling"
+        mode = "reorder"
+    if mode == "reorder":
+        inductor_config.reorder_for_compute_comm_overlap = True
+        inductor_config.reorder_for_compute_comm_overlap_passes = [
+            "reorder_communication_preserving_peak_memory", "sink_waits_iterative",
+            "reorder_communication_preserving_peak_memory"]
+        return "inductor comm/compute reorder passes"
+    if mode == "symm_mem":
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        with warnings.catch_warnings():  # deprecated (a no-op) on newer torch, needed on older
+            warnings.simplefilter("ignore", FutureWarning)
+            enable_symm_mem_for_group(tp_group.group_name)
+        inductor_config._micro_pipeline_tp = True
+        return "inductor micro-pipelined async TP (symmetric memory)"
+    raise ValueError(f"tp_comm_overlap mode {mode!r} is not known; use schedule, reorder or symm_mem")

@@ -196,8 +196,10 @@ class Trainer:
         if cfg.compile:
             from megacore.training.compile import compile_model, enable_tp_comm_overlap
 
-            if p.tp_comm_overlap and self.state.tp_size > 1:
-                enable_tp_comm_overlap(self.state.tp_group)
+            if p.tp_comm_overlap != "off" and self.state.tp_size > 1:
+                what = enable_tp_comm_overlap(self.state.tp_group, p.tp_comm_overlap)
+                self._info(f"tp_comm_overlap={p.tp_comm_overlap}: {what}"
+                           + (f", {p.tp_batch_chunks} sequence groups per layer" if p.tp_batch_chunks > 1 else ""))
             chunks = [compile_model(c) for c in chunks]
         if p.fsdp:
             from megacore.distributed.fsdp import apply_fsdp

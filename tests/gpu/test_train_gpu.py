@@ -46,7 +46,15 @@ def test_bf16_training_on_one_gpu_logs_gpu_metrics(tmp_path):
                                    ["parallel.context=2"]],
                          ids=["tp2_sp", "tp2_sp_compiled", "dp2_distopt", "pp2", "cp2"])
 def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
-    ref = [r["loss"] for r in _train(tmp_path, "ref", [])]
-    got = [r["loss"] for r in _train(tmp_path, "two", extra, nproc=2)]
+    # The reference is the same code path on one GPU (a compiled layout against the compiled model:
+    # inductor's fused torch references round bf16 differently from the eager Triton kernels).
+    # lr 1e-3, not 3e-3: at 3e-3 this small model on random tokens has loss spikes (grad norm up to
+    # 18), and where a spike lands depends on bf16 rounding; correct layouts then drift 4% apart
+    # (benchmarks/gpu_curves_small.sh).
+    calm = ["train.lr=1e-3"]
+    ref = [r["loss"] for r in _train(tmp_path, "ref", calm + [e for e in extra if e.startswith("compile=")])]
+    got = [r["loss"] for r in _train(tmp_path, "two", calm + extra, nproc=2)]
     # bf16 activations, fp32 master weights: reduction order differs between layouts.
-    assert max(abs(a - b) / b for a, b in zip(got, ref)) < 2e-2, (got, ref)
+    worst = max(abs(a - b) / b for a, b in zip(got, ref))
+    print(f"{extra}: max relative loss difference over {len(ref)} steps {worst:.2e}")
+    assert len(got) == len(ref) == 30 and worst < 2e-2, (got, ref)
