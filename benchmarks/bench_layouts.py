@@ -3,8 +3,9 @@
 Each layout is a real ``megacore train`` run (``--nproc N``: torchrun, NCCL on GPUs, gloo on CPU)
 of the same config, seed and data; the first layout is the reference. For every run the table gives
 the median tokens/s per GPU over the steps after ``--skip`` warm-up steps, its ratio to the
-reference's per-GPU throughput, the peak memory, and the largest relative loss difference to the
-reference over all steps.
+reference's per-GPU throughput, the peak memory, the largest relative loss difference to the
+reference over all steps, and the host share (median host time to queue a step over the step's
+wall time; near 100% the host, not the GPU, sets the pace).
 
     python benchmarks/bench_layouts.py --out $OUT/layouts.json                 # 1B config, 2 GPUs
     python benchmarks/bench_layouts.py --config configs/tiny_cpu.yaml --device cpu --iters 4 \
@@ -73,6 +74,8 @@ def run_layout(args, name: str, nproc: int, overrides: list[str], work: str) -> 
     result["tokens_per_s_per_gpu"] = result["tokens_per_s"] / nproc
     result["mem_gb"] = max((r.get("mem_gb") or 0.0) for r in records)
     result["tflops_per_gpu"] = statistics.median((r.get("tflops_per_gpu") or 0.0) for r in timed)
+    # Host share: the time to queue a step over the step's wall time (near 100%: host-bound).
+    result["host_share"] = statistics.median(r.get("host_queue_s", 0.0) / r["step_time_s"] for r in timed)
     return result
 
 
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
 
     ref = results[0]
     print(f"\n{'layout':<14} {'GPUs':>4} {'tok/s/GPU':>11} {'vs ref':>7} {'TFLOP/s/GPU':>11} {'mem GB':>7} "
-          f"{'max rel dloss':>13}")
+          f"{'max rel dloss':>13} {'host':>6}")
     for r in results:
         if "losses" not in r:
             print(f"{r['name']:<14} {r['nproc']:>4}  failed: {r.get('error', '')[:80]}")
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         dloss = max((abs(a - b) / abs(b) for a, b in zip(r["losses"], ref.get("losses", []))), default=float("nan"))
         r["ratio_vs_ref"], r["max_rel_loss_diff"] = ratio, dloss
         print(f"{r['name']:<14} {r['nproc']:>4} {r['tokens_per_s_per_gpu']:>11,.0f} {ratio:>7.1%} "
-              f"{r['tflops_per_gpu']:>11.1f} {r['mem_gb']:>7.1f} {dloss:>13.2e}")
+              f"{r['tflops_per_gpu']:>11.1f} {r['mem_gb']:>7.1f} {dloss:>13.2e} {r['host_share']:>6.0%}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": args.config, "iters": args.iters, "global_batch": args.global_batch,

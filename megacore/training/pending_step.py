@@ -32,6 +32,7 @@ class PendingStep:
         self.votes: Optional[float] = None  # ranks that asked to stop (None: not collected)
         self.mem_gb: Optional[float] = None  # peak GPU memory allocated while the step was queued
         self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
+        self.host_s: Optional[float] = None  # host seconds spent queueing the step (train_step)
 
     @classmethod
     def of(cls, index: int, result: StepResult) -> "PendingStep":

@@ -538,9 +538,11 @@ class Trainer:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        host_start = time.perf_counter()
         queued = self.train_step(step)
         if not isinstance(queued, PendingStep):  # a StepResult already read (e.g. a stand-in step)
             queued = PendingStep.of(step, queued)
+        queued.host_s = time.perf_counter() - host_start
         if cuda:
             queued.mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
         queued.start_mark, queued.end_mark = self._mark, self._timing_mark()
@@ -558,12 +560,13 @@ class Trainer:
                 f"loss is {result.loss} at step {p.index + 1} (lr {self.schedule(p.index):.3e}); training "
                 "stopped without saving (the last good checkpoint stays). Try a lower train.lr, a longer "
                 "train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
-        self._log(result, dt, p.index + 1, p.mem_gb)
+        self._log(result, dt, p.index + 1, p.mem_gb, p.host_s)
         return result, self._stop_requested(p.votes)
 
-    def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float]) -> None:
+    def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float], host_s: Optional[float] = None) -> None:
         """One metrics record for step ``step`` (1-based) that took ``dt`` seconds; ``mem_gb``: its
-        peak GPU memory (None on CPU)."""
+        peak GPU memory (None on CPU). ``host_s``: the host time spent queueing it; on a GPU, a
+        ``host_queue_s`` close to ``step_time_s`` means the host, not the GPU, sets the pace."""
         tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tps = tokens_global / dt
         record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
@@ -573,6 +576,8 @@ class Trainer:
             record["tflops_per_gpu"] = achieved
             record["mfu"] = achieved / self.peak_tflops if self.peak_tflops else None
             record["mem_gb"] = mem_gb
+        if host_s is not None:
+            record["host_queue_s"] = host_s
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
             record["skipped"] = r.skipped

@@ -91,6 +91,8 @@ def test_trains_end_to_end_from_preprocess_output(reference):
     assert [r["step"] for r in steps] == list(range(1, 21))
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_s"):
         assert all(key in r for r in steps), key
+    # Queueing a step is part of the step's wall time (on CPU the host computes it all).
+    assert all(0 < r["host_queue_s"] <= r["step_time_s"] for r in steps), steps
     first, last = steps[0]["loss"], steps[-1]["loss"]
     assert first > 5.5  # ~ln(512) at init
     assert last < first - 0.7, (first, last)
