@@ -84,9 +84,14 @@ class TransformerConfig:
     init_std: float = 0.02
     scaled_output_init: bool = True
 
-    # Mixture of experts and hybrid stacks are part of the contract but not implemented yet.
+    # Mixture of experts (megacore.layers.moe): every layer's MLP becomes num_experts expert MLPs
+    # of moe_ffn_hidden_size (default ffn_hidden_size), each token sent to its moe_top_k experts.
     num_experts: Optional[int] = None
     moe_top_k: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_norm_topk: bool = True   # renormalize the top-k router probabilities to sum to 1 (Mixtral)
+    moe_aux_loss_coeff: float = 0.0     # weight of the load-balancing loss (e.g. 0.01; 0: off)
+    # Hybrid stacks are part of the contract but not implemented yet.
     layer_pattern: Optional[str] = None
 
     # ------------------------------------------------------------------ derived
@@ -106,6 +111,10 @@ class TransformerConfig:
     def padded_vocab_size(self) -> int:
         m = self.vocab_padding_multiple
         return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_size
 
     @property
     def gated_mlp(self) -> bool:
@@ -173,8 +182,17 @@ class TransformerConfig:
         if self.norm_epsilon <= 0:
             _fail("model.norm_epsilon", self.norm_epsilon, "must be positive", "use e.g. 1e-5")
         if self.num_experts is not None:
-            _fail("model.num_experts", self.num_experts, "requests MoE layers, which this version does not implement",
-                  "remove model.num_experts (dense models only for now)")
+            if not isinstance(self.num_experts, int) or self.num_experts < 2:
+                _fail("model.num_experts", self.num_experts, "must be an integer >= 2",
+                      "use e.g. 8, or null for dense MLPs")
+            if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.num_experts:
+                _fail("model.moe_top_k", self.moe_top_k, f"must be between 1 and num_experts={self.num_experts}",
+                      "use e.g. 2")
+            if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+                _fail("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size, "must be positive",
+                      "use null to take model.ffn_hidden_size")
+            if self.moe_aux_loss_coeff < 0:
+                _fail("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "must be >= 0", "use e.g. 0.01, or 0 for none")
         if self.layer_pattern is not None and set(self.layer_pattern) - {"*", "-"}:
             _fail("model.layer_pattern", self.layer_pattern,
                   "contains layer kinds this version does not implement (only '*' attention+MLP)",

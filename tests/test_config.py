@@ -89,7 +89,8 @@ MODEL_ERRORS = [
     (dict(ffn_hidden_size=0), "model.ffn_hidden_size", ""),
     (dict(init_std=0.0), "model.init_std", ""),
     (dict(norm_epsilon=0.0), "model.norm_epsilon", ""),
-    (dict(num_experts=8), "model.num_experts", ""),
+    (dict(num_experts=1), "model.num_experts", ">= 2"),
+    (dict(num_experts=4, moe_top_k=5), "model.moe_top_k", "num_experts=4"),
     (dict(layer_pattern="*M*"), "model.layer_pattern", ""),
 ]
 

@@ -177,7 +177,7 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] =
                     max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
-    ``family``: ``llama``, ``mistral``, ``qwen2`` or ``gpt2``; default the family the model was
+    ``family``: ``llama``, ``mistral``, ``mixtral``, ``qwen2`` or ``gpt2``; default the family the model was
     loaded as, else inferred from the config (see ``infer_family``). Weights above
     ``max_shard_size`` (bytes or '5GB'-style) are split into shards with an index json. The
     directory is written to a temporary sibling and renamed into place; other files already in

@@ -1,6 +1,7 @@
 """Hugging Face ``config.json`` <-> ``TransformerConfig`` for the supported families.
 
-Families: ``llama`` (also any config that reads like one), ``mistral`` (sliding window),
+Families: ``llama`` (also any config that reads like one), ``mistral`` (sliding window), ``mixtral``
+(Mistral with MoE layers),
 ``qwen2`` (q/k/v bias; sliding window only when ``use_sliding_window``) and ``gpt2`` (learned
 positions, LayerNorm with bias, Conv1D weights, tied embeddings by default).
 
@@ -26,6 +27,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llama": ("llama", "LlamaForCausalLM"),
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "mixtral": ("mixtral", "MixtralForCausalLM"),
     "gpt2": ("gpt2", "GPT2LMHeadModel"),
 }
 SUPPORTED = ", ".join(f"{fam} ({cls})" for fam, (_, cls) in FAMILIES.items())
@@ -35,6 +37,7 @@ _ROPE_FAMILY_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "mixtral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
 }
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
 _GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -207,6 +210,12 @@ def _rope_family_fields(hf: dict, family: str) -> dict:
         tie_embeddings=bool(hf.get("tie_word_embeddings", d["tie_word_embeddings"])),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
+    if family == "mixtral":
+        # HF adds router_aux_loss_coef x its balancing loss only when output_router_logits is set.
+        fields.update(num_experts=int(_require(hf, "num_local_experts", family)),
+                      moe_top_k=int(hf.get("num_experts_per_tok", 2)),
+                      moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0))
+                      if hf.get("output_router_logits", False) else 0.0)
     fields.update(_rope_fields(hf))
     if fields["rotary_percent"] != 1.0:
         raise ConfigError(f"partial_rotary_factor={fields['rotary_percent']} is not used by {family} in transformers; "
@@ -246,6 +255,8 @@ def infer_family(config: TransformerConfig) -> str:
     q/k/v bias -> qwen2, sliding window -> mistral, else llama."""
     if config.position_embedding == "learned" and config.normalization == "LayerNorm":
         return "gpt2"
+    if config.num_experts is not None:
+        return "mixtral"
     if config.add_qkv_bias and not config.add_bias_linear:
         return "qwen2"
     if config.sliding_window is not None:
@@ -263,8 +274,15 @@ def check_exportable(config: TransformerConfig, family: str) -> None:
     if family not in FAMILIES:
         raise ConfigError(f"family={family!r} is not supported; use one of {list(FAMILIES)}")
     c = config
-    if c.num_experts is not None:
+    if c.num_experts is not None and family != "mixtral":
         _cannot(family, "num_experts", c.num_experts, "dense MLPs")
+    if family == "mixtral":
+        if c.num_experts is None:
+            _cannot(family, "num_experts", None, "MoE layers (model.num_experts)")
+        if not c.moe_router_norm_topk:
+            _cannot(family, "moe_router_norm_topk", False, "renormalized top-k router weights")
+        if c.moe_ffn_size != c.ffn_size:
+            _cannot(family, "moe_ffn_hidden_size", c.moe_ffn_hidden_size, "experts of ffn_hidden_size")
     if c.layer_pattern is not None and set(c.layer_pattern) - {"*"}:
         _cannot(family, "layer_pattern", c.layer_pattern, "attention+MLP layers only")
     if c.qk_norm:
@@ -281,7 +299,7 @@ def check_exportable(config: TransformerConfig, family: str) -> None:
             checks += [("add_qkv_bias", True), ("add_bias_linear", False)]
         elif family == "llama":
             checks.append(("sliding_window", None))
-        elif family == "mistral":
+        elif family in ("mistral", "mixtral"):
             checks += [("add_qkv_bias", False), ("add_bias_linear", False)]
     for field, need in checks:
         if getattr(c, field) != need:
@@ -351,8 +369,11 @@ def config_to_hf(config: TransformerConfig, family: str, dtype: torch.dtype = to
                attention_dropout=c.attention_dropout)
     if family == "llama":
         out.update(attention_bias=c.add_qkv_bias, mlp_bias=c.add_bias_linear)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         out["sliding_window"] = c.sliding_window
+    if family == "mixtral":
+        out.update(num_local_experts=c.num_experts, num_experts_per_tok=c.moe_top_k,
+                   router_aux_loss_coef=c.moe_aux_loss_coeff, output_router_logits=c.moe_aux_loss_coeff > 0)
     if family == "qwen2":
         sliding = c.sliding_window is not None
         out.update(use_sliding_window=sliding, sliding_window=c.sliding_window,

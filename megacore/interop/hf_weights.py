@@ -92,10 +92,25 @@ def _gate_up() -> tuple[Callable, Callable]:
     return (lambda ts: torch.cat(ts, dim=0)), (lambda t: list(t.chunk(2, dim=0)))
 
 
+def _experts_gate_up(num_experts: int) -> tuple[Callable, Callable]:
+    """HF (w1_0, w3_0, w1_1, w3_1, ...) [F, h] each <-> megacore [E, 2F, h] ([gate; up] per expert)."""
+    def to_ours(ts: Tensors) -> torch.Tensor:
+        return torch.stack([torch.cat(ts[2 * e:2 * e + 2], dim=0) for e in range(num_experts)])
+
+    def to_hf(t: torch.Tensor) -> Tensors:
+        return [half for e in range(num_experts) for half in t[e].chunk(2, dim=0)]
+    return to_ours, to_hf
+
+
+def _experts_stacked(num_experts: int) -> tuple[Callable, Callable]:
+    """HF (w2_0, w2_1, ...) [h, F] each <-> megacore [E, h, F]."""
+    return (lambda ts: torch.stack(ts)), (lambda t: [t[e] for e in range(num_experts)])
+
+
 # ----------------------------------------------------------------------------------- rule lists
 
 # Top-level prefix each family's CausalLM class puts before the base model's names.
-BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer."}
+BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "mixtral": "model.", "gpt2": "transformer."}
 
 
 def _rules_rope_family(c: TransformerConfig, base: str) -> list[Rule]:
@@ -111,9 +126,22 @@ def _rules_rope_family(c: TransformerConfig, base: str) -> list[Rule]:
                  tuple(f"{att}{p}_proj.weight" for p in "qkv"), *_qkv(c)),
             Rule(f"{ours}self_attention.linear_proj.weight", (f"{att}o_proj.weight",), *ident),
             Rule(f"{ours}pre_mlp_norm.weight", (f"{hf}post_attention_layernorm.weight",), *ident),
-            Rule(f"{ours}mlp.linear_fc1.weight", (f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"), *_gate_up()),
-            Rule(f"{ours}mlp.linear_fc2.weight", (f"{mlp}down_proj.weight",), *ident),
         ]
+        if c.num_experts is not None:  # Mixtral's on-disk names
+            moe, e = f"{hf}block_sparse_moe.", c.num_experts
+            rules += [
+                Rule(f"{ours}mlp.router.weight", (f"{moe}gate.weight",), *ident),
+                Rule(f"{ours}mlp.experts.linear_fc1",
+                     tuple(f"{moe}experts.{j}.{w}.weight" for j in range(e) for w in ("w1", "w3")),
+                     *_experts_gate_up(e)),
+                Rule(f"{ours}mlp.experts.linear_fc2", tuple(f"{moe}experts.{j}.w2.weight" for j in range(e)),
+                     *_experts_stacked(e)),
+            ]
+        else:
+            rules += [
+                Rule(f"{ours}mlp.linear_fc1.weight", (f"{mlp}gate_proj.weight", f"{mlp}up_proj.weight"), *_gate_up()),
+                Rule(f"{ours}mlp.linear_fc2.weight", (f"{mlp}down_proj.weight",), *ident),
+            ]
         if c.add_qkv_bias:
             rules.append(Rule(f"{ours}self_attention.linear_qkv.bias",
                               tuple(f"{att}{p}_proj.bias" for p in "qkv"), *_qkv(c)))

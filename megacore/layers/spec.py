@@ -16,9 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from torch import nn
+
 from megacore.layers.attention import CoreAttention, SelfAttention
 from megacore.layers.mlp import MLP
 from megacore.layers.norm import build_norm
+
+
+def build_mlp(config) -> nn.Module:
+    """The layer's feed-forward block: the dense ``MLP``, or an ``MoELayer`` when
+    ``config.num_experts`` is set."""
+    if config.num_experts is not None:
+        from megacore.layers.moe import MoELayer
+
+        return MoELayer(config)
+    return MLP(config)
 
 
 @dataclass
@@ -27,5 +39,5 @@ class LayerSpec:
     self_attention: Callable = SelfAttention
     core_attention: Callable = CoreAttention
     pre_mlp_norm: Callable = build_norm
-    mlp: Callable = MLP
+    mlp: Callable = build_mlp
     final_norm: Callable = build_norm

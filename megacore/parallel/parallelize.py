@@ -292,6 +292,9 @@ def check_tp_config(config: TransformerConfig, tensor: int, sequence_parallel: b
         raise ConfigError("parallel.sequence_parallel=True needs parallel.tensor > 1; set sequence_parallel=false")
     if tensor == 1:
         return
+    if config.num_experts is not None:
+        raise ConfigError(f"model.num_experts={config.num_experts}: MoE layers have no tensor-parallel plan yet; "
+                          "set parallel.tensor=1 (MoE trains with data and pipeline parallelism)")
     if config.num_attention_heads % tensor != 0:
         raise ConfigError(f"model.num_attention_heads={config.num_attention_heads} is not divisible by "
                           f"parallel.tensor={tensor}; choose a tensor-parallel size that divides the number of heads")

@@ -2,7 +2,8 @@
 
 Model FLOPs per token = 6·N + 6·L·h·s, where N counts the parameters taking part in matmuls (all but
 the input embedding table; the output layer counts even when tied), L layers, h hidden size, s
-sequence length (causal attention counted once per pair). Recomputation is not counted.
+sequence length (causal attention counted once per pair). Recomputation is not counted. In an MoE
+layer N counts the parameters a token meets: the router and its ``moe_top_k`` experts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ def matmul_params(cfg: TransformerConfig) -> int:
     qkv = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd
     proj = cfg.num_attention_heads * hd * h
     mlp = h * f * (3 if cfg.gated_mlp else 2)
+    if cfg.num_experts is not None:
+        mlp = h * cfg.num_experts + cfg.moe_top_k * h * cfg.moe_ffn_size * (3 if cfg.gated_mlp else 2)
     output = h * cfg.vocab_size
     return cfg.num_layers * (qkv + proj + mlp) + output
 

@@ -54,8 +54,15 @@ def _check_supported(cfg: RunConfig) -> None:
                           "context-parallel causal mask is built from the global positions; set "
                           "data.reset_position_ids=false")
     if p.expert > 1:
-        raise ConfigError(f"parallel.expert={p.expert}: expert parallelism needs MoE layers, which this version does "
-                          "not implement; set parallel.expert=1")
+        raise ConfigError(f"parallel.expert={p.expert}: expert parallelism (experts split over ranks) is not "
+                          "implemented yet; set parallel.expert=1 (MoE models train with every expert on every rank)")
+    if cfg.model.num_experts is not None and (p.tensor > 1 or p.context > 1):
+        raise ConfigError(f"model.num_experts={cfg.model.num_experts} (MoE) runs with data and pipeline parallelism "
+                          f"only for now, not with parallel.tensor={p.tensor} / parallel.context={p.context}; set "
+                          "both to 1")
+    if cfg.model.num_experts is not None and cfg.precision.fp8 is not None:
+        raise ConfigError("precision.fp8 converts dense linears only; MoE expert weights have no fp8 path yet: set "
+                          "precision.fp8=null for model.num_experts")
     if cfg.precision.fp8 is not None:  # the config rejects device=cpu; here the resolved device is known
         from megacore.precision.fp8 import fp8_device_problem
 
@@ -107,6 +114,13 @@ class Trainer:
         self._build_data()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
         self.chunks = self.build_model()
+        if cfg.model.num_experts is not None:
+            from megacore.layers.moe import set_aux_loss_scale
+
+            # Each micro-batch's load-balancing loss counts 1/(micro-batches x DP ranks): the objective
+            # holds their mean over the global batch, like the LM loss.
+            for chunk in self.chunks:
+                set_aux_loss_scale(chunk, 1.0 / (len(self.micro_slices()) * self.dp_size))
         self.optimizer, self.loss_scaler = self.build_optimizer()
         self.schedule = LRSchedule(cfg.train)
         self.flops_per_token = flops_per_token(cfg.model)

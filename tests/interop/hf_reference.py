@@ -24,6 +24,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen2_bias": ("Qwen2Config", dict(_ROPE_COMMON, use_sliding_window=False, sliding_window=4)),
     "qwen2_sliding": ("Qwen2Config", dict(_ROPE_COMMON, use_sliding_window=True, sliding_window=6,
                                           max_window_layers=0)),
+    "mixtral_moe": ("MixtralConfig", dict(_ROPE_COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=None, rms_norm_eps=1e-6)),
     "gpt2_tied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
                                      activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
 }

@@ -1,0 +1,61 @@
+"""MoE layer: route each token to its top-k experts and sum their weighted outputs.
+
+The load-balancing loss never changes the returned activations or the reported LM loss: it is
+attached to the layer's output so that backpropagating the LM loss also backpropagates
+``moe_aux_loss_coeff · scale · aux`` (``AttachAuxLoss``). ``scale`` makes the per-micro-batch
+losses add up to the mean over the global batch: the trainer sets it to
+1 / (micro-batches per step × data-parallel ranks) with :func:`set_aux_loss_scale`; a plain
+``model(ids, labels=...).backward()`` uses 1. The last forward's aux value stays readable in
+``layer.last_aux_loss`` (detached).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megacore.config import TransformerConfig
+from megacore.layers.moe.experts import SequentialExperts
+from megacore.layers.moe.router import TopKRouter
+
+
+class AttachAuxLoss(torch.autograd.Function):
+    """forward(x, aux, weight) = x;  backward: dx = dy, d aux = weight (so ∂(loss)/∂aux = weight)."""
+
+    @staticmethod
+    def forward(ctx, x, aux, weight: float):
+        ctx.weight = weight
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.weight, dtype=dtype, device=device), None
+
+
+class MoELayer(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.router = TopKRouter(config)
+        self.experts = SequentialExperts(config)
+        self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.aux_loss_scale = 1.0
+        self.last_aux_loss = None
+
+    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        shape = hidden_BSH.shape
+        tokens = hidden_BSH.reshape(-1, shape[-1])
+        weights, experts, aux = self.router(tokens)
+        out = self.experts(tokens, weights, experts).view(shape)
+        self.last_aux_loss = aux.detach()
+        if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            out = AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
+        return out
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Weight of each forward's load-balancing loss in the objective (see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.aux_loss_scale = scale

@@ -1,0 +1,51 @@
+"""Top-k token router with the load-balancing loss.
+
+For tokens x [T, H] and router weight W [E, H]::
+
+    p = softmax(x·Wᵀ) in fp32            [T, E]
+    experts, w = top-k of p per token    [T, k]  (w renormalized to sum 1 when norm_topk)
+
+Load-balancing loss (Switch Transformer, as Mixtral trains with it), over the T tokens routed here::
+
+    aux = E · Σ_e f_e · P_e,   f_e = (# of the T·k assignments that go to e) / T,   P_e = mean_t p[t, e]
+
+It is 1·k when routing is perfectly uniform and grows as tokens crowd onto few experts. Its
+gradient reaches W only through P (f counts discrete choices).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacore.config import TransformerConfig
+from megacore.layers.norm import mark_init
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+    """E · Σ_e f_e · P_e (see the module docstring); a scalar in the dtype of ``probs_TE``."""
+    num_experts, tokens = probs_TE.shape[-1], probs_TE.shape[0]
+    counts = torch.zeros(num_experts, device=probs_TE.device, dtype=probs_TE.dtype)
+    counts.index_add_(0, experts_TK.reshape(-1), torch.ones(experts_TK.numel(), device=probs_TE.device,
+                                                            dtype=probs_TE.dtype))
+    return num_experts * (counts / max(tokens, 1) * probs_TE.mean(dim=0)).sum()
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.norm_topk = config.moe_router_norm_topk
+        self.weight = mark_init(nn.Parameter(torch.empty(config.num_experts, config.hidden_size)), "normal")
+
+    def forward(self, hidden_TH: torch.Tensor):
+        """hidden [T, H] -> (weights [T, k], experts [T, k] int64, aux loss scalar); weights and aux in
+        fp32 (fp64 for fp64 input)."""
+        # fp32 at least: bf16 probabilities would tie and flip top-k choices.
+        probs = torch.softmax(F.linear(hidden_TH, self.weight), dim=-1,
+                              dtype=torch.promote_types(hidden_TH.dtype, torch.float32))
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts, load_balancing_loss(probs, experts)
