@@ -1,8 +1,7 @@
 """Every run config shipped in configs/ loads and validates at the world size it is written for.
 
 Validation never touches CUDA (``device: cuda`` is only checked by name), so the GPU configs are
-validated here on CPU exactly as ``megacore train`` validates them. The MoE config is a documented
-target: it must stop with the clear ``parallel.expert`` error until expert parallelism exists.
+validated here on CPU exactly as ``megacore train`` validates them.
 """
 
 from pathlib import Path
@@ -18,13 +17,13 @@ RUNNABLE = {
     "tiny_cpu.yaml": (1, 1),
     "llama_1b_gpu.yaml": (1, 1),
     "llama_8b_8gpu.yaml": (8, 2),
+    "mixtral_moe.yaml": (8, 8),
 }
-NOT_YET = {"mixtral_moe.yaml": 8}
 
 
 def test_every_config_is_covered():
     on_disk = {p.name for p in CONFIGS.glob("*.yaml")}
-    assert on_disk == set(RUNNABLE) | set(NOT_YET), "add new configs to tests/test_configs.py"
+    assert on_disk == set(RUNNABLE), "add new configs to tests/test_configs.py"
 
 
 @pytest.mark.parametrize("name", sorted(RUNNABLE))
@@ -60,19 +59,12 @@ def test_llama_8b_layout():
         load_run_config(str(CONFIGS / "llama_8b_8gpu.yaml")).validate(6)
 
 
-@pytest.mark.parametrize("name", sorted(NOT_YET))
-def test_moe_config_gives_the_clear_not_implemented_error(name):
+def test_moe_config_passes_the_trainer_checks():
     from megacore.training.trainer import _check_supported
 
-    cfg = load_run_config(str(CONFIGS / name))  # the file parses and validates: every key is known
-    assert cfg.model.num_experts == 8 and cfg.model.moe_top_k == 2
-    cfg.validate(NOT_YET[name])
-    with pytest.raises(ConfigError) as info:  # what megacore train checks first
-        _check_supported(cfg)
-    msg = str(info.value)
-    assert "parallel.expert=8" in msg and "expert parallelism" in msg and ";" in msg
-    # Only the missing feature stops it.
-    _check_supported(load_run_config(str(CONFIGS / name), ["parallel.expert=1"]))
+    cfg = load_run_config(str(CONFIGS / "mixtral_moe.yaml")).validate(8)
+    assert (cfg.model.num_experts, cfg.model.moe_top_k, cfg.parallel.expert) == (8, 2, 8)
+    _check_supported(cfg)  # what megacore train checks first
 
 
 def test_gpu_configs_also_validate_with_a_cpu_override():

@@ -61,12 +61,19 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
     def _norm_sets(self) -> list[tuple[list[Fragment], list[ProcessGroup]]]:
         # Shards are disjoint across DP: sum over each buffer's DP group as well. Sets come from the
         # buffers (identical on every rank), so every rank joins every reduction even with no pieces.
-        sets: dict[int, tuple[list[Fragment], list[ProcessGroup]]] = {}
+        # Split experts (a buffer of expert params, reduced over expert-DP) also sum over EP.
+        from megacore.distributed.ddp import is_expert_param
+
+        def key(buf):
+            return id(buf.dp_group), bool(self.expert_parallel_group is not None and is_expert_param(buf.params[0]))
+
+        sets: dict[tuple, tuple[list[Fragment], list[ProcessGroup]]] = {}
         owner = {id(p): buf for _, buf in self._buffers() for p in buf.params}
         for _, buf in self._buffers():
-            sets.setdefault(id(buf.dp_group), ([], list(self.model_parallel_groups) + [buf.dp_group]))
+            extra = [self.expert_parallel_group] if key(buf)[1] else []
+            sets.setdefault(key(buf), ([], list(self.model_parallel_groups) + [buf.dp_group] + extra))
         for f in self.fragments:
-            sets[id(owner[id(f.param)].dp_group)][0].append(f)
+            sets[key(owner[id(f.param)])][0].append(f)
         return list(sets.values())
 
     def _buffers(self):

@@ -199,6 +199,12 @@ def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = N
     if state.tp_size > 1:
         fn = lambda m: parallel.parallelize(m, state, sequence_parallel=p.sequence_parallel,
                                                   grad_sync=tp_grad_sync)  # noqa: E731
+    if state.ep_size > 1:
+        from megacore.layers.moe.expert_parallel import apply_expert_parallel
+
+        tp_fn = fn
+        fn = lambda m: apply_expert_parallel((tp_fn(m) or m) if tp_fn else m, state.ep_group,  # noqa: E731
+                                             state.ep_rank, state.ep_size)
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
                                  device, dtype, p.pipeline_layers, parallelize_fn=fn)
     if state.cp_size > 1:

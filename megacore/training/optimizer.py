@@ -133,6 +133,8 @@ class MixedPrecisionOptimizer:
         model_parallel_groups: groups the model is split over, e.g. ``(tp_group, pp_group)``: the
             grad norm and found_inf are reduced over them.
         tp_group, is_tp_replicated: count TP-replicated params once in the norm (TP rank 0).
+        expert_parallel_group: the EP group when MoE experts are split over ranks: each rank holds
+            other experts, so their part of the grad norm is summed over it as well.
         fused / foreach: AdamW implementation (default: fused when the masters are on CUDA).
     """
 
@@ -144,7 +146,8 @@ class MixedPrecisionOptimizer:
                  model_parallel_groups: Sequence[ProcessGroup] = (), tp_group: ProcessGroup = None,
                  is_tp_replicated: Callable[[torch.Tensor], bool] = default_is_tp_replicated,
                  no_weight_decay: Callable[[str, torch.Tensor], bool] = default_no_weight_decay,
-                 fused: Optional[bool] = None, foreach: Optional[bool] = None):
+                 fused: Optional[bool] = None, foreach: Optional[bool] = None,
+                 expert_parallel_group: ProcessGroup = None):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
         from megacore.distributed.ddp import DistributedDataParallel
@@ -162,6 +165,7 @@ class MixedPrecisionOptimizer:
                              "with use_distributed_optimizer=False for MixedPrecisionOptimizer")
         self.clip_grad, self.loss_scaler, self.master_weights = clip_grad, loss_scaler, master_weights
         self.model_parallel_groups = tuple(model_parallel_groups)
+        self.expert_parallel_group = expert_parallel_group
         self.tp_group, self.is_tp_replicated = tp_group, is_tp_replicated
         self.no_weight_decay = no_weight_decay
         self._num_steps = 0                              # steps applied, as far as the host knows
@@ -258,8 +262,16 @@ class MixedPrecisionOptimizer:
         return list(self.model_parallel_groups) + self._dp_groups()
 
     def _norm_sets(self) -> list[tuple[list[Fragment], list[ProcessGroup]]]:
-        """(fragments, groups to sum over): replicated masters are identical across DP, so no DP group."""
-        return [(self.fragments, list(self.model_parallel_groups))]
+        """(fragments, groups to sum over): replicated masters are identical across DP, so no DP group;
+        split experts differ across EP ranks, so theirs is summed over EP too."""
+        if self.expert_parallel_group is None:
+            return [(self.fragments, list(self.model_parallel_groups))]
+        from megacore.distributed.ddp import is_expert_param
+
+        dense = [f for f in self.fragments if not is_expert_param(f.param)]
+        expert = [f for f in self.fragments if is_expert_param(f.param)]
+        return [(dense, list(self.model_parallel_groups)),
+                (expert, list(self.model_parallel_groups) + [self.expert_parallel_group])]
 
     # ------------------------------------------------------------------ step
     def _prepare_grads(self) -> list[torch.Tensor]:

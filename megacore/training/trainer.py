@@ -53,9 +53,15 @@ def _check_supported(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.context={p.context} with data.reset_position_ids=true is not supported: the "
                           "context-parallel causal mask is built from the global positions; set "
                           "data.reset_position_ids=false")
-    if p.expert > 1:
-        raise ConfigError(f"parallel.expert={p.expert}: expert parallelism (experts split over ranks) is not "
-                          "implemented yet; set parallel.expert=1 (MoE models train with every expert on every rank)")
+    if p.expert > 1 and cfg.model.num_experts is None:
+        raise ConfigError(f"parallel.expert={p.expert} splits MoE experts over ranks, but the model has none; set "
+                          "model.num_experts or parallel.expert=1")
+    if p.expert > 1 and cfg.model.num_experts % p.expert != 0:
+        raise ConfigError(f"model.num_experts={cfg.model.num_experts} is not divisible by parallel.expert={p.expert}; "
+                          "choose an expert-parallel size that divides the number of experts")
+    if p.expert > 1 and p.fsdp:
+        raise ConfigError("parallel.expert > 1 with parallel.fsdp=true is not supported; use "
+                          "parallel.distributed_optimizer=true")
     if cfg.model.num_experts is not None and (p.tensor > 1 or p.context > 1):
         raise ConfigError(f"model.num_experts={cfg.model.num_experts} (MoE) runs with data and pipeline parallelism "
                           f"only for now, not with parallel.tensor={p.tensor} / parallel.context={p.context}; set "
@@ -132,7 +138,8 @@ class Trainer:
                    f"{cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
         self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x "
                    f"{f'context {p.context} x ' if p.context > 1 else ''}data "
-                   f"{self.dp_size}{' (sequence parallel)' if p.sequence_parallel else ''}; optimizer "
+                   f"{self.dp_size}{' (sequence parallel)' if p.sequence_parallel else ''}"
+                   f"{f', experts split over {p.expert} ranks' if p.expert > 1 else ''}; optimizer "
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
@@ -222,7 +229,10 @@ class Trainer:
                 raise ConfigError("parallel.fsdp=true needs torch.distributed; launch with --nproc N or torchrun")
             policy = None if self.dtype == torch.float32 else self.dtype
             return [apply_fsdp(c, mp_policy=policy) for c in chunks]
+        # Expert weights split over EP are replicated only over the expert-data-parallel ranks.
+        expert_dp = self.state.edp_group if self.state.ep_size > 1 else None
         return [DistributedDataParallel(c, self.state.dp_cp_group, bucket_size_mb=p.ddp_bucket_size_mb,
+                                        expert_dp_group=expert_dp,
                                         overlap_grad_reduce=p.overlap_grad_reduce,
                                         use_distributed_optimizer=p.distributed_optimizer,
                                         overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer,
@@ -249,7 +259,8 @@ class Trainer:
         kind = DistributedOptimizer if cfg.parallel.distributed_optimizer else MixedPrecisionOptimizer
         opt = kind(self.chunks, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                    weight_decay=t.weight_decay, clip_grad=t.clip_grad, loss_scaler=scaler,
-                   master_weights=pr.master_weights, model_parallel_groups=groups, tp_group=self.state.tp_group)
+                   master_weights=pr.master_weights, model_parallel_groups=groups, tp_group=self.state.tp_group,
+                   expert_parallel_group=self.state.ep_group if self.state.ep_size > 1 else None)
         return opt, scaler
 
     def _resume(self) -> None:

@@ -1,6 +1,7 @@
-"""``megacore train`` with MoE layers on CPU: the loss falls, and data- and pipeline-parallel runs
-(DP2 with the distributed optimizer, PP2) reproduce the single-process curve, load-balancing loss
-included (its per-micro-batch scale must make every layout optimize the same objective)."""
+"""``megacore train`` with MoE layers on CPU: the loss falls, and data-, pipeline- and
+expert-parallel runs (DP2 with the distributed optimizer, PP2, EP2 with either optimizer) reproduce
+the single-process curve, load-balancing loss included (its per-micro-batch scale must make every
+layout optimize the same objective); checkpoints reshard between those layouts."""
 
 from __future__ import annotations
 
@@ -39,17 +40,25 @@ def test_moe_training_learns(reference):
 
 
 @pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
-                                        ("pp2", ["parallel.pipeline=2"])])
+                                        ("pp2", ["parallel.pipeline=2"]),
+                                        ("ep2", ["parallel.expert=2"]),
+                                        ("ep2_distopt", ["parallel.expert=2", "parallel.distributed_optimizer=true"])])
 def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
-    got, want = losses(_train(tmp_path, name, extra, nproc=2)), losses(reference)
+    log = _train(tmp_path, name, extra, nproc=2)
+    got, want = losses(log), losses(reference)
     assert len(got) == len(want) == 12
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
     assert worst < 1e-4, (name, worst, got, want)
+    # The global grad norm counts every expert once, wherever it lives.
+    norms = [(r["grad_norm"], q["grad_norm"]) for r, q in zip(read_metrics(log), read_metrics(reference))
+             if "loss" in r]
+    assert max(abs(a - b) / b for a, b in norms) < 1e-4, (name, norms)
 
 
 @pytest.mark.parametrize("overrides,words", [
     (["parallel.tensor=2"], "parallel.tensor=2"),
-    (["parallel.expert=2"], "expert parallelism"),
+    (["parallel.expert=3"], "not divisible by parallel.expert=3"),
+    (["parallel.expert=2", "model.num_experts=null"], "model.num_experts"),
 ])
 def test_moe_unsupported_layouts_are_clear_errors(overrides, words):
     from megacore.training.trainer import _check_supported
@@ -74,3 +83,15 @@ def test_moe_checkpoint_resumes_at_another_layout(tmp_path, reference):
     want = losses(reference)[6:]
     worst = max(abs(r["loss"] - b) / b for r, b in zip(records, want))
     assert worst < 1e-4, (worst, records, want)
+
+
+def test_ep2_checkpoint_resumes_on_one_process(tmp_path, reference):
+    """Each EP rank saves its own experts; one process loads them all and continues the curve."""
+    ckpt = str(tmp_path / "ckpt")
+    _train(tmp_path, "saving_ep2", [f"checkpoint.dir={ckpt}", "checkpoint.interval=6", "parallel.expert=2",
+                                    "parallel.distributed_optimizer=true"], nproc=2)
+    resumed = _train(tmp_path, "resumed_single", [f"checkpoint.load={ckpt}/iter_0000006"])
+    records = [r for r in read_metrics(resumed) if "loss" in r]
+    want = losses(reference)[6:]
+    worst = max(abs(r["loss"] - b) / b for r, b in zip(records, want))
+    assert [r["step"] for r in records] == list(range(7, 13)) and worst < 1e-4, (worst, records, want)

@@ -179,7 +179,10 @@ def test_unknown_key_is_a_clear_error(data):
 def test_unsupported_layout_is_a_clear_error(data):
     out = run_cli(["train", "configs/tiny_cpu.yaml", "parallel.expert=2"], data["env"])
     assert out.returncode == 2
-    assert "parallel.expert" in out.stderr and "not implement" in out.stderr
+    assert "parallel.expert=2" in out.stderr and "model.num_experts" in out.stderr  # no experts to split
+    out = run_cli(["train", "configs/tiny_cpu.yaml", "model.num_experts=4", "parallel.tensor=2"], data["env"])
+    assert out.returncode == 2
+    assert "MoE" in out.stderr and "parallel.tensor=2" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_message(monkeypatch, tmp_path):

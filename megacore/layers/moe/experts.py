@@ -6,7 +6,9 @@ activations), ``linear_fc2`` [E, H, F]: the dense ``MLP``'s layout with an exper
 Dispatch: the T·k (token, slot) assignments are sorted by expert; expert e multiplies the
 contiguous run of tokens assigned to it, and each output row, scaled by its router weight, is
 added back to its token. The run lengths are read on the host (one device sync per layer), so this
-is the simple path, not the fast one (a grouped GEMM without the sync is future work).
+is the simple path, not the fast one (a grouped GEMM without the sync is future work). Under
+expert parallelism (``megacore.layers.moe.expert_parallel``) this rank holds experts
+``first_expert ..`` only and the sorted rows travel to their experts' ranks and back.
 """
 
 from __future__ import annotations
@@ -30,26 +32,40 @@ class SequentialExperts(nn.Module):
         self.gated = config.gated_mlp
         self.linear_fc1 = mark_init(nn.Parameter(torch.empty(e, 2 * f if self.gated else f, h)), "normal")
         self.linear_fc2 = mark_init(nn.Parameter(torch.empty(e, h, f)), "scaled_normal")
+        self.num_experts = e      # in the whole model; this rank may hold a slice (expert parallelism)
+        self.first_expert = 0     # global index of this rank's first expert
+        self.ep_group = None      # set by apply_expert_parallel
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         up = F.linear(x_TH, self.linear_fc1[e])
         act = gated_activation_reference(up, self.activation) if self.gated else ACTIVATION_FNS[self.activation](up)
         return F.linear(act, self.linear_fc2[e])
 
+    def run_sorted(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows sorted by local expert, ``counts[e]`` rows for expert e -> their outputs, same order."""
+        pieces, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                pieces.append(self.expert_mlp(e, x_sorted[start:start + n]))
+            start += n
+        if not pieces:  # no rows here: keep the weights in the graph so every rank's backward reaches them
+            return x_sorted[:, :0].new_zeros(0, self.linear_fc2.shape[1]) + 0.0 * (
+                self.linear_fc1.sum() + self.linear_fc2.sum())
+        return torch.cat(pieces)
+
     def forward(self, hidden_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         """Σ over each token's k experts of weight · expert(token): [T, H] in the input's dtype."""
-        tokens, k = experts_TK.shape
+        k = experts_TK.shape[1]
         flat_experts = experts_TK.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)           # assignments grouped by expert
         token_of = order // k                                      # which token each sorted assignment is
-        counts = torch.bincount(flat_experts, minlength=self.linear_fc1.shape[0]).tolist()  # host sync
         scale = weights_TK.reshape(-1)[order].to(hidden_TH.dtype).unsqueeze(-1)
-        out = torch.zeros_like(hidden_TH)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start:start + n]
-            out.index_add_(0, rows, self.expert_mlp(e, hidden_TH[rows]) * scale[start:start + n])
-            start += n
-        return out
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        x_sorted = hidden_TH[token_of]
+        if self.ep_group is None:
+            y_sorted = self.run_sorted(x_sorted, counts.tolist())  # host sync
+        else:
+            from megacore.layers.moe.expert_parallel import dispatch_and_compute
+
+            y_sorted = dispatch_and_compute(self, x_sorted, counts, self.ep_group)
+        return torch.zeros_like(hidden_TH).index_add(0, token_of, y_sorted * scale)
