@@ -220,8 +220,9 @@ class ParallelConfig:
     grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
     # Overlap sequence-parallel communication with compute inside the compiled layer graphs (needs
     # sequence_parallel, compile=true and CUDA): "off"; "schedule" (inductor's overlap scheduler
-    # starts each collective early and waits late, so it runs beside independent compute);
-    # "symm_mem" (inductor's micro-pipelined async TP on symmetric memory). See docs/parallelism-tp.md.
+    # starts each collective early and waits late, so it runs beside independent compute); "reorder"
+    # (inductor's older reordering passes); "symm_mem" (inductor's micro-pipelined async TP on
+    # symmetric memory). All measured slower on 2 H100s: see docs/parallelism-tp.md.
     tp_comm_overlap: str = "off"
     # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
     # the groups are independent, so one group's collectives can run while another computes.

@@ -37,14 +37,15 @@ def chunk_items(batch: int, chunks: int, sp_size: int) -> list[list[int]]:
             for j in range(chunks)]
 
 
-def _pick(t: torch.Tensor, items: list[int], runs: list[tuple[int, int]]) -> torch.Tensor:
-    """Rows ``items`` of ``t`` (dim 0), as slices of the contiguous runs (no index tensor)."""
+def _pick(t: torch.Tensor, runs: list[tuple[int, int]]) -> torch.Tensor:
+    """Rows of ``t`` (dim 0) in the contiguous runs ``[a, b)``, as slices (no index tensor)."""
     if len(runs) == 1:
         return t[runs[0][0]:runs[0][1]]
     return torch.cat([t[a:b] for a, b in runs])
 
 
 def _runs(items: list[int]) -> list[tuple[int, int]]:
+    """[0, 1, 4, 5] -> [(0, 2), (4, 6)]."""
     runs: list[list[int]] = []
     for i in items:
         if runs and runs[-1][1] == i:
@@ -69,8 +70,8 @@ def forward_in_batch_chunks(layer_forward: Callable, hidden_BSH: torch.Tensor, r
         part = flat[j * rows:(j + 1) * rows].view(batch // chunks, seq_local, hidden)
         part_rotary = rotary
         if rotary is not None and rotary[0].dim() == 3:  # per-sample tables [B, S, d]
-            part_rotary = tuple(_pick(t, items, runs) for t in rotary)
-        part_mask = _pick(mask, items, runs) if mask is not None and mask.shape[0] == batch else mask
+            part_rotary = tuple(_pick(t, runs) for t in rotary)
+        part_mask = _pick(mask, runs) if mask is not None and mask.shape[0] == batch else mask
         outs.append(layer_forward(part, part_rotary, part_mask).reshape(rows, hidden))
     return torch.cat(outs).view(batch, seq_local, hidden)
 

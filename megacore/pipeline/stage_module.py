@@ -35,6 +35,9 @@ class PipelineChunk(nn.Module):
         object.__setattr__(self, "model", unwrap(chunk))  # same parameters; not registered twice
         self.chunk_index = chunk_index
         self.tracker: Optional[InFlightTracker] = None
+        # torch's PipelineStage infers output shapes with one forward on placeholder (uninitialized)
+        # inputs before the first real one; MoE layers must not log that pass's balance loss.
+        self._placeholder_pass_done = False
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
@@ -50,5 +53,22 @@ class PipelineChunk(nn.Module):
             ctx = self.tracker.forward((self.chunk_index, int(microbatch_index.reshape(-1)[0])))
         else:
             ctx = contextlib.nullcontext()
+        if not self._placeholder_pass_done:
+            self._placeholder_pass_done = True
+            ctx = _moe_aux_paused(m)
         with ctx:
             return self.chunk(input_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def _moe_aux_paused(model: nn.Module):
+    from megacore.layers.moe import MoELayer
+
+    layers = [mod for mod in model.modules() if isinstance(mod, MoELayer)]
+    for layer in layers:
+        layer.record_aux = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.record_aux = True

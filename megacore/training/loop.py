@@ -58,6 +58,7 @@ class StepResult:
     tokens: int
     skipped: bool = False
     loss_scale: Optional[float] = None
+    moe_aux_loss: Optional[float] = None  # MoE load-balancing loss, mean over layers and micro-batches
 
 
 class StopFlag:

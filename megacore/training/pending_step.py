@@ -33,6 +33,7 @@ class PendingStep:
         self.mem_gb: Optional[float] = None  # peak GPU memory allocated while the step was queued
         self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
         self.host_s: Optional[float] = None  # host seconds spent queueing the step (train_step)
+        self.aux_denominator: Optional[int] = None  # loss_votes[2] / this = the MoE balance loss
 
     @classmethod
     def of(cls, index: int, result: StepResult) -> "PendingStep":
@@ -47,10 +48,13 @@ class PendingStep:
         """Read the step's numbers (one device->host copy; waits for the GPU to finish the step)."""
         if self.result is None:
             info = self.info
-            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens, *info.pending()])
+            aux = [self.loss_votes[2]] if self.aux_denominator else []
+            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens, *aux, *info.pending()])
             loss_sum, self.votes, tokens = values[:3]
-            info.resolve(values[3:])
+            moe_aux = values[3] / self.aux_denominator if aux else None
+            info.resolve(values[3 + len(aux):])
             self.result = StepResult(loss=loss_sum / self.scale,
                                      grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
-                                     tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale)
+                                     tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale,
+                                     moe_aux_loss=moe_aux)
         return self.result

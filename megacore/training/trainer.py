@@ -343,21 +343,23 @@ class Trainer:
         dist.all_reduce(value, group=self.state.dp_cp_group)
         return value if value.device == self.device else value.to(self.device)
 
-    def _sum_over_layout(self, local: torch.Tensor, *extra: float) -> torch.Tensor:
+    def _sum_over_layout(self, local: torch.Tensor, *extra) -> torch.Tensor:
         """``[global loss sum, *extra summed over ranks]`` (fp64, comm device) from ONE all-reduce
         over all ranks; not read here.
 
         Each DP/CP rank's last stage holds its share of the global mean loss; the TP ranks of a
         stage hold the same value, so only TP rank 0 adds it: the world sum is then the sum over
         DP, CP and PP. ``extra`` rides along, e.g. the stop vote (1 on ranks whose SIGTERM/SIGINT
-        flag is set), so stopping needs no collective or host sync of its own.
+        flag is set), so stopping needs no collective or host sync of its own; a device scalar (the
+        MoE load-balancing sum) rides along without a read.
         """
         dev = comm_device(self.device)
         loss = local.detach().to(dev, torch.float64).reshape(1)
         if self.world_size > 1 and self.state.tp_rank != 0:
             loss = torch.zeros_like(loss)
         # torch.full fills on the device: no host->device copy (which would sync).
-        values = torch.cat([loss, *(torch.full((1,), float(v), dtype=torch.float64, device=dev) for v in extra)])
+        values = torch.cat([loss, *(v.detach().to(dev, torch.float64).reshape(1) if isinstance(v, torch.Tensor)
+                                    else torch.full((1,), float(v), dtype=torch.float64, device=dev) for v in extra)])
         if self.world_size > 1:
             dist.all_reduce(values)
         return values
@@ -395,7 +397,23 @@ class Trainer:
         else:
             info = self.optimizer.step()
         stop_vote = 1.0 if self.stop.requested else 0.0
-        return PendingStep(step, self._sum_over_layout(local, stop_vote), num_tokens, info, scale)
+        aux = self._moe_aux_local()
+        pending = PendingStep(step, self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else [])),
+                              num_tokens, info, scale)
+        if aux is not None:  # the world sum counts every MoE layer once per DP replica
+            pending.aux_denominator = self.cfg.model.num_layers * self.dp_size
+        return pending
+
+    def _moe_aux_local(self) -> Optional[torch.Tensor]:
+        """Sum over this rank's MoE layers of their mean load-balancing loss this step (device), or
+        None for a dense model."""
+        if self.cfg.model.num_experts is None:
+            return None
+        from megacore.layers.moe import MoELayer
+
+        means = [m.pop_aux_mean() for c in self.chunks for m in c.modules() if isinstance(m, MoELayer)]
+        means = [m for m in means if m is not None]
+        return torch.stack(means).sum() if means else torch.zeros((), device=self.device)
 
     def _fsdp_optimizer_step(self) -> torch.Tensor:
         """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm, unread."""
@@ -603,6 +621,8 @@ class Trainer:
             record["mem_gb"] = mem_gb
         if host_s is not None:
             record["host_queue_s"] = host_s
+        if r.moe_aux_loss is not None:
+            record["moe_aux_loss"] = r.moe_aux_loss
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
             record["skipped"] = r.skipped

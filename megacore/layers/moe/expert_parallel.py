@@ -94,5 +94,5 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
             part._megacore_shard_fn = lambda t, a=start, b=start + local: t[a:b]
             part._megacore_expert = True
             setattr(module, name, part)
-        module.first_expert, module.ep_group = start, group
+        module.ep_group = group
     return model

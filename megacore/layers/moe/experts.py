@@ -7,8 +7,8 @@ Dispatch: the T·k (token, slot) assignments are sorted by expert; expert e mult
 contiguous run of tokens assigned to it, and each output row, scaled by its router weight, is
 added back to its token. The run lengths are read on the host (one device sync per layer), so this
 is the simple path, not the fast one (a grouped GEMM without the sync is future work). Under
-expert parallelism (``megacore.layers.moe.expert_parallel``) this rank holds experts
-``first_expert ..`` only and the sorted rows travel to their experts' ranks and back.
+expert parallelism (``megacore.layers.moe.expert_parallel``) this rank holds a contiguous slice of
+the experts, and the sorted rows travel to their experts' ranks and back.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class SequentialExperts(nn.Module):
         self.linear_fc1 = mark_init(nn.Parameter(torch.empty(e, 2 * f if self.gated else f, h)), "normal")
         self.linear_fc2 = mark_init(nn.Parameter(torch.empty(e, h, f)), "scaled_normal")
         self.num_experts = e      # in the whole model; this rank may hold a slice (expert parallelism)
-        self.first_expert = 0     # global index of this rank's first expert
         self.ep_group = None      # set by apply_expert_parallel
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
@@ -49,8 +48,7 @@ class SequentialExperts(nn.Module):
                 pieces.append(self.expert_mlp(e, x_sorted[start:start + n]))
             start += n
         if not pieces:  # no rows here: keep the weights in the graph so every rank's backward reaches them
-            return x_sorted[:, :0].new_zeros(0, self.linear_fc2.shape[1]) + 0.0 * (
-                self.linear_fc1.sum() + self.linear_fc2.sum())
+            return x_sorted.new_zeros(x_sorted.shape) + 0.0 * (self.linear_fc1.sum() + self.linear_fc2.sum())
         return torch.cat(pieces)
 
     def forward(self, hidden_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,8 @@ attached to the layer's output so that backpropagating the LM loss also backprop
 losses add up to the mean over the global batch: the trainer sets it to
 1 / (micro-batches per step × data-parallel ranks) with :func:`set_aux_loss_scale`; a plain
 ``model(ids, labels=...).backward()`` uses 1. The last forward's aux value stays readable in
-``layer.last_aux_loss`` (detached).
+``layer.last_aux_loss`` (detached); training forwards also add it up for :meth:`MoELayer.pop_aux_mean`
+(what the trainer logs as ``moe_aux_loss``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.aux_loss_scale = 1.0
         self.last_aux_loss = None
+        self._aux_sum, self._aux_count = None, 0
+        self.record_aux = True  # False while a forward's balance loss must not be logged
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         shape = hidden_BSH.shape
@@ -49,9 +52,21 @@ class MoELayer(nn.Module):
         weights, experts, aux = self.router(tokens)
         out = self.experts(tokens, weights, experts).view(shape)
         self.last_aux_loss = aux.detach()
-        if self.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
-            out = AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
+        if self.training and torch.is_grad_enabled():
+            if self.record_aux:
+                self._aux_sum = self.last_aux_loss if self._aux_sum is None else self._aux_sum + self.last_aux_loss
+                self._aux_count += 1
+            if self.aux_loss_coeff > 0:
+                out = AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
         return out
+
+    def pop_aux_mean(self):
+        """Mean load-balancing loss of the training forwards since the last call (a device tensor;
+        None if there were none), and start over. A recomputed forward repeats its value, so the
+        mean is the same with or without activation recomputation."""
+        mean = None if self._aux_sum is None else self._aux_sum / self._aux_count
+        self._aux_sum, self._aux_count = None, 0
+        return mean
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:

@@ -9,7 +9,7 @@ Load-balancing loss (Switch Transformer, as Mixtral trains with it), over the T 
 
     aux = E · Σ_e f_e · P_e,   f_e = (# of the T·k assignments that go to e) / T,   P_e = mean_t p[t, e]
 
-It is 1·k when routing is perfectly uniform and grows as tokens crowd onto few experts. Its
+It equals k when routing is perfectly uniform and grows as tokens crowd onto few experts. Its
 gradient reaches W only through P (f counts discrete choices).
 """
 
@@ -26,6 +26,8 @@ from megacore.layers.norm import mark_init
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """E · Σ_e f_e · P_e (see the module docstring); a scalar in the dtype of ``probs_TE``."""
     num_experts, tokens = probs_TE.shape[-1], probs_TE.shape[0]
+    if tokens == 0:  # nothing routed, nothing unbalanced (and no 0/0)
+        return probs_TE.sum() * 0.0
     counts = torch.zeros(num_experts, device=probs_TE.device, dtype=probs_TE.dtype)
     counts.index_add_(0, experts_TK.reshape(-1), torch.ones(experts_TK.numel(), device=probs_TE.device,
                                                             dtype=probs_TE.dtype))
