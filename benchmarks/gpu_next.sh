@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the next GPU session should run first (2 H100s, one device call, ~8 min): the GPU tests not run
-# since their last change (the 2-GPU parity cases at lr 1e-3, FP8, the sync-free step), then dp1 vs
+# since their last change (the 2-GPU parity cases at lr 1e-3, including MoE with expert parallelism
+# over NCCL, FP8, the sync-free step), then dp1 vs
 # TP2+SP with the host share of each step (bench_layouts' "host" column: near 100% means the host,
 # not the GPU, sets the pace; that decides where TP2+SP's ~25 ms of idle per step comes from).
 # Usage: OUT=/tmp/out bash benchmarks/gpu_next.sh

@@ -43,8 +43,9 @@ def test_bf16_training_on_one_gpu_logs_gpu_metrics(tmp_path):
 @pytest.mark.parametrize("extra", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "compile=true"],
                                    ["parallel.distributed_optimizer=true"], ["parallel.pipeline=2"],
-                                   ["parallel.context=2"]],
-                         ids=["tp2_sp", "tp2_sp_compiled", "dp2_distopt", "pp2", "cp2"])
+                                   ["parallel.context=2"],
+                                   ["model.num_experts=4", "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"]],
+                         ids=["tp2_sp", "tp2_sp_compiled", "dp2_distopt", "pp2", "cp2", "moe_ep2"])
 def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
     # The reference is the same code path on one GPU (a compiled layout against the compiled model:
     # inductor's fused torch references round bf16 differently from the eager Triton kernels).
@@ -52,7 +53,8 @@ def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
     # 18), and where a spike lands depends on bf16 rounding; correct layouts then drift 4% apart
     # (benchmarks/gpu_curves_small.sh).
     calm = ["train.lr=1e-3"]
-    ref = [r["loss"] for r in _train(tmp_path, "ref", calm + [e for e in extra if e.startswith("compile=")])]
+    same_model = [e for e in extra if e.startswith(("compile=", "model."))]  # the layout is what differs
+    ref = [r["loss"] for r in _train(tmp_path, "ref", calm + same_model)]
     got = [r["loss"] for r in _train(tmp_path, "two", calm + extra, nproc=2)]
     # bf16 activations, fp32 master weights: reduction order differs between layouts.
     worst = max(abs(a - b) / b for a, b in zip(got, ref))
