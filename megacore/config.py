@@ -30,6 +30,7 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
 TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -450,6 +451,10 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     device: str = "cpu"
     compile: bool = False
+    # torch.compile mode of the layer and loss-head graphs: null (inductor's default),
+    # "reduce-overhead" (CUDA graphs: one launch per graph replay, for host-bound steps),
+    # "max-autotune" or "max-autotune-no-cudagraphs" (GEMM autotuning; slow first compile).
+    compile_mode: Optional[str] = None
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         self.model.validate()
@@ -462,6 +467,11 @@ class RunConfig:
         self.log.validate()
         if self.device not in ("cpu", "cuda", "auto"):
             _fail("device", self.device, "is not known", "use 'cpu', 'cuda' or 'auto'")
+        if self.compile_mode not in COMPILE_MODES:
+            _fail("compile_mode", self.compile_mode, "is not a torch.compile mode", f"use one of {list(COMPILE_MODES)}")
+        if self.compile_mode is not None and not self.compile:
+            _fail("compile_mode", self.compile_mode, "only applies with compile=true",
+                  "set compile=true, or compile_mode=null")
         m, p = self.model, self.parallel
         if m.num_attention_heads % p.tensor != 0:
             _fail("model.num_attention_heads", m.num_attention_heads, f"is not divisible by parallel.tensor={p.tensor}",

@@ -172,6 +172,8 @@ RUN_ERRORS = [
      "train.global_batch_size", "2*8"),
     (dict(precision=PrecisionConfig(fp8="tensorwise")), 1, "precision.fp8", "cuda"),
     (dict(device="tpu"), 1, "device", "cuda"),
+    (dict(compile=True, compile_mode="fastest"), 1, "compile_mode", "reduce-overhead"),
+    (dict(compile_mode="reduce-overhead"), 1, "compile_mode", "compile=true"),
     (dict(parallel=ParallelConfig(tensor=2, sequence_parallel=True, tp_comm_overlap=True)), 2,
      "parallel.tp_comm_overlap", "compile=true"),
     # Sequence groups of whole sequences: the micro-batch must split over groups x SP ranks.

@@ -221,7 +221,7 @@ class Trainer:
                 what = enable_tp_comm_overlap(self.state.tp_group, p.tp_comm_overlap)
                 self._info(f"tp_comm_overlap={p.tp_comm_overlap}: {what}"
                            + (f", {p.tp_batch_chunks} sequence groups per layer" if p.tp_batch_chunks > 1 else ""))
-            chunks = [compile_model(c) for c in chunks]
+            chunks = [compile_model(c, mode=cfg.compile_mode) for c in chunks]
         if p.fsdp:
             from megacore.distributed.fsdp import apply_fsdp
 
