@@ -238,7 +238,7 @@ def test_from_dict_unknown_keys_suggest_nearest():
     _unknown(lambda: from_dict(RunConfig, {"model": {"hidden_sise": 64}}), "model.hidden_sise", "hidden_size")
     _unknown(lambda: from_dict(RunConfig, {"parallel": {"tensor_parallel": 2}}), "parallel.tensor_parallel", "tensor")
     # Nothing close: list every valid key instead.
-    _unknown(lambda: from_dict(RunConfig, {"zzzz": 1}), "zzzz", "valid keys: checkpoint, compile, data")
+    _unknown(lambda: from_dict(RunConfig, {"zzzz": 1}), "zzzz", "valid keys: checkpoint, compile, compile_mode, data")
 
 
 def test_from_dict_section_must_be_a_mapping():
