@@ -195,18 +195,22 @@ def build_model_chunks(cfg, state=None, device: Optional[torch.device | str] = N
         raise ConfigError(f"parallel.pipeline={p.pipeline}, parallel.tensor={p.tensor} but the process groups have "
                           f"pipeline={state.pp_size}, tensor={state.tp_size}; call megacore.parallel.initialize("
                           f"tensor={p.tensor}, pipeline={p.pipeline}, ...) with the same sizes")
-    fn = None
+    transforms = []  # applied in order to each meta chunk before it is materialized
     if state.tp_size > 1:
-        fn = lambda m: parallel.parallelize(m, state, sequence_parallel=p.sequence_parallel,
-                                                  grad_sync=tp_grad_sync)  # noqa: E731
+        transforms.append(lambda m: parallel.parallelize(m, state, sequence_parallel=p.sequence_parallel,
+                                                         grad_sync=tp_grad_sync))
     if state.ep_size > 1:
         from megacore.layers.moe.expert_parallel import apply_expert_parallel
 
-        tp_fn = fn
-        fn = lambda m: apply_expert_parallel((tp_fn(m) or m) if tp_fn else m, state.ep_group,  # noqa: E731
-                                             state.ep_rank, state.ep_size)
+        transforms.append(lambda m: apply_expert_parallel(m, state.ep_group, state.ep_rank, state.ep_size))
+
+    def parallelize_chunk(m):
+        for transform in transforms:
+            m = transform(m)
+        return m
+
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
-                                 device, dtype, p.pipeline_layers, parallelize_fn=fn)
+                                 device, dtype, p.pipeline_layers, parallelize_fn=parallelize_chunk if transforms else None)
     if state.cp_size > 1:
         from megacore.parallel.context_parallel import apply_context_parallel
 

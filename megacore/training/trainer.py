@@ -40,6 +40,8 @@ from megacore.training.flops import flops_per_token, peak_tflops
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger, read_scalars
+from megacore.layers.moe import set_aux_loss_scale
+from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers
 from megacore.training.pending_step import PendingStep
 
 
@@ -53,22 +55,7 @@ def _check_supported(cfg: RunConfig) -> None:
         raise ConfigError(f"parallel.context={p.context} with data.reset_position_ids=true is not supported: the "
                           "context-parallel causal mask is built from the global positions; set "
                           "data.reset_position_ids=false")
-    if p.expert > 1 and cfg.model.num_experts is None:
-        raise ConfigError(f"parallel.expert={p.expert} splits MoE experts over ranks, but the model has none; set "
-                          "model.num_experts or parallel.expert=1")
-    if p.expert > 1 and cfg.model.num_experts % p.expert != 0:
-        raise ConfigError(f"model.num_experts={cfg.model.num_experts} is not divisible by parallel.expert={p.expert}; "
-                          "choose an expert-parallel size that divides the number of experts")
-    if p.expert > 1 and p.fsdp:
-        raise ConfigError("parallel.expert > 1 with parallel.fsdp=true is not supported; use "
-                          "parallel.distributed_optimizer=true")
-    if cfg.model.num_experts is not None and (p.tensor > 1 or p.context > 1):
-        raise ConfigError(f"model.num_experts={cfg.model.num_experts} (MoE) runs with data and pipeline parallelism "
-                          f"only for now, not with parallel.tensor={p.tensor} / parallel.context={p.context}; set "
-                          "both to 1")
-    if cfg.model.num_experts is not None and cfg.precision.fp8 is not None:
-        raise ConfigError("precision.fp8 converts dense linears only; MoE expert weights have no fp8 path yet: set "
-                          "precision.fp8=null for model.num_experts")
+    check_moe_layout(cfg)
     if cfg.precision.fp8 is not None:  # the config rejects device=cpu; here the resolved device is known
         from megacore.precision.fp8 import fp8_device_problem
 
@@ -120,13 +107,11 @@ class Trainer:
         self._build_data()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
         self.chunks = self.build_model()
-        if cfg.model.num_experts is not None:
-            from megacore.layers.moe import set_aux_loss_scale
-
+        self.moe_layers = moe_layers(self.chunks)  # empty for a dense model
+        for chunk in self.chunks:
             # Each micro-batch's load-balancing loss counts 1/(micro-batches x DP ranks): the objective
             # holds their mean over the global batch, like the LM loss.
-            for chunk in self.chunks:
-                set_aux_loss_scale(chunk, 1.0 / (len(self.micro_slices()) * self.dp_size))
+            set_aux_loss_scale(chunk, 1.0 / (len(self.micro_slices()) * self.dp_size))
         self.optimizer, self.loss_scaler = self.build_optimizer()
         self.schedule = LRSchedule(cfg.train)
         self.flops_per_token = flops_per_token(cfg.model)
@@ -397,23 +382,12 @@ class Trainer:
         else:
             info = self.optimizer.step()
         stop_vote = 1.0 if self.stop.requested else 0.0
-        aux = self._moe_aux_local()
+        aux = aux_loss_sum(self.moe_layers, self.device)
         pending = PendingStep(step, self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else [])),
                               num_tokens, info, scale)
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
             pending.aux_denominator = self.cfg.model.num_layers * self.dp_size
         return pending
-
-    def _moe_aux_local(self) -> Optional[torch.Tensor]:
-        """Sum over this rank's MoE layers of their mean load-balancing loss this step (device), or
-        None for a dense model."""
-        if self.cfg.model.num_experts is None:
-            return None
-        from megacore.layers.moe import MoELayer
-
-        means = [m.pop_aux_mean() for c in self.chunks for m in c.modules() if isinstance(m, MoELayer)]
-        means = [m for m in means if m is not None]
-        return torch.stack(means).sum() if means else torch.zeros((), device=self.device)
 
     def _fsdp_optimizer_step(self) -> torch.Tensor:
         """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm, unread."""

@@ -5,9 +5,8 @@ attached to the layer's output so that backpropagating the LM loss also backprop
 ``moe_aux_loss_coeff · scale · aux`` (``AttachAuxLoss``). ``scale`` makes the per-micro-batch
 losses add up to the mean over the global batch: the trainer sets it to
 1 / (micro-batches per step × data-parallel ranks) with :func:`set_aux_loss_scale`; a plain
-``model(ids, labels=...).backward()`` uses 1. The last forward's aux value stays readable in
-``layer.last_aux_loss`` (detached); training forwards also add it up for :meth:`MoELayer.pop_aux_mean`
-(what the trainer logs as ``moe_aux_loss``).
+``model(ids, labels=...).backward()`` uses 1. Training forwards add up their aux values for
+:meth:`MoELayer.pop_aux_mean` (what the trainer logs as ``moe_aux_loss``).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ class MoELayer(nn.Module):
         self.experts = SequentialExperts(config)
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.aux_loss_scale = 1.0
-        self.last_aux_loss = None
         self._aux_sum, self._aux_count = None, 0
         self.record_aux = True  # False while a forward's balance loss must not be logged
 
@@ -51,10 +49,10 @@ class MoELayer(nn.Module):
         tokens = hidden_BSH.reshape(-1, shape[-1])
         weights, experts, aux = self.router(tokens)
         out = self.experts(tokens, weights, experts).view(shape)
-        self.last_aux_loss = aux.detach()
         if self.training and torch.is_grad_enabled():
             if self.record_aux:
-                self._aux_sum = self.last_aux_loss if self._aux_sum is None else self._aux_sum + self.last_aux_loss
+                value = aux.detach()
+                self._aux_sum = value if self._aux_sum is None else self._aux_sum + value
                 self._aux_count += 1
             if self.aux_loss_coeff > 0:
                 out = AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
