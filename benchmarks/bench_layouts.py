@@ -11,7 +11,8 @@ wall time; near 100% the host, not the GPU, sets the pace).
     python benchmarks/bench_layouts.py --config configs/tiny_cpu.yaml --device cpu --iters 4 \
         --layouts 'dp1:1:,tp2sp:2:parallel.tensor=2 parallel.sequence_parallel=true'   # CPU smoke
 
-``--layouts`` is a comma-separated list of ``name:nproc:overrides`` (overrides space-separated).
+``--layouts`` is a comma-separated list of ``name:nproc:overrides`` (overrides space-separated; an
+override ``ENV.NAME=value`` sets an environment variable of that run instead, e.g. an NCCL knob).
 """
 
 from __future__ import annotations
@@ -54,20 +55,32 @@ def run_layout(args, name: str, nproc: int, overrides: list[str], work: str) -> 
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(dict(o[len("ENV."):].split("=", 1) for o in overrides if o.startswith("ENV.")))
+    cmd = [c for c in cmd if not c.startswith("ENV.")]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as e:  # keep what it logged: the steps may all be done (a hang at exit)
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        rc, stdout, stderr = "timeout", text(e.stdout), text(e.stderr)
     wall = time.time() - start
     with open(os.path.join(work, f"{name}.log"), "w") as f:
-        f.write(" ".join(cmd) + "\n" + proc.stdout + "\n" + proc.stderr)
-    result = {"name": name, "nproc": nproc, "overrides": overrides, "rc": proc.returncode, "wall_s": wall}
+        f.write(" ".join(cmd) + "\n" + stdout + "\n" + stderr)
+    result = {"name": name, "nproc": nproc, "overrides": overrides, "rc": rc, "wall_s": wall}
     path = os.path.join(log_dir, "metrics.jsonl")
-    if proc.returncode != 0 or not os.path.exists(path):
-        tail = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln][-5:]
-        result["error"] = " | ".join(tail) or proc.stderr[-500:]
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip() and "loss" in line]
+        records = [r for r in records if "loss" in r]
+    if rc == "timeout" and len(records) == args.iters:
+        result["note"] = f"all {args.iters} steps logged, then no exit within {args.timeout} s"
+    elif rc != 0 or not records:
+        tail = [ln for ln in stderr.splitlines() if "Error" in ln or "error" in ln][-5:]
+        result["error"] = " | ".join(tail) or stderr[-500:]
         return result
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip() and "loss" in line]
-    records = [r for r in records if "loss" in r]
     timed = records[args.skip:] or records
     result["losses"] = [r["loss"] for r in records]
     result["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in timed)
@@ -102,7 +115,8 @@ def main(argv=None) -> int:
         r = run_layout(args, name, nproc, overrides, work)
         results.append(r)
         print(f"{name}: rc {r['rc']}, {r.get('tokens_per_s_per_gpu', 0):,.0f} tok/s/GPU, wall {r['wall_s']:.0f}s"
-              + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
+              + (f"  ERROR {r['error']}" if "error" in r else "") + (f"  ({r['note']})" if "note" in r else ""),
+              flush=True)
 
     ref = results[0]
     print(f"\n{'layout':<14} {'GPUs':>4} {'tok/s/GPU':>11} {'vs ref':>7} {'TFLOP/s/GPU':>11} {'mem GB':>7} "

@@ -18,7 +18,9 @@ Variants:
   megacore_compile_sel_attn        + selective recompute of core attention
   megacore_compile_sel_attn_mlp    + selective recompute of core attention and the MLP activation
   megacore_compile_full            + full recompute of every layer
-  megacore_compile_fp8             + FP8 GEMMs (precision.fp8=tensorwise) in every transformer-layer linear
+  megacore_compile_fp8             + FP8 GEMMs (precision.fp8=tensorwise) in every transformer-layer linear; with
+                                   --accum > 1 each weight is quantized once per step (the trainer's weight cache)
+  megacore_compile_fp8_nocache     the same, quantizing the weights again in every micro-batch's pass
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ VARIANTS = {
                                       {}),
     "megacore_compile_full": (dict(kind="megacore", compile=True, recompute="full"), {}),
     "megacore_compile_fp8": (dict(kind="megacore", compile=True, fp8="tensorwise"), {}),
+    "megacore_compile_fp8_nocache": (dict(kind="megacore", compile=True, fp8="tensorwise", fp8_weight_cache=False),
+                                     {}),
 }
 DEFAULT = ["baseline_bf16_eager", "baseline_bf16_compile", "baseline_amp_compile", "megacore_eager",
            "megacore_compile", "megacore_compile_torchkernels", "megacore_compile_sel_attn"]
@@ -81,6 +85,8 @@ def main() -> int:
     add_model_args(p)
     p.add_argument("--variants", default=",".join(DEFAULT), help=f"comma list of: {', '.join(VARIANTS)}")
     p.add_argument("--timeout", type=float, default=600, help="seconds per variant")
+    p.add_argument("--profile", default=None, help="directory: profile each variant's timed steps once more "
+                                                   "(kernel time by category, top kernels, Chrome trace)")
     p.add_argument("--out", default=None, help="write all results here as one JSON document")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -91,7 +97,7 @@ def main() -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     config = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "mbs",
-                                         "steps", "warmup", "device")}
+                                         "accum", "steps", "warmup", "device")}
     rows = []
 
     def write_out():  # after every variant, so a stage killed by a timeout keeps what it measured
@@ -128,12 +134,12 @@ def run_child(cmd, env, timeout: float) -> tuple[str, str, object]:
 
 
 def print_table(rows) -> None:
-    print(f"\n{'variant':<32}{'ms/step':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'warmup s':>9}")
+    print(f"\n{'variant':<32}{'accum':>6}{'ms/step':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}{'warmup s':>9}")
     for r in rows:
         if "error" in r:
             print(f"{r['variant']:<32}{r['error'][:40]:>9}")
             continue
-        print(f"{r['variant']:<32}{fmt(r['step_ms'], '.1f', 9)}{fmt(r['tokens_per_s'], ',.0f', 11)}"
+        print(f"{r['variant']:<32}{fmt(r.get('accum', 1), 'd', 6)}{fmt(r['step_ms'], '.1f', 9)}{fmt(r['tokens_per_s'], ',.0f', 11)}"
               f"{fmt(r['model_tflops'], '.1f', 9)}{fmt(100 * r['mfu'], '.1f', 6)}%{fmt(r['peak_mem_gb'], '.1f', 8)}"
               f"{fmt(r['warmup_s'], '.0f', 9)}")
 

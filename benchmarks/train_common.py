@@ -8,6 +8,7 @@ so everything here is called inside that child. FLOPs follow DESIGN.md: 6·N + 6
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +33,8 @@ def add_model_args(p: argparse.ArgumentParser, seq: int = 2048, mbs: int = 4) ->
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=seq)
     p.add_argument("--mbs", type=int, default=mbs, help="micro batch size (sequences per step)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation; "
+                                                        "tokens per step = accum x mbs x seq)")
     p.add_argument("--steps", type=int, default=8, help="measured steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation happens here)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on cuda, "
@@ -74,10 +77,11 @@ def build_baseline(a, amp: bool, compile: bool) -> Callable:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=a.device == "cuda")
 
-    def step(ids, labels):
-        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
-            loss = model(ids, labels)
-        loss.backward()
+    def step(batches):
+        for ids, labels in batches:  # gradient accumulation: the mean over the step's micro-batches
+            with torch.autocast(a.device, dtype=torch.bfloat16, enabled=amp):
+                loss = model(ids, labels)
+            (loss / len(batches)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,11 +90,14 @@ def build_baseline(a, amp: bool, compile: bool) -> Callable:
     return step
 
 
-def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | None = None) -> Callable:
+def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | None = None,
+                   fp8_weight_cache: bool = True) -> Callable:
     """GPTModel in bf16, DDP wrapper (fp32 main grads), MixedPrecisionOptimizer (fp32 masters, fused AdamW).
 
     ``recompute``: None, "full", or "selective:<module>+<module>" (core_attn, mlp_act).
     ``fp8``: None or a recipe of ``megacore.precision.fp8.apply_fp8`` ("tensorwise").
+    ``fp8_weight_cache``: with fp8 and ``a.accum > 1``, quantize the weights once per step as the
+    trainer does (``megacore.precision.fp8.fp8_weight_cache``), else in every micro-batch's pass.
     """
     import torch
 
@@ -126,9 +133,19 @@ def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | No
     opt = MixedPrecisionOptimizer(ddp, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=1.0,
                                   master_weights=True)
 
-    def step(ids, labels):
-        loss = ddp(ids, labels=labels, reduction="mean")
-        loss.backward()
+    def weight_cache(n_micro):
+        if not (fp8 and fp8_weight_cache and n_micro > 1):
+            return contextlib.nullcontext()
+        from megacore.precision.fp8 import fp8_weight_cache as cache
+
+        return cache([model])
+
+    def step(batches):
+        with weight_cache(len(batches)):
+            for i, (ids, labels) in enumerate(batches):  # gradient accumulation into the fp32 main grads
+                with ddp.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+                    loss = ddp(ids, labels=labels, reduction="mean")
+                    (loss / len(batches)).backward()
         opt.step()
         opt.zero_grad()
         return loss
@@ -160,18 +177,22 @@ def fast_init(model, cfg, device, dtype) -> None:
 
 
 def timed_steps(a, step: Callable) -> dict:
-    """Run ``a.warmup`` then ``a.steps`` steps on random tokens; throughput, FLOP/s and peak memory."""
+    """Run ``a.warmup`` then ``a.steps`` steps of ``a.accum`` micro-batches each on random tokens;
+    throughput, FLOP/s and peak memory. With ``a.profile`` (a directory), the timed steps run again
+    under torch.profiler afterwards: a Chrome trace and a kernel summary by category go there."""
     import torch
 
     cuda = a.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gen = torch.Generator(device=a.device).manual_seed(0)
+    accum = getattr(a, "accum", 1)
     tokens = [torch.randint(0, a.vocab, (a.mbs, a.seq + 1), device=a.device, generator=gen) for _ in range(4)]
-    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    micro = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    batches = [[micro[(i + j) % 4] for j in range(accum)] for i in range(4)]
     t0 = time.perf_counter()
     loss = None
     for i in range(a.warmup):
-        loss = step(*batches[i % 4])
+        loss = step(batches[i % 4])
     sync()
     warm_s = time.perf_counter() - t0
     static_gb = None
@@ -180,14 +201,75 @@ def timed_steps(a, step: Callable) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(a.steps):
-        loss = step(*batches[i % 4])
+        loss = step(batches[i % 4])
     sync()
     ms = (time.perf_counter() - t0) * 1e3 / max(a.steps, 1)
-    tps = a.mbs * a.seq / (ms / 1e3)
+    tps = accum * a.mbs * a.seq / (ms / 1e3)
     tflops = tps * flops_per_token(a) / 1e12
-    return {"step_ms": ms, "tokens_per_s": tps, "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "static_mem_gb": static_gb,
-            "loss": float(loss) if loss is not None else None, "warmup_s": warm_s}
+    out = {"step_ms": ms, "tokens_per_s": tps, "model_tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "accum": accum,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "static_mem_gb": static_gb,
+           "loss": float(loss) if loss is not None else None, "warmup_s": warm_s}
+    if getattr(a, "profile", None):
+        out["profile"] = profile_steps(a, step, batches)
+    return out
+
+
+# Kernel-name patterns -> category, first match wins (lower-case substrings).
+KERNEL_CATEGORIES = [
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("fp8 gemm", ("f8", "fp8", "e4m3", "e5m2")),
+    ("gemm", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "_mm_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("nccl", ("nccl",)),
+]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return category
+    return "other (elementwise, norms, casts, reductions)"
+
+
+def profile_steps(a, step: Callable, batches, steps: int = 3) -> dict:
+    """Profile ``steps`` steps; per-step GPU time by kernel category and the top kernels, printed and
+    returned; the Chrome trace goes to ``a.profile``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = min(steps, a.steps) or 1
+
+    os.makedirs(a.profile, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(batches[i % 4])
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(os.path.join(a.profile, f"trace-{getattr(a, 'one', None) or 'run'}.json"))
+    by_cat: dict = {}
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+        if us <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
+        cat = kernel_category(e.key)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / steps
+        kernels.append((us / 1e3 / steps, e.count // steps, e.key[:110]))
+    kernels.sort(reverse=True)
+    lines = [f"GPU ms per step by category ({getattr(a, 'one', '')}):"]
+    lines += [f"  {cat:<48}{ms:9.2f}" for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines.append(f"  {'total kernel time':<48}{sum(by_cat.values()):9.2f}")
+    lines.append("top kernels (ms per step, calls per step):")
+    lines += [f"  {ms:8.2f} {n:5d}  {name}" for ms, n, name in kernels[:25]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(a.profile, f"kernels-{getattr(a, 'one', None) or 'run'}.txt"), "w") as f:
+        f.write(text + "\n")
+    return {"ms_per_step_by_category": by_cat}
 
 
 def environment(a) -> dict:

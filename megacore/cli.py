@@ -79,6 +79,11 @@ def run_train(argv: list[str]) -> int:
             return _launch_local(int(nproc), rest)
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
+    hang_dump_s = os.environ.get("MEGACORE_HANG_DUMP_S")
+    if hang_dump_s:  # diagnosing a hang: every thread's Python stack to stderr after that many seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang_dump_s), exit=False)
     from megacore.training.trainer import PeerFailed
 
     try:

@@ -180,9 +180,9 @@ class DistributedDataParallel(nn.Module):
                                "ddp.zero_grad_buffer() (or optimizer.zero_grad()) before the next backward")
         self._tp_sum_pending = True
         if getattr(param, "grad_added_to_main_grad", False):  # a fused kernel wrote into main_grad itself
-            param.grad_added_to_main_grad = False
+            param.grad_added_to_main_grad = False           # (it must have used settled_main_grad first)
         elif param.grad is not None:
-            param.main_grad.add_(param.grad)
+            buf.accumulate(param, param.grad)
         param.grad = None
         if self.require_grad_sync and self.overlap_grad_reduce:
             buf.mark_ready(param)

@@ -19,6 +19,12 @@ Layout of one :class:`GradBuffer` (all parameters of one (param dtype, grad dtyp
   into the weights.
 
 Gradients are SUMMED over the data-parallel group (see ``megacore.distributed.ddp`` for why).
+
+Zeroing is lazy: ``zero()`` marks every parameter's ``main_grad`` stale, the step's first gradient
+of a parameter is written over it (``accumulate``: no zeroing pass, no read-back), and ``settle``
+zeroes the parameters that got no gradient before any reduction or read. Code outside the hooks
+that adds into or reads ``main_grad`` before ``finish_grad_sync`` goes through
+``add_to_main_grad`` / ``settled_main_grad``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class Bucket:
     def start_grad_sync(self) -> None:
         """Launch the (async) all-reduce, or reduce-scatter in shard mode, of this bucket's grads."""
         buf = self.buffer
+        buf.settle(self.params)  # parameters that got no gradient this step reduce zeros
         self.grad_launched = True
         if buf.dp_size == 1:
             return
@@ -169,6 +176,10 @@ class GradBuffer:
         self.param_to_bucket: dict[int, Bucket] = {id(p): b for b in self.buckets for p in b.params}
         self._next_launch = 0
         self.synced = False  # True from finish_grad_sync() until zero(): the step's gradients are final
+        # Lazy zeroing: ids of parameters whose main_grad still holds an earlier step's values. zero()
+        # only marks them; the first gradient of the step overwrites instead of adding, and settle()
+        # zeroes whatever got no gradient before anything reads the buffer.
+        self.stale: set[int] = set()
 
         for p in params:
             s, e = self.param_range[id(p)]
@@ -177,6 +188,25 @@ class GradBuffer:
                 view.copy_(p.data)
                 p.data = view
             p.main_grad = self.grad_data[s:e].view(p.shape)
+            p._megacore_grad_buffer = self
+
+    # ------------------------------------------------------------------ accumulation
+    def accumulate(self, param: nn.Parameter, grad: torch.Tensor) -> None:
+        """``param.main_grad += grad`` (``=`` for the step's first gradient of ``param``)."""
+        from megacore.kernels.grad_accumulate import accumulate_grad_
+
+        first = id(param) in self.stale
+        accumulate_grad_(param.main_grad, grad, overwrite=first)
+        if first:
+            self.stale.discard(id(param))
+
+    def settle(self, params) -> None:
+        """Zero the ``main_grad`` of those ``params`` that got no gradient yet this step."""
+        if self.stale:
+            for p in params:
+                if id(p) in self.stale:
+                    p.main_grad.zero_()
+                    self.stale.discard(id(p))
 
     # ------------------------------------------------------------------ hooks' side
     def mark_ready(self, param: nn.Parameter) -> None:
@@ -223,7 +253,9 @@ class GradBuffer:
         self._next_launch = 0
 
     def zero(self) -> None:
-        self.grad_data.zero_()
+        """Start a new step: every ``main_grad`` counts as zero (lazily: see ``stale``; padding
+        between parameters is never written, so it stays zero)."""
+        self.stale = {id(p) for p in self.params}
         self.reset()
         self.synced = False
 
@@ -247,3 +279,20 @@ class GradBuffer:
     def finish_param_sync(self) -> None:
         for b in self.buckets:
             b.finish_param_sync()
+
+
+def add_to_main_grad(param: nn.Parameter, grad: torch.Tensor) -> None:
+    """``param.main_grad += grad`` respecting lazy zeroing (for code outside DDP's hooks)."""
+    buf = getattr(param, "_megacore_grad_buffer", None)
+    if buf is None:
+        param.main_grad.add_(grad)
+    else:
+        buf.accumulate(param, grad)
+
+
+def settled_main_grad(param: nn.Parameter) -> torch.Tensor:
+    """``param.main_grad`` with this step's value (zeros if no gradient arrived yet)."""
+    buf = getattr(param, "_megacore_grad_buffer", None)
+    if buf is not None:
+        buf.settle([param])
+    return param.main_grad

@@ -210,6 +210,7 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
         self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
+        self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
         local = self.layout.local_size
         self.weight = describe_shard(_new_param((local, in_features), device, dtype), self.layout, r,
                                      (out_features, in_features), init_weight)
@@ -220,7 +221,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = C.gather_from_sp(x, self.tp_group) if self.sequence_parallel else C.copy_to_tp(x, self.tp_group)
-        y = _linear(x, self.weight, self.bias, fp8=getattr(self, "fp8", False))
+        y = _linear(x, self.weight, self.bias, fp8=getattr(self, "fp8", False),
+                    weight_fp8=getattr(self, "fp8_weight_cache", None))
         return C.gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -253,6 +255,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.input_is_parallel = sequence_parallel, input_is_parallel
         self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
+        self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
         self.weight = describe_shard(_new_param((out_features, self.layout.local_size), device, dtype), self.layout,
                                      r, (out_features, in_features), init_weight)
         self.bias = None
@@ -264,7 +267,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = C.scatter_to_tp_last_dim(x, self.tp_group)
-        y = _linear(x, self.weight, fp8=getattr(self, "fp8", False))
+        y = _linear(x, self.weight, fp8=getattr(self, "fp8", False), weight_fp8=getattr(self, "fp8_weight_cache", None))
         y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
         if self.bias is None:
             return y
@@ -371,6 +374,10 @@ def gather_full_state_dict(model: nn.Module, grads: bool = False, group=None) ->
         value = p
         if grads:
             value = getattr(p, "main_grad", None)
+            if value is not None:
+                from megacore.distributed.grad_buffer import settled_main_grad
+
+                value = settled_main_grad(p)  # zeros, not an earlier step's values, if none arrived
             value = p.grad if value is None else value
             if value is None:
                 out[name] = None

@@ -49,6 +49,7 @@ from megacore.config import ConfigError
 from megacore.pipeline.inflight import InFlightTracker
 from megacore.pipeline.partition import check_num_microbatches, resolve_schedule
 from megacore.pipeline.stage_module import PipelineChunk
+from megacore.distributed.grad_buffer import add_to_main_grad
 from megacore.pipeline.tied import allreduce_tied_embedding_grads, tied_embedding_params, unwrap
 
 _AUTO: Any = object()  # "take it from megacore.parallel.get_state()"
@@ -133,7 +134,7 @@ def _flush_grads_into_main_grad(chunks: Sequence[nn.Module]) -> None:
     for c in chunks:
         for p in c.parameters():
             if p.grad is not None and getattr(p, "main_grad", None) is not None:
-                p.main_grad.add_(p.grad)
+                add_to_main_grad(p, p.grad)
                 p.grad = None
 
 

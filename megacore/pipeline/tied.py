@@ -47,8 +47,11 @@ def tied_embedding_params(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 
 def _grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
-    g = getattr(p, "main_grad", None)  # megacore DDP accumulates into main_grad
-    return g if g is not None else p.grad
+    if getattr(p, "main_grad", None) is not None:  # megacore DDP accumulates into main_grad
+        from megacore.distributed.grad_buffer import settled_main_grad
+
+        return settled_main_grad(p)
+    return p.grad
 
 
 def allreduce_tied_embedding_grads(chunks: Iterable[nn.Module], group=None) -> None:

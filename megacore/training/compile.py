@@ -29,6 +29,27 @@ def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bo
     return model
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def release_cuda_graphs(cfg, device: torch.device) -> None:
+    """Free the CUDA graphs that ``compile_mode`` captured, before the process groups are destroyed.
+
+    A captured graph that contains NCCL kernels keeps its communicator in use, and destroying the
+    process group then waits forever (pytorch/pytorch#115388; measured here: TP2+SP with
+    ``compile_mode=reduce-overhead`` finished every step, then hung in ``destroy_process_group``).
+    Dropping inductor's CUDA-graph trees (``torch.compiler.reset``) after the GPU is idle releases
+    them; nothing is compiled after this point, so the reset costs nothing.
+    """
+    if device.type != "cuda" or not cfg.compile or cfg.compile_mode not in CUDA_GRAPH_MODES:
+        return
+    import gc
+
+    torch.cuda.synchronize(device)
+    torch.compiler.reset()
+    gc.collect()
+
+
 def enable_tp_comm_overlap(tp_group, mode: str = "symm_mem") -> str:
     """Let inductor overlap sequence-parallel communication with compute in the compiled graphs.
     Call before the first compiled step; returns what was switched on (for the log).

@@ -25,6 +25,7 @@ every pipeline schedule unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from megacore.config import ConfigError, RunConfig
 from megacore.distributed.comm import comm_device
+from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
@@ -374,9 +376,10 @@ class Trainer:
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         self.schedule.apply(self.optimizer, step)
         denominator = num_tokens if scale == 1.0 else num_tokens / scale
-        local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
-                                 schedule=self.cfg.parallel.pipeline_schedule,
-                                 embedding_group=self.state.embedding_group)
+        with self._fp8_weight_cache(len(micro)):
+            local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
+                                     schedule=self.cfg.parallel.pipeline_schedule,
+                                     embedding_group=self.state.embedding_group)
         if self.cfg.parallel.fsdp:
             info = StepInfo(False, self._fsdp_optimizer_step(), None)
         else:
@@ -388,6 +391,21 @@ class Trainer:
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
             pending.aux_denominator = self.cfg.model.num_layers * self.dp_size
         return pending
+
+    def _fp8_weight_cache(self, num_micro: int):
+        """With fp8 and several micro-batches per step: quantize every weight once for the whole
+        step (``megacore.precision.fp8.fp8_weight_cache``; bit-identical, saves the per-pass casts).
+        The distributed optimizer's parameter all-gather must land first. Not under FSDP, whose
+        weights exist whole only inside each layer's forward."""
+        if self.cfg.precision.fp8 is None or self.cfg.parallel.fsdp or num_micro < 2:
+            return contextlib.nullcontext()
+        from megacore.distributed import DistributedDataParallel
+        from megacore.precision.fp8 import fp8_weight_cache
+
+        for chunk in self.chunks:
+            if isinstance(chunk, DistributedDataParallel):
+                chunk.finish_param_sync()
+        return fp8_weight_cache(self.chunks)
 
     def _fsdp_optimizer_step(self) -> torch.Tensor:
         """Clip (torch's clip works on FSDP2's DTensor grads) and step; returns the grad norm, unread."""
@@ -460,6 +478,7 @@ class Trainer:
             if self.world_size > 1 and self.state is not None and self.state.initialized:
                 from megacore import parallel
 
+                release_cuda_graphs(self.cfg, self.device)
                 parallel.destroy()
 
     def _loop(self) -> dict:

@@ -5,6 +5,8 @@ On CPU ``torch._scaled_mm`` runs the fp8 GEMMs (torch >= 2.13); where it does no
 kernel checks skip. The ``gpu`` tests run the same on CUDA (bf16, H100-class GPUs).
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ from megacore.config import ConfigError, PrecisionConfig, RunConfig
 from megacore.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megacore.models.gpt import GPTModel
 from megacore.precision.fp8 import (E4M3, E5M2, Float8Linear, apply_fp8, fp8_device_problem, fp8_linear,
-                                    fp8_linear_reference, fp8_supported, quantize_dequantize)
+                                    fp8_linear_reference, fp8_supported, fp8_weight_cache, quantize_dequantize,
+                                    quantize_weight)
 from tests.dist.harness import run_distributed
 
 needs_cpu_fp8 = pytest.mark.skipif(not fp8_supported("cpu"), reason="this torch has no CPU torch._scaled_mm")
@@ -187,6 +190,73 @@ def test_fp8_layer_compiles_without_graph_breaks():
         torch._dynamo.reset()
 
 
+# ------------------------------------------------------------------------------------- weight cache
+@needs_cpu_fp8
+def test_cached_weight_gives_identical_output_and_gradients():
+    x, w, b, g = _operands(torch.bfloat16, (2, 16), 64, 48)
+    plain = _run(fp8_linear, x, w, b, g)
+    cached = _run(lambda x_, w_, b_: fp8_linear(x_, w_, b_, weight_fp8=quantize_weight(w_.detach())), x, w, b, g)
+    for what, a, c in zip(("y", "dx", "dW", "db"), plain, cached):
+        assert torch.equal(a, c), what
+    w8, w8_t, w_inv = quantize_weight(w)
+    assert w8.dtype == E4M3 and torch.equal(w8_t, w8.t().contiguous()) and w8_t.is_contiguous()
+    assert torch.equal(w8.float() * w_inv, quantize_dequantize(w, E4M3))
+
+
+def _accumulate(model, batches, cache: bool):
+    """Summed gradients of ``batches`` (one optimizer step's micro-batches), with or without the cache."""
+    model.zero_grad(set_to_none=True)
+    with fp8_weight_cache([model]) if cache else contextlib.nullcontext():
+        for ids, labels in batches:
+            model(ids, labels=labels).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@needs_cpu_fp8
+@pytest.mark.parametrize("compiled", [False, True])
+def test_weight_cache_over_micro_batches_is_bit_identical_and_never_stale(compiled):
+    """Two accumulated micro-batches with the cache give exactly the uncached gradients (eager, and
+    with every layer compiled: aot_eager traces forward and backward); the cache lives only inside
+    the context, so after a weight update the next forward uses the new weights."""
+    import torch._dynamo
+
+    from megacore.training.compile import compile_model
+
+    cfg = _config()
+    model = GPTModel(cfg, seed=3)
+    n_fp8 = apply_fp8(model)
+    batches = [_batch(cfg, seed=s) for s in (0, 1)]
+    torch._dynamo.reset()
+    try:
+        if compiled:
+            compile_model(model, fullgraph=True, backend="aot_eager")
+        plain = _accumulate(model, batches, cache=False)
+        if compiled:  # (a dispatch-mode op counter cannot run under torch.compile)
+            cached = _accumulate(model, batches, cache=True)
+        else:
+            with _OpCounter() as ops:
+                cached = _accumulate(model, batches, cache=True)
+            # 2 micro-batches x 3 GEMMs per fp8 linear, and each weight quantized once (one amax per
+            # weight on entry, one per activation and per gradient in each pass) instead of twice.
+            assert ops.counts.get("_scaled_mm") == 2 * 3 * n_fp8, ops.counts
+            assert ops.counts.get("amax") == n_fp8 + 2 * 2 * n_fp8, ops.counts
+        for name in plain:
+            assert torch.equal(plain[name], cached[name]), name
+        assert all(m.fp8_weight_cache is None for m in model.modules() if isinstance(m, Float8Linear))
+        ids, labels = batches[0]
+        with torch.no_grad():
+            before = model(ids, labels=labels)
+            for p in model.parameters():
+                p.mul_(0.5)
+            after = model(ids, labels=labels)
+            with fp8_weight_cache([model]):
+                inside = model(ids, labels=labels)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, inside)
+    finally:
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------- tensor parallel
 def _tp_cases(rank, world):
     """Column- and row-parallel layers with ``fp8`` on (dense reference layer 32 -> 32, 16-aligned
@@ -328,3 +398,48 @@ def test_fp8_model_trains_under_compile_on_cuda():
         assert all(torch.isfinite(torch.tensor(ls))), (mode, ls)
         assert ls[-1] < ls[0], (mode, ls)
     assert abs(losses["compiled"][0] - losses["eager"][0]) < 0.05 * losses["eager"][0], losses
+
+
+@pytest.mark.gpu
+def test_trainer_quantizes_weights_once_per_step_and_changes_no_number_on_cuda(tmp_path, monkeypatch):
+    """``megacore train`` with fp8 and 4 micro-batches per step (compiled layers, bf16): the trainer
+    enters the weight cache once per step, and its loss and grad-norm curve equals the run without
+    the cache (bf16 tolerance: cuDNN attention's backward need not be bitwise reproducible)."""
+    if not fp8_supported("cuda"):
+        pytest.skip("needs compute capability >= 8.9")
+    import json
+    import os
+
+    import megacore.precision.fp8 as fp8_module
+    from megacore.config import load_run_config
+    from megacore.training.trainer import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    overrides = ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=8",
+                 "model.num_query_groups=4", "model.ffn_hidden_size=704", "model.seq_length=128",
+                 "model.vocab_size=1024", "data.source=mock", "train.global_batch_size=8", "train.micro_batch_size=2",
+                 "train.iters=6", "train.warmup_iters=2", "train.lr=1e-3", "train.eval_interval=0",
+                 "precision.dtype=bf16", "precision.fp8=tensorwise", "device=cuda", "compile=true", "log.interval=1",
+                 "checkpoint.dir=null", "checkpoint.interval=0"]
+    entered = []
+    real_cache = fp8_module.fp8_weight_cache
+
+    def counting_cache(models):
+        entered.append(1)
+        return real_cache(models)
+
+    def run(name):
+        cfg = load_run_config(os.path.join(root, "configs/tiny_cpu.yaml"), [*overrides, f"log.dir={tmp_path / name}"])
+        Trainer(cfg).run()
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            return [r for r in map(json.loads, f) if "loss" in r]
+
+    monkeypatch.setattr(fp8_module, "fp8_weight_cache", counting_cache)
+    cached = run("cached")
+    assert len(entered) == 6
+    monkeypatch.setattr(Trainer, "_fp8_weight_cache", lambda self, n: contextlib.nullcontext())
+    plain = run("plain")
+    assert len(entered) == 6 and len(cached) == len(plain) == 6
+    for a, b in zip(cached, plain):
+        assert abs(a["loss"] - b["loss"]) <= 2e-3 * abs(b["loss"]), (a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 2e-2 * abs(b["grad_norm"]), (a["grad_norm"], b["grad_norm"])
