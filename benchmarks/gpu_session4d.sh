@@ -22,3 +22,7 @@ CUDA_VISIBLE_DEVICES=0 timeout 260 python3 benchmarks/bench_train_step.py --accu
 CUDA_VISIBLE_DEVICES=0 timeout 110 python3 benchmarks/bench_train_step.py --timeout 40 \
   --variants baseline_bf16_compile,megacore_compile,megacore_compile_fp8 \
   --out "$OUT/train_step_accum1.json" > "$OUT/train_step_accum1.txt" 2>&1; tail -5 "$OUT/train_step_accum1.txt"
+# Leftover time only: dp1 vs TP2+SP with CUDA graphs, which must now exit on its own.
+timeout 120 python3 benchmarks/bench_layouts.py --compile --iters 14 --skip 5 --global-batch 8 --timeout 75 \
+  --layouts "dp1:1:,tp2sp_cg:2:parallel.tensor=2 parallel.sequence_parallel=true compile_mode=reduce-overhead" \
+  --out "$OUT/layouts.json" > "$OUT/layouts.txt" 2>&1; tail -5 "$OUT/layouts.txt"
