@@ -27,6 +27,7 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
+LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, MLP
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
 TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem")
@@ -92,13 +93,33 @@ class TransformerConfig:
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_norm_topk: bool = True   # renormalize the top-k router probabilities to sum to 1 (Mixtral)
     moe_aux_loss_coeff: float = 0.0     # weight of the load-balancing loss (e.g. 0.01; 0: off)
-    # Hybrid stacks are part of the contract but not implemented yet.
+    # Hybrid stacks (Megatron / NemotronH convention): one character per layer, each layer one
+    # pre-norm residual block: 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (or MoE when
+    # num_experts is set). null: every layer is attention + MLP (a plain transformer).
     layer_pattern: Optional[str] = None
+    mamba_num_heads: Optional[int] = None   # default: 2 * hidden_size / mamba_head_dim (expand 2)
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_num_groups: int = 8               # B and C are shared by the heads of each group
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128             # SSD chunk length (speed only; results do not depend on it)
+    mamba_dt_clamp_min: float = 0.0         # lower clamp of the time step (NemotronH: its time_step_min)
 
     # ------------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
         return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_heads(self) -> int:
+        if self.mamba_num_heads is not None:
+            return self.mamba_num_heads
+        return 2 * self.hidden_size // self.mamba_head_dim if self.mamba_head_dim > 0 else 0
+
+    @property
+    def layer_kinds(self) -> str:
+        """One character per layer: ``layer_pattern``, or 'T' (attention + MLP) for every layer without one."""
+        return self.layer_pattern if self.layer_pattern is not None else "T" * self.num_layers
 
     @property
     def num_kv_heads(self) -> int:
@@ -194,11 +215,32 @@ class TransformerConfig:
                       "use null to take model.ffn_hidden_size")
             if self.moe_aux_loss_coeff < 0:
                 _fail("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "must be >= 0", "use e.g. 0.01, or 0 for none")
-        if self.layer_pattern is not None and set(self.layer_pattern) - {"*", "-"}:
-            _fail("model.layer_pattern", self.layer_pattern,
-                  "contains layer kinds this version does not implement (only '*' attention+MLP)",
-                  "remove model.layer_pattern or use only '*'")
+        if self.layer_pattern is not None:
+            self._validate_hybrid()
         return self
+
+    def _validate_hybrid(self) -> None:
+        pattern = self.layer_pattern
+        if not pattern or set(pattern) - set(LAYER_KINDS):
+            _fail("model.layer_pattern", pattern, f"must use only the layer kinds {LAYER_KINDS}",
+                  "write one character per layer, e.g. 'M-M*M-' ('M' Mamba, '*' attention, '-' MLP)")
+        if len(pattern) != self.num_layers:
+            _fail("model.layer_pattern", pattern, f"has {len(pattern)} layers but model.num_layers={self.num_layers}",
+                  f"set model.num_layers={len(pattern)} or give one character per layer")
+        if "M" in pattern:
+            heads, p = self.mamba_heads, self.mamba_head_dim
+            if p <= 0 or heads <= 0 or (self.mamba_num_heads is None and (2 * self.hidden_size) % p):
+                _fail("model.mamba_head_dim", p, f"does not divide 2 * hidden_size = {2 * self.hidden_size}",
+                      "set model.mamba_num_heads, or a head dim that divides it")
+            if self.mamba_num_groups <= 0 or heads % self.mamba_num_groups:
+                _fail("model.mamba_num_groups", self.mamba_num_groups,
+                      f"must divide the number of Mamba heads ({heads})", "use e.g. 1, 2 or 8")
+            for key in ("mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size"):
+                if getattr(self, key) <= 0:
+                    _fail(f"model.{key}", getattr(self, key), "must be positive", "use the default")
+            if self.mamba_dt_clamp_min < 0:
+                _fail("model.mamba_dt_clamp_min", self.mamba_dt_clamp_min, "must be >= 0 (a time step is positive)",
+                      "use 0 (no clamp) or e.g. 0.001")
 
 
 @dataclass

@@ -94,7 +94,7 @@ def _checkpoint_prefix(family: str, names: list[str]) -> str:
 @torch.no_grad()
 def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                     device: Optional[Union[str, torch.device]] = None, **config_overrides: Any) -> GPTModel:
-    """Load a HF Llama / Mistral / Qwen2 / GPT-2 directory into a ``GPTModel`` (returned in eval mode).
+    """Load a HF Llama / Mistral / Mixtral / Qwen2 / GPT-2 / NemotronH directory into a ``GPTModel`` (eval mode).
 
     ``dtype``: parameter dtype; default the dtype stored in the checkpoint. ``device``: default CPU.
     ``config_overrides``: TransformerConfig fields to set after mapping (``vocab_padding_multiple``,
@@ -177,7 +177,7 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] =
                     max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
-    ``family``: ``llama``, ``mistral``, ``mixtral``, ``qwen2`` or ``gpt2``; default the family the model was
+    ``family``: ``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``gpt2`` or ``nemotron_h``; default the family the model was
     loaded as, else inferred from the config (see ``infer_family``). Weights above
     ``max_shard_size`` (bytes or '5GB'-style) are split into shards with an index json. The
     directory is written to a temporary sibling and renamed into place; other files already in

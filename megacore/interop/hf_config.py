@@ -3,7 +3,8 @@
 Families: ``llama`` (also any config that reads like one), ``mistral`` (sliding window), ``mixtral``
 (Mistral with MoE layers),
 ``qwen2`` (q/k/v bias; sliding window only when ``use_sliding_window``) and ``gpt2`` (learned
-positions, LayerNorm with bias, Conv1D weights, tied embeddings by default).
+positions, LayerNorm with bias, Conv1D weights, tied embeddings by default), ``nemotron_h`` (hybrid
+Mamba-2 / attention / MLP stacks, ``megacore.interop.hf_nemotron_h``).
 
 Rotary parameters are read from both spellings transformers has used: 5.x writes one
 ``rope_parameters`` dict (``rope_type``, ``rope_theta``, ``factor``, ...); 4.x wrote a top-level
@@ -29,6 +30,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "mixtral": ("mixtral", "MixtralForCausalLM"),
     "gpt2": ("gpt2", "GPT2LMHeadModel"),
+    "nemotron_h": ("nemotron_h", "NemotronHForCausalLM"),
 }
 SUPPORTED = ", ".join(f"{fam} ({cls})" for fam, (_, cls) in FAMILIES.items())
 
@@ -165,6 +167,10 @@ def config_from_hf(hf_config: dict, **overrides: Any) -> TransformerConfig:
     hf = hf_config
     if family == "gpt2":
         fields = _gpt2_fields(hf)
+    elif family == "nemotron_h":
+        from megacore.interop.hf_nemotron_h import fields_from_hf
+
+        fields = fields_from_hf(hf)
     else:
         fields = _rope_family_fields(hf, family)
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
@@ -251,8 +257,11 @@ def _gpt2_fields(hf: dict) -> dict:
 
 
 def infer_family(config: TransformerConfig) -> str:
-    """Guess the HF family of a model built from scratch: learned positions + LayerNorm -> gpt2,
-    q/k/v bias -> qwen2, sliding window -> mistral, else llama."""
+    """Guess the HF family of a model built from scratch: a layer pattern -> nemotron_h, learned
+    positions + LayerNorm -> gpt2, MoE -> mixtral, q/k/v bias -> qwen2, sliding window -> mistral,
+    else llama."""
+    if config.layer_pattern is not None:
+        return "nemotron_h"
     if config.position_embedding == "learned" and config.normalization == "LayerNorm":
         return "gpt2"
     if config.num_experts is not None:
@@ -274,6 +283,11 @@ def check_exportable(config: TransformerConfig, family: str) -> None:
     if family not in FAMILIES:
         raise ConfigError(f"family={family!r} is not supported; use one of {list(FAMILIES)}")
     c = config
+    if family == "nemotron_h":
+        from megacore.interop.hf_nemotron_h import check_exportable as check_nemotron_h
+
+        check_nemotron_h(c, _cannot)
+        return
     if c.num_experts is not None and family != "mixtral":
         _cannot(family, "num_experts", c.num_experts, "dense MLPs")
     if family == "mixtral":
@@ -283,8 +297,8 @@ def check_exportable(config: TransformerConfig, family: str) -> None:
             _cannot(family, "moe_router_norm_topk", False, "renormalized top-k router weights")
         if c.moe_ffn_size != c.ffn_size:
             _cannot(family, "moe_ffn_hidden_size", c.moe_ffn_hidden_size, "experts of ffn_hidden_size")
-    if c.layer_pattern is not None and set(c.layer_pattern) - {"*"}:
-        _cannot(family, "layer_pattern", c.layer_pattern, "attention+MLP layers only")
+    if c.layer_pattern is not None:
+        _cannot(family, "layer_pattern", c.layer_pattern, "attention+MLP layers only (no hybrid stacks)")
     if c.qk_norm:
         _cannot(family, "qk_norm", True, "no q/k norm")
     if c.layernorm_zero_centered_gamma:
@@ -355,6 +369,12 @@ def config_to_hf(config: TransformerConfig, family: str, dtype: torch.dtype = to
                tie_word_embeddings=c.tie_embeddings, initializer_range=c.init_std,
                dtype=_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "")))
     out.pop("torch_dtype", None)
+    if family == "nemotron_h":
+        from megacore.interop.hf_nemotron_h import fields_to_hf
+
+        out.pop("hybrid_override_pattern", None)
+        out.update(fields_to_hf(c))
+        return out
     if family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[c.activation]
         out.update(n_embd=c.hidden_size, n_layer=c.num_layers, n_head=c.num_attention_heads, n_positions=c.seq_length,

@@ -110,7 +110,8 @@ def _experts_stacked(num_experts: int) -> tuple[Callable, Callable]:
 # ----------------------------------------------------------------------------------- rule lists
 
 # Top-level prefix each family's CausalLM class puts before the base model's names.
-BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "mixtral": "model.", "gpt2": "transformer."}
+BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "mixtral": "model.", "gpt2": "transformer.",
+               "nemotron_h": "backbone."}  # NemotronH checkpoints store the base model as backbone.*
 
 
 def _rules_rope_family(c: TransformerConfig, base: str) -> list[Rule]:
@@ -189,6 +190,10 @@ def weight_rules(family: str, config: TransformerConfig, base_prefix: str | None
     base = BASE_PREFIX[family] if base_prefix is None else base_prefix
     if family == "gpt2":
         return _rules_gpt2(config, base)
+    if family == "nemotron_h":
+        from megacore.interop import hf_nemotron_h
+
+        return hf_nemotron_h.weight_rules(config, base)
     return _rules_rope_family(config, base)
 
 

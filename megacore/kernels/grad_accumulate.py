@@ -8,7 +8,9 @@ buffer: 10 bytes of traffic per parameter). torch's ``add_`` with mixed dtypes t
 non-vectorized elementwise path, measured at ~2.1 TB/s on H100 for the 1B model (4.3 ms per
 micro-batch); a plain vectorized streaming kernel gets closer to the card's bandwidth.
 ``overwrite=True`` is the first gradient of a step: it needs no zeroed buffer and reads nothing
-back (6 bytes per parameter instead of 10, and no separate zeroing pass of 4).
+back (6 bytes per parameter instead of 10, and no separate zeroing pass of 4). Measured with
+DDP's lazy zeroing on the 1B step (BENCHMARKS.md section 6): -3.8 ms with one micro-batch per
+step, -1.0 ms per micro-batch with eight.
 
 Both tensors must be contiguous with the same number of elements; ``main_grad`` fp32.
 """

@@ -2,6 +2,8 @@
 
 Layer::  x = x + dropout(attn(norm1(x)));  x = x + dropout(mlp(norm2(x)))
 
+(Hybrid stacks, ``model.layer_pattern``, use the single-mixer layers of ``megacore.layers.hybrid``.)
+
 Layers live in an ``nn.ModuleDict`` keyed by their GLOBAL index, so a pipeline stage holding
 layers 8..15 names its parameters exactly like the full model does (``decoder.layers.8...``):
 checkpoints, Hugging Face export and deterministic init all key on those names.
@@ -60,6 +62,17 @@ def add_then_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> t
     return norm(hidden), hidden
 
 
+def build_layer(config: TransformerConfig, layer_number: int, spec: LayerSpec) -> nn.Module:
+    """Layer ``layer_number``: a ``TransformerLayer``, or in a hybrid stack (``model.layer_pattern``)
+    the single-mixer layer its pattern character names (``megacore.layers.hybrid``)."""
+    kind = config.layer_kinds[layer_number]
+    if kind == "T":
+        return TransformerLayer(config, layer_number, spec)
+    from megacore.layers.hybrid import HYBRID_LAYERS
+
+    return HYBRID_LAYERS[kind](config, layer_number, spec)
+
+
 class TransformerBlock(nn.Module):
     """Layers ``layer_numbers`` (global indices) and, when ``has_final_norm``, the final norm."""
 
@@ -68,7 +81,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         spec = spec or LayerSpec()
         numbers = list(range(config.num_layers) if layer_numbers is None else layer_numbers)
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(config, i, spec) for i in numbers})
+        self.layers = nn.ModuleDict({str(i): build_layer(config, i, spec) for i in numbers})
         self.final_norm = spec.final_norm(config, config.hidden_size) if has_final_norm else None
         self.full_recompute_layers: set[int] = set()
 
@@ -78,10 +91,10 @@ class TransformerBlock(nn.Module):
         self.full_recompute_layers = set()
         selective = recompute.granularity == "selective"
         for layer in self.layers.values():
-            core = getattr(layer.self_attention, "core_attention", None)
+            core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
             if core is not None and hasattr(core, "recompute"):
                 core.recompute = selective and "core_attn" in recompute.modules
-            if hasattr(layer.mlp, "recompute_activation"):
+            if hasattr(getattr(layer, "mlp", None), "recompute_activation"):
                 layer.mlp.recompute_activation = selective and "mlp_act" in recompute.modules
             if recompute.granularity == "full" and layer.layer_number % recompute.every == 0:
                 self.full_recompute_layers.add(layer.layer_number)

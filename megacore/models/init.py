@@ -8,7 +8,8 @@ exactly those layers of the one-device model, because layer names are global.
 
 Init kinds (``param._megacore_init``, set by the module that owns the parameter):
 ``normal`` N(0, init_std); ``scaled_normal`` N(0, init_std / sqrt(2·num_layers)) for the output
-projections of each residual branch (when ``scaled_output_init``); ``ones``; ``zeros``.
+projections of each residual branch (when ``scaled_output_init``); ``ones``; ``zeros``; and for
+Mamba mixers ``mamba_A_log``, ``mamba_dt_bias`` and ``conv_uniform`` (``megacore.layers.mamba``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,19 @@ def full_init_tensor(kind: str, shape, config: TransformerConfig, seed: int, nam
         return torch.ones(shape)
     if kind == "zeros":
         return torch.zeros(shape)
+    if kind == "mamba_A_log":  # A_h = h for heads 1..H (Mamba-2), stored as log
+        return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(_name_seed(seed, name))
+    if kind == "mamba_dt_bias":  # dt log-uniform in [1e-3, 0.1], stored as softplus⁻¹(dt)
+        lo, hi = math.log(1e-3), math.log(0.1)
+        dt = torch.exp(torch.rand(shape, generator=gen) * (hi - lo) + lo)
+        return dt + torch.log(-torch.expm1(-dt))
+    if kind == "conv_uniform":  # a depthwise conv1d's weight and bias, as nn.Conv1d draws them
+        bound = 1.0 / math.sqrt(config.mamba_conv_kernel)
+        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
     std = config.init_std
     if kind == "scaled_normal" and config.scaled_output_init:
         std = config.init_std / math.sqrt(2.0 * config.num_layers)
-    gen = torch.Generator().manual_seed(_name_seed(seed, name))
     return torch.empty(shape).normal_(0.0, std, generator=gen)
 
 

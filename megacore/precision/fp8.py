@@ -19,12 +19,17 @@ For ``y = x Wᵀ + b`` with x [..., in] flattened to X [M, K] and W [N, K]:
 Each product runs as one ``torch._scaled_mm`` on the fp8 tensors, the two inverse scales applied
 to the fp32 accumulator; e4m3 (more mantissa) for activations and weights, e5m2 (more range) for
 gradients. The forward GEMM uses fast accumulation (as torchao's default), the two backward GEMMs
-do not. The forward's fp8 casts of X and W (and their scales) are what is saved for the backward,
-not the higher-precision originals: the backward uses exactly the quantized operands of the
-forward, so this is both cheaper in memory and the same math.
+do not. The forward's fp8 casts of X and W (W already transposed into the layout the dX GEMM
+reads) and their scales are what is saved for the backward, not the higher-precision originals:
+the backward uses exactly the quantized operands of the forward, so this is both cheaper in memory
+and the same math.
 
 Only the GEMMs change. Parameters, master weights, gradients (``main_grad``) and the optimizer
 stay as ``precision.dtype`` / ``master_weights`` say; nothing fp8 lives between steps.
+
+Weight cache (``fp8_weight_cache``): the micro-batches of one optimizer step share their weights,
+so the trainer quantizes each weight once per step instead of once per micro-batch; the values
+are the ones each pass would compute, so nothing numerical changes.
 
 Fallback: a call whose M, K or N is not a multiple of 16 (``_scaled_mm`` requires it), whose
 dtype is not fp32/bf16/fp16, or whose device has no fp8 GEMM (CUDA below compute capability 8.9,
@@ -238,9 +243,9 @@ def fp8_weight_cache(models: Iterable[nn.Module]) -> Iterator[None]:
 
     Gradient accumulation runs k forward/backward passes with the same weights; without the cache
     each pass recomputes every weight's amax, e4m3 cast and transposed copy (~7 bytes of traffic
-    per parameter, about 2.5 ms per micro-batch on the 1B model). Inside this context the k passes
-    read the casts made on entry, which are the very values the uncached path computes (same
-    function, same inputs), so results are bit-identical.
+    per parameter; measured: 1.7 ms per micro-batch on the 1B model, H100). Inside this context the
+    k passes read the casts made on entry, which are the very values the uncached path computes
+    (same function, same inputs), so results are bit-identical.
 
     The weights must not change inside the context (wrap one optimizer step's micro-batches, after
     any parameter all-gather of the distributed optimizer has finished); on exit the cache is

@@ -43,6 +43,7 @@ from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, 
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger, read_scalars
 from megacore.layers.moe import set_aux_loss_scale
+from megacore.training.hybrid import check_hybrid_layout
 from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers
 from megacore.training.pending_step import PendingStep
 
@@ -58,6 +59,7 @@ def _check_supported(cfg: RunConfig) -> None:
                           "context-parallel causal mask is built from the global positions; set "
                           "data.reset_position_ids=false")
     check_moe_layout(cfg)
+    check_hybrid_layout(cfg)
     if cfg.precision.fp8 is not None:  # the config rejects device=cpu; here the resolved device is known
         from megacore.precision.fp8 import fp8_device_problem
 
@@ -121,7 +123,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(name)
         n_params = self._global_param_count()
         p = cfg.parallel
-        self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers, hidden "
+        pattern = f" ({cfg.model.layer_pattern})" if cfg.model.layer_pattern else ""
+        self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers{pattern}, hidden "
                    f"{cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
         self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x "
                    f"{f'context {p.context} x ' if p.context > 1 else ''}data "

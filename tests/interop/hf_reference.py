@@ -28,6 +28,12 @@ CASES: dict[str, tuple[str, dict]] = {
                                           sliding_window=None, rms_norm_eps=1e-6)),
     "gpt2_tied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
                                      activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
+    # Hybrid: Mamba-2, attention (no rotary), Mamba-2, squared-ReLU MLP; SEQ=16 spans two scan chunks.
+    "nemotron_h_hybrid": ("NemotronHConfig", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8,
+        n_groups=2, conv_kernel=4, chunk_size=8, time_step_min=0.01, tie_word_embeddings=False,
+        layers_block_type=["linear_attention", "full_attention", "linear_attention", "mlp"])),
 }
 
 

@@ -34,10 +34,11 @@ PLAN = [
     ("qwen2_sliding", None, None),
     ("mixtral_moe", "60KB", None),
     ("gpt2_tied", "25KB", "25KB"),
+    ("nemotron_h_hybrid", "30KB", None),
 ]
 EXPECTED_FAMILY = {"llama_gqa": "llama", "llama_bias_tied": "llama", "mistral_sliding": "mistral",
                    "qwen2_bias": "qwen2", "qwen2_sliding": "qwen2", "mixtral_moe": "mixtral",
-                   "gpt2_tied": "gpt2"}
+                   "gpt2_tied": "gpt2", "nemotron_h_hybrid": "nemotron_h"}
 
 
 def _save_hf(model, path, shard):

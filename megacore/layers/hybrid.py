@@ -1,0 +1,76 @@
+"""Single-mixer layers of hybrid stacks (``model.layer_pattern``).
+
+Each layer is one pre-norm residual block, ``x = x + dropout(mixer(norm(x)))``, whose mixer is
+picked by its character in the pattern (the Megatron / NemotronH convention):
+
+    'M'  MambaLayer       a Mamba-2 mixer (megacore.layers.mamba)
+    '*'  AttentionLayer   self-attention (rotary, masks and KV cache as in TransformerLayer)
+    '-'  MLPLayer         the MLP (an MoE layer when model.num_experts is set)
+
+A pattern-free model keeps the two-block ``TransformerLayer``. All layer classes take the same
+``forward(hidden, rotary, mask, kv_cache)`` so the block, pipeline stages and recomputation treat
+them alike; the mixers that do not use an argument ignore it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megacore.config import TransformerConfig
+from megacore.layers.spec import LayerSpec
+
+
+class _SingleMixerLayer(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
+        super().__init__()
+        self.layer_number = layer_number
+        self.input_norm = spec.input_norm(config, config.hidden_size)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+
+    def mix(self, normed_BSH, rotary, mask, kv_cache):
+        raise NotImplementedError
+
+    def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
+        return hidden_BSH + self.hidden_dropout(self.mix(self.input_norm(hidden_BSH), rotary, mask, kv_cache))
+
+
+class MambaLayer(_SingleMixerLayer):
+    def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
+        super().__init__(config, layer_number, spec)
+        from megacore.layers.mamba import MambaMixer
+
+        self.mixer = MambaMixer(config)
+
+    def mix(self, normed_BSH, rotary, mask, kv_cache):
+        if kv_cache is not None:
+            raise NotImplementedError("incremental decoding through Mamba layers needs a recurrent-state cache, "
+                                      "which megacore does not have yet (GPTModel.supports_kv_cache is False "
+                                      "for such models, and megacore.inference generates without a cache)")
+        if mask is not None:
+            raise NotImplementedError("Mamba layers scan every position in order: padding or document masks "
+                                      "(data.reset_attention_mask, attention_mask) are not supported with them")
+        return self.mixer(normed_BSH)
+
+
+class AttentionLayer(_SingleMixerLayer):
+    def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
+        super().__init__(config, layer_number, spec)
+        self.self_attention = spec.self_attention(config, spec.core_attention)
+
+    def mix(self, normed_BSH, rotary, mask, kv_cache):
+        if kv_cache is None:
+            return self.self_attention(normed_BSH, rotary, mask)
+        return self.self_attention(normed_BSH, rotary, mask, kv_cache=kv_cache)
+
+
+class MLPLayer(_SingleMixerLayer):
+    def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
+        super().__init__(config, layer_number, spec)
+        self.mlp = spec.mlp(config)
+
+    def mix(self, normed_BSH, rotary, mask, kv_cache):
+        return self.mlp(normed_BSH)
+
+
+HYBRID_LAYERS = {"M": MambaLayer, "*": AttentionLayer, "-": MLPLayer}

@@ -1,0 +1,152 @@
+"""Mamba-2 mixer (state space duality, SSD) for hybrid stacks (``model.layer_pattern`` 'M').
+
+Per head h (``mamba_num_heads`` heads of ``mamba_head_dim`` = P channels) with state size N
+(``mamba_state_dim``), the layer computes a selective linear recurrence over the sequence::
+
+    dt_t  = clamp(softplus(dt_raw_t + dt_bias), min=dt_clamp_min)         (one scalar per head)
+    a_t   = exp(dt_t · A),  A = -exp(A_log) < 0                             (decay in (0, 1])
+    S_t   = a_t · S_{t-1} + dt_t · x_t ⊗ B_t                                (state [P, N], S_0 = 0)
+    y_t   = S_t · C_t + D · x_t
+
+x, B, C come from a depthwise causal conv1d (kernel ``mamba_conv_kernel``) + SiLU over the
+projected input; B and C are shared by the heads of each of ``mamba_num_groups`` groups. The
+output is ``out_proj(rmsnorm_g(y · silu(z)))`` with a gate z from the same input projection and an
+RMSNorm taken per group of channels. Parameter names and the packed ``in_proj`` layout
+``[z | x B C | dt]`` follow Mamba-2 (and Megatron / Hugging Face NemotronH), so checkpoints map
+one to one.
+
+``ssd_chunked`` evaluates the recurrence in chunks of ``mamba_chunk_size`` positions: inside a
+chunk as a masked (attention-like) matrix product, across chunks through the carried state, one
+small loop over the chunks. ``ssd_reference`` is the step-by-step recurrence (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacore.config import TransformerConfig
+from megacore.layers.norm import mark_init
+
+
+def ssd_reference(x, dt, A, B, C, D=None):
+    """The recurrence of the module docstring, one position at a time (fp32 or better).
+
+    x [b, s, h, p], dt [b, s, h] (already softplus'ed and clamped), A [h], B/C [b, s, g, n],
+    D [h] or None -> y [b, s, h, p]."""
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    state = x.new_zeros(b, h, p, n)
+    ys = []
+    for t in range(s):
+        decay = torch.exp(dt[:, t] * A)                                   # [b, h]
+        state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    return y if D is None else y + x * D[:, None]
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None):
+    """Same result as ``ssd_reference``, computed chunk by chunk (math in at least fp32).
+
+    With a_l = dt_l·A and its running sum Λ_l inside a chunk (positions l, s of the chunk):
+      y_l = Σ_{s<=l} (C_l·B_s) e^{Λ_l - Λ_s} dt_s x_s     (within the chunk)
+          + e^{Λ_l} C_l · H                                (H: the state entering the chunk)
+    and the state leaving the chunk is e^{Λ_L} H + Σ_s e^{Λ_L - Λ_s} dt_s x_s ⊗ B_s.
+    """
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    out_dtype = x.dtype
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16/fp16/fp32, fp64 stays fp64
+    x, dt, A, B, C = (t.to(acc) for t in (x, dt, A, B, C))
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    pad = (-s) % chunk_size
+    xd = x * dt[..., None]                                                 # dt_s x_s
+    a = dt * A                                                             # [b, s, h], <= 0
+    if pad:  # zero decay exponent and zero input: padded positions change nothing before them
+        xd, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xd, a, B, C))
+    k = (s + pad) // chunk_size
+    L = chunk_size
+    xd = xd.view(b, k, L, h, p)
+    B, C = B.view(b, k, L, h, n), C.view(b, k, L, h, n)
+    cum = a.view(b, k, L, h).cumsum(dim=2)                                  # Λ_l
+    # Within a chunk: decay e^{Λ_l - Λ_s} for s <= l, 0 above the diagonal (masked before exp).
+    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]                    # [b, k, l, s, h]
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    scores = torch.einsum("bklhn,bkshn->bklsh", C, B) * decay
+    y = torch.einsum("bklsh,bkshp->bklhp", scores, xd)
+    # Each chunk's own contribution to the state at its end, then the carried state across chunks.
+    to_end = torch.exp(cum[:, :, -1:, :] - cum)                             # e^{Λ_L - Λ_s}
+    chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
+    chunk_decay = torch.exp(cum[:, :, -1, :])                               # e^{Λ_L}, [b, k, h]
+    state = x.new_zeros(b, h, p, n)
+    entering = []
+    for c in range(k):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    entering = torch.stack(entering, dim=1)                                 # [b, k, h, p, n]
+    y = y + torch.einsum("bklhn,bkhpn->bklhp", C, entering) * torch.exp(cum)[..., None]
+    y = y.reshape(b, k * L, h, p)[:, :s]
+    if D is not None:
+        y = y + x * D.to(acc)[:, None]
+    return y.to(out_dtype)
+
+
+def gated_rms_norm(y, z, weight, group_size: int, eps: float):
+    """``weight · rmsnorm(y · silu(z))`` with the RMS taken over groups of ``group_size`` channels
+    (math in fp32, result cast back to y's dtype before the weight, as Mamba-2 does)."""
+    dtype = y.dtype
+    v = y.float() * F.silu(z.float())
+    groups = v.view(*v.shape[:-1], v.shape[-1] // group_size, group_size)
+    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * groups.view(v.shape).to(dtype)
+
+
+class MambaMixer(nn.Module):
+    """Mamba-2 mixer: hidden [B, S, H] -> [B, S, H] (see the module docstring)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.head_dim = c.mamba_heads, c.mamba_head_dim
+        self.state_dim, self.num_groups = c.mamba_state_dim, c.mamba_num_groups
+        self.inner = self.num_heads * self.head_dim
+        self.conv_dim = self.inner + 2 * self.num_groups * self.state_dim
+        self.chunk_size, self.dt_clamp_min, self.eps = c.mamba_chunk_size, c.mamba_dt_clamp_min, c.norm_epsilon
+        self.in_proj = nn.Linear(c.hidden_size, self.inner + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, c.mamba_conv_kernel, groups=self.conv_dim,
+                                padding=c.mamba_conv_kernel - 1, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm_weight = nn.Parameter(torch.empty(self.inner))
+        self.out_proj = nn.Linear(self.inner, c.hidden_size, bias=False)
+        mark_init(self.in_proj.weight, "normal")
+        mark_init(self.out_proj.weight, "scaled_normal")
+        mark_init(self.norm_weight, "ones")
+        mark_init(self.D, "ones")
+        # Mamba-2's recipe (megacore.models.init): A = 1..num_heads, dt log-uniform in [1e-3, 0.1]
+        # through softplus⁻¹, the depthwise conv as nn.Conv1d draws it.
+        mark_init(self.A_log, "mamba_A_log")
+        mark_init(self.dt_bias, "mamba_dt_bias")
+        mark_init(self.conv1d.weight, "conv_uniform")
+        mark_init(self.conv1d.bias, "conv_uniform")
+
+    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        b, s, _ = hidden_BSH.shape
+        z, xbc, dt = self.in_proj(hidden_BSH).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :s]).transpose(1, 2)
+        x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
+        A = -torch.exp(self.A_log.float())
+        y = ssd_chunked(x.reshape(b, s, self.num_heads, self.head_dim), dt, A,
+                        B.reshape(b, s, self.num_groups, self.state_dim), C.reshape(b, s, self.num_groups, self.state_dim),
+                        self.chunk_size, D=self.D)
+        y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)
+        return self.out_proj(y.to(hidden_BSH.dtype))
+

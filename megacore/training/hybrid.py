@@ -1,0 +1,29 @@
+"""Which run layouts hybrid stacks (``model.layer_pattern``) train in, checked before anything is built."""
+
+from __future__ import annotations
+
+from megacore.config import ConfigError, RunConfig
+
+
+def check_hybrid_layout(cfg: RunConfig) -> None:
+    """Raise a ConfigError for the combinations with hybrid layers this version cannot run."""
+    pattern = cfg.model.layer_pattern
+    if pattern is None:
+        return
+    p = cfg.parallel
+    if p.tensor > 1 or p.context > 1:
+        raise ConfigError(f"model.layer_pattern={pattern!r} (a hybrid stack) trains with data and pipeline "
+                          f"parallelism only for now, not with parallel.tensor={p.tensor} / parallel.context="
+                          f"{p.context}; set both to 1")
+    if "M" not in pattern:
+        return
+    if cfg.precision.fp8 is not None:
+        raise ConfigError("precision.fp8 has not been validated with Mamba layers ('M' in model.layer_pattern); "
+                          "set precision.fp8=null")
+    if cfg.data.reset_attention_mask:
+        raise ConfigError("data.reset_attention_mask=true masks attention per document, but a Mamba layer's scan "
+                          "carries its state across documents; set data.reset_attention_mask=false for a "
+                          "model.layer_pattern with 'M'")
+    if cfg.model.sliding_window is not None:
+        raise ConfigError("model.sliding_window with Mamba layers ('M' in model.layer_pattern) is not supported; "
+                          "set model.sliding_window=null")

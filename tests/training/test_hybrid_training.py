@@ -1,0 +1,62 @@
+"""``megacore train`` with a hybrid stack (Mamba-2, attention and MLP layers) on CPU: the loss falls,
+DP2 (distributed optimizer) and PP2 reproduce the single-process curve, and the layouts this version
+cannot run are refused with errors that name the keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from megacore.config import ConfigError
+from megacore.config_loading import load_run_config
+from megacore.training.hybrid import check_hybrid_layout
+from tests.training.test_train_cli import ROOT, _env, losses, read_metrics, run_cli
+
+HYBRID = ["model.num_layers=4", "model.layer_pattern=M*M-", "model.hidden_size=64", "model.num_attention_heads=4",
+          "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.activation=squared_relu",
+          "model.position_embedding=none", "model.mamba_head_dim=16", "model.mamba_state_dim=8",
+          "model.mamba_num_groups=2", "model.mamba_chunk_size=8", "model.seq_length=32", "model.vocab_size=256",
+          "data.source=mock", "train.global_batch_size=8", "train.micro_batch_size=2", "train.iters=12",
+          "train.warmup_iters=2", "train.lr=3e-3", "train.eval_interval=0", "log.interval=4", "checkpoint.dir=null"]
+
+
+def _train(tmp_path, name, extra, nproc=1):
+    log_dir = str(tmp_path / name)
+    args = ["train", "configs/tiny_cpu.yaml", *HYBRID, f"log.dir={log_dir}", *extra]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
+    out = run_cli(args, _env(str(tmp_path / "cache")))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("hybrid"), "single", [])
+
+
+def test_hybrid_training_learns(reference):
+    records = [r for r in read_metrics(reference) if "loss" in r]
+    assert len(records) == 12
+    assert records[-1]["loss"] < records[0]["loss"] - 0.2, records  # mock tokens: the unigram fit
+
+
+@pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
+                                        ("pp2", ["parallel.pipeline=2"])])
+def test_hybrid_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
+    log = _train(tmp_path, name, extra, nproc=2)
+    got, want = losses(log), losses(reference)
+    assert len(got) == len(want) == 12
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    assert worst < 1e-4, (name, worst, got, want)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["parallel.tensor=2"], "parallel.tensor=2"),
+    (["parallel.context=2"], "parallel.context=2"),
+    (["data.reset_attention_mask=true"], "data.reset_attention_mask"),
+    (["model.sliding_window=8"], "model.sliding_window"),
+])
+def test_unsupported_hybrid_layouts_are_refused(extra, words):
+    cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", HYBRID + extra)
+    with pytest.raises(ConfigError, match=words):
+        check_hybrid_layout(cfg)
