@@ -238,6 +238,9 @@ class TransformerConfig:
             for key in ("mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size"):
                 if getattr(self, key) <= 0:
                     _fail(f"model.{key}", getattr(self, key), "must be positive", "use the default")
+            if self.sliding_window is not None:
+                _fail("model.sliding_window", self.sliding_window, "cannot apply to Mamba layers ('M' in "
+                      "model.layer_pattern), whose scan sees every earlier position", "set model.sliding_window=null")
             if self.mamba_dt_clamp_min < 0:
                 _fail("model.mamba_dt_clamp_min", self.mamba_dt_clamp_min, "must be >= 0 (a time step is positive)",
                       "use 0 (no clamp) or e.g. 0.001")

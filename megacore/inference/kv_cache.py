@@ -6,7 +6,8 @@
 
 Each attention layer stores the keys and values of every position it has seen (after QK-norm and
 rotary, i.e. exactly what its attention reads) in preallocated [B, max_length, G, D] buffers, G
-the layer's KV heads. A forward with ``kv_cache`` feeds only the NEW tokens: their positions
+the layer's KV heads. A Mamba layer of a hybrid stack keeps its recurrent state instead (its last
+conv inputs and the SSM state, ``megacore.layers.mamba.MambaState``), a fixed size per sequence. A forward with ``kv_cache`` feeds only the NEW tokens: their positions
 continue from ``cache.length``; each layer appends their k/v and attends over everything cached
 (causal, and within ``sliding_window`` when the model has one); ``cache.length`` advances by the
 number of new tokens once the forward is done.
@@ -34,6 +35,10 @@ class LayerKVCache:
     def update(self, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(self.layer_number, k_BSGD, v_BSGD)
 
+    def mamba_state(self, kernel: int):
+        """This (Mamba) layer's recurrent state, created as zeros on first use."""
+        return self.cache.mamba_state(self.layer_number, kernel)
+
 
 class KVCache:
     """Keys and values of every layer for ``batch`` sequences of up to ``max_length`` positions."""
@@ -48,6 +53,7 @@ class KVCache:
         self.length = 0
         self._k: dict[int, torch.Tensor] = {}
         self._v: dict[int, torch.Tensor] = {}
+        self._mamba: dict = {}  # layer -> megacore.layers.mamba.MambaState (hybrid stacks)
 
     @classmethod
     def for_model(cls, model, batch: int, max_length: Optional[int] = None) -> "KVCache":
@@ -62,8 +68,17 @@ class KVCache:
         return LayerKVCache(self, layer_number)
 
     def reset(self) -> None:
-        """Forget every position (the buffers are kept for reuse)."""
+        """Forget every position (the k/v buffers are kept for reuse; Mamba states start over)."""
         self.length = 0
+        self._mamba.clear()
+
+    def mamba_state(self, layer_number: int, kernel: int):
+        """The recurrent state of Mamba layer ``layer_number`` (conv inputs and SSM state)."""
+        from megacore.layers.mamba import MambaState
+
+        if layer_number not in self._mamba:
+            self._mamba[layer_number] = MambaState(kernel)
+        return self._mamba[layer_number]
 
     def check_room(self, new_tokens: int, batch: int) -> None:
         if batch != self.batch:

@@ -3,7 +3,8 @@
 Each layer is one pre-norm residual block, ``x = x + dropout(mixer(norm(x)))``, whose mixer is
 picked by its character in the pattern (the Megatron / NemotronH convention):
 
-    'M'  MambaLayer       a Mamba-2 mixer (megacore.layers.mamba)
+    'M'  MambaLayer       a Mamba-2 mixer (megacore.layers.mamba); with a KV cache it keeps its
+                          recurrent state there instead of keys and values
     '*'  AttentionLayer   self-attention (rotary, masks and KV cache as in TransformerLayer)
     '-'  MLPLayer         the MLP (an MoE layer when model.num_experts is set)
 
@@ -43,10 +44,9 @@ class MambaLayer(_SingleMixerLayer):
         self.mixer = MambaMixer(config)
 
     def mix(self, normed_BSH, rotary, mask, kv_cache):
-        if kv_cache is not None:
-            raise NotImplementedError("incremental decoding through Mamba layers needs a recurrent-state cache, "
-                                      "which megacore does not have yet (GPTModel.supports_kv_cache is False "
-                                      "for such models, and megacore.inference generates without a cache)")
+        if kv_cache is not None:  # incremental decoding: the mask is the cache's causal one, which the
+            # scan already is; the layer's recurrent state lives in the cache
+            return self.mixer(normed_BSH, state=kv_cache.mamba_state(self.mixer.conv1d.kernel_size[0]))
         if mask is not None:
             raise NotImplementedError("Mamba layers scan every position in order: padding or document masks "
                                       "(data.reset_attention_mask, attention_mask) are not supported with them")

@@ -30,27 +30,28 @@ from megacore.config import TransformerConfig
 from megacore.layers.norm import mark_init
 
 
-def ssd_reference(x, dt, A, B, C, D=None):
+def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):
     """The recurrence of the module docstring, one position at a time (fp32 or better).
 
     x [b, s, h, p], dt [b, s, h] (already softplus'ed and clamped), A [h], B/C [b, s, g, n],
-    D [h] or None -> y [b, s, h, p]."""
+    D [h] or None, initial_state [b, h, p, n] or None (zeros) -> (y [b, s, h, p], final state)."""
     b, s, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     B = B.repeat_interleave(h // g, dim=2)
     C = C.repeat_interleave(h // g, dim=2)
-    state = x.new_zeros(b, h, p, n)
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
     ys = []
     for t in range(s):
         decay = torch.exp(dt[:, t] * A)                                   # [b, h]
         state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
     y = torch.stack(ys, dim=1)
-    return y if D is None else y + x * D[:, None]
+    return (y if D is None else y + x * D[:, None]), state
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None):
-    """Same result as ``ssd_reference``, computed chunk by chunk (math in at least fp32).
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
+    """Same result as ``ssd_reference`` (``(y, final state)``), computed chunk by chunk (math in at
+    least fp32; the state is returned in that precision).
 
     With a_l = dt_l·A and its running sum Λ_l inside a chunk (positions l, s of the chunk):
       y_l = Σ_{s<=l} (C_l·B_s) e^{Λ_l - Λ_s} dt_s x_s     (within the chunk)
@@ -84,7 +85,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None):
     to_end = torch.exp(cum[:, :, -1:, :] - cum)                             # e^{Λ_L - Λ_s}
     chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
     chunk_decay = torch.exp(cum[:, :, -1, :])                               # e^{Λ_L}, [b, k, h]
-    state = x.new_zeros(b, h, p, n)
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
     entering = []
     for c in range(k):
         entering.append(state)
@@ -94,7 +95,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None):
     y = y.reshape(b, k * L, h, p)[:, :s]
     if D is not None:
         y = y + x * D.to(acc)[:, None]
-    return y.to(out_dtype)
+    return y.to(out_dtype), state
 
 
 def gated_rms_norm(y, z, weight, group_size: int, eps: float):
@@ -137,16 +138,43 @@ class MambaMixer(nn.Module):
         mark_init(self.conv1d.weight, "conv_uniform")
         mark_init(self.conv1d.bias, "conv_uniform")
 
-    def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_BSH: torch.Tensor, state: "MambaState | None" = None) -> torch.Tensor:
+        """``state``: the recurrent state of the positions before these (incremental decoding); it is
+        read and then advanced past them. None: the sequence starts here."""
         b, s, _ = hidden_BSH.shape
         z, xbc, dt = self.in_proj(hidden_BSH).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :s]).transpose(1, 2)
+        if state is None:
+            xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
+        else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
+            window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
+            state.conv = window[..., -(self.conv1d.kernel_size[0] - 1):].detach()
+            xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        xbc = F.silu(xbc).transpose(1, 2)
         x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
         A = -torch.exp(self.A_log.float())
-        y = ssd_chunked(x.reshape(b, s, self.num_heads, self.head_dim), dt, A,
-                        B.reshape(b, s, self.num_groups, self.state_dim), C.reshape(b, s, self.num_groups, self.state_dim),
-                        self.chunk_size, D=self.D)
+        y, final = ssd_chunked(x.reshape(b, s, self.num_heads, self.head_dim), dt, A,
+                               B.reshape(b, s, self.num_groups, self.state_dim),
+                               C.reshape(b, s, self.num_groups, self.state_dim), self.chunk_size, D=self.D,
+                               initial_state=None if state is None else state.ssm)
+        if state is not None:
+            state.ssm = final.detach()
         y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)
         return self.out_proj(y.to(hidden_BSH.dtype))
 
+
+
+class MambaState:
+    """One Mamba layer's recurrent state for incremental decoding: the raw conv inputs of the last
+    ``kernel - 1`` positions [B, conv_dim, kernel-1] and the SSM state [B, heads, head_dim, state]
+    (fp32). Both start as zeros, exactly what the uncached forward assumes before position 0."""
+
+    def __init__(self, kernel: int):
+        self.kernel = kernel
+        self.conv: torch.Tensor | None = None
+        self.ssm: torch.Tensor | None = None
+
+    def conv_inputs(self, batch: int, xbc_BSC: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            self.conv = xbc_BSC.new_zeros(batch, xbc_BSC.shape[-1], self.kernel - 1)
+        return self.conv

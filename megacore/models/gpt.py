@@ -193,10 +193,9 @@ class GPTModel(nn.Module):
     @property
     def supports_kv_cache(self) -> bool:
         """True for a whole one-device model: ``forward(kv_cache=...)`` works (not a pipeline stage,
-        nor a tensor- or context-parallel model, nor a hybrid stack with Mamba layers, whose
-        recurrent state has no cache yet: generation then recomputes the whole prefix per token)."""
+        nor a tensor- or context-parallel model)."""
         return (self.pre_process and self.post_process and getattr(self, "_megacore_tp", None) is None
-                and getattr(self, "_megacore_cp", None) is None and "M" not in self.config.layer_kinds)
+                and getattr(self, "_megacore_cp", None) is None)
 
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
         if labels is not None or position_ids is not None or attention_mask is not None or hidden_states is not None:

@@ -24,6 +24,3 @@ def check_hybrid_layout(cfg: RunConfig) -> None:
         raise ConfigError("data.reset_attention_mask=true masks attention per document, but a Mamba layer's scan "
                           "carries its state across documents; set data.reset_attention_mask=false for a "
                           "model.layer_pattern with 'M'")
-    if cfg.model.sliding_window is not None:
-        raise ConfigError("model.sliding_window with Mamba layers ('M' in model.layer_pattern) is not supported; "
-                          "set model.sliding_window=null")

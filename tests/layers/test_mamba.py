@@ -29,15 +29,55 @@ def test_chunked_scan_equals_the_recurrence(chunk):
     """Any chunk length (dividing the sequence or not, longer than it, 1) gives the recurrence's
     outputs, and their gradients, in fp64."""
     inputs = [t.requires_grad_() for t in _ssd_inputs()]
-    ref = ssd_reference(*inputs)
-    got = ssd_chunked(*inputs[:5], chunk_size=chunk, D=inputs[5])
-    assert got.dtype == torch.float64 or got.dtype == inputs[0].dtype
+    ref, ref_final = ssd_reference(*inputs)
+    got, final = ssd_chunked(*inputs[:5], chunk_size=chunk, D=inputs[5])
+    assert got.dtype == torch.float64
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, ref_final, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ref)
     grads_ref = torch.autograd.grad(ref, inputs, g)
     grads = torch.autograd.grad(got, inputs, g)
     for name, a, r in zip("x dt A B C D".split(), grads, grads_ref):
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_scan_in_two_parts_with_the_carried_state_equals_one_scan(chunk):
+    """Scanning positions 0..k-1, then k..s-1 from the state the first part ends in, gives the
+    one-pass outputs and final state: what incremental decoding relies on."""
+    x, dt, A, B, C, D = _ssd_inputs()
+    whole, whole_final = ssd_chunked(x, dt, A, B, C, chunk, D)
+    k = 13
+    first, mid = ssd_chunked(x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], chunk, D)
+    second, final = ssd_chunked(x[:, k:], dt[:, k:], A, B[:, k:], C[:, k:], chunk, D, initial_state=mid)
+    ref_second, _ = ssd_reference(x[:, k:], dt[:, k:], A, B[:, k:], C[:, k:], D, initial_state=mid)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(second, ref_second, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, whole_final, rtol=1e-10, atol=1e-10)
+
+
+def test_cached_decoding_equals_the_full_forward():
+    """Prefill 7 tokens, then feed 1, 3 and 1 more through the cache: every new position's logits
+    equal the uncached forward over the whole prefix (attention k/v and Mamba states both carried)."""
+    from megacore.inference.kv_cache import KVCache
+
+    cfg = megacore.TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                     ffn_hidden_size=48, vocab_size=64, seq_length=32, layer_pattern="M*M-",
+                                     mamba_head_dim=8, mamba_state_dim=4, mamba_num_groups=2, mamba_chunk_size=4,
+                                     attention_backend="reference")
+    model = GPTModel(cfg, seed=0).eval()
+    _randomize(model, 11)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.for_model(model, batch=2, max_length=16)
+        start = 0
+        for n in (7, 1, 3, 1):
+            got = model(ids[:, start:start + n], kv_cache=cache)
+            torch.testing.assert_close(got, full[:, start:start + n], rtol=1e-5, atol=1e-5)
+            start += n
+        cache.reset()
+        torch.testing.assert_close(model(ids[:, :5], kv_cache=cache), full[:, :5], rtol=1e-5, atol=1e-5)
 
 
 def _hf_config(pattern, **kw):
@@ -191,6 +231,7 @@ def test_hybrid_training_steps_reduce_the_loss_and_recompute_keeps_gradients():
     (dict(layer_pattern="M*-", mamba_head_dim=48), "model.mamba_head_dim", "divide"),
     (dict(layer_pattern="M*-", mamba_num_groups=3), "model.mamba_num_groups", "divide"),
     (dict(layer_pattern="M*-", mamba_head_dim=16, mamba_dt_clamp_min=-1.0), "model.mamba_dt_clamp_min", ">= 0"),
+    (dict(layer_pattern="M*-", mamba_head_dim=16, sliding_window=4), "model.sliding_window", "Mamba"),
 ])
 def test_bad_hybrid_configs_name_the_key(kw, key, words):
     base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, vocab_size=64)
@@ -199,7 +240,7 @@ def test_bad_hybrid_configs_name_the_key(kw, key, words):
     assert words in str(err.value)
 
 
-def test_mamba_layer_refuses_masks_and_kv_cache_clearly():
+def test_mamba_layer_refuses_masks_clearly():
     cfg = megacore.TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
                                      seq_length=8, layer_pattern="M*", mamba_head_dim=8, mamba_state_dim=4,
                                      mamba_num_groups=2)
@@ -210,8 +251,8 @@ def test_mamba_layer_refuses_masks_and_kv_cache_clearly():
 
 
 def test_greedy_generation_matches_hugging_face_nemotron_h():
-    """Without a recurrent-state cache, generation recomputes the prefix for every token; the greedy
-    tokens equal HF's (which decodes with its own cache)."""
+    """Greedy generation (prefill, then one token at a time through the k/v + Mamba-state cache)
+    gives HF's tokens."""
     from transformers import NemotronHForCausalLM
 
     from megacore.inference.sampling import generate
@@ -224,7 +265,7 @@ def test_greedy_generation_matches_hugging_face_nemotron_h():
     _randomize(hf, 7)
     ours = GPTModel(_our_config(pattern, hf_cfg), seed=0).eval()
     _hf_to_ours(ours, hf)
-    assert not ours.supports_kv_cache
+    assert ours.supports_kv_cache
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(8))
     want = hf.generate(prompt, max_new_tokens=8, do_sample=False)
     got = generate(ours, prompt, max_new_tokens=8)
