@@ -147,7 +147,8 @@ class MambaMixer(nn.Module):
             xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
         else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
             window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
-            state.conv = window[..., -(self.conv1d.kernel_size[0] - 1):].detach()
+            keep = self.conv1d.kernel_size[0] - 1
+            state.conv = window[..., window.shape[-1] - keep:].detach()  # (not [-keep:]: keep may be 0)
             xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         xbc = F.silu(xbc).transpose(1, 2)
         x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)

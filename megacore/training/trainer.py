@@ -470,9 +470,12 @@ class Trainer:
 
     def run(self) -> dict:
         self.stop.install()
+        finished = False
         try:
             self.setup()
-            return self._loop()
+            result = self._loop()
+            finished = True
+            return result
         finally:
             self.stop.restore()
             metrics = getattr(self, "metrics", None)
@@ -482,6 +485,8 @@ class Trainer:
                 from megacore import parallel
 
                 release_cuda_graphs(self.cfg, self.device)
+                if finished:  # no rank tears its groups down while a peer may still be using them
+                    dist.barrier()
                 parallel.destroy()
 
     def _loop(self) -> dict:

@@ -56,15 +56,17 @@ def test_scan_in_two_parts_with_the_carried_state_equals_one_scan(chunk):
     torch.testing.assert_close(final, whole_final, rtol=1e-10, atol=1e-10)
 
 
-def test_cached_decoding_equals_the_full_forward():
+@pytest.mark.parametrize("kernel", [4, 1])
+def test_cached_decoding_equals_the_full_forward(kernel):
     """Prefill 7 tokens, then feed 1, 3 and 1 more through the cache: every new position's logits
-    equal the uncached forward over the whole prefix (attention k/v and Mamba states both carried)."""
+    equal the uncached forward over the whole prefix (attention k/v and Mamba states both carried;
+    a conv kernel of 1 keeps no conv inputs)."""
     from megacore.inference.kv_cache import KVCache
 
     cfg = megacore.TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                      ffn_hidden_size=48, vocab_size=64, seq_length=32, layer_pattern="M*M-",
                                      mamba_head_dim=8, mamba_state_dim=4, mamba_num_groups=2, mamba_chunk_size=4,
-                                     attention_backend="reference")
+                                     mamba_conv_kernel=kernel, attention_backend="reference")
     model = GPTModel(cfg, seed=0).eval()
     _randomize(model, 11)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))

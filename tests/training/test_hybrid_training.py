@@ -57,5 +57,7 @@ def test_hybrid_layouts_reproduce_single_process_curve(tmp_path, reference, name
     (["model.sliding_window=8"], "model.sliding_window"),
 ])
 def test_unsupported_hybrid_layouts_are_refused(extra, words):
-    with pytest.raises(ConfigError, match=words):  # the config itself, or the trainer's layout check
-        check_hybrid_layout(load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", HYBRID + extra))
+    cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", HYBRID + extra)
+    with pytest.raises(ConfigError, match=words):  # the config's own validation, or the trainer's layout check
+        cfg.validate()
+        check_hybrid_layout(cfg)
