@@ -32,6 +32,14 @@ def check_moe_layout(cfg: RunConfig) -> None:
                           "precision.fp8=null for model.num_experts")
 
 
+def num_moe_layers(model_cfg) -> int:
+    """MoE layers in the whole model: every layer with an MLP (a plain layer 'T', or '-' in a hybrid
+    ``layer_pattern``) when ``num_experts`` is set, else none."""
+    if model_cfg.num_experts is None:
+        return 0
+    return sum(kind in "T-" for kind in model_cfg.layer_kinds)
+
+
 def moe_layers(chunks) -> list[nn.Module]:
     """Every MoELayer of this rank's chunks (found once, at setup)."""
     from megacore.layers.moe import MoELayer

@@ -44,7 +44,7 @@ from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger, read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.hybrid import check_hybrid_layout
-from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers
+from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers, num_moe_layers
 from megacore.training.pending_step import PendingStep
 
 
@@ -392,7 +392,7 @@ class Trainer:
         pending = PendingStep(step, self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else [])),
                               num_tokens, info, scale)
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
-            pending.aux_denominator = self.cfg.model.num_layers * self.dp_size
+            pending.aux_denominator = num_moe_layers(self.cfg.model) * self.dp_size
         return pending
 
     def _fp8_weight_cache(self, num_micro: int):

@@ -50,6 +50,16 @@ def test_hybrid_layouts_reproduce_single_process_curve(tmp_path, reference, name
     assert worst < 1e-4, (name, worst, got, want)
 
 
+def test_hybrid_moe_balance_loss_is_averaged_over_its_moe_layers(tmp_path):
+    """'M-' with experts has ONE MoE layer: the logged balance loss is its mean (about moe_top_k = 2
+    for even routing), not that sum spread over all layers of the pattern."""
+    log = _train(tmp_path, "moe", ["model.num_layers=2", "model.layer_pattern=M-", "model.num_experts=4",
+                                   "model.moe_top_k=2", "model.moe_aux_loss_coeff=0.05", "train.iters=4"])
+    records = [r for r in read_metrics(log) if "loss" in r]
+    # about 2.0 here; dividing by both layers of the pattern would log about 1.0
+    assert len(records) == 4 and all(1.5 < r["moe_aux_loss"] < 4.0 for r in records), records
+
+
 @pytest.mark.parametrize("extra, words", [
     (["parallel.tensor=2"], "parallel.tensor=2"),
     (["parallel.context=2"], "parallel.context=2"),
