@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore.distributed.comm import ProcessGroup, all_gather_flat, group_rank, group_size, reduce_scatter_flat
+from megacore.kernels.grad_accumulate import accumulate_grad_
 
 ALIGN = 64  # elements; 128 B in bf16, 256 B in fp32
 
@@ -193,8 +194,6 @@ class GradBuffer:
     # ------------------------------------------------------------------ accumulation
     def accumulate(self, param: nn.Parameter, grad: torch.Tensor) -> None:
         """``param.main_grad += grad`` (``=`` for the step's first gradient of ``param``)."""
-        from megacore.kernels.grad_accumulate import accumulate_grad_
-
         first = id(param) in self.stale
         accumulate_grad_(param.main_grad, grad, overwrite=first)
         if first:

@@ -470,11 +470,11 @@ class Trainer:
 
     def run(self) -> dict:
         self.stop.install()
-        finished = False
         try:
             self.setup()
             result = self._loop()
-            finished = True
+            if self.world_size > 1:  # no rank tears its groups down while a peer may still be using them
+                dist.barrier()
             return result
         finally:
             self.stop.restore()
@@ -485,8 +485,6 @@ class Trainer:
                 from megacore import parallel
 
                 release_cuda_graphs(self.cfg, self.device)
-                if finished:  # no rank tears its groups down while a peer may still be using them
-                    dist.barrier()
                 parallel.destroy()
 
     def _loop(self) -> dict:

@@ -174,19 +174,25 @@ def _hf_to_ours(model: GPTModel, hf_model) -> None:
                 layer.mlp.linear_fc2.weight.copy_(sd[pre + "mixer.down_proj.weight"])
 
 
-def test_hybrid_model_matches_hugging_face_nemotron_h():
-    """A 'M*M-M' stack (Mamba, attention without rotary, squared-ReLU MLP): logits, loss and the
-    input-embedding gradient equal HF NemotronHForCausalLM's with the same weights."""
+def _paired_models(pattern: str, seed: int):
+    """A randomized HF NemotronHForCausalLM (eager attention) for ``pattern`` and our GPTModel holding
+    the same weights, both in eval mode: (hf config, hf model, ours)."""
     from transformers import NemotronHForCausalLM
 
-    pattern = "M*M-M"
     hf_cfg = _hf_config(pattern)
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = NemotronHForCausalLM(hf_cfg).eval()
-    _randomize(hf, 3)
+    _randomize(hf, seed)
     ours = GPTModel(_our_config(pattern, hf_cfg), seed=0).eval()
     _hf_to_ours(ours, hf)
+    return hf_cfg, hf, ours
+
+
+def test_hybrid_model_matches_hugging_face_nemotron_h():
+    """A 'M*M-M' stack (Mamba, attention without rotary, squared-ReLU MLP): logits, loss and the
+    input-embedding gradient equal HF NemotronHForCausalLM's with the same weights."""
+    hf_cfg, hf, ours = _paired_models("M*M-M", seed=3)
     ids = torch.randint(0, hf_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
     theirs = hf(input_ids=ids, labels=ids)
     logits = ours(ids)
@@ -255,18 +261,9 @@ def test_mamba_layer_refuses_masks_clearly():
 def test_greedy_generation_matches_hugging_face_nemotron_h():
     """Greedy generation (prefill, then one token at a time through the k/v + Mamba-state cache)
     gives HF's tokens."""
-    from transformers import NemotronHForCausalLM
-
     from megacore.inference.sampling import generate
 
-    pattern = "M*M-"
-    hf_cfg = _hf_config(pattern)
-    hf_cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = NemotronHForCausalLM(hf_cfg).eval()
-    _randomize(hf, 7)
-    ours = GPTModel(_our_config(pattern, hf_cfg), seed=0).eval()
-    _hf_to_ours(ours, hf)
+    hf_cfg, hf, ours = _paired_models("M*M-", seed=7)
     assert ours.supports_kv_cache
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(8))
     want = hf.generate(prompt, max_new_tokens=8, do_sample=False)

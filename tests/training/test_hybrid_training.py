@@ -9,7 +9,7 @@ import pytest
 from megacore.config import ConfigError
 from megacore.config_loading import load_run_config
 from megacore.training.hybrid import check_hybrid_layout
-from tests.training.test_train_cli import ROOT, _env, losses, read_metrics, run_cli
+from tests.training.test_train_cli import ROOT, losses, read_metrics, train_tiny
 
 HYBRID = ["model.num_layers=4", "model.layer_pattern=M*M-", "model.hidden_size=64", "model.num_attention_heads=4",
           "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.activation=squared_relu",
@@ -20,13 +20,7 @@ HYBRID = ["model.num_layers=4", "model.layer_pattern=M*M-", "model.hidden_size=6
 
 
 def _train(tmp_path, name, extra, nproc=1):
-    log_dir = str(tmp_path / name)
-    args = ["train", "configs/tiny_cpu.yaml", *HYBRID, f"log.dir={log_dir}", *extra]
-    if nproc > 1:
-        args += ["--nproc", str(nproc)]
-    out = run_cli(args, _env(str(tmp_path / "cache")))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return log_dir
+    return train_tiny(tmp_path, name, [*HYBRID, *extra], nproc)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,18 @@ def run_cli(args: list[str], env: dict, timeout: int = 240) -> subprocess.Comple
                           text=True, timeout=timeout)
 
 
+def train_tiny(tmp_path, name: str, overrides: list[str], nproc: int = 1) -> str:
+    """``megacore train configs/tiny_cpu.yaml <overrides>`` logging to ``tmp_path/name`` (with
+    ``--nproc`` when > 1); asserts it succeeded and returns the log directory."""
+    log_dir = str(tmp_path / name)
+    args = ["train", "configs/tiny_cpu.yaml", *overrides, f"log.dir={log_dir}"]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
+    out = run_cli(args, _env(str(tmp_path / "cache")))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return log_dir
+
+
 def read_metrics(log_dir) -> list[dict]:
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
