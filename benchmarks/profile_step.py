@@ -132,6 +132,9 @@ def main() -> int:
         trace = os.path.join(a.out, f"trace_rank{rank}.json")
         prof.export_chrome_trace(trace)
         print(timeline_breakdown(trace, a.steps))
+    from megacore.training.compile import release_cuda_graphs
+
+    release_cuda_graphs(cfg, t.device)  # else a run with CUDA graphs hangs in destroy_process_group
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
