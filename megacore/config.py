@@ -30,7 +30,8 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, MLP
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
-TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem")
+TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem", "copy_engine")
+INDUCTOR_TP_COMM_OVERLAP_MODES = ("schedule", "reorder", "symm_mem")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -264,11 +265,13 @@ class ParallelConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
-    # Overlap sequence-parallel communication with compute inside the compiled layer graphs (needs
-    # sequence_parallel, compile=true and CUDA): "off"; "schedule" (inductor's overlap scheduler
-    # starts each collective early and waits late, so it runs beside independent compute); "reorder"
-    # (inductor's older reordering passes); "symm_mem" (inductor's micro-pipelined async TP on
-    # symmetric memory). All measured slower on 2 H100s: see docs/parallelism-tp.md.
+    # Overlap sequence-parallel communication with compute (needs sequence_parallel): "off";
+    # "copy_engine" (megacore.parallel.sp_overlap: each SP linear moves its tokens by peer-to-peer
+    # copies over symmetric memory while it multiplies the local part; eager or compiled, CUDA graphs
+    # included; on CPU/gloo the same ops run the plain collectives). Inductor passes, compile=true on
+    # CUDA only: "schedule" (its overlap scheduler starts each collective early and waits late);
+    # "reorder" (its older reordering passes); "symm_mem" (its micro-pipelined async TP). The
+    # inductor passes measured slower on 2 H100s: see docs/parallelism-tp.md.
     tp_comm_overlap: str = "off"
     # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
     # the groups are independent, so one group's collectives can run while another computes.
@@ -556,7 +559,10 @@ class RunConfig:
             _fail("precision.fp8", self.precision.fp8, "runs its GEMMs in float8 on NVIDIA GPUs of compute capability "
                   ">= 8.9 (H100/H200, Ada) and cannot run on device=cpu",
                   "set device=cuda on such a GPU, or precision.fp8=null")
-        if p.tp_comm_overlap != "off" and (not self.compile or self.device == "cpu"):
+        if p.tp_comm_overlap == "copy_engine" and self.precision.fp8 is not None:
+            _fail("parallel.tp_comm_overlap", p.tp_comm_overlap, "does not cover FP8 linears (their matmuls are not "
+                  "split around the transfers)", "set parallel.tp_comm_overlap=off with precision.fp8, or precision.fp8=null")
+        if p.tp_comm_overlap in INDUCTOR_TP_COMM_OVERLAP_MODES and (not self.compile or self.device == "cpu"):
             _fail("parallel.tp_comm_overlap", p.tp_comm_overlap, "is done by torch.compile's inductor on CUDA",
                   "set compile=true and device=cuda, or parallel.tp_comm_overlap=off")
         chunks = p.tp_batch_chunks * (p.tensor if p.sequence_parallel else 1)

@@ -211,6 +211,7 @@ class ColumnParallelLinear(nn.Module):
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
         self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
         self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
+        self.sp_comm_overlap = False  # set by megacore.parallel.sp_overlap.apply
         local = self.layout.local_size
         self.weight = describe_shard(_new_param((local, in_features), device, dtype), self.layout, r,
                                      (out_features, in_features), init_weight)
@@ -220,6 +221,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias = describe_shard(_new_param((local,), device, dtype), bias_layout, r, (out_features,), init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sp_comm_overlap and not self.fp8:  # all-gather overlapped with the matmul (copy engines)
+            from megacore.parallel.sp_overlap import all_gather_linear
+
+            y = all_gather_linear(x, self.weight, self.tp_group)
+            return y if self.bias is None else y + self.bias
         x = C.gather_from_sp(x, self.tp_group) if self.sequence_parallel else C.copy_to_tp(x, self.tp_group)
         y = _linear(x, self.weight, self.bias, fp8=getattr(self, "fp8", False),
                     weight_fp8=getattr(self, "fp8_weight_cache", None))
@@ -256,6 +262,7 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel, self.input_is_parallel = sequence_parallel, input_is_parallel
         self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
         self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
+        self.sp_comm_overlap = False  # set by megacore.parallel.sp_overlap.apply
         self.weight = describe_shard(_new_param((out_features, self.layout.local_size), device, dtype), self.layout,
                                      r, (out_features, in_features), init_weight)
         self.bias = None
@@ -267,8 +274,14 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = C.scatter_to_tp_last_dim(x, self.tp_group)
-        y = _linear(x, self.weight, fp8=getattr(self, "fp8", False), weight_fp8=getattr(self, "fp8_weight_cache", None))
-        y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
+        if self.sp_comm_overlap and not self.fp8:  # reduce-scatter overlapped with the matmul (copy engines)
+            from megacore.parallel.sp_overlap import linear_reduce_scatter
+
+            y = linear_reduce_scatter(x, self.weight, self.tp_group)
+        else:
+            y = _linear(x, self.weight, fp8=getattr(self, "fp8", False),
+                        weight_fp8=getattr(self, "fp8_weight_cache", None))
+            y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
         if self.bias is None:
             return y
         return y + (C.copy_to_tp(self.bias, self.tp_group) if self.sequence_parallel else self.bias)

@@ -204,10 +204,18 @@ class Trainer:
             n_fp8 = sum(apply_fp8(c, recipe=cfg.precision.fp8) for c in chunks)
             self._info(f"fp8 ({cfg.precision.fp8}): {n_fp8} linear layers run their GEMMs in float8 on this rank; "
                        f"the output layer and embeddings stay {cfg.precision.dtype}")
+        if p.tp_comm_overlap == "copy_engine" and self.state.tp_size > 1:
+            from megacore.parallel import sp_overlap
+
+            results = [sp_overlap.apply(c, self.state.tp_group) for c in chunks]
+            on = all(copy_engine for _, copy_engine in results)
+            self._info(f"tp_comm_overlap=copy_engine: {sum(n for n, _ in results)} sequence-parallel linears move "
+                       + ("their tokens by peer-to-peer copies beside their matmuls" if on else
+                          "their tokens with the plain collectives (no symmetric memory on this backend)"))
         if cfg.compile:
             from megacore.training.compile import compile_model, enable_tp_comm_overlap
 
-            if p.tp_comm_overlap != "off" and self.state.tp_size > 1:
+            if p.tp_comm_overlap not in ("off", "copy_engine") and self.state.tp_size > 1:
                 what = enable_tp_comm_overlap(self.state.tp_group, p.tp_comm_overlap)
                 self._info(f"tp_comm_overlap={p.tp_comm_overlap}: {what}"
                            + (f", {p.tp_batch_chunks} sequence groups per layer" if p.tp_batch_chunks > 1 else ""))

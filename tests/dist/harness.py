@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, timeout_s):
+def _worker(rank, world_size, port, fn, args, queue, timeout_s, backend="gloo"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -40,8 +40,12 @@ def _worker(rank, world_size, port, fn, args, queue, timeout_s):
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_RANK"] = str(rank)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        kwargs = {}
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
+            kwargs["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         result = fn(rank, world_size, *args)
         queue.put((rank, True, result))
     except BaseException:  # report every failure, including assertion errors, to the parent
@@ -58,15 +62,16 @@ def _worker(rank, world_size, port, fn, args, queue, timeout_s):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 240.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (``backend="nccl"``: one GPU
+    per rank); return results by rank.
 
     Raises ``RuntimeError`` with every failing rank's traceback if any rank fails or times out.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout_s), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout_s, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -46,10 +46,13 @@ def test_bf16_training_on_one_gpu_logs_gpu_metrics(tmp_path):
                                    # destroy_process_group hang; the subprocess timeout fails the test then)
                                    ["parallel.tensor=2", "parallel.sequence_parallel=true", "compile=true",
                                     "compile_mode=reduce-overhead"],
+                                   # SP collectives as copy-engine transfers beside the matmuls, in CUDA graphs
+                                   ["parallel.tensor=2", "parallel.sequence_parallel=true", "compile=true",
+                                    "compile_mode=reduce-overhead", "parallel.tp_comm_overlap=copy_engine"],
                                    ["parallel.distributed_optimizer=true"], ["parallel.pipeline=2"],
                                    ["parallel.context=2"],
                                    ["model.num_experts=4", "model.moe_aux_loss_coeff=0.01", "parallel.expert=2"]],
-                         ids=["tp2_sp", "tp2_sp_compiled", "tp2_sp_cudagraphs", "dp2_distopt", "pp2", "cp2", "moe_ep2"])
+                         ids=["tp2_sp", "tp2_sp_compiled", "tp2_sp_cudagraphs", "tp2_sp_copy_engine", "dp2_distopt", "pp2", "cp2", "moe_ep2"])
 def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
     # The reference is the same code path on one GPU (a compiled layout against the compiled model:
     # inductor's fused torch references round bf16 differently from the eager Triton kernels).

@@ -113,6 +113,8 @@ def test_trains_end_to_end_from_preprocess_output(reference):
 # (name, overrides, processes). Tolerance: fp32 with different reduction orders over 20 Adam steps.
 LAYOUTS = [
     ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"], 2),
+    ("tp2_sp_copy_engine", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                            "parallel.tp_comm_overlap=copy_engine"], 2),
     ("dp2_distopt", ["parallel.distributed_optimizer=true"], 2),
     ("pp2", ["parallel.pipeline=2"], 2),
     ("dp2_fsdp", ["parallel.fsdp=true"], 2),
