@@ -54,10 +54,17 @@ _COPY_ENGINE_GROUPS: set[str] = set()
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
-def enable(group) -> bool:
+def enable(group, workspace_bytes: int = 0) -> bool:
     """Use the copy-engine path for ``group`` (NCCL on CUDA with symmetric memory); returns whether
-    it is on. Otherwise the ops run the reference collectives. Call before the first step (before
-    any CUDA-graph capture): the symmetric workspace is allocated on the first op."""
+    it is on. Otherwise the ops run the reference collectives.
+
+    Call on every rank of ``group`` before the first step, with ``workspace_bytes`` >= the largest
+    need of one op: (micro-batch tokens) x (hidden size) x (element size) for the layers of a GPT.
+    The symmetric workspace is allocated and exchanged here, outside any CUDA-graph warm-up or
+    capture. Its rendezvous allocates small device arrays, and inside inductor's graph warm-up they
+    would land in the graph's private pool, where nothing tracks them, and inductor refuses the
+    graph.
+    """
     if group is None or C.group_size(group) == 1 or dist.get_backend(group) != "nccl":
         return False
     try:
@@ -68,6 +75,8 @@ def enable(group) -> bool:
         warnings.simplefilter("ignore", FutureWarning)
         enable_symm_mem_for_group(group.group_name)
     _COPY_ENGINE_GROUPS.add(group.group_name)
+    if workspace_bytes:
+        _workspace(group.group_name, workspace_bytes)
     return True
 
 
@@ -91,10 +100,18 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
-def _workspace(group_name: str, nbytes: int):
-    from torch.distributed._symmetric_memory import get_symm_mem_workspace
+_WORKSPACES: dict[str, tuple[int, object]] = {}
 
-    return get_symm_mem_workspace(group_name, min_size=nbytes)
+
+def _workspace(group_name: str, nbytes: int):
+    """The group's symmetric workspace of at least ``nbytes`` (grown, collectively, when smaller)."""
+    size, handle = _WORKSPACES.get(group_name, (0, None))
+    if size < nbytes:
+        from torch.distributed._symmetric_memory import get_symm_mem_workspace
+
+        handle = get_symm_mem_workspace(group_name, min_size=nbytes)
+        _WORKSPACES[group_name] = (nbytes, handle)
+    return handle
 
 
 def _start_pulls(ws, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, torch.cuda.Stream]:
@@ -322,9 +339,10 @@ def linear_reduce_scatter(z: torch.Tensor, weight: torch.Tensor, group) -> torch
     return y.view(z.shape[0], z.shape[1] // t, weight.shape[0])
 
 
-def apply(model: torch.nn.Module, group) -> tuple[int, bool]:
+def apply(model: torch.nn.Module, group, workspace_bytes: int = 0) -> tuple[int, bool]:
     """Route every sequence-parallel Column/RowParallelLinear of ``model`` through these ops.
-    Returns (number of layers switched, whether the copy-engine path is on for ``group``)."""
+    Returns (number of layers switched, whether the copy-engine path is on for ``group``);
+    ``workspace_bytes`` as in ``enable``."""
     from megacore.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     n = 0
@@ -333,4 +351,4 @@ def apply(model: torch.nn.Module, group) -> tuple[int, bool]:
                 and not getattr(m, "gather_output", False):
             m.sp_comm_overlap = True
             n += 1
-    return n, enable(group)
+    return n, enable(group, workspace_bytes)

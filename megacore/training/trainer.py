@@ -207,7 +207,9 @@ class Trainer:
         if p.tp_comm_overlap == "copy_engine" and self.state.tp_size > 1:
             from megacore.parallel import sp_overlap
 
-            results = [sp_overlap.apply(c, self.state.tp_group) for c in chunks]
+            m = cfg.model  # the largest transfer: one micro-batch's tokens x hidden
+            workspace = cfg.train.micro_batch_size * m.seq_length * m.hidden_size * self.dtype.itemsize
+            results = [sp_overlap.apply(c, self.state.tp_group, workspace) for c in chunks]
             on = all(copy_engine for _, copy_engine in results)
             self._info(f"tp_comm_overlap=copy_engine: {sum(n for n, _ in results)} sequence-parallel linears move "
                        + ("their tokens by peer-to-peer copies beside their matmuls" if on else
