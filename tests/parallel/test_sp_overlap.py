@@ -11,6 +11,7 @@ unfused sequence-parallel layers compute.
 The copy-engine path itself needs CUDA with symmetric memory: tests/gpu/test_sp_overlap_gpu.py.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +28,7 @@ TOL = 1e-5
 def _op_errors(rank, world, compiled):
     group = torch.distributed.group.WORLD
     g = torch.Generator().manual_seed(0)
-    b, s, k, n = 2, 6, 8, 10  # S/t = 3 tokens per shard and sample
+    b, s, k, n = 2, 8, 8, 10
     x_full = torch.randn(b, s, k, generator=g)
     w_col = torch.randn(n, k, generator=g)  # this test's "local" column shard, same on every rank
     w_row = torch.randn(k, n, generator=g) + rank  # a different row-parallel shard per rank
@@ -67,8 +68,9 @@ def _check(results):
         assert not bad, bad
 
 
-def test_ops_equal_unfused_collectives_and_linear():
-    _check(run_distributed(_op_errors, world_size=2, args=(False,)))
+@pytest.mark.parametrize("world", [2, 4])
+def test_ops_equal_unfused_collectives_and_linear(world):
+    _check(run_distributed(_op_errors, world_size=world, args=(False,)))
 
 
 def test_ops_equal_unfused_under_compile():
