@@ -24,14 +24,11 @@ The four GEMM+collective patterns (both forwards, both backwards) use two schedu
 
 - gather, then consume: rank r copies its shard into its symmetric buffer. The side stream waits
   at a barrier until every rank has done so, then pulls the peers' shards. Meanwhile the main
-  stream multiplies the local shard, then each pulled shard once its copy is done. The forward
-  saves the local and the pulled shards apart (no copy into one gathered tensor); the weight
-  gradient multiplies them one chunk of tokens at a time.
+  stream multiplies the local shard, then each pulled shard once its copy is done.
 - produce, then reduce-scatter: rank r computes the chunks the peers need straight into its
   symmetric buffer, then its own chunk (and, in the backward, the weight gradient). Meanwhile the
-  side stream pulls, from every peer, the chunk that peer computed for r. The pulled chunks are
-  added to the own one: in the backward inside the op; in the forward by the caller, so that under
-  compile the sum fuses into the residual add and norm that follow instead of costing a kernel.
+  side stream pulls, from every peer, the chunk that peer computed for r. The main stream adds the
+  pulled chunks to its own.
 
 After its copies the side stream passes a second barrier: every peer has finished reading this
 rank's buffer. The main stream waits for it before the op returns, so the next op may overwrite
@@ -135,42 +132,44 @@ def _start_pulls(ws, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[l
     return events, side
 
 
-def _peers(r: int, t: int) -> list[int]:
-    """The other ranks in ring order from r: the order of every "[t-1, ...]" tensor of shards here."""
-    return [(r + i) % t for i in range(1, t)]
-
-
-def _gather_then_consume(x_r: torch.Tensor, group_name: str, consume) -> torch.Tensor:
+def _gather_then_consume(x_r: torch.Tensor, group_name: str, consume, keep_gathered: bool) -> torch.Tensor | None:
     """Run ``consume(p, x_p)`` for p = r first, then for every peer's shard as its copy lands.
-    Returns the peers' shards [t-1, *x_r.shape] in ``_peers`` order."""
+    Returns gather(x) [t·T/t, ...] when ``keep_gathered``."""
+    rows = x_r.shape[0]
     # t shards' worth, though one is used: the reduce-scatters of the same layer ask for that much,
     # and the workspace cannot grow while a CUDA graph is being captured.
     t = C.group_size(_group(group_name))
     ws = _workspace(group_name, t * x_r.numel() * x_r.element_size())
     r = ws.rank
     ws.get_buffer(r, x_r.shape, x_r.dtype).copy_(x_r)
-    peers = _peers(r, t)
-    landed = x_r.new_empty(t - 1, *x_r.shape)
-    events, side = _start_pulls(ws, [(landed[i], ws.get_buffer(p, x_r.shape, x_r.dtype)) for i, p in enumerate(peers)])
+    peers = [(r + i) % t for i in range(1, t)]
+    if keep_gathered:
+        gathered = x_r.new_empty(t * rows, *x_r.shape[1:])
+        landing = {p: gathered[_rows(p, rows)] for p in peers}
+    else:
+        gathered = None
+        landing = dict(zip(peers, x_r.new_empty(t - 1, *x_r.shape).unbind(0)))
+    events, side = _start_pulls(ws, [(landing[p], ws.get_buffer(p, x_r.shape, x_r.dtype)) for p in peers])
+    if gathered is not None:
+        gathered[_rows(r, rows)].copy_(x_r)
     consume(r, x_r)
     main = torch.cuda.current_stream()
-    for i, (p, event) in enumerate(zip(peers, events)):
+    for p, event in zip(peers, events):
         main.wait_event(event)
-        consume(p, landed[i])
+        consume(p, landing[p])
     main.wait_stream(side)
-    return landed
+    return gathered
 
 
 def _produce_then_reduce_scatter(shape: tuple[int, int], like: torch.Tensor, group_name: str, produce,
-                                 own_work=None) -> tuple[torch.Tensor, torch.Tensor, object]:
-    """Chunk r of every rank's partial result, where ``produce(p, out)`` writes chunk p of this rank's
-    partial [rows, n] into ``out`` (or returns it when ``out`` is None). ``own_work()`` runs on the
-    main stream while the chunks travel. Returns (own chunk, the peers' chunks for r [t-1, rows, n]
-    in ``_peers`` order, own_work's result); the reduction is their sum, left to the caller."""
+                                 own_work=None) -> torch.Tensor:
+    """Σ_p of chunk r of every rank's partial result, where ``produce(p, out)`` writes chunk p of this
+    rank's partial [rows, n] into ``out`` (or returns it when ``out`` is None). ``own_work()`` runs
+    on the main stream while the chunks travel."""
     rows, n = shape
     ws = _workspace(group_name, C.group_size(_group(group_name)) * rows * n * like.element_size())
     t, r = ws.world_size, ws.rank
-    peers = _peers(r, t)
+    peers = [(r + i) % t for i in range(1, t)]
 
     def slot(owner: int, p: int) -> torch.Tensor:  # owner's partial chunk for rank p
         return ws.get_buffer(owner, (rows, n), like.dtype, storage_offset=p * rows * n)
@@ -179,96 +178,65 @@ def _produce_then_reduce_scatter(shape: tuple[int, int], like: torch.Tensor, gro
         produce(p, slot(r, p))
     received = like.new_empty(t - 1, rows, n)
     events, side = _start_pulls(ws, [(received[i], slot(p, r)) for i, p in enumerate(peers)])
-    own = produce(r, None)
+    out = produce(r, None)
     extra = own_work() if own_work is not None else None
     main = torch.cuda.current_stream()
-    for event in events:
+    for i, event in enumerate(events):
         main.wait_event(event)
+        out.add_(received[i])
     main.wait_stream(side)
-    return own, received, extra
-
-
-def _others(gathered: torch.Tensor, r: int, t: int) -> torch.Tensor:
-    """The peers' chunks of a gathered [T, ...] tensor, as [t-1, T/t, ...] in ``_peers`` order."""
-    chunks = gathered.chunk(t)
-    return torch.stack([chunks[p] for p in _peers(r, t)])
-
-
-def _assemble(x_r: torch.Tensor, others: torch.Tensor, r: int, t: int) -> torch.Tensor:
-    """gather(x) [T, ...] from this rank's shard and the peers' ([t-1, ...], ``_peers`` order)."""
-    shards = {r: x_r, **{p: others[i] for i, p in enumerate(_peers(r, t))}}
-    return torch.cat([shards[p] for p in range(t)])
+    return out if own_work is None else (out, extra)
 
 
 # -------------------------------------------------------------------------------- the four patterns
-# The all-gather forward keeps the peers' shards separate from the local one (no copy of the local
-# shard into a gathered tensor on the main stream); its backward multiplies them chunk by chunk.
-# The reduce-scatter forward returns its own chunk and the received ones unsummed, so that under
-# compile the sum fuses into the residual add and norm that follow.
 def _ag_linear_impl(x, weight, group_name):
-    group = _group(group_name)
-    t, r = C.group_size(group), C.group_rank(group)
     if not _copy_engine(x, group_name):
-        gathered = C.all_gather(x, 0, group)
-        return gathered @ weight.t(), _others(gathered, r, t)
+        gathered = C.all_gather(x, 0, _group(group_name))
+        return gathered @ weight.t(), gathered
     rows = x.shape[0]
+    t = C.group_size(_group(group_name))
     y = x.new_empty(t * rows, weight.shape[0])
 
     def consume(p, x_p):
         torch.mm(x_p, weight.t(), out=y[_rows(p, rows)])
 
-    others = _gather_then_consume(x, group_name, consume)
-    return y, others
+    gathered = _gather_then_consume(x, group_name, consume, keep_gathered=True)
+    return y, gathered
 
 
-def _ag_linear_backward_impl(grad, x_r, others, weight, group_name):
+def _ag_linear_backward_impl(grad, gathered, weight, group_name):
     """(dx_r, dW) = (chunk_r(Σ_p g_p W), gᵀ gather(x))."""
-    group = _group(group_name)
-    t, r = C.group_size(group), C.group_rank(group)
     if not _copy_engine(grad, group_name):
-        return C.reduce_scatter(grad @ weight, 0, group), grad.t() @ _assemble(x_r, others, r, t)
-    rows = grad.shape[0] // t
+        return C.reduce_scatter(grad @ weight, 0, _group(group_name)), grad.t() @ gathered
+    rows = grad.shape[0] // C.group_size(_group(group_name))
 
     def produce(p, out):
         g_p = grad[_rows(p, rows)]
         return torch.mm(g_p, weight) if out is None else torch.mm(g_p, weight, out=out)
 
-    def weight_grad():  # one chunk of tokens at a time, the local one first
-        dw = torch.mm(grad[_rows(r, rows)].t(), x_r)
-        for i, p in enumerate(_peers(r, t)):
-            dw.addmm_(grad[_rows(p, rows)].t(), others[i])
-        return dw
-
-    dx, received, dw = _produce_then_reduce_scatter((rows, weight.shape[1]), grad, group_name, produce,
-                                                    own_work=weight_grad)
-    for i in range(t - 1):
-        dx.add_(received[i])
-    return dx, dw
+    return _produce_then_reduce_scatter((rows, weight.shape[1]), grad, group_name, produce,
+                                        own_work=lambda: torch.mm(grad.t(), gathered))
 
 
 def _linear_rs_impl(z, weight, group_name):
-    group = _group(group_name)
-    t = C.group_size(group)
-    rows = z.shape[0] // t
     if not _copy_engine(z, group_name):
-        return C.reduce_scatter(z @ weight.t(), 0, group), z.new_zeros(t - 1, rows, weight.shape[0])
+        return C.reduce_scatter(z @ weight.t(), 0, _group(group_name))
+    rows = z.shape[0] // C.group_size(_group(group_name))
 
     def produce(p, out):
         z_p = z[_rows(p, rows)]
         return torch.mm(z_p, weight.t()) if out is None else torch.mm(z_p, weight.t(), out=out)
 
-    own, received, _ = _produce_then_reduce_scatter((rows, weight.shape[0]), z, group_name, produce)
-    return own, received
+    return _produce_then_reduce_scatter((rows, weight.shape[0]), z, group_name, produce)
 
 
 def _linear_rs_backward_impl(grad_r, z, weight, group_name):
     """(dz, dW) = (gather(g) W, gather(g)ᵀ z)."""
-    group = _group(group_name)
-    t = C.group_size(group)
     if not _copy_engine(grad_r, group_name):
-        g = C.all_gather(grad_r, 0, group)
+        g = C.all_gather(grad_r, 0, _group(group_name))
         return g @ weight, g.t() @ z
     rows = grad_r.shape[0]
+    t = C.group_size(_group(group_name))
     dz = grad_r.new_empty(t * rows, weight.shape[1])
     dw = []
 
@@ -280,7 +248,7 @@ def _linear_rs_backward_impl(grad_r, z, weight, group_name):
         else:
             dw.append(torch.mm(g_p.t(), z_p))
 
-    _gather_then_consume(grad_r, group_name, consume)
+    _gather_then_consume(grad_r, group_name, consume, keep_gathered=False)
     return dz, dw[0]
 
 
@@ -292,29 +260,28 @@ def _ag_linear_op(x: torch.Tensor, weight: torch.Tensor, group_name: str, world:
 
 @_ag_linear_op.register_fake
 def _(x, weight, group_name, world):
-    return x.new_empty(world * x.shape[0], weight.shape[0]), x.new_empty(world - 1, *x.shape)
+    return x.new_empty(world * x.shape[0], weight.shape[0]), x.new_empty(world * x.shape[0], x.shape[1])
 
 
 @torch.library.custom_op("megacore::sp_ag_linear_backward", mutates_args=())
-def _ag_linear_backward_op(grad: torch.Tensor, x: torch.Tensor, others: torch.Tensor, weight: torch.Tensor,
-                           group_name: str, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ag_linear_backward_impl(grad.contiguous(), x.contiguous(), others, weight.contiguous(), group_name)
+def _ag_linear_backward_op(grad: torch.Tensor, gathered: torch.Tensor, weight: torch.Tensor, group_name: str,
+                           world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ag_linear_backward_impl(grad.contiguous(), gathered, weight.contiguous(), group_name)
 
 
 @_ag_linear_backward_op.register_fake
-def _(grad, x, others, weight, group_name, world):
+def _(grad, gathered, weight, group_name, world):
     return grad.new_empty(grad.shape[0] // world, weight.shape[1]), weight.new_empty(weight.shape)
 
 
 @torch.library.custom_op("megacore::sp_linear_rs", mutates_args=())
-def _linear_rs_op(z: torch.Tensor, weight: torch.Tensor, group_name: str, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _linear_rs_op(z: torch.Tensor, weight: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
     return _linear_rs_impl(z.contiguous(), weight.contiguous(), group_name)
 
 
 @_linear_rs_op.register_fake
 def _(z, weight, group_name, world):
-    rows = z.shape[0] // world
-    return z.new_empty(rows, weight.shape[0]), z.new_empty(world - 1, rows, weight.shape[0])
+    return z.new_empty(z.shape[0] // world, weight.shape[0])
 
 
 @torch.library.custom_op("megacore::sp_linear_rs_backward", mutates_args=())
@@ -329,13 +296,13 @@ def _(grad, z, weight, group_name, world):
 
 
 def _ag_setup(ctx, inputs, output):
-    x, weight, ctx.group_name, ctx.world = inputs
-    ctx.save_for_backward(x, output[1], weight)
+    _, weight, ctx.group_name, ctx.world = inputs
+    ctx.save_for_backward(output[1], weight)
 
 
-def _ag_backward(ctx, grad, _grad_others):
-    x, others, weight = ctx.saved_tensors
-    dx, dw = _ag_linear_backward_op(grad, x, others, weight, ctx.group_name, ctx.world)
+def _ag_backward(ctx, grad, _grad_gathered):
+    gathered, weight = ctx.saved_tensors
+    dx, dw = _ag_linear_backward_op(grad, gathered, weight, ctx.group_name, ctx.world)
     return dx, dw, None, None
 
 
@@ -344,10 +311,9 @@ def _rs_setup(ctx, inputs, output):
     ctx.save_for_backward(z, weight)
 
 
-def _rs_backward(ctx, grad_own, _grad_received):
-    # The public function returns own + Σ received, so both carry the same gradient: the output's.
+def _rs_backward(ctx, grad):
     z, weight = ctx.saved_tensors
-    dz, dw = _linear_rs_backward_op(grad_own, z, weight, ctx.group_name, ctx.world)
+    dz, dw = _linear_rs_backward_op(grad, z, weight, ctx.group_name, ctx.world)
     return dz, dw, None, None
 
 
@@ -369,8 +335,7 @@ def linear_reduce_scatter(z: torch.Tensor, weight: torch.Tensor, group) -> torch
     in one op."""
     t = C.group_size(group)
     tokens = C._tokens(z, t, "linear_reduce_scatter")
-    own, received = _linear_rs_op(tokens, weight, group.group_name, t)
-    y = own + (received[0] if t == 2 else received.sum(0))
+    y = _linear_rs_op(tokens, weight, group.group_name, t)
     return y.view(z.shape[0], z.shape[1] // t, weight.shape[0])
 
 
