@@ -32,8 +32,10 @@ The four GEMM+collective patterns (both forwards, both backwards) use two schedu
 
 After its copies the side stream passes a second barrier: every peer has finished reading this
 rank's buffer. The main stream waits for it before the op returns, so the next op may overwrite
-the buffer. Only the barriers use an SM (one block each). They run on a high-priority stream,
-queued before the matmul they overlap, so it does not starve them.
+the buffer. The barriers are small kernels (one block each) on a high-priority stream, queued
+before the matmul they overlap, so its persistent kernel does not starve them. Besides the matmuls,
+the SMs also run the local copy into the symmetric buffer and the reduce-scatter's add (measured
+cost in docs/parallelism-tp.md).
 
 Each op is a torch custom op: opaque to inductor, and captured whole by CUDA graphs. Without
 symmetric memory (CPU, gloo, or a CUDA build without it) the same ops compute the reference: the
@@ -162,10 +164,10 @@ def _gather_then_consume(x_r: torch.Tensor, group_name: str, consume, keep_gathe
 
 
 def _produce_then_reduce_scatter(shape: tuple[int, int], like: torch.Tensor, group_name: str, produce,
-                                 own_work=None) -> torch.Tensor:
+                                 own_work=None):
     """Σ_p of chunk r of every rank's partial result, where ``produce(p, out)`` writes chunk p of this
     rank's partial [rows, n] into ``out`` (or returns it when ``out`` is None). ``own_work()`` runs
-    on the main stream while the chunks travel."""
+    on the main stream while the chunks travel; with it, returns (the sum, own_work's result)."""
     rows, n = shape
     ws = _workspace(group_name, C.group_size(_group(group_name)) * rows * n * like.element_size())
     t, r = ws.world_size, ws.rank
