@@ -24,7 +24,7 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
     raise ConfigError(f"{field_name}={value!r} {problem}; {fix}")
 
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu", "relu", "squared_relu")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, MLP

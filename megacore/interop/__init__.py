@@ -1,4 +1,5 @@
-"""Interop with other ecosystems. ``megacore.interop.hf``: Hugging Face import/export.
+"""Interop with other ecosystems. ``megacore.interop.hf``: Hugging Face import/export of language
+models; ``megacore.interop.hf_llava``: of LLaVA (vision + language) models.
 
 Submodules load lazily (``megacore.interop.hf`` imports safetensors and the model code only when
 first touched), so ``import megacore.interop`` stays cheap.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["hf"]
+__all__ = ["hf", "hf_llava"]
 
 
 def __getattr__(name: str) -> Any:

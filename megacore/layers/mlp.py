@@ -26,6 +26,7 @@ def _squared_relu(x):
 ACTIVATION_FNS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's sigmoid approximation of GELU
     "relu": F.relu,
     "squared_relu": _squared_relu,
     "swiglu": F.silu,  # applied to the gate half
