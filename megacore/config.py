@@ -488,6 +488,70 @@ class LogConfig:
 
 
 @dataclass
+class VisionConfig:
+    """The image side of a LLaVA model (``megacore.models.llava``): a CLIP-style vision transformer,
+    which of its hidden states feeds the projector, and the token that marks image positions in the
+    text. Off unless ``enabled``; ``model`` is then the language model."""
+
+    enabled: bool = False
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    norm_epsilon: float = 1e-5
+    activation: str = "quick_gelu"
+    image_token_id: Optional[int] = None    # a text token id reserved for image positions
+    feature_layer: int = -2                 # hidden state k = after k layers (0 = embeddings); negative from the end
+    feature_select: str = "default"         # "default" drops the class token, "full" keeps it
+    projector_activation: str = "gelu"      # gelu | gelu_tanh
+    freeze_tower: bool = True               # LLaVA trains the projector and the language model only
+
+    def validate(self) -> "VisionConfig":
+        def fail(name, problem, fix):
+            _fail(f"vision.{name}", getattr(self, name), problem, fix)
+
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_layers",
+                     "num_attention_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "must be a positive integer", f"set vision.{name}")
+        if self.image_size % self.patch_size != 0:
+            fail("image_size", f"is not a multiple of vision.patch_size={self.patch_size}",
+                 "use an image size the patches tile exactly")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail("hidden_size", f"is not divisible by vision.num_attention_heads={self.num_attention_heads}",
+                 "choose a head count that divides the hidden size")
+        if self.activation not in ACTIVATIONS or self.activation in ("swiglu", "geglu"):
+            fail("activation", "is not a non-gated activation", "use quick_gelu, gelu or gelu_tanh")
+        n = self.num_layers
+        if not -(n + 1) <= self.feature_layer <= n:
+            fail("feature_layer", f"is not a hidden state of a {n}-layer tower (0 = embeddings .. {n}, or -1 .. "
+                 f"-{n + 1})", "use e.g. -2, LLaVA-1.5's choice")
+        if self.feature_select not in ("default", "full"):
+            fail("feature_select", "is not known", "use 'default' or 'full'")
+        if self.projector_activation not in ("gelu", "gelu_tanh"):
+            fail("projector_activation", "is not known", "use 'gelu' or 'gelu_tanh'")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_used(self) -> int:
+        """Tower layers that run: hidden state k is the output of k layers (0 = the embeddings)."""
+        k = self.feature_layer
+        return k if k >= 0 else self.num_layers + 1 + k
+
+    @property
+    def image_seq_length(self) -> int:
+        """Image tokens a prompt holds per image: one per patch (+ the class token with "full")."""
+        return self.num_patches + (1 if self.feature_select == "full" else 0)
+
+
+@dataclass
 class RunConfig:
     model: TransformerConfig = field(default_factory=TransformerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -497,6 +561,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     device: str = "cpu"
     compile: bool = False
     # torch.compile mode of the layer and loss-head graphs: null (inductor's default),
@@ -513,6 +578,8 @@ class RunConfig:
         self.precision.validate()
         self.recompute.validate()
         self.log.validate()
+        if self.vision.enabled:
+            self._validate_vision()
         if self.device not in ("cpu", "cuda", "auto"):
             _fail("device", self.device, "is not known", "use 'cpu', 'cuda' or 'auto'")
         if self.compile_mode not in COMPILE_MODES:
@@ -571,6 +638,26 @@ class RunConfig:
                   f"tp_batch_chunks{' x tensor (sequence-parallel shards hold whole sequences)' if p.sequence_parallel else ''}"
                   f" = {chunks}", f"set train.micro_batch_size to a multiple of {chunks} or lower tp_batch_chunks")
         return self
+
+    def _validate_vision(self) -> None:
+        v, p = self.vision.validate(), self.parallel
+        if v.image_token_id is None or not 0 <= v.image_token_id < self.model.vocab_size:
+            _fail("vision.image_token_id", v.image_token_id, f"must be a token id of the text vocabulary (size "
+                  f"{self.model.vocab_size})", "reserve one id for image positions and set vision.image_token_id")
+        if self.model.position_embedding == "learned":
+            _fail("model.position_embedding", "learned", "does not fit a LLaVA model (image embeddings replace "
+                  "token embeddings before the decoder)", "use rope or none")
+        for name in ("tensor", "pipeline", "context", "expert"):
+            if getattr(p, name) > 1:
+                _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (the vision tower "
+                      "is not split)", f"use data parallelism: set parallel.{name}=1")
+        if p.fsdp:
+            _fail("parallel.fsdp", True, "is not supported with vision.enabled", "use parallel.distributed_optimizer")
+        if self.precision.fp8 is not None:
+            _fail("precision.fp8", self.precision.fp8, "is not supported with vision.enabled", "set precision.fp8=null")
+        if self.data.source != "mock":
+            _fail("data.source", self.data.source, "has no images: with vision.enabled only data.source=mock "
+                  "(synthetic images and text) is supported so far", "set data.source=mock")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

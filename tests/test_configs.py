@@ -18,6 +18,7 @@ RUNNABLE = {
     "llama_1b_gpu.yaml": (1, 1),
     "llama_8b_8gpu.yaml": (8, 2),
     "mixtral_moe.yaml": (8, 8),
+    "llava_tiny_cpu.yaml": (1, 1),
 }
 
 

@@ -46,3 +46,40 @@ class MockGPTDataset:
 
     def __getitem__(self, idx: int) -> dict:
         return make_sample(self.window(int(idx)), self.eod, **self.flags)
+
+
+class MockImageTextDataset:
+    """Synthetic image-text samples for a LLaVA model (``vision.enabled`` with ``data.source=mock``).
+
+    Sample i is the text sample i of ``text`` (a ``MockGPTDataset``), whose first ``image_seq_length``
+    positions become image tokens, plus an image [C, H, W]: noise whose channel 0 is brightened by
+    the first text token after the image (``(token % 8) / 4``), so the image predicts that token and
+    a model that reads the image can beat one that does not. The loss skips the image positions, except
+    the last one, which predicts the first text token. Text tokens that collide with the image token id
+    become 0. Deterministic in (seed, i).
+    """
+
+    def __init__(self, text: MockGPTDataset, image_token_id: int, image_seq_length: int, image_shape: tuple,
+                 seed: int = 0):
+        if image_seq_length >= text.seq_length:
+            raise ValueError(f"an image takes {image_seq_length} tokens, which leaves no text in a sequence of "
+                             f"{text.seq_length}; raise model.seq_length or use smaller images / larger patches")
+        self.text, self.image_token_id, self.n = text, image_token_id, image_seq_length
+        self.image_shape, self.seed = tuple(image_shape), seed
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, idx: int) -> dict:
+        sample = self.text[int(idx)]
+        tokens, labels = sample["tokens"], sample["labels"]
+        tokens[tokens == self.image_token_id] = 0
+        labels[labels == self.image_token_id] = 0
+        n = self.n
+        tokens[:n] = self.image_token_id
+        labels[: n - 1] = self.image_token_id
+        sample["loss_mask"][: n - 1] = 0.0
+        image = np.random.default_rng([self.seed, int(idx)]).standard_normal(self.image_shape).astype(np.float32)
+        image[0] += (int(labels[n - 1]) % 8) / 4.0
+        sample["pixel_values"] = image
+        return sample

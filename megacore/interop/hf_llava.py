@@ -28,12 +28,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from megacore.config import ConfigError
+from megacore.config import ConfigError, VisionConfig
 from megacore.interop.hf_config import config_from_hf, config_to_hf, detect_family, infer_family
 from megacore.interop.hf_io import CheckpointReader, atomic_directory, write_safetensors
 from megacore.interop.hf_weights import Rule, _identity, fuse_qkv, is_ignorable, split_qkv, weight_rules
 from megacore.models.llava import LlavaConfig, LlavaModel
-from megacore.models.vision import VisionConfig
 
 PathLike = Union[str, Path]
 
@@ -68,11 +67,10 @@ def config_from_hf_llava(hf: dict, **text_overrides: Any) -> LlavaConfig:
                             intermediate_size=vision["intermediate_size"], num_layers=vision["num_hidden_layers"],
                             num_attention_heads=vision["num_attention_heads"],
                             norm_epsilon=vision.get("layer_norm_eps", 1e-5),
-                            activation=vision.get("hidden_act", "quick_gelu")),
-        image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)),
-        vision_feature_layer=layer,
-        vision_feature_select=hf.get("vision_feature_select_strategy", "default"),
-        projector_activation=hf.get("projector_hidden_act", "gelu"),
+                            activation=vision.get("hidden_act", "quick_gelu"), enabled=True,
+                            image_token_id=hf.get("image_token_index", hf.get("image_token_id")),
+                            feature_layer=layer, feature_select=hf.get("vision_feature_select_strategy", "default"),
+                            projector_activation=hf.get("projector_hidden_act", "gelu")),
     ).validate()
 
 
@@ -87,9 +85,9 @@ def config_to_hf_llava(c: LlavaConfig, family: str, dtype: torch.dtype) -> dict:
                           "num_attention_heads": v.num_attention_heads, "image_size": v.image_size,
                           "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.norm_epsilon,
                           "hidden_act": v.activation, "attention_dropout": 0.0},
-        "image_token_index": c.image_token_id, "image_seq_length": c.image_seq_length,
-        "vision_feature_layer": c.vision_feature_layer, "vision_feature_select_strategy": c.vision_feature_select,
-        "projector_hidden_act": c.projector_activation, "multimodal_projector_bias": True,
+        "image_token_index": v.image_token_id, "image_seq_length": v.image_seq_length,
+        "vision_feature_layer": v.feature_layer, "vision_feature_select_strategy": v.feature_select,
+        "projector_hidden_act": v.projector_activation, "multimodal_projector_bias": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 

@@ -15,63 +15,39 @@ error, never a silent truncation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megacore.config import ConfigError, TransformerConfig
+from megacore.config import ConfigError, TransformerConfig, VisionConfig
 from megacore.models.gpt import GPTModel
 from megacore.models.init import materialize
-from megacore.models.vision import VisionConfig, VisionTransformer
+from megacore.models.vision import VisionTransformer, layer_config
 
 PROJECTOR_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
 class LlavaConfig:
+    """The language model's config and the vision side's (which holds the LLaVA glue: the image
+    token, the feature layer, the projector's activation)."""
+
     text: TransformerConfig
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    image_token_id: int = 32000
-    vision_feature_layer: int = -2          # which hidden state of the vision tower (negative: from the end)
-    vision_feature_select: str = "default"  # "default" drops the class token, "full" keeps it
-    projector_activation: str = "gelu"
+    vision: VisionConfig
 
     def validate(self) -> "LlavaConfig":
-        def fail(name, value, problem, fix):
-            raise ConfigError(f"llava.{name}={value!r} {problem}; {fix}")
-
         self.text.validate()
-        self.vision.validate()
-        if not 0 <= self.image_token_id < self.text.vocab_size:
-            fail("image_token_id", self.image_token_id, f"is outside the text vocabulary (size {self.text.vocab_size})",
-                 "use a token id the tokenizer reserves for images")
+        v = self.vision.validate()
+        if v.image_token_id is None or not 0 <= v.image_token_id < self.text.vocab_size:
+            raise ConfigError(f"vision.image_token_id={v.image_token_id!r} must be a token id of the text vocabulary "
+                              f"(size {self.text.vocab_size}); reserve one id for image positions")
         if self.text.position_embedding == "learned":
-            fail("text.position_embedding", "learned", "is not supported: image embeddings replace token embeddings "
-                 "before the decoder", "use a rope or position-free language model")
-        n = self.vision.num_layers
-        if not -(n + 1) <= self.vision_feature_layer <= n:
-            fail("vision_feature_layer", self.vision_feature_layer, f"is not a hidden state of a {n}-layer tower "
-                 f"(0 = embeddings .. {n}, or -1 .. -{n + 1})", "use e.g. -2, LLaVA-1.5's choice")
-        if self.vision_feature_select not in ("default", "full"):
-            fail("vision_feature_select", self.vision_feature_select, "is not known", "use 'default' or 'full'")
-        if self.projector_activation not in PROJECTOR_ACTIVATIONS:
-            fail("projector_activation", self.projector_activation, "is not known",
-                 f"use one of {list(PROJECTOR_ACTIVATIONS)}")
+            raise ConfigError("model.position_embedding='learned' does not fit a LLaVA model (image embeddings "
+                              "replace token embeddings before the decoder); use rope or none")
         return self
-
-    @property
-    def layers_used(self) -> int:
-        """Vision layers run: hidden state k is the output of k layers (0 = the embeddings)."""
-        k = self.vision_feature_layer
-        return k if k >= 0 else self.vision.num_layers + 1 + k
-
-    @property
-    def image_seq_length(self) -> int:
-        """Image tokens a prompt holds per image."""
-        return self.vision.num_patches + (1 if self.vision_feature_select == "full" else 0)
 
 
 class LlavaProjector(nn.Module):
@@ -91,15 +67,22 @@ class LlavaModel(nn.Module):
         self.config = config.validate()
         self.language_model = GPTModel(config.text, seed=seed)
         self.vision_tower = VisionTransformer(config.vision)
-        self.projector = LlavaProjector(config.vision.hidden_size, config.text.hidden_size, config.projector_activation)
+        self.projector = LlavaProjector(config.vision.hidden_size, config.text.hidden_size,
+                                        config.vision.projector_activation)
         # Deterministic from the seed, independent of the global RNG (as GPTModel's own parameters).
-        materialize(self.vision_tower, config.vision.layer_config(), seed + 1)
+        materialize(self.vision_tower, layer_config(config.vision), seed + 1)
         materialize(self.projector, config.text, seed + 2)
+        # The layers after the feature layer and CLIP's pooled-output norm take no part in the
+        # forward: frozen, so data parallelism and the optimizer leave them alone (they are kept for
+        # checkpoint round trips).
+        for layer in list(self.vision_tower.encoder.layers.values())[config.vision.layers_used:]:
+            layer.requires_grad_(False)
+        self.vision_tower.post_norm.requires_grad_(False)
 
     def image_features(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """[N_images, C, H, W] -> [N_images, image_seq_length, text hidden]."""
-        hidden = self.vision_tower(pixels_BCHW, num_layers_used=self.config.layers_used)
-        if self.config.vision_feature_select == "default":
+        hidden = self.vision_tower(pixels_BCHW, num_layers_used=self.config.vision.layers_used)
+        if self.config.vision.feature_select == "default":
             hidden = hidden[:, 1:]
         return self.projector(hidden)
 
@@ -109,12 +92,12 @@ class LlavaModel(nn.Module):
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         embedding = self.language_model.embedding
         hidden_BSH = embedding.word_embeddings(input_ids)
-        is_image = input_ids == self.config.image_token_id
+        is_image = input_ids == self.config.vision.image_token_id
         n_tokens = int(is_image.sum())
         n_images = 0 if pixels_BCHW is None else pixels_BCHW.shape[0]
-        per_image = self.config.image_seq_length
+        per_image = self.config.vision.image_seq_length
         if n_tokens != n_images * per_image:
-            raise ValueError(f"the prompts hold {n_tokens} image tokens (id {self.config.image_token_id}) but "
+            raise ValueError(f"the prompts hold {n_tokens} image tokens (id {self.config.vision.image_token_id}) but "
                              f"{n_images} image(s) give {n_images * per_image} embeddings ({per_image} each); put "
                              f"{per_image} image tokens per image in the text, in image order")
         if n_images:
@@ -122,16 +105,22 @@ class LlavaModel(nn.Module):
             hidden_BSH = hidden_BSH.masked_scatter(is_image[..., None], features)
         return embedding.dropout(hidden_BSH)
 
+    def configure_recompute(self, recompute) -> None:
+        """Activation recomputation in the language model (the tower is small next to it)."""
+        self.language_model.configure_recompute(recompute)
+
     def forward(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, reduction: str = "mean"):
+                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
+                reduction: str = "mean"):
         """input_ids [B, S] (with image tokens), pixel_values [N_images, C, H, W] -> logits
         [B, S, vocab_size], or the loss when ``labels`` (the next-token targets, -100 = ignore, e.g. on
-        image tokens) is given. ``attention_mask`` as in ``GPTModel.forward``."""
+        image tokens) is given. ``position_ids`` and ``attention_mask`` as in ``GPTModel.forward``."""
         lm = self.language_model
         hidden_BSH = self.embed(input_ids, pixel_values)
         batch, seq = input_ids.shape
-        rotary, mask = lm.attention_inputs(seq, batch, hidden_BSH.device, hidden_BSH.dtype, None, attention_mask)
+        rotary, mask = lm.attention_inputs(seq, batch, hidden_BSH.device, hidden_BSH.dtype, position_ids,
+                                           attention_mask)
         hidden_BSH = lm.decoder(hidden_BSH, rotary, mask)
         if labels is None:
             return lm.full_logits(hidden_BSH)

@@ -3,7 +3,8 @@
     pixels [B, C, H, W] -> patches (conv, stride = patch) [B, P, h] -> [cls | patches] + positions
     -> pre-norm -> L pre-norm transformer layers (bidirectional attention) -> hidden states
 
-The layers are megacore's ``TransformerLayer`` on a ``TransformerConfig`` that describes CLIP's:
+The configuration is ``megacore.config.VisionConfig``. The layers are megacore's
+``TransformerLayer`` on a ``TransformerConfig`` that describes CLIP's:
 LayerNorm, biases on every linear, the non-gated MLP with ``quick_gelu``, no rotary embedding. The
 attention mask is all-True, so every patch attends to every patch. ``forward`` returns the
 hidden states after ``num_layers_used`` layers: LLaVA reads the second-to-last layer and drops the
@@ -12,58 +13,22 @@ class token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from megacore.config import ACTIVATIONS, ConfigError, TransformerConfig
+from megacore.config import TransformerConfig, VisionConfig
 from megacore.layers.norm import mark_init
 from megacore.layers.transformer import TransformerBlock
 
 
-@dataclass
-class VisionConfig:
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_layers: int = 24
-    num_attention_heads: int = 16
-    norm_epsilon: float = 1e-5
-    activation: str = "quick_gelu"
-
-    def validate(self) -> "VisionConfig":
-        def fail(name, value, problem, fix):
-            raise ConfigError(f"vision.{name}={value!r} {problem}; {fix}")
-
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_layers",
-                     "num_attention_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                fail(name, getattr(self, name), "must be a positive integer", f"set vision.{name}")
-        if self.image_size % self.patch_size != 0:
-            fail("image_size", self.image_size, f"is not a multiple of vision.patch_size={self.patch_size}",
-                 "use an image size the patches tile exactly")
-        if self.hidden_size % self.num_attention_heads != 0:
-            fail("hidden_size", self.hidden_size, f"is not divisible by num_attention_heads={self.num_attention_heads}",
-                 "choose a head count that divides the hidden size")
-        if self.activation not in ACTIVATIONS or self.activation in ("swiglu", "geglu"):
-            fail("activation", self.activation, "is not a non-gated activation", "use quick_gelu, gelu or gelu_tanh")
-        return self
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def layer_config(self) -> TransformerConfig:
-        """The TransformerConfig of the encoder layers (sequence = class token + patches)."""
-        return TransformerConfig(
-            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
-            num_query_groups=self.num_attention_heads, ffn_hidden_size=self.intermediate_size, vocab_size=1,
-            vocab_padding_multiple=1, seq_length=self.num_patches + 1, normalization="LayerNorm",
-            norm_epsilon=self.norm_epsilon, activation=self.activation, position_embedding="none",
-            add_qkv_bias=True, add_bias_linear=True, hidden_dropout=0.0, attention_dropout=0.0)
+def layer_config(config: VisionConfig) -> TransformerConfig:
+    """The TransformerConfig of the encoder layers (sequence = class token + patches)."""
+    return TransformerConfig(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_attention_heads, ffn_hidden_size=config.intermediate_size, vocab_size=1,
+        vocab_padding_multiple=1, seq_length=config.num_patches + 1, normalization="LayerNorm",
+        norm_epsilon=config.norm_epsilon, activation=config.activation, position_embedding="none",
+        add_qkv_bias=True, add_bias_linear=True, hidden_dropout=0.0, attention_dropout=0.0)
 
 
 class VisionTransformer(nn.Module):
@@ -77,7 +42,7 @@ class VisionTransformer(nn.Module):
         for p in (self.patch_embedding.weight, self.class_embedding, self.position_embedding.weight):
             mark_init(p, "normal")
         self.pre_norm = nn.LayerNorm(h, eps=config.norm_epsilon)
-        self.encoder = TransformerBlock(config.layer_config(), has_final_norm=False)
+        self.encoder = TransformerBlock(layer_config(config), has_final_norm=False)
         # Kept for checkpoint round trips: CLIP's pooled-output norm, which LLaVA does not use.
         self.post_norm = nn.LayerNorm(h, eps=config.norm_epsilon)
 

@@ -53,7 +53,7 @@ from megacore.distributed.grad_buffer import add_to_main_grad
 from megacore.pipeline.tied import allreduce_tied_embedding_grads, tied_embedding_params, unwrap
 
 _AUTO: Any = object()  # "take it from megacore.parallel.get_state()"
-MODEL_KEYS = ("position_ids", "attention_mask")
+MODEL_KEYS = ("position_ids", "attention_mask", "pixel_values")  # pixel_values: LLaVA only
 
 
 def masked_loss_sum(token_loss_BS: torch.Tensor, loss_mask_BS: torch.Tensor, num_tokens) -> torch.Tensor:

@@ -21,7 +21,13 @@ import torch
 
 def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bool = False,
                   backend: str = "inductor") -> torch.nn.Module:
-    """Compile every transformer layer and the loss head of a GPTModel in place; returns the model."""
+    """Compile every transformer layer and the loss head of a GPTModel in place; returns the model.
+    A LlavaModel: its language model, and its vision tower's layers."""
+    if hasattr(model, "language_model"):
+        compile_model(model.language_model, mode, fullgraph, backend)
+        for layer in model.vision_tower.encoder.layers.values():
+            layer.compile(mode=mode, fullgraph=fullgraph, backend=backend)
+        return model
     for layer in model.decoder.layers.values():
         layer.compile(mode=mode, fullgraph=fullgraph, backend=backend)
     if getattr(model, "post_process", False):

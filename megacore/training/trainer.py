@@ -187,6 +187,14 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = build_datasets(
             cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=t.seed,
             num_samples=(n_train, n_eval, 0), tokenizer=self.tokenizer, log=self._info)
+        if cfg.vision.enabled:  # data.source=mock (validated): synthetic images with the text
+            from megacore.data.mock import MockImageTextDataset
+
+            v = cfg.vision
+            shape = (v.num_channels, v.image_size, v.image_size)
+            self.train_ds, self.valid_ds = (
+                MockImageTextDataset(ds, v.image_token_id, v.image_seq_length, shape, seed=t.seed + i) if ds else None
+                for i, ds in enumerate((self.train_ds, self.valid_ds)))
 
     def build_model(self) -> list[torch.nn.Module]:
         """This rank's model chunks, wrapped for data parallelism."""
@@ -196,8 +204,17 @@ class Trainer:
         cfg, p = self.cfg, self.cfg.parallel
         # TP gradient sums in finalize mode: DDP.finish_grad_sync runs them once per step (FSDP
         # excludes TP, so every TP run is DDP-wrapped).
-        chunks = build_model_chunks(cfg, self.state, device=self.device,
-                                    dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
+        if cfg.vision.enabled:  # LLaVA: one device's model, data parallelism only (validated)
+            from megacore.models.llava import LlavaConfig, LlavaModel
+
+            llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed).to(self.device, self.dtype)
+            if cfg.vision.freeze_tower:
+                llava.vision_tower.requires_grad_(False)
+            llava.configure_recompute(cfg.recompute)
+            chunks = [llava.train()]
+        else:
+            chunks = build_model_chunks(cfg, self.state, device=self.device,
+                                        dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
         if cfg.precision.fp8 is not None:  # before compile / DDP / FSDP wrap the chunks
             from megacore.precision.fp8 import apply_fp8
 

@@ -17,7 +17,7 @@ def test_llava_on_gpu_matches_hugging_face(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = load_pretrained_llava(tmp_path / "hf", device="cuda")
     hf = hf.cuda()
-    ids, pixels = _inputs(ours.config.image_seq_length)
+    ids, pixels = _inputs(ours.config.vision.image_seq_length)
     ids, pixels = ids.cuda(), pixels.cuda()
     with torch.no_grad():
         diff = (ours(ids, pixels) - hf(input_ids=ids, pixel_values=pixels).logits).abs().max().item()

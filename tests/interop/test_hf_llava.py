@@ -62,7 +62,7 @@ def pair(request, tmp_path_factory):
 
 def test_logits_and_loss_match_hugging_face(pair):
     hf, ours, _ = pair
-    ids, pixels = _inputs(ours.config.image_seq_length)
+    ids, pixels = _inputs(ours.config.vision.image_seq_length)
     with torch.no_grad():
         want = hf(input_ids=ids, pixel_values=pixels).logits
         got = ours(ids, pixels)
@@ -77,7 +77,7 @@ def test_logits_and_loss_match_hugging_face(pair):
 
 def test_image_features_match_hugging_face(pair):
     hf, ours, _ = pair
-    _, pixels = _inputs(ours.config.image_seq_length)
+    _, pixels = _inputs(ours.config.vision.image_seq_length)
     with torch.no_grad():
         want = hf.model.get_image_features(pixel_values=pixels)
         want = getattr(want, "pooler_output", want)  # transformers 5 wraps the per-image features
@@ -92,7 +92,7 @@ def test_save_loads_in_transformers_and_round_trips(pair, tmp_path):
     hf, ours, _ = pair
     out = save_pretrained_llava(ours, tmp_path / "ours")
     back = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    ids, pixels = _inputs(ours.config.image_seq_length)
+    ids, pixels = _inputs(ours.config.vision.image_seq_length)
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids, pixel_values=pixels).logits, hf(input_ids=ids, pixel_values=pixels).logits)
     again = load_pretrained_llava(out)
@@ -103,7 +103,7 @@ def test_save_loads_in_transformers_and_round_trips(pair, tmp_path):
 def test_training_step_reduces_the_loss(pair):
     _, ours, path = pair
     model = load_pretrained_llava(path).train()
-    ids, pixels = _inputs(model.config.image_seq_length)
+    ids, pixels = _inputs(model.config.vision.image_seq_length)
     labels = torch.roll(ids, -1, 1)
     labels[ids == IMAGE_TOKEN] = -100
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -120,7 +120,7 @@ def test_training_step_reduces_the_loss(pair):
 
 def test_bad_inputs_name_the_problem(pair, tmp_path):
     _, ours, path = pair
-    n = ours.config.image_seq_length
+    n = ours.config.vision.image_seq_length
     ids, pixels = _inputs(n)
     with pytest.raises(ValueError, match=f"{2 * n - 1} image tokens.*{n} image tokens per image"):
         bad = ids.clone()
@@ -146,21 +146,23 @@ def test_bad_inputs_name_the_problem(pair, tmp_path):
 
 
 @pytest.mark.parametrize("change,field", [
-    (dict(image_token_id=VOCAB), "llava.image_token_id"),
-    (dict(vision_feature_layer=-5), "llava.vision_feature_layer"),
-    (dict(vision_feature_select="cls"), "llava.vision_feature_select"),
-    (dict(projector_activation="relu"), "llava.projector_activation"),
+    (dict(image_token_id=VOCAB), "vision.image_token_id"),
+    (dict(feature_layer=-5), "vision.feature_layer"),
+    (dict(feature_select="cls"), "vision.feature_select"),
+    (dict(projector_activation="relu"), "vision.projector_activation"),
 ])
 def test_bad_llava_configs_are_refused(pair, change, field):
     import dataclasses
 
+    from megacore.models.llava import LlavaConfig
+
     _, ours, _ = pair
     with pytest.raises(ConfigError, match=field):
-        dataclasses.replace(ours.config, **change).validate()
+        LlavaConfig(ours.config.text, dataclasses.replace(ours.config.vision, **change)).validate()
 
 
 def test_bad_vision_configs_are_refused():
-    from megacore.models.vision import VisionConfig
+    from megacore.config import VisionConfig
 
     with pytest.raises(ConfigError, match="vision.image_size=30 is not a multiple"):
         VisionConfig(image_size=30, patch_size=14).validate()
