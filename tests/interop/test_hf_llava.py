@@ -168,3 +168,21 @@ def test_bad_vision_configs_are_refused():
         VisionConfig(image_size=30, patch_size=14).validate()
     with pytest.raises(ConfigError, match="vision.activation='swiglu'"):
         VisionConfig(activation="swiglu").validate()
+
+
+def test_compiled_llava_equals_eager(pair):
+    """compile_model compiles both towers' layers and the loss head (aot_eager here: the graphs,
+    without a C++ compiler); the loss and its gradients equal eager's."""
+    from megacore.training.compile import compile_model
+
+    _, _, path = pair
+    eager, compiled = load_pretrained_llava(path).train(), compile_model(load_pretrained_llava(path).train(),
+                                                                         backend="aot_eager")
+    ids, pixels = _inputs(eager.config.vision.image_seq_length)
+    labels = torch.roll(ids, -1, 1)
+    for m in (eager, compiled):
+        m(ids, pixels, labels=labels).backward()
+    assert abs(compiled(ids, pixels, labels=labels).item() - eager(ids, pixels, labels=labels).item()) < 1e-5
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        if a.grad is not None:
+            assert (a.grad - b.grad).abs().max() < 1e-5, name
