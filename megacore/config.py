@@ -487,68 +487,7 @@ class LogConfig:
         return self
 
 
-@dataclass
-class VisionConfig:
-    """The image side of a LLaVA model (``megacore.models.llava``): a CLIP-style vision transformer,
-    which of its hidden states feeds the projector, and the token that marks image positions in the
-    text. Off unless ``enabled``; ``model`` is then the language model."""
-
-    enabled: bool = False
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_layers: int = 24
-    num_attention_heads: int = 16
-    norm_epsilon: float = 1e-5
-    activation: str = "quick_gelu"
-    image_token_id: Optional[int] = None    # a text token id reserved for image positions
-    feature_layer: int = -2                 # hidden state k = after k layers (0 = embeddings); negative from the end
-    feature_select: str = "default"         # "default" drops the class token, "full" keeps it
-    projector_activation: str = "gelu"      # gelu | gelu_tanh
-    freeze_tower: bool = True               # LLaVA trains the projector and the language model only
-
-    def validate(self) -> "VisionConfig":
-        def fail(name, problem, fix):
-            _fail(f"vision.{name}", getattr(self, name), problem, fix)
-
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_layers",
-                     "num_attention_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                fail(name, "must be a positive integer", f"set vision.{name}")
-        if self.image_size % self.patch_size != 0:
-            fail("image_size", f"is not a multiple of vision.patch_size={self.patch_size}",
-                 "use an image size the patches tile exactly")
-        if self.hidden_size % self.num_attention_heads != 0:
-            fail("hidden_size", f"is not divisible by vision.num_attention_heads={self.num_attention_heads}",
-                 "choose a head count that divides the hidden size")
-        if self.activation not in ACTIVATIONS or self.activation in ("swiglu", "geglu"):
-            fail("activation", "is not a non-gated activation", "use quick_gelu, gelu or gelu_tanh")
-        n = self.num_layers
-        if not -(n + 1) <= self.feature_layer <= n:
-            fail("feature_layer", f"is not a hidden state of a {n}-layer tower (0 = embeddings .. {n}, or -1 .. "
-                 f"-{n + 1})", "use e.g. -2, LLaVA-1.5's choice")
-        if self.feature_select not in ("default", "full"):
-            fail("feature_select", "is not known", "use 'default' or 'full'")
-        if self.projector_activation not in ("gelu", "gelu_tanh"):
-            fail("projector_activation", "is not known", "use 'gelu' or 'gelu_tanh'")
-        return self
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def layers_used(self) -> int:
-        """Tower layers that run: hidden state k is the output of k layers (0 = the embeddings)."""
-        k = self.feature_layer
-        return k if k >= 0 else self.num_layers + 1 + k
-
-    @property
-    def image_seq_length(self) -> int:
-        """Image tokens a prompt holds per image: one per patch (+ the class token with "full")."""
-        return self.num_patches + (1 if self.feature_select == "full" else 0)
+from megacore.config_vision import VisionConfig  # noqa: E402 (uses this module's helpers lazily)
 
 
 @dataclass
@@ -640,13 +579,8 @@ class RunConfig:
         return self
 
     def _validate_vision(self) -> None:
-        v, p = self.vision.validate(), self.parallel
-        if v.image_token_id is None or not 0 <= v.image_token_id < self.model.vocab_size:
-            _fail("vision.image_token_id", v.image_token_id, f"must be a token id of the text vocabulary (size "
-                  f"{self.model.vocab_size})", "reserve one id for image positions and set vision.image_token_id")
-        if self.model.position_embedding == "learned":
-            _fail("model.position_embedding", "learned", "does not fit a LLaVA model (image embeddings replace "
-                  "token embeddings before the decoder)", "use rope or none")
+        p = self.parallel
+        self.vision.validate().check_text(self.model)
         for name in ("tensor", "pipeline", "context", "expert"):
             if getattr(p, name) > 1:
                 _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (the vision tower "

@@ -1,10 +1,10 @@
 """LLaVA: a vision transformer, a two-layer projector and a GPT language model.
 
-    image -> VisionTransformer -> hidden states of layer ``vision_feature_layer`` -> drop the class
+    image -> VisionTransformer -> hidden states of layer ``vision.feature_layer`` -> drop the class
     token ("default") or keep it ("full") -> projector (linear, GELU, linear) -> one embedding per
     patch, in the language model's hidden size
 
-    text  -> token embeddings, where every ``image_token_id`` position takes the next image
+    text  -> token embeddings, where every ``vision.image_token_id`` position takes the next image
     embedding (images in batch order, patches in row-major order) -> the language model's decoder
     -> logits / loss, exactly as ``GPTModel``
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megacore.config import ConfigError, TransformerConfig, VisionConfig
+from megacore.config import TransformerConfig, VisionConfig
 from megacore.models.gpt import GPTModel
 from megacore.models.init import materialize
 from megacore.models.vision import VisionTransformer, layer_config
@@ -40,13 +40,7 @@ class LlavaConfig:
 
     def validate(self) -> "LlavaConfig":
         self.text.validate()
-        v = self.vision.validate()
-        if v.image_token_id is None or not 0 <= v.image_token_id < self.text.vocab_size:
-            raise ConfigError(f"vision.image_token_id={v.image_token_id!r} must be a token id of the text vocabulary "
-                              f"(size {self.text.vocab_size}); reserve one id for image positions")
-        if self.text.position_embedding == "learned":
-            raise ConfigError("model.position_embedding='learned' does not fit a LLaVA model (image embeddings "
-                              "replace token embeddings before the decoder); use rope or none")
+        self.vision.validate().check_text(self.text)
         return self
 
 
