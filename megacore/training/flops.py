@@ -5,11 +5,12 @@ the input embedding table; the output layer counts even when tied), L layers, h 
 sequence length (causal attention counted once per pair). Recomputation is not counted. In an MoE
 layer N counts the parameters a token meets: the router and its ``moe_top_k`` experts. In a hybrid
 stack (``model.layer_pattern``) each layer counts its own kind: attention, MLP or Mamba projections.
+A LLaVA model adds its image FLOPs per token (``vision_flops_per_token``).
 """
 
 from __future__ import annotations
 
-from megacore.config import TransformerConfig
+from megacore.config import TransformerConfig, VisionConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -33,6 +34,23 @@ def flops_per_token(cfg: TransformerConfig, seq_length: int | None = None) -> fl
     s = seq_length or cfg.seq_length
     attending = sum(k in "T*" for k in cfg.layer_kinds)
     return 6.0 * matmul_params(cfg) + 6.0 * attending * cfg.hidden_size * s
+
+
+def vision_flops_per_token(v: VisionConfig, text_hidden: int, seq_length: int) -> float:
+    """A LLaVA sample's image FLOPs (one image per sample), spread over its ``seq_length`` tokens.
+
+    Per image, over the S = patches + 1 positions of the layers that run: the patch convolution, the
+    matmuls (4h² attention + 2·h·f MLP per layer) and bidirectional attention (every pair, 4·S²·h
+    per layer forward); then the projector on the image tokens. Each counts a pass for the forward,
+    one for the weight gradient and one for the input gradient where one is needed. A frozen tower
+    runs forward only, and then the projector's first linear needs no input gradient either; the
+    convolution never does (the pixels need none)."""
+    h, s, frozen = v.hidden_size, v.num_patches + 1, v.freeze_tower
+    layer = 2 * (4 * h * h + 2 * h * v.intermediate_size) * s + 4 * s * s * h
+    conv = 2 * v.num_channels * v.patch_size ** 2 * h * v.num_patches
+    tower = (1 if frozen else 3) * v.layers_used * layer + (1 if frozen else 2) * conv
+    projector = ((2 if frozen else 3) * h * text_hidden + 3 * text_hidden * text_hidden) * 2 * v.image_seq_length
+    return (tower + projector) / seq_length
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from megacore.config import ConfigError, RunConfig
 from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
-from megacore.training.flops import flops_per_token, peak_tflops
+from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger, read_scalars
@@ -119,6 +119,8 @@ class Trainer:
         self.optimizer, self.loss_scaler = self.build_optimizer()
         self.schedule = LRSchedule(cfg.train)
         self.flops_per_token = flops_per_token(cfg.model)
+        if cfg.vision.enabled:
+            self.flops_per_token += vision_flops_per_token(cfg.vision, cfg.model.hidden_size, cfg.model.seq_length)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(name)
         n_params = self._global_param_count()

@@ -186,3 +186,30 @@ def test_compiled_llava_equals_eager(pair):
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.grad is not None:
             assert (a.grad - b.grad).abs().max() < 1e-5, name
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_vision_flops_match_torch_flop_counter(pair, freeze):
+    """vision_flops_per_token against torch's FLOP counter (matmuls and convolutions) over the image
+    side's forward and backward: the same count. The tower's attention runs its plain-matmul
+    reference here, since the counter does not see CPU SDPA's kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megacore.training.flops import vision_flops_per_token
+
+    _, _, path = pair
+    model = load_pretrained_llava(path).train()
+    model.config.vision.freeze_tower = freeze
+    model.vision_tower.requires_grad_(not freeze)
+    model.vision_tower.post_norm.requires_grad_(False)
+    for layer in list(model.vision_tower.encoder.layers.values())[model.config.vision.layers_used:]:
+        layer.requires_grad_(False)
+    for layer in model.vision_tower.encoder.layers.values():
+        layer.self_attention.core_attention.backend = "reference"
+    _, pixels = _inputs(model.config.vision.image_seq_length)
+    with FlopCounterMode(display=False) as counter:
+        model.image_features(pixels).square().sum().backward()
+    seq = 16
+    want = counter.get_total_flops()
+    got = vision_flops_per_token(model.config.vision, model.config.text.hidden_size, seq) * seq * pixels.shape[0]
+    assert abs(got - want) / want < 1e-9, (got, want)
