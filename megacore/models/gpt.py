@@ -166,7 +166,8 @@ class GPTModel(nn.Module):
 
         ``attention_mask``: [B, S] padding mask (1 = real token) or a boolean [B, 1, S, S] mask
         (True = may attend), and-ed with causality. ``hidden_states`` replaces the embedding
-        output on pipeline stages after the first. ``kv_cache`` (a
+        output on pipeline stages after the first, or with ``kv_cache`` the embeddings of the new
+        tokens (LLaVA's prefill passes its image-filled ones). ``kv_cache`` (a
         ``megacore.inference.KVCache``): ``input_ids`` are the NEW tokens, at positions continuing
         from ``kv_cache.length``; returns their logits (incremental decoding).
         """
@@ -198,10 +199,10 @@ class GPTModel(nn.Module):
                 and getattr(self, "_megacore_cp", None) is None)
 
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
-        if labels is not None or position_ids is not None or attention_mask is not None or hidden_states is not None:
-            raise ValueError("forward(kv_cache=...) takes only input_ids (the new tokens): positions and the causal "
-                             "mask come from the cache; labels, position_ids, attention_mask and hidden_states are "
-                             "for the uncached forward")
+        if labels is not None or position_ids is not None or attention_mask is not None:
+            raise ValueError("forward(kv_cache=...) takes only input_ids (the new tokens), and optionally their "
+                             "embeddings as hidden_states: positions and the causal mask come from the cache; "
+                             "labels, position_ids and attention_mask are for the uncached forward")
         if not self.supports_kv_cache:
             raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage, a "
                              "tensor-parallel shard or a context-parallel model); rebuild the model on one device "
@@ -215,7 +216,13 @@ class GPTModel(nn.Module):
             raise ValueError(f"position {start + new - 1} is past model.seq_length={self.config.seq_length} (learned "
                              "positions); reset the cache and re-feed the last window")
         positions = torch.arange(start, start + new, device=input_ids.device)[None, :].expand(batch, new)
-        hidden_BSH = self.embedding(input_ids, positions)
+        if hidden_states is None:
+            hidden_BSH = self.embedding(input_ids, positions)
+        elif hidden_states.shape[:2] != input_ids.shape:
+            raise ValueError(f"hidden_states of shape {tuple(hidden_states.shape)} do not embed input_ids of shape "
+                             f"{tuple(input_ids.shape)}")
+        else:  # embeddings made by the caller (e.g. LLaVA's, with images in them)
+            hidden_BSH = hidden_states
         rotary = self.rotary(new, input_ids.device, hidden_BSH.dtype, positions) if self.rotary is not None else None
         mask = kv_cache.attention_mask(new, input_ids.device, self.config.sliding_window)
         hidden_BSH = self.decoder(hidden_BSH, rotary, mask, kv_cache=kv_cache)

@@ -213,3 +213,17 @@ def test_vision_flops_match_torch_flop_counter(pair, freeze):
     want = counter.get_total_flops()
     got = vision_flops_per_token(model.config.vision, model.config.text.hidden_size, seq) * seq * pixels.shape[0]
     assert abs(got - want) / want < 1e-9, (got, want)
+
+
+def test_greedy_generation_matches_hugging_face(pair):
+    """LlavaModel.generate (images prefilled into the KV cache once) continues the prompts with the
+    same tokens as HF's greedy ``generate``."""
+    hf, ours, _ = pair
+    ids, pixels = _inputs(ours.config.vision.image_seq_length, seq=10)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                           attention_mask=torch.ones_like(ids), eos_token_id=None, pad_token_id=0)
+    got = ours.generate(ids, pixels, max_new_tokens=8)
+    assert torch.equal(got, want), (got, want)
+    with pytest.raises(ValueError, match="exceed model.seq_length"):
+        ours.generate(ids, pixels, max_new_tokens=ours.config.text.seq_length)
