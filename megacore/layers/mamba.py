@@ -141,8 +141,9 @@ class MambaMixer(nn.Module):
     def forward(self, hidden_BSH: torch.Tensor, state: "MambaState | None" = None) -> torch.Tensor:
         """``state``: the recurrent state of the positions before these (incremental decoding); it is
         read and then advanced past them. None: the sequence starts here."""
-        b, s, _ = hidden_BSH.shape
-        z, xbc, dt = self.in_proj(hidden_BSH).split([self.inner, self.conv_dim, self.num_heads], dim=-1)
+        projected = self.in_proj(hidden_BSH)
+        b, s = projected.shape[:2]  # under sequence parallelism in_proj gathered the full sequence
+        z, xbc, dt = projected.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
         if state is None:
             xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
         else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions

@@ -22,6 +22,8 @@ SequenceParallelNorm   norm running on sequence shards: params replicated, gradi
 SequenceParallelPositions  learned positions scattered over the tokens like the word embeddings
 TPForkedDropout        dropout on sequence shards draws from the tensor-parallel RNG stream
 TPRandom               core attention dropout (local heads) draws from the tensor-parallel stream
+MambaSplit             a Mamba-2 mixer split by heads and B/C groups (in_proj column-parallel by its
+                       five parts, conv and per-head parameters split, out_proj row-parallel)
 Replicate              declared replicated, nothing to do (silences the coverage check)
 =====================  ==========================================================================
 
@@ -246,6 +248,60 @@ class TPRandom(Style):
         return None
 
 
+class MambaSplit(Style):
+    """A Mamba-2 mixer split by heads: rank r keeps heads r·H/t .. (r+1)·H/t and B/C groups
+    r·G/t .. (r+1)·G/t (a group's heads stay with it, so the scan and the group-wise gated norm
+    run locally).
+    - ``in_proj``: column-parallel, each of its five parts [z | x | B | C | dt] split evenly.
+    - ``conv1d``: depthwise over [x | B | C], split the same way.
+    - The per-head ``dt_bias``, ``A_log`` and ``D``, and ``norm_weight`` (over z/x channels): split.
+    - ``out_proj``: row-parallel, so its output is summed over TP (reduce-scattered under SP).
+    Under SP ``in_proj`` first gathers the tokens, so each rank scans whole sequences."""
+
+    def apply(self, name, module, parent, ctx):
+        from megacore.layers.mamba import MambaMixer
+
+        _expect(module, MambaMixer, name, repr(self))
+        m, t, r = module, ctx.size, ctx.rank
+        if m.num_heads % t != 0 or m.num_groups % t != 0:
+            raise ConfigError(f"{name}: {m.num_heads} Mamba heads and model.mamba_num_groups={m.num_groups} must both "
+                              f"be divisible by parallel.tensor={t}")
+        inner, bc, heads = m.inner, m.num_groups * m.state_dim, m.num_heads
+        w = m.in_proj.weight
+        new_in = TPL.ColumnParallelLinear(m.in_proj.in_features, m.in_proj.out_features, False,
+                                          layout=TPL.TPLayout.fused(0, [inner, inner, bc, bc, heads], t),
+                                          sequence_parallel=ctx.sequence_parallel, **_where(ctx, w),
+                                          init_weight=_init_kind(w, "normal"))
+        m.in_proj = _adopt(new_in, m.in_proj)
+        w = m.out_proj.weight
+        new_out = TPL.RowParallelLinear(inner, m.out_proj.out_features, False, sequence_parallel=ctx.sequence_parallel,
+                                        **_where(ctx, w), init_weight=_init_kind(w, "scaled_normal"))
+        m.out_proj = _adopt(new_out, m.out_proj)
+        conv_layout = TPL.TPLayout.fused(0, [inner, bc, bc], t)
+        local_conv, kernel = conv_layout.local_size, m.conv1d.kernel_size[0]
+        old_conv = m.conv1d
+        m.conv1d = nn.Conv1d(local_conv, local_conv, kernel, groups=local_conv, padding=kernel - 1, bias=True,
+                             device=old_conv.weight.device, dtype=old_conv.weight.dtype)
+        for pname in ("weight", "bias"):
+            _split_param(m.conv1d, pname, getattr(old_conv, pname), conv_layout, r)
+        for pname, size in (("dt_bias", heads), ("A_log", heads), ("D", heads), ("norm_weight", inner)):
+            _split_param(m, pname, getattr(m, pname), TPL.TPLayout.contiguous(0, size, t), r)
+        m.num_heads, m.num_groups, m.inner, m.conv_dim = heads // t, m.num_groups // t, inner // t, local_conv
+        return None
+
+
+def _split_param(module: nn.Module, pname: str, old: nn.Parameter, layout, rank: int) -> None:
+    """Replace ``module.<pname>`` by this rank's shard of ``old`` (values copied unless on meta)."""
+    local_shape = list(old.shape)
+    local_shape[layout.dim] = layout.local_size
+    new = nn.Parameter(torch.empty(local_shape, device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
+    TPL.describe_shard(new, layout, rank, old.shape, getattr(old, "_megacore_init", None))
+    if not old.is_meta:
+        with torch.no_grad():
+            new.copy_(layout.shard(old.detach(), rank))
+    setattr(module, pname, new)
+
+
 class Replicate(Style):
     def apply(self, name, module, parent, ctx):
         module._megacore_tp_replicated = True
@@ -266,6 +322,7 @@ def tp_plan(config: TransformerConfig, sequence_parallel: bool = False) -> dict[
         f"{layer}.self_attention.linear_proj": Rowwise(),
         f"{layer}.mlp.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
         f"{layer}.mlp.linear_fc2": Rowwise(),
+        f"{layer}.mixer": MambaSplit(),  # hybrid stacks' Mamba layers
         "output_layer": VocabOutput(),
     }
     if sequence_parallel:
@@ -302,6 +359,9 @@ def check_tp_config(config: TransformerConfig, tensor: int, sequence_parallel: b
     if kv % tensor != 0 and tensor % kv != 0:
         raise ConfigError(f"model.num_query_groups={kv} and parallel.tensor={tensor} divide neither way; KV groups "
                           "are split across TP ranks (kv % tp == 0) or replicated (tp % kv == 0)")
+    if "M" in config.layer_kinds and (config.mamba_heads % tensor != 0 or config.mamba_num_groups % tensor != 0):
+        raise ConfigError(f"{config.mamba_heads} Mamba heads and model.mamba_num_groups={config.mamba_num_groups} "
+                          f"must both be divisible by parallel.tensor={tensor}; Mamba layers split by heads and groups")
     if config.ffn_size % tensor != 0:
         raise ConfigError(f"model.ffn_hidden_size={config.ffn_size} is not divisible by parallel.tensor={tensor}")
     if config.padded_vocab_size % tensor != 0:

@@ -11,10 +11,10 @@ def check_hybrid_layout(cfg: RunConfig) -> None:
     if pattern is None:
         return
     p = cfg.parallel
-    if p.tensor > 1 or p.context > 1:
-        raise ConfigError(f"model.layer_pattern={pattern!r} (a hybrid stack) trains with data and pipeline "
-                          f"parallelism only for now, not with parallel.tensor={p.tensor} / parallel.context="
-                          f"{p.context}; set both to 1")
+    if p.context > 1:
+        raise ConfigError(f"model.layer_pattern={pattern!r} (a hybrid stack) trains with data, pipeline and tensor "
+                          f"parallelism, not with parallel.context={p.context} (a Mamba scan would need the state "
+                          "passed between the ranks' sequence chunks); set parallel.context=1")
     if "M" not in pattern:
         return
     if cfg.precision.fp8 is not None:
