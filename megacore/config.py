@@ -581,10 +581,10 @@ class RunConfig:
     def _validate_vision(self) -> None:
         p = self.parallel
         self.vision.validate().check_text(self.model)
-        for name in ("tensor", "pipeline", "context", "expert"):
+        for name in ("pipeline", "context", "expert"):
             if getattr(p, name) > 1:
-                _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (the vision tower "
-                      "is not split)", f"use data parallelism: set parallel.{name}=1")
+                _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (LLaVA trains with "
+                      "data and tensor parallelism)", f"set parallel.{name}=1")
         if p.fsdp:
             _fail("parallel.fsdp", True, "is not supported with vision.enabled", "use parallel.distributed_optimizer")
         if self.precision.fp8 is not None:

@@ -56,10 +56,20 @@ class LlavaProjector(nn.Module):
 
 
 class LlavaModel(nn.Module):
-    def __init__(self, config: LlavaConfig, seed: int = 0):
+    """``language_model``: a GPTModel of ``config.text`` built elsewhere, e.g. tensor-parallel
+    (``megacore.parallel.build_parallel_gpt``); default: a one-device GPTModel from ``seed``.
+
+    Under tensor parallelism the vision tower and the projector are replicated on every TP rank.
+    Without sequence parallelism every rank embeds the whole sequence, so their gradients agree.
+    With it each rank holds a chunk of the tokens and inserts only that chunk's image embeddings,
+    so their gradients are partial sums: they are declared for a TP sum
+    (``megacore.parallel.grad_sync``, in the language model's mode).
+    """
+
+    def __init__(self, config: LlavaConfig, seed: int = 0, language_model: Optional[GPTModel] = None):
         super().__init__()
         self.config = config.validate()
-        self.language_model = GPTModel(config.text, seed=seed)
+        self.language_model = GPTModel(config.text, seed=seed) if language_model is None else language_model
         self.vision_tower = VisionTransformer(config.vision)
         self.projector = LlavaProjector(config.vision.hidden_size, config.text.hidden_size,
                                         config.vision.projector_activation)
@@ -72,6 +82,15 @@ class LlavaModel(nn.Module):
         for layer in list(self.vision_tower.encoder.layers.values())[config.vision.layers_used:]:
             layer.requires_grad_(False)
         self.vision_tower.post_norm.requires_grad_(False)
+        tp = getattr(self.language_model, "_megacore_tp", None)
+        if tp is not None and tp.sequence_parallel:
+            from megacore.parallel.grad_sync import ALL, mark_tp_grad_sum
+
+            for part in (self.vision_tower, self.projector):
+                for module in part.modules():
+                    for name, p in module.named_parameters(recurse=False):
+                        if p.requires_grad:
+                            mark_tp_grad_sum(module, name, ALL, tp.group, tp.grad_sync)
 
     def image_features(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """[N_images, C, H, W] -> [N_images, image_seq_length, text hidden]."""
@@ -96,8 +115,22 @@ class LlavaModel(nn.Module):
                              f"{per_image} image tokens per image in the text, in image order")
         if n_images:
             features = self.image_features(pixels_BCHW).to(hidden_BSH.dtype)
-            hidden_BSH = hidden_BSH.masked_scatter(is_image[..., None], features)
+            hidden_BSH = self._insert_images(hidden_BSH, is_image, features.reshape(-1, features.shape[-1]))
         return embedding.dropout(hidden_BSH)
+
+    def _insert_images(self, hidden_BSH: torch.Tensor, is_image_BS: torch.Tensor, features_NH: torch.Tensor):
+        """``hidden_BSH`` with the i-th image token's row replaced by ``features_NH[i]`` (image tokens
+        counted in flattened batch-major order). Under sequence parallelism ``hidden_BSH`` is this
+        rank's chunk of those flattened tokens (``megacore.parallel.collectives``)."""
+        flat = is_image_BS.reshape(-1)
+        index = torch.cumsum(flat.long(), 0) - 1  # which image embedding each image token takes
+        sp = getattr(self.language_model, "sequence_parallel_size", 1)
+        if sp > 1:
+            rank, n = self.language_model._megacore_tp.rank, flat.numel() // sp
+            flat, index = flat[rank * n:(rank + 1) * n], index[rank * n:(rank + 1) * n]
+        picked = features_NH[index.clamp(min=0)]
+        out = torch.where(flat[:, None], picked, hidden_BSH.reshape(-1, hidden_BSH.shape[-1]))
+        return out.view_as(hidden_BSH)
 
     def configure_recompute(self, recompute) -> None:
         """Activation recomputation in the language model (the tower is small next to it)."""

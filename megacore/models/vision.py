@@ -59,7 +59,9 @@ class VisionTransformer(nn.Module):
         patches_BHP = self.patch_embedding(pixels_BCHW.to(weight.dtype)).flatten(2)
         patches_BPH = patches_BHP.transpose(1, 2)
         cls_B1H = self.class_embedding.expand(patches_BPH.shape[0], 1, -1)
-        hidden_BSH = torch.cat([cls_B1H, patches_BPH], dim=1) + self.position_embedding.weight
+        positions = torch.arange(patches_BPH.shape[1] + 1, device=patches_BPH.device)
+        # Called as a module (not .weight): per-module gradient hooks (TP sums) see the lookup.
+        hidden_BSH = torch.cat([cls_B1H, patches_BPH], dim=1) + self.position_embedding(positions)
         hidden_BSH = self.pre_norm(hidden_BSH)
         seq = hidden_BSH.shape[1]
         everything = torch.ones(1, 1, seq, seq, dtype=torch.bool, device=hidden_BSH.device)  # bidirectional

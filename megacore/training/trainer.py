@@ -206,17 +206,16 @@ class Trainer:
         cfg, p = self.cfg, self.cfg.parallel
         # TP gradient sums in finalize mode: DDP.finish_grad_sync runs them once per step (FSDP
         # excludes TP, so every TP run is DDP-wrapped).
-        if cfg.vision.enabled:  # LLaVA: one device's model, data parallelism only (validated)
+        chunks = build_model_chunks(cfg, self.state, device=self.device,
+                                    dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
+        if cfg.vision.enabled:  # LLaVA around the (possibly tensor-parallel) language model; no PP (validated)
             from megacore.models.llava import LlavaConfig, LlavaModel
 
-            llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed).to(self.device, self.dtype)
+            llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunks[0])
+            llava.to(self.device, self.dtype)
             if cfg.vision.freeze_tower:
                 llava.vision_tower.requires_grad_(False)
-            llava.configure_recompute(cfg.recompute)
             chunks = [llava.train()]
-        else:
-            chunks = build_model_chunks(cfg, self.state, device=self.device,
-                                        dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
         if cfg.precision.fp8 is not None:  # before compile / DDP / FSDP wrap the chunks
             from megacore.precision.fp8 import apply_fp8
 

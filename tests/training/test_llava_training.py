@@ -1,6 +1,7 @@
 """``megacore train`` with a LLaVA model (``vision.enabled``) on CPU, from configs/llava_tiny_cpu.yaml:
 the loss falls on the synthetic image-text data, DP2 (with the distributed optimizer) reproduces the
-single-process curve, a resumed run continues the uninterrupted one exactly, and the settings this
+single-process curve, so does TP2 with sequence parallelism (the language model split, the vision
+tower replicated), a resumed run continues the uninterrupted one exactly, and the settings this
 version cannot run are refused with errors that name the keys."""
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def test_llava_training_learns(reference):
     assert records[-1]["loss"] < records[0]["loss"] - 0.3, records
 
 
-def test_dp2_reproduces_single_process_curve(tmp_path, reference):
-    got, want = losses(_train(tmp_path, "dp2", ["parallel.distributed_optimizer=true"], nproc=2)), losses(reference)
+@pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
+                                        ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])])
+def test_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
+    got, want = losses(_train(tmp_path, name, extra, nproc=2)), losses(reference)
     assert len(got) == len(want) == 20
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
-    assert worst < 1e-4, (worst, got, want)
+    assert worst < 1e-4, (name, worst, got, want)
 
 
 def test_resume_continues_the_run_exactly(tmp_path, reference):
@@ -52,8 +55,8 @@ def test_resume_continues_the_run_exactly(tmp_path, reference):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["parallel.tensor=2"], "parallel.tensor=2"),
     (["parallel.pipeline=2"], "parallel.pipeline=2"),
+    (["parallel.context=2"], "parallel.context=2"),
     (["data.source=default"], "data.source"),
     (["vision.image_token_id=null"], "vision.image_token_id"),
     (["vision.image_token_id=256"], "vision.image_token_id"),
