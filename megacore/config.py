@@ -585,8 +585,6 @@ class RunConfig:
             if getattr(p, name) > 1:
                 _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (LLaVA trains with "
                       "data and tensor parallelism)", f"set parallel.{name}=1")
-        if p.fsdp:
-            _fail("parallel.fsdp", True, "is not supported with vision.enabled", "use parallel.distributed_optimizer")
         if self.precision.fp8 is not None:
             _fail("precision.fp8", self.precision.fp8, "is not supported with vision.enabled", "set precision.fp8=null")
         if self.data.source != "mock":

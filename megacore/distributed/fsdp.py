@@ -34,7 +34,10 @@ def _import_fsdp():
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The per-layer FSDP units of a megacore ``GPTModel`` (``model.decoder.layers``)."""
+    """The per-layer FSDP units of a megacore ``GPTModel`` (``model.decoder.layers``); of a
+    ``LlavaModel``, its language model's and its vision tower's layers."""
+    if hasattr(model, "language_model") and hasattr(model, "vision_tower"):
+        return transformer_layers(model.language_model) + list(model.vision_tower.encoder.layers.values())
     decoder = getattr(model, "decoder", None)
     layers = getattr(decoder, "layers", None)
     if isinstance(layers, nn.ModuleDict):

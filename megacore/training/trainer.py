@@ -212,7 +212,7 @@ class Trainer:
             from megacore.models.llava import LlavaConfig, LlavaModel
 
             llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunks[0])
-            llava.to(self.device, self.dtype)
+            llava.to(self.device, torch.float32 if p.fsdp else self.dtype)  # FSDP casts for compute itself
             if cfg.vision.freeze_tower:
                 llava.vision_tower.requires_grad_(False)
             chunks = [llava.train()]

@@ -1,6 +1,6 @@
 """``megacore train`` with a LLaVA model (``vision.enabled``) on CPU, from configs/llava_tiny_cpu.yaml:
 the loss falls on the synthetic image-text data, DP2 (with the distributed optimizer) reproduces the
-single-process curve, so does TP2 with sequence parallelism (the language model split, the vision
+single-process curve, so do FSDP2 over 2 ranks and TP2 with sequence parallelism (the language model split, the vision
 tower replicated), a resumed run continues the uninterrupted one exactly, and the settings this
 version cannot run are refused with errors that name the keys."""
 
@@ -37,6 +37,7 @@ def test_llava_training_learns(reference):
 
 
 @pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
+                                        ("dp2_fsdp", ["parallel.fsdp=true"]),
                                         ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])])
 def test_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
     got, want = losses(_train(tmp_path, name, extra, nproc=2)), losses(reference)
