@@ -82,6 +82,13 @@ def enable(group, workspace_bytes: int = 0) -> bool:
     return True
 
 
+def reset() -> None:
+    """Forget every group's copy-engine state (``megacore.parallel.destroy`` calls this): a later
+    group may reuse a name, and must not inherit a workspace of a destroyed one."""
+    _COPY_ENGINE_GROUPS.clear()
+    _WORKSPACES.clear()
+
+
 def _copy_engine(x: torch.Tensor, group_name: str) -> bool:
     return x.is_cuda and group_name in _COPY_ENGINE_GROUPS
 

@@ -322,9 +322,10 @@ def destroy() -> None:
     state, _STATE = _STATE, None
     if state is None:
         return
-    from megacore.parallel import rng
+    from megacore.parallel import rng, sp_overlap
 
     rng.get_rng_tracker().reset()
+    sp_overlap.reset()  # its symmetric workspaces belong to the groups destroyed below
     if not dist.is_initialized():
         return
     if state.owns_default_group:
