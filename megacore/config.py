@@ -581,10 +581,10 @@ class RunConfig:
     def _validate_vision(self) -> None:
         p = self.parallel
         self.vision.validate().check_text(self.model)
-        for name in ("pipeline", "context", "expert"):
+        for name in ("context", "expert"):
             if getattr(p, name) > 1:
                 _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (LLaVA trains with "
-                      "data and tensor parallelism)", f"set parallel.{name}=1")
+                      "data, tensor and pipeline parallelism)", f"set parallel.{name}=1")
         if self.precision.fp8 is not None:
             _fail("precision.fp8", self.precision.fp8, "is not supported with vision.enabled", "set precision.fp8=null")
         if self.data.source != "mock":

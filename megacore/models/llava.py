@@ -132,6 +132,15 @@ class LlavaModel(nn.Module):
         out = torch.where(flat[:, None], picked, hidden_BSH.reshape(-1, hidden_BSH.shape[-1]))
         return out.view_as(hidden_BSH)
 
+    @property
+    def pre_process(self) -> bool:
+        return True
+
+    @property
+    def post_process(self) -> bool:
+        """False when the language model is the first stage of a pipeline (its later layers elsewhere)."""
+        return self.language_model.post_process
+
     def configure_recompute(self, recompute) -> None:
         """Activation recomputation in the language model (the tower is small next to it)."""
         self.language_model.configure_recompute(recompute)
@@ -149,6 +158,8 @@ class LlavaModel(nn.Module):
         rotary, mask = lm.attention_inputs(seq, batch, hidden_BSH.device, hidden_BSH.dtype, position_ids,
                                            attention_mask)
         hidden_BSH = lm.decoder(hidden_BSH, rotary, mask)
+        if not lm.post_process:  # the first pipeline stage: the next stage continues from here
+            return hidden_BSH
         if labels is None:
             return lm.full_logits(hidden_BSH)
         return lm.compute_loss(hidden_BSH, labels, loss_mask, reduction)
@@ -195,4 +206,31 @@ class LlavaModel(nn.Module):
         finally:
             self.train(was_training)
         return ids
+
+
+class LlavaLanguageStage(nn.Module):
+    """A later pipeline stage of a LLaVA model: a GPTModel stage whose parameters are named as in
+    ``LlavaModel`` (``language_model.*``), so that checkpoints reshard between layouts."""
+
+    def __init__(self, stage: GPTModel):
+        super().__init__()
+        self.language_model = stage
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.language_model.config
+
+    @property
+    def pre_process(self) -> bool:
+        return self.language_model.pre_process
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    def configure_recompute(self, recompute) -> None:
+        self.language_model.configure_recompute(recompute)
+
+    def forward(self, *args, **kwargs):
+        return self.language_model(*args, **kwargs)
 

@@ -10,7 +10,8 @@ inputs and passes the step's keyword arguments to every stage. So:
 where ``hidden_BSH`` is ``[B, S, H]`` (``[B, S/tp, H]`` under sequence parallelism) and
 ``token_loss_BS`` is the per-token loss, 0 where ``labels == -100``. The schedule's ``loss_fn`` then
 applies the loss mask and the global token count (see ``megacore.pipeline.schedules``). ``kw`` is
-``position_ids`` / ``attention_mask`` (needed by every chunk: rotary and masks live in each layer) and,
+``position_ids`` / ``attention_mask`` (needed by every chunk: rotary and masks live in each layer),
+for LLaVA ``pixel_values`` (used by the first chunk, a LlavaModel around the first GPT stage), and,
 while an ``InFlightTracker`` is attached, ``microbatch_index`` (a [1] tensor naming the micro-batch).
 """
 
@@ -41,10 +42,15 @@ class PipelineChunk(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                microbatch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                microbatch_index: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = self.model
         input_ids, hidden = (x, None) if m.pre_process else (None, x)
-        kwargs = dict(position_ids=position_ids, attention_mask=attention_mask, hidden_states=hidden)
+        kwargs = dict(position_ids=position_ids, attention_mask=attention_mask)
+        if hasattr(m, "vision_tower"):  # LLaVA's first stage: the images enter here
+            kwargs["pixel_values"] = pixel_values
+        else:
+            kwargs["hidden_states"] = hidden
         if m.post_process:
             if labels is None:
                 raise ValueError("the last pipeline stage needs labels: every micro-batch dict must hold 'labels'")

@@ -208,14 +208,8 @@ class Trainer:
         # excludes TP, so every TP run is DDP-wrapped).
         chunks = build_model_chunks(cfg, self.state, device=self.device,
                                     dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
-        if cfg.vision.enabled:  # LLaVA around the (possibly tensor-parallel) language model; no PP (validated)
-            from megacore.models.llava import LlavaConfig, LlavaModel
-
-            llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunks[0])
-            llava.to(self.device, torch.float32 if p.fsdp else self.dtype)  # FSDP casts for compute itself
-            if cfg.vision.freeze_tower:
-                llava.vision_tower.requires_grad_(False)
-            chunks = [llava.train()]
+        if cfg.vision.enabled:
+            chunks = [self._llava_chunk(c) for c in chunks]
         if cfg.precision.fp8 is not None:  # before compile / DDP / FSDP wrap the chunks
             from megacore.precision.fp8 import apply_fp8
 
@@ -256,6 +250,21 @@ class Trainer:
                                         overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer,
                                         grad_reduce_dtype=DTYPES[p.grad_reduce_dtype])
                 for c in chunks]
+
+    def _llava_chunk(self, chunk: torch.nn.Module) -> torch.nn.Module:
+        """LLaVA around a (possibly tensor-parallel) language-model chunk: the vision tower and the
+        projector live with the embedding, on the first pipeline stage; later stages keep LLaVA's
+        parameter names (``language_model.*``) so checkpoints reshard across layouts."""
+        from megacore.models.llava import LlavaConfig, LlavaLanguageStage, LlavaModel
+
+        cfg = self.cfg
+        if not chunk.pre_process:
+            return LlavaLanguageStage(chunk)
+        llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunk)
+        llava.to(self.device, torch.float32 if cfg.parallel.fsdp else self.dtype)  # FSDP casts for compute itself
+        if cfg.vision.freeze_tower:
+            llava.vision_tower.requires_grad_(False)
+        return llava.train()
 
     def build_optimizer(self):
         from megacore.distributed import DistributedOptimizer

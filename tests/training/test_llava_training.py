@@ -1,6 +1,6 @@
 """``megacore train`` with a LLaVA model (``vision.enabled``) on CPU, from configs/llava_tiny_cpu.yaml:
 the loss falls on the synthetic image-text data, DP2 (with the distributed optimizer) reproduces the
-single-process curve, so do FSDP2 over 2 ranks and TP2 with sequence parallelism (the language model split, the vision
+single-process curve, so do FSDP2 over 2 ranks, PP2 (the vision tower on the first stage) and TP2 with sequence parallelism (the language model split, the vision
 tower replicated), a resumed run continues the uninterrupted one exactly, and the settings this
 version cannot run are refused with errors that name the keys."""
 
@@ -38,6 +38,7 @@ def test_llava_training_learns(reference):
 
 @pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
                                         ("dp2_fsdp", ["parallel.fsdp=true"]),
+                                        ("pp2", ["parallel.pipeline=2"]),
                                         ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])])
 def test_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
     got, want = losses(_train(tmp_path, name, extra, nproc=2)), losses(reference)
@@ -55,8 +56,17 @@ def test_resume_continues_the_run_exactly(tmp_path, reference):
     assert losses(resumed) == losses(reference)[10:]
 
 
+def test_pp2_checkpoint_resumes_on_one_process(tmp_path, reference):
+    """Saved at PP2 (the tower and the first layer on stage 0, the rest on stage 1 under LLaVA's
+    names), resumed on one process: steps 11-20 follow the single-process curve."""
+    ckpt = str(tmp_path / "ckpt")
+    _train(tmp_path, "pp2", ["parallel.pipeline=2", f"checkpoint.dir={ckpt}", "checkpoint.interval=10"], nproc=2)
+    resumed = _train(tmp_path, "resumed", [f"checkpoint.load={ckpt}/iter_0000010"])
+    got, want = losses(resumed), losses(reference)[10:]
+    assert len(got) == 10 and max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 1e-4, (got, want)
+
+
 @pytest.mark.parametrize("extra, words", [
-    (["parallel.pipeline=2"], "parallel.pipeline=2"),
     (["parallel.context=2"], "parallel.context=2"),
     (["data.source=default"], "data.source"),
     (["vision.image_token_id=null"], "vision.image_token_id"),
