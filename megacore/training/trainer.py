@@ -199,72 +199,10 @@ class Trainer:
                 for i, ds in enumerate((self.train_ds, self.valid_ds)))
 
     def build_model(self) -> list[torch.nn.Module]:
-        """This rank's model chunks, wrapped for data parallelism."""
-        from megacore.distributed import DistributedDataParallel
-        from megacore.pipeline.partition import build_model_chunks
+        """This rank's model chunks, wrapped for data parallelism (``megacore.training.model_build``)."""
+        from megacore.training.model_build import build_run_model
 
-        cfg, p = self.cfg, self.cfg.parallel
-        # TP gradient sums in finalize mode: DDP.finish_grad_sync runs them once per step (FSDP
-        # excludes TP, so every TP run is DDP-wrapped).
-        chunks = build_model_chunks(cfg, self.state, device=self.device,
-                                    dtype=torch.float32 if p.fsdp else self.dtype, tp_grad_sync="finalize")
-        if cfg.vision.enabled:
-            chunks = [self._llava_chunk(c) for c in chunks]
-        if cfg.precision.fp8 is not None:  # before compile / DDP / FSDP wrap the chunks
-            from megacore.precision.fp8 import apply_fp8
-
-            n_fp8 = sum(apply_fp8(c, recipe=cfg.precision.fp8) for c in chunks)
-            self._info(f"fp8 ({cfg.precision.fp8}): {n_fp8} linear layers run their GEMMs in float8 on this rank; "
-                       f"the output layer and embeddings stay {cfg.precision.dtype}")
-        if p.tp_comm_overlap == "copy_engine" and self.state.tp_size > 1:
-            from megacore.parallel import sp_overlap
-
-            m = cfg.model  # the largest transfer: one micro-batch's tokens x hidden
-            workspace = cfg.train.micro_batch_size * m.seq_length * m.hidden_size * self.dtype.itemsize
-            results = [sp_overlap.apply(c, self.state.tp_group, workspace) for c in chunks]
-            on = all(copy_engine for _, copy_engine in results)
-            self._info(f"tp_comm_overlap=copy_engine: {sum(n for n, _ in results)} sequence-parallel linears move "
-                       + ("their tokens by peer-to-peer copies beside their matmuls" if on else
-                          "their tokens with the plain collectives (no symmetric memory on this backend)"))
-        if cfg.compile:
-            from megacore.training.compile import compile_model, enable_tp_comm_overlap
-
-            if p.tp_comm_overlap not in ("off", "copy_engine") and self.state.tp_size > 1:
-                what = enable_tp_comm_overlap(self.state.tp_group, p.tp_comm_overlap)
-                self._info(f"tp_comm_overlap={p.tp_comm_overlap}: {what}"
-                           + (f", {p.tp_batch_chunks} sequence groups per layer" if p.tp_batch_chunks > 1 else ""))
-            chunks = [compile_model(c, mode=cfg.compile_mode) for c in chunks]
-        if p.fsdp:
-            from megacore.distributed.fsdp import apply_fsdp
-
-            if not dist.is_initialized():
-                raise ConfigError("parallel.fsdp=true needs torch.distributed; launch with --nproc N or torchrun")
-            policy = None if self.dtype == torch.float32 else self.dtype
-            return [apply_fsdp(c, mp_policy=policy) for c in chunks]
-        # Expert weights split over EP are replicated only over the expert-data-parallel ranks.
-        expert_dp = self.state.edp_group if self.state.ep_size > 1 else None
-        return [DistributedDataParallel(c, self.state.dp_cp_group, bucket_size_mb=p.ddp_bucket_size_mb,
-                                        expert_dp_group=expert_dp,
-                                        overlap_grad_reduce=p.overlap_grad_reduce,
-                                        use_distributed_optimizer=p.distributed_optimizer,
-                                        overlap_param_gather=p.overlap_param_gather and p.distributed_optimizer,
-                                        grad_reduce_dtype=DTYPES[p.grad_reduce_dtype])
-                for c in chunks]
-
-    def _llava_chunk(self, chunk: torch.nn.Module) -> torch.nn.Module:
-        """LLaVA around a (possibly tensor-parallel) language-model chunk: the vision tower and the
-        projector live with the embedding, on the first pipeline stage; later stages keep LLaVA's
-        parameter names (``language_model.*``) so checkpoints reshard across layouts."""
-        from megacore.models.llava import LlavaConfig, LlavaLanguageStage, LlavaModel
-
-        cfg = self.cfg
-        if not chunk.pre_process:
-            return LlavaLanguageStage(chunk)
-        llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunk)
-        llava.to(self.device, torch.float32 if cfg.parallel.fsdp else self.dtype)  # FSDP casts for compute itself
-        if cfg.vision.freeze_tower:
-            llava.vision_tower.requires_grad_(False)
-        return llava.train()
+        return build_run_model(self.cfg, self.state, self.device, self.dtype, self._info)
 
     def build_optimizer(self):
         from megacore.distributed import DistributedOptimizer
