@@ -91,6 +91,50 @@ def _checkpoint_prefix(family: str, names: list[str]) -> str:
     return default if any(n.startswith(default) for n in names) else ""
 
 
+def check_tensor_names(reader: CheckpointReader, rules: list[Rule], hf_dir: Path, family: str, ignorable) -> None:
+    """ValueError naming the checkpoint tensors ``rules`` need but ``reader`` lacks, or that it holds
+    but no rule uses (except those ``ignorable(name)`` accepts)."""
+    wanted = {n for r in rules for n in r.hf}
+    missing = sorted(n for n in wanted if n not in reader)
+    if missing:
+        raise ValueError(f"{hf_dir} lacks {len(missing)} tensor(s) the {family} config needs, e.g. {missing[:8]}; "
+                         "the weights do not match config.json (or the download is incomplete)")
+    extra = sorted(n for n in reader.keys() if n not in wanted and not ignorable(n))
+    if extra:
+        raise ValueError(f"{hf_dir} holds {len(extra)} tensor(s) the {family} mapping does not use, e.g. "
+                         f"{extra[:8]}; config.json does not describe these weights (wrong num_hidden_layers, "
+                         "bias or tie_word_embeddings setting?)")
+
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, rules: list[Rule], reader: CheckpointReader, hf_dir: Path, family: str) -> None:
+    """Fill every parameter of ``model`` from the checkpoint through ``rules``, each HF tensor's shape
+    checked against the one the parameter implies before it is read."""
+    params = dict(model.named_parameters())
+    uncovered = sorted(set(params) - {r.ours for r in rules})
+    if uncovered:
+        raise RuntimeError(f"internal error: the {family} mapping leaves megacore parameters unset: {uncovered}")
+    for rule in rules:
+        param = params[rule.ours]
+        for name, shape in zip(rule.hf, _expected_hf_shapes(rule, param.shape)):
+            if reader.shape(name) != shape:
+                raise ValueError(f"tensor {name!r} in {hf_dir} has shape {reader.shape(name)}, but config.json "
+                                 f"implies {shape} (for megacore {rule.ours}); the weights do not match the config")
+        param.copy_(rule.to_ours([reader.get(n) for n in rule.hf]))
+
+
+def rules_to_hf(params: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
+    """The HF-named tensors of ``params`` through ``rules``."""
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        if rule.ours not in params:
+            raise ValueError(f"model has no parameter {rule.ours}; was it built with a custom layer spec that "
+                             "renames submodules? HF export needs the default names")
+        for name, t in zip(rule.hf, rule.to_hf(params[rule.ours].detach())):
+            out[name] = t
+    return out
+
+
 @torch.no_grad()
 def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                     device: Optional[Union[str, torch.device]] = None, **config_overrides: Any) -> GPTModel:
@@ -109,32 +153,12 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     family = detect_family(hf_cfg)
     config = config_from_hf(hf_cfg, **config_overrides)
     with CheckpointReader(hf_dir) as reader:
-        names = reader.keys()
-        rules = weight_rules(family, config, _checkpoint_prefix(family, names))
-        wanted = {n for r in rules for n in r.hf}
-        missing = sorted(n for n in wanted if n not in reader)
-        if missing:
-            raise ValueError(f"{hf_dir} lacks {len(missing)} tensor(s) the {family} config needs, e.g. {missing[:8]}; "
-                             "the weights do not match config.json (or the download is incomplete)")
-        extra = sorted(n for n in names if n not in wanted and not is_ignorable(n, family, config))
-        if extra:
-            raise ValueError(f"{hf_dir} holds {len(extra)} tensor(s) the {family} mapping does not use, e.g. "
-                             f"{extra[:8]}; config.json does not describe these weights (wrong num_hidden_layers, "
-                             "bias or tie_word_embeddings setting?)")
+        rules = weight_rules(family, config, _checkpoint_prefix(family, reader.keys()))
+        check_tensor_names(reader, rules, hf_dir, family, lambda n: is_ignorable(n, family, config))
         if dtype is None:
             dtype = reader.get(rules[0].hf[0]).dtype
         model = build_empty(config, dtype, torch.device(device if device is not None else "cpu"))
-        params = dict(model.named_parameters())
-        uncovered = sorted(set(params) - {r.ours for r in rules})
-        if uncovered:
-            raise RuntimeError(f"internal error: the {family} mapping leaves megacore parameters unset: {uncovered}")
-        for rule in rules:
-            param = params[rule.ours]
-            for name, shape in zip(rule.hf, _expected_hf_shapes(rule, param.shape)):
-                if reader.shape(name) != shape:
-                    raise ValueError(f"tensor {name!r} in {hf_dir} has shape {reader.shape(name)}, but config.json "
-                                     f"implies {shape} (for megacore {rule.ours}); the weights do not match the config")
-            param.copy_(rule.to_ours([reader.get(n) for n in rule.hf]))
+        copy_weights(model, rules, reader, hf_dir, family)
     model.hf_family = family
     model.hf_config = hf_cfg
     return model.eval()
@@ -162,15 +186,7 @@ def hf_state_dict(model: nn.Module, family: Optional[str] = None) -> dict[str, t
     family = family or getattr(model, "hf_family", None) or infer_family(model.config)
     check_exportable(model.config, family)
     _check_complete(model)
-    params = dict(model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    for rule in weight_rules(family, model.config):
-        if rule.ours not in params:
-            raise ValueError(f"model has no parameter {rule.ours}; was it built with a custom layer spec that "
-                             "renames submodules? HF export needs the default names")
-        for name, t in zip(rule.hf, rule.to_hf(params[rule.ours].detach())):
-            out[name] = t
-    return out
+    return rules_to_hf(dict(model.named_parameters()), weight_rules(family, model.config))
 
 
 def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] = None,

@@ -30,6 +30,7 @@ import torch
 
 from megacore.config import ConfigError, VisionConfig
 from megacore.interop.hf_config import config_from_hf, config_to_hf, detect_family, infer_family
+from megacore.interop.hf import build_empty, check_tensor_names, copy_weights, rules_to_hf
 from megacore.interop.hf_io import CheckpointReader, atomic_directory, write_safetensors
 from megacore.interop.hf_weights import Rule, _identity, fuse_qkv, is_ignorable, split_qkv, weight_rules
 from megacore.models.llava import LlavaConfig, LlavaModel
@@ -158,30 +159,15 @@ def load_pretrained_llava(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     config = config_from_hf_llava(hf, **text_overrides)
     family = detect_family(hf["text_config"])
     with CheckpointReader(hf_dir) as reader:
-        names = reader.keys()
-        rules = llava_rules(config, family, _read_prefixes(names))
-        wanted = {n for r in rules for n in r.hf}
-        missing = sorted(n for n in wanted if n not in reader)
-        if missing:
-            raise ValueError(f"{hf_dir} lacks {len(missing)} tensor(s) its config.json implies, e.g. {missing[:6]}")
-        extra = sorted(n for n in names if n not in wanted and not is_ignorable(n, family, config.text))
-        if extra:
-            raise ValueError(f"{hf_dir} holds {len(extra)} tensor(s) the LLaVA mapping does not use, e.g. {extra[:6]}; "
-                             "config.json does not describe these weights")
-        model = LlavaModel(config)
+        rules = llava_rules(config, family, _read_prefixes(reader.keys()))
+        check_tensor_names(reader, rules, hf_dir, f"llava ({family})",
+                           lambda n: is_ignorable(n, family, config.text))
         if dtype is None:
             dtype = reader.get(rules[0].hf[0]).dtype
-        model.to(dtype=dtype, device=device if device is not None else "cpu")
-        params = dict(model.named_parameters())
-        uncovered = sorted(set(params) - {r.ours for r in rules})
-        if uncovered:
-            raise RuntimeError(f"internal error: the LLaVA mapping leaves megacore parameters unset: {uncovered}")
-        for rule in rules:
-            value = rule.to_ours([reader.get(n) for n in rule.hf])
-            if tuple(value.shape) != tuple(params[rule.ours].shape):
-                raise ValueError(f"{rule.hf[0]} in {hf_dir} gives {rule.ours} the shape {tuple(value.shape)}, but "
-                                 f"config.json implies {tuple(params[rule.ours].shape)}; the weights do not match the config")
-            params[rule.ours].copy_(value)
+        target = torch.device(device if device is not None else "cpu")
+        # The language model (most of the weights) is allocated once, not randomly initialized first.
+        model = LlavaModel(config, language_model=build_empty(config.text, dtype, target)).to(target, dtype)
+        copy_weights(model, rules, reader, hf_dir, f"llava ({family})")
     model.hf_family = family
     return model.eval()
 
@@ -189,12 +175,7 @@ def load_pretrained_llava(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
 def llava_hf_state_dict(model: LlavaModel, family: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The HF-named tensors ``save_pretrained_llava`` writes."""
     family = family or getattr(model, "hf_family", None) or infer_family(model.config.text)
-    params = dict(model.named_parameters())
-    out = {}
-    for rule in llava_rules(model.config, family, WRITE):
-        for name, t in zip(rule.hf, rule.to_hf(params[rule.ours].detach())):
-            out[name] = t
-    return out
+    return rules_to_hf(dict(model.named_parameters()), llava_rules(model.config, family, WRITE))
 
 
 def save_pretrained_llava(model: LlavaModel, out_dir: PathLike, family: Optional[str] = None,
