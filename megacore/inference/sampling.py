@@ -83,6 +83,28 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no top-p filter)")
 
 
+class Continuation:
+    """Prompts [B, S] growing by one token per row per step. A row that has produced one of
+    ``eos_ids`` is finished: it repeats that token from then on."""
+
+    def __init__(self, ids: torch.Tensor, eos_ids: Iterable[int] = ()):
+        self.ids = ids
+        self.eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=ids.dtype, device=ids.device)
+        self.finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self.pad = torch.zeros_like(self.finished, dtype=ids.dtype)
+
+    def append(self, token_B: torch.Tensor) -> bool:
+        """Add each row's next token; True once every row has finished (which reads the device)."""
+        token_B = torch.where(self.finished, self.pad, token_B)
+        self.ids = torch.cat([self.ids, token_B[:, None]], dim=1)
+        if not self.eos.numel():
+            return False
+        hit = torch.isin(token_B, self.eos)
+        self.pad = torch.where(hit & ~self.finished, token_B, self.pad)
+        self.finished |= hit
+        return bool(self.finished.all())
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
@@ -98,16 +120,15 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     ids = input_ids.unsqueeze(0) if squeeze else input_ids
     if ids.dim() != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
-    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=ids.dtype, device=ids.device)
     window = getattr(getattr(model, "config", None), "seq_length", None)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    pad = torch.zeros_like(finished, dtype=ids.dtype)
+    out = Continuation(ids, eos_ids)
     was_training = model.training
     model.eval()
     cache = _new_cache(model, ids.shape[0], window) if use_cache else None
     try:
         for _ in range(max_new_tokens):
+            ids = out.ids
             context = ids[:, -window:] if window else ids
             if cache is None:
                 logits_BV = model(context)[:, -1, :]
@@ -118,15 +139,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
                 else:
                     feed = ids[:, -1:]     # only the newest token; the rest is cached
                 logits_BV = model(feed, kv_cache=cache)[:, -1, :]
-            token = next_token(logits_BV, temperature, top_k, top_p, generator)
-            token = torch.where(finished, pad, token)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            if eos.numel():
-                hit = torch.isin(token, eos)
-                pad = torch.where(hit & ~finished, token, pad)
-                finished |= hit
-                if bool(finished.all()):
-                    break
+            if out.append(next_token(logits_BV, temperature, top_k, top_p, generator)):
+                break
     finally:
         model.train(was_training)
-    return ids[0] if squeeze else ids
+    return out.ids[0] if squeeze else out.ids

@@ -173,7 +173,7 @@ class LlavaModel(nn.Module):
         token per step (``megacore.inference.sampling``'s sampling rules; ``temperature`` 0 = greedy).
         The whole continuation must fit ``model.seq_length``: sliding the window would cut images."""
         from megacore.inference.kv_cache import KVCache
-        from megacore.inference.sampling import check_sampling_args, next_token
+        from megacore.inference.sampling import Continuation, check_sampling_args, next_token
 
         check_sampling_args(max_new_tokens, temperature, top_k, top_p)
         lm = self.language_model
@@ -184,28 +184,20 @@ class LlavaModel(nn.Module):
             raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens exceed "
                              f"model.seq_length={lm.config.seq_length}; shorten the prompt or generate fewer tokens")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        eos = torch.tensor(sorted({int(e) for e in eos_ids}), dtype=input_ids.dtype, device=input_ids.device)
+        out = Continuation(input_ids, eos_ids)
         cache = KVCache.for_model(lm, input_ids.shape[0], max_length=total)
         was_training = self.training
         self.eval()
         try:
             logits_BV = lm(input_ids, kv_cache=cache, hidden_states=self.embed(input_ids, pixel_values))[:, -1]
-            ids, finished = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            pad = torch.zeros_like(finished, dtype=input_ids.dtype)
             for step in range(max_new_tokens):
-                token = torch.where(finished, pad, next_token(logits_BV, temperature, top_k, top_p, generator))
-                ids = torch.cat([ids, token[:, None]], dim=1)
-                if eos.numel():
-                    hit = torch.isin(token, eos)
-                    pad = torch.where(hit & ~finished, token, pad)
-                    finished |= hit
-                    if bool(finished.all()):
-                        break
+                if out.append(next_token(logits_BV, temperature, top_k, top_p, generator)):
+                    break
                 if step + 1 < max_new_tokens:  # text only from here: the images are in the cache
-                    logits_BV = lm(token[:, None], kv_cache=cache)[:, -1]
+                    logits_BV = lm(out.ids[:, -1:], kv_cache=cache)[:, -1]
         finally:
             self.train(was_training)
-        return ids
+        return out.ids
 
 
 class LlavaLanguageStage(nn.Module):
