@@ -174,7 +174,7 @@ def _produce_then_reduce_scatter(shape: tuple[int, int], like: torch.Tensor, gro
                                  own_work=None):
     """Σ_p of chunk r of every rank's partial result, where ``produce(p, out)`` writes chunk p of this
     rank's partial [rows, n] into ``out`` (or returns it when ``out`` is None). ``own_work()`` runs
-    on the main stream while the chunks travel; with it, returns (the sum, own_work's result)."""
+    on the main stream while the chunks travel. Returns (the sum, own_work's result or None)."""
     rows, n = shape
     ws = _workspace(group_name, C.group_size(_group(group_name)) * rows * n * like.element_size())
     t, r = ws.world_size, ws.rank
@@ -194,7 +194,7 @@ def _produce_then_reduce_scatter(shape: tuple[int, int], like: torch.Tensor, gro
         main.wait_event(event)
         out.add_(received[i])
     main.wait_stream(side)
-    return out if own_work is None else (out, extra)
+    return out, extra
 
 
 # -------------------------------------------------------------------------------- the four patterns
@@ -236,7 +236,7 @@ def _linear_rs_impl(z, weight, group_name):
         z_p = z[_rows(p, rows)]
         return torch.mm(z_p, weight.t()) if out is None else torch.mm(z_p, weight.t(), out=out)
 
-    return _produce_then_reduce_scatter((rows, weight.shape[0]), z, group_name, produce)
+    return _produce_then_reduce_scatter((rows, weight.shape[0]), z, group_name, produce)[0]
 
 
 def _linear_rs_backward_impl(grad_r, z, weight, group_name):
