@@ -5,7 +5,7 @@ from the CPU ones); in bf16 a training step runs and lowers the loss."""
 import pytest
 import torch
 
-from tests.interop.test_hf_llava import IMAGE_TOKEN, _hf_model, _inputs
+from tests.interop.test_hf_llava import _hf_model, _inputs, train_steps
 
 pytestmark = pytest.mark.gpu
 
@@ -23,14 +23,5 @@ def test_llava_on_gpu_matches_hugging_face(tmp_path):
         diff = (ours(ids, pixels) - hf(input_ids=ids, pixel_values=pixels).logits).abs().max().item()
     assert diff < 1e-3, diff
     model = load_pretrained_llava(tmp_path / "hf", dtype=torch.bfloat16, device="cuda").train()
-    labels = torch.roll(ids, -1, 1)
-    labels[ids == IMAGE_TOKEN] = -100
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        opt.zero_grad()
-        loss = model(ids, pixels, labels=labels)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, pixels)
     assert losses[-1] < losses[0] - 0.5, losses

@@ -20,6 +20,7 @@ from megacore.config import TransformerConfig
 from megacore.models import GPTModel
 from megacore.parallel import collectives as C
 from megacore.parallel import sp_overlap
+from tests.dist.equivalence import errors_against_reference
 from tests.dist.harness import run_distributed
 
 TOL = 1e-5
@@ -91,16 +92,10 @@ def _model_errors(rank, world):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, cfg.vocab_size, (4, 8), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (4, 8), generator=g)
-    errors = {"logits": (model(ids) - ref(ids)).abs().max().item()}
-    loss, ref_loss = model(ids, labels=labels), ref(ids, labels=labels)
-    errors["loss"] = (loss - ref_loss).abs().item()
-    loss.backward()
-    ref_loss.backward()
-    grads = P.gather_full_state_dict(model, grads=True)
-    for name, p in ref.named_parameters():
-        errors[f"grad {name}"] = (grads[name] - p.grad).abs().max().item()
+    errors = errors_against_reference(model, ref, (ids,), labels,
+                                      lambda m: P.gather_full_state_dict(m, grads=True), TOL)
     P.destroy()
-    return switched, copy_engine, {k: v for k, v in errors.items() if not v <= TOL}
+    return switched, copy_engine, errors
 
 
 def test_tp2_sp_model_with_overlapped_linears_matches_single_device():

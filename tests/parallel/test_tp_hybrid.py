@@ -9,6 +9,7 @@ import torch
 import megacore.parallel as P
 from megacore.config import ConfigError, TransformerConfig
 from megacore.models import GPTModel
+from tests.dist.equivalence import errors_against_reference
 from tests.dist.harness import run_distributed
 
 TOL = 1e-5
@@ -29,16 +30,10 @@ def _errors(rank, world, sequence_parallel):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, cfg.vocab_size, (4, 8), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (4, 8), generator=g)
-    errors = {"logits": (model(ids) - ref(ids)).abs().max().item()}
-    loss, ref_loss = model(ids, labels=labels), ref(ids, labels=labels)
-    errors["loss"] = (loss - ref_loss).abs().item()
-    loss.backward()
-    ref_loss.backward()
-    grads = P.gather_full_state_dict(model, grads=True)
-    for name, p in ref.named_parameters():
-        errors[f"grad {name}"] = (grads[name] - p.grad).abs().max().item()
+    errors = errors_against_reference(model, ref, (ids,), labels,
+                                      lambda m: P.gather_full_state_dict(m, grads=True), TOL)
     P.destroy()
-    return local, {k: v for k, v in errors.items() if not v <= TOL}
+    return local, errors
 
 
 @pytest.mark.parametrize("world,sp", [(2, False), (2, True), (4, True)], ids=["tp2", "tp2_sp", "tp4_sp"])

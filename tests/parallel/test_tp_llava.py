@@ -8,6 +8,7 @@ import torch
 import megacore.parallel as P
 from megacore.config import TransformerConfig, VisionConfig
 from megacore.models.llava import LlavaConfig, LlavaModel
+from tests.dist.equivalence import errors_against_reference
 from tests.dist.harness import run_distributed
 
 TOL = 1e-5
@@ -40,20 +41,14 @@ def _errors(rank, world, sequence_parallel):
     lm = P.build_parallel_gpt(_config().text, 3, sequence_parallel=sequence_parallel)
     model = LlavaModel(_config(), seed=3, language_model=lm)
     ids, pixels, labels = _batch()
-    errors = {"logits": (model(ids, pixels) - ref(ids, pixels)).abs().max().item()}
-    loss, ref_loss = model(ids, pixels, labels=labels), ref(ids, pixels, labels=labels)
-    errors["loss"] = (loss - ref_loss).abs().item()
-    loss.backward()
-    ref_loss.backward()
-    grads = P.gather_full_state_dict(model.language_model, grads=True)
-    for name, p in ref.language_model.named_parameters():
-        errors[f"grad language_model.{name}"] = (grads[name] - p.grad).abs().max().item()
-    mine = dict(model.named_parameters())
-    for name, p in ref.named_parameters():
-        if not name.startswith("language_model.") and p.grad is not None:
-            errors[f"grad {name}"] = (mine[name].grad - p.grad).abs().max().item()
+    def grads_of(m):  # the language model's TP shards gathered; the replicated tower's as they are
+        grads = {f"language_model.{n}": g for n, g in P.gather_full_state_dict(m.language_model, grads=True).items()}
+        grads.update((n, p.grad) for n, p in m.named_parameters() if not n.startswith("language_model."))
+        return grads
+
+    errors = errors_against_reference(model, ref, (ids, pixels), labels, grads_of, TOL)
     P.destroy()
-    return {k: v for k, v in errors.items() if not v <= TOL}
+    return errors
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
