@@ -150,6 +150,17 @@ class ColwiseGated(Colwise):
         return TPL.TPLayout.fused(0, [half, half], ctx.size)
 
 
+class ColwiseParts(Colwise):
+    """Column-parallel over rows that concatenate ``parts``, each split evenly: rank r holds
+    [part_0 chunk r; part_1 chunk r; ...] (a fused projection whose outputs are used apart)."""
+
+    def __init__(self, parts: list[int]):
+        self.parts = parts
+
+    def layout(self, module, ctx, parent, name):
+        return TPL.TPLayout.fused(0, self.parts, ctx.size)
+
+
 class ColwiseQKV(Colwise):
     def layout(self, module, ctx, parent, name):
         cfg = ctx.config
@@ -262,21 +273,10 @@ class MambaSplit(Style):
         from megacore.layers.mamba import MambaMixer
 
         _expect(module, MambaMixer, name, repr(self))
-        m, t, r = module, ctx.size, ctx.rank
-        if m.num_heads % t != 0 or m.num_groups % t != 0:
-            raise ConfigError(f"{name}: {m.num_heads} Mamba heads and model.mamba_num_groups={m.num_groups} must both "
-                              f"be divisible by parallel.tensor={t}")
+        m, t, r = module, ctx.size, ctx.rank  # heads and groups divide by t: check_tp_config checked
         inner, bc, heads = m.inner, m.num_groups * m.state_dim, m.num_heads
-        w = m.in_proj.weight
-        new_in = TPL.ColumnParallelLinear(m.in_proj.in_features, m.in_proj.out_features, False,
-                                          layout=TPL.TPLayout.fused(0, [inner, inner, bc, bc, heads], t),
-                                          sequence_parallel=ctx.sequence_parallel, **_where(ctx, w),
-                                          init_weight=_init_kind(w, "normal"))
-        m.in_proj = _adopt(new_in, m.in_proj)
-        w = m.out_proj.weight
-        new_out = TPL.RowParallelLinear(inner, m.out_proj.out_features, False, sequence_parallel=ctx.sequence_parallel,
-                                        **_where(ctx, w), init_weight=_init_kind(w, "scaled_normal"))
-        m.out_proj = _adopt(new_out, m.out_proj)
+        m.in_proj = ColwiseParts([inner, inner, bc, bc, heads]).apply(f"{name}.in_proj", m.in_proj, m, ctx)
+        m.out_proj = Rowwise().apply(f"{name}.out_proj", m.out_proj, m, ctx)
         conv_layout = TPL.TPLayout.fused(0, [inner, bc, bc], t)
         local_conv, kernel = conv_layout.local_size, m.conv1d.kernel_size[0]
         old_conv = m.conv1d
