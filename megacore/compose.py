@@ -64,12 +64,7 @@ def build_model_chunks(cfg: RunConfig, state: Optional[ParallelState] = None, de
 
 def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_grad_sync: str) -> list:
     """Steps 1-4 (see the module doc)."""
-    p = cfg.parallel
-    asked = dict(pipeline=p.pipeline, tensor=p.tensor, context=p.context, expert=p.expert)
-    got = dict(pipeline=state.pp_size, tensor=state.tp_size, context=state.cp_size, expert=state.ep_size)
-    if asked != got:
-        raise ConfigError(f"the parallel section asks for {asked} but the process groups have {got}; build the "
-                          "groups from the same section (megacore.parallel.initialize with every axis)")
+    p = cfg.parallel  # the groups of ``state`` were built from it (the trainer checks every axis)
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
                                  pipeline_layers=p.pipeline_layers, materialize=False)        # 1. pipeline split
     for chunk in chunks:

@@ -329,6 +329,13 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor * self.pipeline * self.context)
 
+    def mesh_sizes(self) -> dict:
+        """Every axis of the process mesh this section asks for, as the keyword arguments of
+        ``megacore.parallel.initialize`` (the one place the config becomes process groups; an axis
+        added here reaches the mesh without touching the caller)."""
+        return {"tensor": self.tensor, "pipeline": self.pipeline, "context": self.context, "expert": self.expert,
+                "virtual_pipeline": self.virtual_pipeline if (self.virtual_pipeline or 1) > 1 else None}
+
 
 @dataclass
 class TrainConfig:

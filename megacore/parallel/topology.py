@@ -326,6 +326,36 @@ def on_destroy(forget) -> None:
         _ON_DESTROY.append(forget)
 
 
+# initialize()'s size arguments -> the group whose size each one sets.
+AXIS_GROUPS = {"tensor": "tp", "pipeline": "pp", "context": "cp", "expert": "ep", "expert_tensor": "etp"}
+
+
+def layout_mismatches(state: ParallelState, sizes: dict) -> list[str]:
+    """What differs between the layout ``sizes`` asked for (``initialize``'s keyword arguments,
+    e.g. ``ParallelConfig.mesh_sizes()``) and the groups of ``state``: one line per axis, empty when
+    they agree. Axes left out of ``sizes`` are expected to be 1."""
+    unknown = set(sizes) - set(AXIS_GROUPS) - {"virtual_pipeline"}
+    if unknown:
+        raise ValueError(f"unknown layout axes {sorted(unknown)}; known: {sorted(AXIS_GROUPS)} and virtual_pipeline")
+    out = [f"{axis}={sizes.get(axis, 1)} but the {group} group has {state.size(group)} ranks"
+           for axis, group in AXIS_GROUPS.items() if state.size(group) != sizes.get(axis, 1)]
+    if (sizes.get("virtual_pipeline") or 1) != (state.virtual_pipeline_size or 1):
+        out.append(f"virtual_pipeline={sizes.get('virtual_pipeline')} but the state records "
+                   f"{state.virtual_pipeline_size}")
+    return out
+
+
+def describe_layout(state: ParallelState) -> str:
+    """The layout of ``state`` in words, read from its groups: ``world 4 = tensor 2 x pipeline 1 x data 2``,
+    plus context when > 1 and the expert folding when experts are split."""
+    text = (f"world {state.world_size} = tensor {state.tp_size} x pipeline {state.pp_size} x "
+            f"{f'context {state.cp_size} x ' if state.cp_size > 1 else ''}data {state.dp_size}")
+    if state.ep_size > 1 or state.etp_size > 1:
+        text += (f"; experts split over {state.ep_size} ranks (expert {state.ep_size} x expert-tensor "
+                 f"{state.etp_size} x expert-data {state.edp_size} per stage)")
+    return text
+
+
 def destroy() -> None:
     """Forget the layout and destroy its groups (and the default group if ``initialize`` made it)."""
     global _STATE

@@ -5,7 +5,9 @@
 
 One code path serves every layout. What the layout changes is declared, then applied:
 
-1. ``megacore.parallel.initialize`` builds the TP/PP/DP groups (a no-op layout on one process);
+1. ``megacore.parallel.initialize(**parallel.mesh_sizes())`` builds the groups of every axis of the
+   ``parallel`` section (TP/PP/CP/DP and the expert folding EP/EDP; a no-op layout on one process),
+   and the trainer checks that the groups have the sizes asked for;
 2. ``megacore.pipeline.build_model_chunks`` builds this rank's pipeline stage(s) of the one-device
    ``GPTModel`` on meta, TP-shards them (``parallel.tensor``, ``sequence_parallel``) and fills
    every parameter from ``(train.seed, global name)``, so the seed defines the global model;
@@ -125,13 +127,14 @@ class Trainer:
         self.peak_tflops = peak_tflops(name)
         n_params = self._global_param_count()
         p = cfg.parallel
+        from megacore.parallel.topology import describe_layout
+
         pattern = f" ({cfg.model.layer_pattern})" if cfg.model.layer_pattern else ""
         self._info(f"model: {n_params / 1e6:.1f}M parameters, {cfg.model.num_layers} layers{pattern}, hidden "
                    f"{cfg.model.hidden_size}, seq {cfg.model.seq_length}, device {name}, dtype {cfg.precision.dtype}")
-        self._info(f"layout: world {self.world_size} = tensor {p.tensor} x pipeline {p.pipeline} x "
-                   f"{f'context {p.context} x ' if p.context > 1 else ''}data "
-                   f"{self.dp_size}{' (sequence parallel)' if p.sequence_parallel else ''}"
-                   f"{f', experts split over {p.expert} ranks' if p.expert > 1 else ''}; optimizer "
+        # Read from the live groups, not the config: the line says what actually runs.
+        self._info(f"layout: {describe_layout(self.state)}{' (sequence parallel)' if p.sequence_parallel else ''}"
+                   f"; optimizer "
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
@@ -141,14 +144,22 @@ class Trainer:
                                      total_iters=cfg.train.iters, resume=self.step > 0)
 
     def _init_parallel(self) -> None:
+        """The process groups of the whole ``parallel`` section, built in one call, then checked:
+        every axis asked for must be the one the groups have (a size dropped on the way would
+        otherwise run a different layout than the config and the log claim)."""
         from megacore import parallel
+        from megacore.parallel.topology import layout_mismatches
 
-        p = self.cfg.parallel
+        sizes = self.cfg.parallel.mesh_sizes()
         if self.world_size > 1:
-            self.state = parallel.initialize(tensor=p.tensor, pipeline=p.pipeline, context=p.context,
-                                             virtual_pipeline=p.virtual_pipeline if (p.virtual_pipeline or 1) > 1 else None)
+            self.state = parallel.initialize(**sizes)
         else:
             self.state = parallel.get_state()
+        problems = layout_mismatches(self.state, sizes)
+        if problems:
+            raise TrainingError("the process groups do not match the parallel config: " + "; ".join(
+                f"parallel.{p}" for p in problems) + f" (world size {self.world_size}); this is a bug in how "
+                "the layout was built, not in the config")
         # Dropout: identical where a tensor is replicated, different across TP shards.
         parallel.model_parallel_seed(self.cfg.train.seed)
         self.dp_size = self.state.dp_size
