@@ -36,7 +36,7 @@ from megacore.parallel import parallelize, parallelize_llava
 from megacore.parallel.batch_chunks import apply_batch_chunks
 from megacore.parallel.context_parallel import apply_context_parallel
 from megacore.parallel.expert_parallel import apply_expert_parallel
-from megacore.parallel.topology import ParallelState, get_state
+from megacore.parallel.topology import AXIS_GROUPS, ParallelState, get_state, layout_mismatches
 from megacore.pipeline.partition import build_stage_modules
 from megacore.training.loop import DTYPES
 
@@ -64,7 +64,13 @@ def build_model_chunks(cfg: RunConfig, state: Optional[ParallelState] = None, de
 
 def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_grad_sync: str) -> list:
     """Steps 1-4 (see the module doc)."""
-    p = cfg.parallel  # the groups of ``state`` were built from it (the trainer checks every axis)
+    p = cfg.parallel
+    if layout_mismatches(state, p.mesh_sizes()):
+        sizes = {axis: p.mesh_sizes()[axis] for axis in ("pipeline", "tensor", "context", "expert")}
+        asked = ", ".join(f"parallel.{axis}={size}" for axis, size in sizes.items())
+        got = ", ".join(f"{axis}={state.size(AXIS_GROUPS[axis])}" for axis in sizes)
+        raise ConfigError(f"{asked} but the process groups have {got}; build the groups from the same section: "
+                          "megacore.parallel.initialize(**parallel.mesh_sizes())")
     chunks = build_stage_modules(cfg.model, state.pp_rank, state.pp_size, p.virtual_pipeline or 1, cfg.train.seed,
                                  pipeline_layers=p.pipeline_layers, materialize=False)        # 1. pipeline split
     for chunk in chunks:
