@@ -75,7 +75,7 @@ def build(a, device):
     from megacore.kernels._dispatch import kernel_backend
     from megacore.models.gpt import GPTModel
     from megacore.models.init import materialize
-    from megacore.training.optimizer import MixedPrecisionOptimizer
+    from megacore.optim.optimizer import MixedPrecisionOptimizer
 
     cfg = model_config(a)
     with torch.device("meta"):

@@ -185,9 +185,9 @@ def build_optimizer(cfg: RunConfig, chunks: list, state: Optional[ParallelState]
     """(optimizer, loss scaler or None) over ``build_run_model``'s chunks: AdamW on fp32 master
     weights (``MixedPrecisionOptimizer``, or the ``DistributedOptimizer`` sharding its state over
     DP), or plain AdamW under FSDP2."""
-    from megacore.distributed import DistributedOptimizer
+    from megacore.optim import DistributedOptimizer
     from megacore.precision.loss_scaler import build_loss_scaler
-    from megacore.training.optimizer import MixedPrecisionOptimizer, weight_decay_groups
+    from megacore.optim.optimizer import MixedPrecisionOptimizer, weight_decay_groups
 
     state = state or get_state()
     t, pr = cfg.train, cfg.precision

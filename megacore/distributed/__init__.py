@@ -1,5 +1,6 @@
-"""Data parallelism: contiguous grad buffers, DDP with overlapped reduction, the distributed
-optimizer (ZeRO-1/2), global grad-norm clipping and the FSDP2 bridge.
+"""Data parallelism: contiguous grad buffers, DDP with overlapped reduction, global
+grad-norm clipping and the FSDP2 bridge. The optimizers that read these buffers are in
+``megacore.optim``.
 
 Gradients are summed (not averaged) over data parallelism; see ``megacore.distributed.ddp`` for the
 loss-normalization contract that makes this layout-invariant.
@@ -14,19 +15,8 @@ from megacore.distributed.groups import parallel_groups
 from megacore.distributed.fsdp import apply_fsdp, fsdp_no_sync, mixed_precision_policy, transformer_layers
 
 
-
-def __getattr__(name):
-    # Imported lazily: distributed_optimizer builds on megacore.training.optimizer, which itself
-    # imports megacore.distributed.* (an eager import here would be circular).
-    if name == "DistributedOptimizer":
-        from megacore.distributed.distributed_optimizer import DistributedOptimizer
-
-        return DistributedOptimizer
-    raise AttributeError(f"module 'megacore.distributed' has no attribute {name!r}")
-
-
 __all__ = [
-    "Bucket", "DistributedDataParallel", "DistributedOptimizer", "GradBuffer", "all_reduce_over", "apply_fsdp",
+    "Bucket", "DistributedDataParallel", "GradBuffer", "all_reduce_over", "apply_fsdp",
     "clip_grad_norm", "counts_for_norm", "default_is_tp_replicated", "fsdp_no_sync", "global_grad_norm",
     "group_rank", "group_size", "is_expert_param", "is_shared_duplicate", "mixed_precision_policy",
     "parallel_groups", "transformer_layers",

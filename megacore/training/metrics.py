@@ -14,9 +14,8 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
 
-import torch
+
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -26,26 +25,6 @@ def _fmt_eta(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def read_scalars(values: Sequence) -> list:
-    """Host numbers of ``values``: numbers (and None) pass through; one-element tensors become
-    Python floats, read with ONE device->host copy per device (all of a device's values are
-    stacked as float64 first, which is exact for fp32/fp64/integer values).
-
-    Reading a CUDA tensor waits until the GPU has computed it (and everything queued before it):
-    call this where the caller has decided to synchronize, with every value it needs at once.
-    """
-    out = list(values)
-    by_device: dict = {}
-    for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(i)
-    for idx in by_device.values():
-        stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in idx])
-        for i, x in zip(idx, stacked.tolist()):
-            out[i] = x
-    return out
 
 
 class MetricsLogger:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megacore.training.loop import StepResult
-from megacore.training.metrics import read_scalars
+from megacore.optim.step_info import read_scalars
 
 
 class PendingStep:

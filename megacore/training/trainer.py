@@ -43,7 +43,8 @@ from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
-from megacore.training.metrics import MetricsLogger, read_scalars
+from megacore.training.metrics import MetricsLogger
+from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.hybrid import check_hybrid_layout
 from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers, num_moe_layers
@@ -336,7 +337,7 @@ class Trainer:
         scaler reads its overflow flag. Whatever is left is read by ``PendingStep.resolve``.
         """
         from megacore.pipeline.schedules import forward_backward
-        from megacore.training.step_info import StepInfo
+        from megacore.optim.step_info import StepInfo
 
         micro, local_tokens = self.micro_batches(self.train_ds, step)
         num_tokens = self._count_over_dp(local_tokens)

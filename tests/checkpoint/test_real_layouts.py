@@ -18,7 +18,7 @@ from tests.dist.harness import run_distributed
 
 parallel = pytest.importorskip("megacore.parallel", reason="needs megacore.parallel (TP layers)")
 pytest.importorskip("megacore.pipeline.partition", reason="needs megacore.pipeline.partition (stages)")
-pytest.importorskip("megacore.distributed.distributed_optimizer", reason="needs megacore.distributed")
+pytest.importorskip("megacore.optim.distributed_optimizer", reason="needs megacore.distributed")
 
 SEED = 5
 # (name, save layout, load layout); layout = (tp, pp, vpp, optimizer, param dtype)
@@ -43,10 +43,11 @@ def _shard(p, full: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg, layout, seed):
-    from megacore.distributed import DistributedDataParallel, DistributedOptimizer
+    from megacore.distributed import DistributedDataParallel
+    from megacore.optim import DistributedOptimizer
     from megacore.models.init import materialize
     from megacore.pipeline.partition import build_stage_modules
-    from megacore.training.optimizer import MixedPrecisionOptimizer
+    from megacore.optim.optimizer import MixedPrecisionOptimizer
 
     tp, pp, vpp, kind, dtype = layout
     state = parallel.initialize(tensor=tp, pipeline=pp, virtual_pipeline=vpp if vpp > 1 else None)

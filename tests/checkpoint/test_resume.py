@@ -8,7 +8,7 @@ from megacore.checkpoint import load_checkpoint, resolve_load_path, save_checkpo
 from megacore.config import TrainConfig
 from megacore.models.gpt import GPTModel
 from megacore.training.lr_schedule import LRSchedule
-from megacore.training.optimizer import weight_decay_groups
+from megacore.optim.optimizer import weight_decay_groups
 from tests.checkpoint.layouts import tiny_config
 
 STEPS, SAVE_AT, SEED = 6, 3, 11

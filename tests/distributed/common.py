@@ -1,7 +1,7 @@
 """Shared pieces of the data-parallel tests: a tiny GPT, a deterministic global batch stream, the
 plain-torch single-rank reference run and the megacore DP run.
 
-The reference is independent of megacore.distributed/megacore.training.optimizer: one model, the
+The reference is independent of megacore.distributed/megacore.optim.optimizer: one model, the
 whole global batch, ``loss = sum of per-token losses / labelled tokens``, ``torch.nn.utils.clip_grad_norm_``
 and ``torch.optim.AdamW``.
 """

@@ -7,7 +7,8 @@ import torch
 
 import megacore.parallel as P
 from megacore.config import TransformerConfig
-from megacore.distributed import DistributedDataParallel, DistributedOptimizer
+from megacore.distributed import DistributedDataParallel
+from megacore.optim import DistributedOptimizer
 from megacore.models import GPTModel
 from megacore.training.compile import compile_model
 from tests.dist.harness import run_distributed

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megacore.distributed import DistributedDataParallel
-from megacore.training.optimizer import MixedPrecisionOptimizer
+from megacore.optim.optimizer import MixedPrecisionOptimizer
 from tests.distributed.common import HP, build_model, global_batch
 
 pytestmark = pytest.mark.gpu

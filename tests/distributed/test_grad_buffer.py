@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from megacore.distributed import DistributedDataParallel, DistributedOptimizer, GradBuffer
+from megacore.distributed import DistributedDataParallel, GradBuffer
+from megacore.optim import DistributedOptimizer
 from megacore.distributed.grad_buffer import ALIGN, settled_main_grad
-from megacore.training.optimizer import MixedPrecisionOptimizer, weight_decay_groups
+from megacore.optim.optimizer import MixedPrecisionOptimizer, weight_decay_groups
 from tests.distributed.common import build_model, global_batch
 
 

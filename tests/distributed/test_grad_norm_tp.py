@@ -34,7 +34,7 @@ def _fake_param(layout, rank: int, local: torch.Tensor) -> torch.nn.Parameter:
 
 
 def _layouts():
-    from megacore.layers.tensor_parallel import TPLayout
+    from megacore.parallel.tensor_parallel import TPLayout
 
     # (layout, local shape of rank 0 with the layout's dim at its local size)
     yield TPLayout.grouped_qkv(8, 2, 2, 4), (8, 3)    # KV groups on 2 ranks each (weight)
@@ -73,7 +73,7 @@ def test_counted_grads_count_every_global_element_once(split):
 
 def test_owned_runs_are_few_and_cached():
     from megacore.distributed.grad_clip import owned_flat_runs
-    from megacore.layers.tensor_parallel import TPLayout
+    from megacore.parallel.tensor_parallel import TPLayout
 
     layout = TPLayout.grouped_qkv(8, 2, 2, 4)  # rank 2g + j: 2 query heads, then k_g and v_g (head_dim 2)
     owner = _fake_param(layout, 2, torch.zeros(8, 3))
@@ -108,8 +108,10 @@ def _reference(kv: int, max_norm: float):
 
 def _layout_case(tp: int, kv: int, sp: bool, grad_sync: str, kind: str) -> dict:
     import megacore.parallel as P
-    from megacore.distributed import DistributedDataParallel, DistributedOptimizer, clip_grad_norm
-    from megacore.training.optimizer import MixedPrecisionOptimizer
+    from megacore.compose import build_parallel_gpt
+    from megacore.distributed import DistributedDataParallel, clip_grad_norm
+    from megacore.optim import DistributedOptimizer
+    from megacore.optim.optimizer import MixedPrecisionOptimizer
     from tests.distributed.common import local_micro_batches
 
     ref_norm, ref_grads = _reference(kv, max_norm=float("inf"))
@@ -118,7 +120,7 @@ def _layout_case(tp: int, kv: int, sp: bool, grad_sync: str, kind: str) -> dict:
     state = P.initialize(tensor=tp)
     try:
         P.model_parallel_seed(1)
-        model = P.build_parallel_gpt(_config(kv), SEED, sequence_parallel=sp, grad_sync=grad_sync)
+        model = build_parallel_gpt(_config(kv), SEED, sequence_parallel=sp, grad_sync=grad_sync)
         replicated = sum(int(p._megacore_tp_layout.replicated) for p in model.parameters()
                          if getattr(p, "_megacore_tp_layout", None) is not None)
         [(mb_tokens, mb_labels)], n_global = local_micro_batches(0, state.dp_rank, state.dp_size,

@@ -12,9 +12,10 @@ import math
 import torch
 import torch.distributed as dist
 
-from megacore.distributed import DistributedDataParallel, DistributedOptimizer, clip_grad_norm
+from megacore.distributed import DistributedDataParallel, clip_grad_norm
+from megacore.optim import DistributedOptimizer
 from megacore.precision import DynamicLossScaler, cast_params_
-from megacore.training.optimizer import MixedPrecisionOptimizer
+from megacore.optim.optimizer import MixedPrecisionOptimizer
 from tests.distributed.common import (CLIP, HP, STEPS, build_model, global_batch, global_rel_err, max_rel_err, no_decay,
                                       quiet_deprecations, reference_run, run_case, train_steps)
 

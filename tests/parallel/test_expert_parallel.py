@@ -66,8 +66,9 @@ def _ep_cases(rank, world):
 def _optimizer_norm_errors(cfg, group, rank, world, want_norm):
     """The trainer's path (DDP with expert grads reduced over expert-DP, either optimizer with the EP
     group): the step's global grad norm counts every expert once, wherever it lives."""
-    from megacore.distributed import DistributedDataParallel, DistributedOptimizer
-    from megacore.training.optimizer import MixedPrecisionOptimizer
+    from megacore.distributed import DistributedDataParallel
+    from megacore.optim import DistributedOptimizer
+    from megacore.optim.optimizer import MixedPrecisionOptimizer
 
     singles = [dist.new_group([r]) for r in range(world)]  # expert-DP groups: EP spans the whole world
     errors = {}

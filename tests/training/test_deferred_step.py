@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from megacore.pipeline.schedules import masked_loss_sum
-from megacore.training.metrics import read_scalars
-from megacore.training.optimizer import MixedPrecisionOptimizer, StepInfo
+from megacore.optim.step_info import read_scalars
+from megacore.optim.optimizer import MixedPrecisionOptimizer, StepInfo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -50,8 +50,8 @@ from torch import nn
 
 from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device
 from megacore.distributed.grad_clip import counted_grads, default_is_tp_replicated, local_norm_power, scale_grads_
-from megacore.training.metrics import read_scalars
-from megacore.training.step_info import StepInfo
+
+from megacore.optim.step_info import StepInfo, read_scalars
 
 if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distributed -> this module)
     from megacore.precision.loss_scaler import LossScaler

@@ -31,7 +31,7 @@ from __future__ import annotations
 from torch import nn
 
 from megacore.distributed.comm import ProcessGroup
-from megacore.training.optimizer import Fragment, MixedPrecisionOptimizer, make_master
+from megacore.optim.optimizer import Fragment, MixedPrecisionOptimizer, make_master
 
 
 class DistributedOptimizer(MixedPrecisionOptimizer):

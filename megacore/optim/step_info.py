@@ -6,7 +6,26 @@ from typing import Optional, Sequence
 
 import torch
 
-from megacore.training.metrics import read_scalars
+
+
+def read_scalars(values: Sequence) -> list:
+    """Host numbers of ``values``: numbers (and None) pass through; one-element tensors become
+    Python floats, read with ONE device->host copy per device (all of a device's values are
+    stacked as float64 first, which is exact for fp32/fp64/integer values).
+
+    Reading a CUDA tensor waits until the GPU has computed it (and everything queued before it):
+    call this where the caller has decided to synchronize, with every value it needs at once.
+    """
+    out = list(values)
+    by_device: dict = {}
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in idx])
+        for i, x in zip(idx, stacked.tolist()):
+            out[i] = x
+    return out
 
 
 class StepInfo:
@@ -17,7 +36,7 @@ class StepInfo:
     the step was decided on the GPU and the host did not wait for it). Reading either attribute
     resolves both with one device->host copy, which waits for the GPU to finish the step. To read
     them together with other device values in one copy, take :meth:`pending`, read everything
-    (``megacore.training.metrics.read_scalars``) and hand the numbers back to :meth:`resolve`::
+    (``read_scalars``) and hand the numbers back to :meth:`resolve`::
 
         info = opt.step()                 # returns at once
         ...                               # queue more GPU work
