@@ -31,7 +31,6 @@ LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, M
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
 TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem", "copy_engine")
-INDUCTOR_TP_COMM_OVERLAP_MODES = ("schedule", "reorder", "symm_mem")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -278,22 +277,8 @@ class ParallelConfig:
     tp_batch_chunks: int = 1
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
-        for name in ("tensor", "pipeline", "context", "expert"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                _fail(f"parallel.{name}", v, "must be an integer >= 1", f"set parallel.{name}=1 to disable it")
-        if self.virtual_pipeline is not None:
-            if self.virtual_pipeline < 1:
-                _fail("parallel.virtual_pipeline", self.virtual_pipeline, "must be >= 1", "use null to disable it")
-            if self.pipeline == 1 and self.virtual_pipeline > 1:
-                _fail("parallel.virtual_pipeline", self.virtual_pipeline, "needs parallel.pipeline > 1",
-                      "set parallel.pipeline >= 2 or remove virtual_pipeline")
-        if self.sequence_parallel and self.tensor == 1:
-            _fail("parallel.sequence_parallel", True, "needs parallel.tensor > 1",
-                  "set parallel.tensor >= 2 or sequence_parallel=false")
-        if self.fsdp and self.distributed_optimizer:
-            _fail("parallel.fsdp", True, "cannot be combined with parallel.distributed_optimizer",
-                  "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)")
+        """Each key's own values here; which sizes and features go together (and with the world
+        size, when given) is the support table's (``megacore.config_support``)."""
         # The first spelling was a boolean, where true meant inductor's async TP.
         legacy = {True: "symm_mem", False: "off", "true": "symm_mem", "false": "off"}
         if isinstance(self.tp_comm_overlap, (bool, str)) and self.tp_comm_overlap in legacy:
@@ -301,29 +286,18 @@ class ParallelConfig:
         if self.tp_comm_overlap not in TP_COMM_OVERLAP_MODES:
             _fail("parallel.tp_comm_overlap", self.tp_comm_overlap, "is not known",
                   f"use one of {list(TP_COMM_OVERLAP_MODES)}")
-        if self.tp_comm_overlap != "off" and not self.sequence_parallel:
-            _fail("parallel.tp_comm_overlap", self.tp_comm_overlap, "needs parallel.sequence_parallel=true (it "
-                  "overlaps the sequence all-gathers and reduce-scatters)", "set parallel.sequence_parallel=true "
-                  "or tp_comm_overlap=off")
         if not isinstance(self.tp_batch_chunks, int) or self.tp_batch_chunks < 1:
             _fail("parallel.tp_batch_chunks", self.tp_batch_chunks, "must be an integer >= 1",
                   "set parallel.tp_batch_chunks=1 to disable it")
-        if self.tp_batch_chunks > 1 and (self.tensor == 1 or self.context > 1):
-            _fail("parallel.tp_batch_chunks", self.tp_batch_chunks, "splits micro-batches to overlap tensor-parallel "
-                  "communication and needs parallel.tensor > 1 without context parallelism",
-                  "set parallel.tp_batch_chunks=1")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
                   "use fp32 (exact sums) or bf16 (half the traffic)")
         if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
             _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
                   "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")
-        if world_size is not None:
-            model_parallel = self.tensor * self.pipeline * self.context
-            if world_size % model_parallel != 0:
-                _fail("parallel", f"tensor={self.tensor} pipeline={self.pipeline} context={self.context}",
-                      f"multiplies to {model_parallel}, which does not divide the world size {world_size}",
-                      "choose sizes whose product divides the number of processes")
+        from megacore.config_support import check, facts_of_parallel
+
+        check(facts_of_parallel(self, world_size))
         return self
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -517,7 +491,7 @@ class RunConfig:
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         self.model.validate()
-        self.parallel.validate(world_size)
+        self.parallel.validate()  # its own keys; the world size is checked with the whole table below
         self.train.validate()
         self.data.validate()
         self.checkpoint.validate()
@@ -525,78 +499,15 @@ class RunConfig:
         self.recompute.validate()
         self.log.validate()
         if self.vision.enabled:
-            self._validate_vision()
+            self.vision.validate().check_text(self.model)
         if self.device not in ("cpu", "cuda", "auto"):
             _fail("device", self.device, "is not known", "use 'cpu', 'cuda' or 'auto'")
         if self.compile_mode not in COMPILE_MODES:
             _fail("compile_mode", self.compile_mode, "is not a torch.compile mode", f"use one of {list(COMPILE_MODES)}")
-        if self.compile_mode is not None and not self.compile:
-            _fail("compile_mode", self.compile_mode, "only applies with compile=true",
-                  "set compile=true, or compile_mode=null")
-        m, p = self.model, self.parallel
-        if m.num_attention_heads % p.tensor != 0:
-            _fail("model.num_attention_heads", m.num_attention_heads, f"is not divisible by parallel.tensor={p.tensor}",
-                  "choose a tensor-parallel size that divides the number of heads")
-        kv = m.num_kv_heads
-        if kv % p.tensor != 0 and p.tensor % kv != 0:
-            _fail("model.num_query_groups", kv, f"and parallel.tensor={p.tensor} divide neither way",
-                  "KV heads are split across TP ranks (kv % tp == 0) or replicated (tp % kv == 0)")
-        if m.ffn_size % p.tensor != 0:
-            _fail("model.ffn_hidden_size", m.ffn_size, f"is not divisible by parallel.tensor={p.tensor}",
-                  "choose an ffn size that is a multiple of the tensor-parallel size")
-        if m.vocab_padding_multiple % p.tensor != 0:
-            _fail("model.vocab_padding_multiple", m.vocab_padding_multiple,
-                  f"is not divisible by parallel.tensor={p.tensor}", "use a multiple of the tensor-parallel size, e.g. 128")
-        if p.sequence_parallel and m.seq_length % p.tensor != 0:
-            _fail("model.seq_length", m.seq_length, f"is not divisible by parallel.tensor={p.tensor} (sequence parallel)",
-                  "choose a sequence length that is a multiple of the tensor-parallel size")
-        if p.context > 1 and m.seq_length % (2 * p.context) != 0:
-            _fail("model.seq_length", m.seq_length, f"is not divisible by 2*parallel.context={2 * p.context}",
-                  "choose a sequence length that is a multiple of twice the context-parallel size")
-        n_chunks = p.pipeline * (p.virtual_pipeline or 1)
-        if p.pipeline_layers is not None:
-            if len(p.pipeline_layers) != n_chunks or sum(p.pipeline_layers) != m.num_layers or min(p.pipeline_layers) < 1:
-                _fail("parallel.pipeline_layers", p.pipeline_layers,
-                      f"must list {n_chunks} positive layer counts summing to model.num_layers={m.num_layers}",
-                      "give one count per pipeline stage (times virtual stages)")
-        elif n_chunks > m.num_layers:
-            _fail("parallel.pipeline", p.pipeline, f"(x virtual {p.virtual_pipeline or 1}) asks for more stages than "
-                  f"model.num_layers={m.num_layers}", "use fewer pipeline stages or more layers")
-        if world_size is not None:
-            dp = p.data_parallel_size(world_size)
-            if self.train.global_batch_size % (self.train.micro_batch_size * dp) != 0:
-                _fail("train.global_batch_size", self.train.global_batch_size,
-                      f"is not divisible by micro_batch_size*data_parallel = {self.train.micro_batch_size}*{dp}",
-                      "make the global batch a multiple of micro_batch_size times the data-parallel size")
-        if self.precision.fp8 is not None and self.device == "cpu":
-            _fail("precision.fp8", self.precision.fp8, "runs its GEMMs in float8 on NVIDIA GPUs of compute capability "
-                  ">= 8.9 (H100/H200, Ada) and cannot run on device=cpu",
-                  "set device=cuda on such a GPU, or precision.fp8=null")
-        if p.tp_comm_overlap == "copy_engine" and self.precision.fp8 is not None:
-            _fail("parallel.tp_comm_overlap", p.tp_comm_overlap, "does not cover FP8 linears (their matmuls are not "
-                  "split around the transfers)", "set parallel.tp_comm_overlap=off with precision.fp8, or precision.fp8=null")
-        if p.tp_comm_overlap in INDUCTOR_TP_COMM_OVERLAP_MODES and (not self.compile or self.device == "cpu"):
-            _fail("parallel.tp_comm_overlap", p.tp_comm_overlap, "is done by torch.compile's inductor on CUDA",
-                  "set compile=true and device=cuda, or parallel.tp_comm_overlap=off")
-        chunks = p.tp_batch_chunks * (p.tensor if p.sequence_parallel else 1)
-        if p.tp_batch_chunks > 1 and self.train.micro_batch_size % chunks != 0:
-            _fail("parallel.tp_batch_chunks", p.tp_batch_chunks, f"needs train.micro_batch_size divisible by "
-                  f"tp_batch_chunks{' x tensor (sequence-parallel shards hold whole sequences)' if p.sequence_parallel else ''}"
-                  f" = {chunks}", f"set train.micro_batch_size to a multiple of {chunks} or lower tp_batch_chunks")
-        return self
+        from megacore.config_support import check_supported
 
-    def _validate_vision(self) -> None:
-        p = self.parallel
-        self.vision.validate().check_text(self.model)
-        for name in ("context", "expert"):
-            if getattr(p, name) > 1:
-                _fail(f"parallel.{name}", getattr(p, name), "is not supported with vision.enabled (LLaVA trains with "
-                      "data, tensor and pipeline parallelism)", f"set parallel.{name}=1")
-        if self.precision.fp8 is not None:
-            _fail("precision.fp8", self.precision.fp8, "is not supported with vision.enabled", "set precision.fp8=null")
-        if self.data.source != "mock":
-            _fail("data.source", self.data.source, "has no images: with vision.enabled only data.source=mock "
-                  "(synthetic images and text) is supported so far", "set data.source=mock")
+        check_supported(self, world_size)  # the support matrix: layouts x features x model kinds, sizes
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

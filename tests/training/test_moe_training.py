@@ -58,7 +58,7 @@ def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, e
     (["parallel.expert=2", "model.num_experts=null"], "model.num_experts"),
 ])
 def test_moe_unsupported_layouts_are_clear_errors(overrides, words):
-    from megacore.training.trainer import _check_supported
+    from megacore.config_support import check_supported as _check_supported
 
     cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", [*MOE, *overrides])
     with pytest.raises(ConfigError, match=words):
