@@ -1,4 +1,4 @@
-"""Shared pieces of the training benchmarks: model + optimizer builders and a timed step loop.
+"""Shared pieces of the training benchmarks: the plain-PyTorch baseline, megacore through its trainer, and a timed step loop.
 
 Both benchmarks run each measurement in a fresh subprocess (clean allocator, clean compile cache),
 so everything here is called inside that child. FLOPs follow DESIGN.md: 6·N + 6·L·h·s per token
@@ -39,9 +39,6 @@ def add_model_args(p: argparse.ArgumentParser, seq: int = 2048, mbs: int = 4) ->
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation happens here)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on cuda, "
                                                            "eager on cpu)")
-    p.add_argument("--init", default="fast", choices=["fast", "deterministic"],
-                   help="megacore weights: drawn on the device (fast; speed does not depend on the values) or "
-                        "megacore's layout-independent CPU init (materialize, ~10 s for 1B)")
 
 
 def transformer_config(a):
@@ -92,88 +89,55 @@ def build_baseline(a, amp: bool, compile: bool) -> Callable:
 
 def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | None = None,
                    fp8_weight_cache: bool = True) -> Callable:
-    """GPTModel in bf16, DDP wrapper (fp32 main grads), MixedPrecisionOptimizer (fp32 masters, fused AdamW).
+    """megacore as ``megacore train`` runs it: a ``RunConfig`` of the same model and step shape, the
+    ``Trainer`` (whose model and optimizer come from the composition root, ``megacore.compose``),
+    and its own ``train_step`` on the mock data source: bf16 params, fp32 main grads and master
+    weights, fused AdamW, grad clipping at 1.0. The step's random tokens come from the trainer's
+    data path, so the ``batches`` argument of the returned step is unused.
 
     ``recompute``: None, "full", or "selective:<module>+<module>" (core_attn, mlp_act).
-    ``fp8``: None or a recipe of ``megacore.precision.fp8.apply_fp8`` ("tensorwise").
-    ``fp8_weight_cache``: with fp8 and ``a.accum > 1``, quantize the weights once per step as the
-    trainer does (``megacore.precision.fp8.fp8_weight_cache``), else in every micro-batch's pass.
+    ``fp8``: None or a ``precision.fp8`` recipe ("tensorwise").
+    ``fp8_weight_cache``: False switches off the trainer's once-per-step weight quantization (to
+    measure what it saves).
     """
-    import torch
+    import tempfile
 
-    import megacore
-    from megacore.distributed.ddp import DistributedDataParallel
-    from megacore.models.gpt import GPTModel
-    from megacore.models.init import materialize
-    from megacore.training.optimizer import MixedPrecisionOptimizer
+    from megacore.config import load_run_config
+    from megacore.training.trainer import Trainer
 
-    cfg = transformer_config(a)
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    if a.init == "deterministic":
-        materialize(model, cfg, seed=0, device=a.device, dtype=torch.bfloat16)
-    else:
-        fast_init(model, cfg, a.device, torch.bfloat16)
+    overrides = [f"model.num_layers={a.layers}", f"model.hidden_size={a.hidden}",
+                 f"model.num_attention_heads={a.heads}", f"model.num_query_groups={a.kv_heads}",
+                 f"model.ffn_hidden_size={a.ffn}", f"model.vocab_size={a.vocab}", f"model.seq_length={a.seq}",
+                 "model.vocab_padding_multiple=128", "data.source=mock", f"device={a.device}",
+                 f"precision.dtype={'bf16' if a.device == 'cuda' else 'fp32'}",
+                 f"precision.fp8={fp8 or 'null'}", f"compile={str(compile).lower()}",
+                 f"train.micro_batch_size={a.mbs}", f"train.global_batch_size={a.mbs * getattr(a, 'accum', 1)}",
+                 "train.iters=1000000", "train.lr=1e-4", "train.min_lr=1e-4", "train.warmup_iters=0",
+                 "train.weight_decay=0.1", "train.adam_beta1=0.9", "train.adam_beta2=0.95", "train.clip_grad=1.0",
+                 "train.eval_interval=0", "checkpoint.dir=null", f"log.dir={tempfile.mkdtemp(prefix='bench-')}"]
     if recompute:
-        gran, _, mods = recompute.partition(":")
-        rc = megacore.RecomputeConfig(granularity=gran)
-        if mods:
-            rc.modules = mods.split("+")
-        rc.validate()
-        model.configure_recompute(rc)
-    if fp8:
-        from megacore.precision.fp8 import apply_fp8
+        granularity, _, modules = recompute.partition(":")
+        overrides.append(f"recompute.granularity={granularity}")
+        if modules:
+            overrides.append(f"recompute.modules=[{','.join(modules.split('+'))}]")
+    cfg = load_run_config(None, overrides)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    if not fp8_weight_cache:
+        trainer._fp8_weight_cache = lambda num_micro: contextlib.nullcontext()
+    steps = iter(range(10**9))
 
-        apply_fp8(model, recipe=fp8)
-    if compile:
-        from megacore.training.compile import compile_model
+    class Loss:  # read only when the benchmark asks (the trainer's step leaves its numbers unread)
+        def __init__(self, pending):
+            self.pending = pending
 
-        compile_model(model, backend=compile_backend(a))
-    ddp = DistributedDataParallel(model, dp_group=None)  # one process: no communication, fp32 main grads
-    opt = MixedPrecisionOptimizer(ddp, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip_grad=1.0,
-                                  master_weights=True)
-
-    def weight_cache(n_micro):
-        if not (fp8 and fp8_weight_cache and n_micro > 1):
-            return contextlib.nullcontext()
-        from megacore.precision.fp8 import fp8_weight_cache as cache
-
-        return cache([model])
+        def __float__(self):
+            return float(self.pending.resolve().loss)
 
     def step(batches):
-        with weight_cache(len(batches)):
-            for i, (ids, labels) in enumerate(batches):  # gradient accumulation into the fp32 main grads
-                with ddp.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
-                    loss = ddp(ids, labels=labels, reduction="mean")
-                    (loss / len(batches)).backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+        return Loss(trainer.train_step(next(steps)))
 
     return step
-
-
-def fast_init(model, cfg, device, dtype) -> None:
-    """Allocate a meta-device GPTModel on ``device`` and draw its weights there with the init kinds of
-    ``megacore.models.init`` (normal / scaled_normal / ones / zeros), without its per-name CPU generators."""
-    import math
-
-    import torch
-
-    kinds = {n: getattr(p, "_megacore_init", None) for n, p in model.named_parameters()}
-    model.to_empty(device=device)
-    model.to(dtype)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            kind = kinds[name] or ("normal" if p.dim() >= 2 else "ones")
-            if kind == "ones":
-                p.fill_(1.0)
-            elif kind == "zeros":
-                p.zero_()
-            else:
-                std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers) if kind == "scaled_normal" else cfg.init_std
-                p.normal_(0.0, std)
 
 
 def timed_steps(a, step: Callable) -> dict:

@@ -14,7 +14,7 @@ Segments are derived, in this order of preference, from
 
 1. ``param._megacore_ckpt_view``: a :class:`CkptView` (explicit segments) or a :class:`LogicalView`
    (the global tensor seen through a reshape, e.g. fc1 as ``[2, F, H]`` sharded on dim 1);
-2. ``param._megacore_tp_layout`` + ``param._megacore_tp_rank`` (set by megacore.layers.tensor_parallel):
+2. ``param._megacore_tp_layout`` + ``param._megacore_tp_rank`` (set by megacore.parallel.tensor_parallel):
    the layout lists, per TP rank, the ``(global_start, length)`` runs along one dim that the local
    tensor concatenates;
 3. ``param._megacore_global_shape`` + ``param._megacore_shard_fn`` (the attributes

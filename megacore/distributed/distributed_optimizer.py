@@ -13,7 +13,10 @@ for fp32 params) instead of ``12 · N``.
 
 One step: DDP reduce-scatters gradients bucket by bucket into the local ranges (the summed
 gradient of this rank's pieces is then in ``main_grad``); this rank unscales/clips/steps its pieces
-(found_inf and the grad norm are reduced over DP too, because each rank sees a different shard);
+(found_inf and the grad norm are reduced over DP too, because each rank sees a different shard;
+a shard ``[start, end)`` of a parameter with rows replicated over TP counts only its overlap with
+the rows this TP rank owns, ``grad_clip.counted_grads``: the DP shards of a TP rank cover its
+owned elements once, and each global element has one owner, so it is counted once);
 the updated pieces are written into the flat weight buffer and every bucket is all-gathered
 (``ddp.start_param_sync()``), asynchronously when ``overlap_param_gather`` so the gather overlaps
 with the next forward (per-module forward pre-hooks wait for their own buckets).

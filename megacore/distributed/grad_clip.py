@@ -11,6 +11,13 @@ are all-reduced (SUM; MAX for the inf-norm) over the groups that split the model
 * tensor-parallel shards (a param with ``_megacore_tp_dim``) differ per TP rank: summed over TP;
 * TP-replicated params (norm weights, biases of row-parallel layers; ``is_tp_replicated(p)``) hold
   the same gradient on every TP rank: only TP rank 0 counts them;
+* replicated rows of a TP-sharded param: a layout (``p._megacore_tp_layout``, a ``TPLayout``) may
+  give one global row to several TP ranks (grouped QKV with ``tensor > num_query_groups``: the k/v
+  rows of a KV group live on the ``tensor / num_query_groups`` ranks sharing it, and their
+  gradients are summed over those ranks, so every holder has the same values). Only the owner
+  counts such a row: rank r counts local row i iff ``layout.owned_mask(r)[i]`` (r is the lowest
+  rank holding it). Each global row has exactly one owner, so the TP sum of the per-rank partial
+  sums is ``sum over global rows of ||g_row||^2``, as on one device. See :func:`counted_grads`;
 * pipeline stages hold different layers: summed over PP. The tied output copy of the embedding on
   the last stage (``p._megacore_shared_duplicate = True``) is skipped, the first stage counts it;
 * data-parallel replicas hold the same reduced gradient: DP is NOT in ``groups`` for a replicated
@@ -60,6 +67,79 @@ def counts_for_norm(p: torch.Tensor, tp_group: ProcessGroup = None,
     if tp_group is not None and group_size(tp_group) > 1 and group_rank(tp_group) != 0 and is_tp_replicated(p):
         return False
     return True
+
+
+# (layout dim, global size, per-rank segments, rank, local shape) -> owned flat runs, or None for "all".
+_OWNED_RUNS: dict[tuple, Optional[tuple[tuple[int, int], ...]]] = {}
+
+
+def owned_flat_runs(p: torch.Tensor) -> Optional[tuple[tuple[int, int], ...]]:
+    """Flat element runs ``(start, length)`` of ``p`` (row-major) that this TP rank counts in the
+    norm, or None when it counts every element (no layout, or none of its local rows is owned by a
+    lower rank).
+
+    The layout ``L = p._megacore_tp_layout`` splits dim ``d`` of ``p``; this rank is
+    ``p._megacore_tp_rank`` and counts local row i iff ``L.owned_mask(rank)[i]``. With ``p`` of
+    shape ``(a_0, ..., a_k)``, ``m = a_(d+1)···a_k`` elements per row and ``o`` ranging over the
+    ``a_0···a_(d-1)`` outer indices, local row i is the flat range ``[(o·a_d + i)·m, (o·a_d + i + 1)·m)``;
+    adjacent ranges merge. Computed once per (layout, rank, shape) and cached: a few runs per
+    parameter (e.g. a non-owner's QKV shard: its query rows, before the replicated k/v rows).
+    """
+    layout = getattr(p, "_megacore_tp_layout", None)
+    if layout is None:
+        return None
+    rank = int(getattr(p, "_megacore_tp_rank", 0))
+    shape = tuple(p.shape)
+    key = (layout.dim, layout.global_size, layout.per_rank, rank, shape)
+    if key in _OWNED_RUNS:
+        return _OWNED_RUNS[key]
+    owned = layout.owned_mask(rank)
+    d = layout.dim
+    if len(shape) <= d or shape[d] != owned.numel():
+        raise ValueError(f"a parameter of shape {list(shape)} does not match its TP layout ({owned.numel()} local "
+                         f"rows along dim {d}); the layout describes another tensor")
+    runs: Optional[tuple[tuple[int, int], ...]] = None
+    if not bool(owned.all()):
+        rows, inner, mask = shape[d], math.prod(shape[d + 1:]), owned.tolist()
+        merged: list[list[int]] = []
+        for o in range(math.prod(shape[:d])):
+            for i, mine in enumerate(mask):
+                if not mine:
+                    continue
+                start = (o * rows + i) * inner
+                if merged and merged[-1][0] + merged[-1][1] == start:
+                    merged[-1][1] += inner
+                else:
+                    merged.append([start, inner])
+        runs = tuple((a, n) for a, n in merged)
+    _OWNED_RUNS[key] = runs
+    return runs
+
+
+def counted_grads(p: torch.Tensor, grad: Optional[torch.Tensor], start: int = 0, tp_group: ProcessGroup = None,
+                  is_tp_replicated: ParamPredicate = default_is_tp_replicated) -> list[torch.Tensor]:
+    """The parts of ``grad`` this rank counts in the global norm (the module docstring's rules).
+
+    ``grad`` holds the flat elements ``[start, start + grad.numel())`` of ``p``'s gradient: the
+    whole gradient (``start = 0``, any shape), or a distributed-optimizer shard of it. Returns
+    ``[]`` when this rank does not count ``p`` (:func:`counts_for_norm`), ``[grad]`` when it counts
+    every element, else views of ``grad`` (no copies when ``grad`` is contiguous): the overlaps of
+    the range with :func:`owned_flat_runs`. Replicated rows are dropped on non-owner ranks whatever
+    ``tp_group`` says: the layout alone says which rank owns them.
+    """
+    if grad is None or not counts_for_norm(p, tp_group, is_tp_replicated):
+        return []
+    runs = owned_flat_runs(p)
+    if runs is None:
+        return [grad]
+    flat = grad.reshape(-1)
+    end = start + flat.numel()
+    out = []
+    for a, n in runs:
+        lo, hi = max(a, start), min(a + n, end)
+        if lo < hi:
+            out.append(flat[lo - start:hi - start])
+    return out
 
 
 def local_norm_power(grads: Sequence[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
@@ -158,9 +238,9 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, *, groups: S
     dense, expert = [], []
     for p in params:
         (expert if is_expert is not None and is_expert(p) else dense).append(p)
-    dense_norm = [param_grad(p) for p in dense if counts_for_norm(p, tp_group, is_tp_replicated)]
+    dense_norm = [g for p in dense for g in counted_grads(p, param_grad(p), 0, tp_group, is_tp_replicated)]
     etp = expert_tp_group if expert_tp_group is not None else tp_group
-    expert_norm = [param_grad(p) for p in expert if counts_for_norm(p, etp, is_tp_replicated)]
+    expert_norm = [g for p in expert for g in counted_grads(p, param_grad(p), 0, etp, is_tp_replicated)]
     device = param_grad(params[0]).device if params else None
     total = global_grad_norm(dense_norm, groups, norm_type, expert_norm,
                              expert_groups if is_expert is not None else None, device=device)

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from megacore.parallel.rng import checkpoint
+from megacore.layers.rng import checkpoint
 
 from megacore.config import TransformerConfig
 from megacore.layers.norm import RMSNorm, mark_init
@@ -54,6 +54,28 @@ def build_attention_mask(batch: int, seq: int, device, padding_mask_BS=None, sli
     if full_mask is not None:
         mask = mask & full_mask.bool()
     return mask | torch.eye(seq, dtype=torch.bool, device=device)[None, None]
+
+
+class AttentionMask(nn.Module):
+    """The mask of one forward, shared by every attention layer: ``forward(batch, seq, device,
+    position_ids, attention_mask)`` -> boolean [B, 1, S, S] or None (plain causal).
+
+    ``attention_mask``: a [B, S] padding mask (1 = real token) or a boolean [B, 1, S, S] mask (True =
+    may attend), and-ed with causality and the sliding window. Positions are the local ones: a
+    parallel plan that splits the sequence swaps this module (``megacore.parallel.context_parallel``).
+    """
+
+    whole_sequence = True  # the queries and keys of a forward are the same, whole, sequence
+
+    def __init__(self, sliding_window=None):
+        super().__init__()
+        self.sliding_window = sliding_window
+
+    def forward(self, batch: int, seq: int, device, position_ids=None, attention_mask=None):
+        padding, full = None, None
+        if attention_mask is not None:
+            padding, full = (attention_mask, None) if attention_mask.dim() == 2 else (None, attention_mask)
+        return build_attention_mask(batch, seq, device, padding, self.sliding_window, full)
 
 
 def attention_reference(q_BSHD, k_BSGD, v_BSGD, mask, scale, dropout_p=0.0, training=False):
@@ -137,8 +159,6 @@ class SelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_epsilon)
         self.core_attention = core_attention_cls(config)
         self.apply_rotary = apply_rotary  # Triton kernel on CUDA, plain torch elsewhere
-        # Context parallelism (megacore.parallel.context_parallel): keys/values are all-gathered over it.
-        self.cp_group = None
 
     def split_qkv(self, qkv_BSX: torch.Tensor):
         """[B, S, G·(q_per_group+2)·D] -> q [B,S,G·q_per_group,D], k [B,S,G,D], v [B,S,G,D]."""
@@ -156,10 +176,6 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
-        if self.cp_group is not None:  # every rank's keys/values; the mask compares global positions
-            from megacore.parallel.context_parallel import gather_kv
-
-            k, v = gather_kv(k, self.cp_group), gather_kv(v, self.cp_group)
         if kv_cache is not None:  # append the new positions; attend over every cached one
             k, v = kv_cache.update(k, v)
         out_BSHD = self.core_attention(q, k, v, mask)

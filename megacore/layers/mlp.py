@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from megacore.parallel.rng import checkpoint
+from megacore.layers.rng import checkpoint
 
 from megacore.config import TransformerConfig
 from megacore.kernels._dispatch import use_triton

@@ -11,11 +11,11 @@ checkpoints, Hugging Face export and deterministic init all key on those names.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from megacore.parallel.rng import checkpoint
+from megacore.layers.rng import checkpoint
 
 from megacore.config import RecomputeConfig, TransformerConfig
 from megacore.layers.spec import LayerSpec
@@ -30,17 +30,14 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_norm = spec.pre_mlp_norm(config, config.hidden_size)
         self.mlp = spec.mlp(config)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
-        # parallel.tp_batch_chunks: run the layer on this many independent groups of sequences so
-        # that one group's TP collectives can overlap another's compute (megacore.parallel.batch_chunks).
-        self.batch_chunks = 1
-        self.sequence_parallel_size = 1
+        # A strategy the parallel plan may hand in (parallel.tp_batch_chunks): ``chunked_forward(forward,
+        # hidden, rotary, mask)`` runs ``forward`` on independent groups of sequences, so that one group's
+        # TP collectives overlap another's compute (megacore.parallel.batch_chunks).
+        self.chunked_forward: Optional[Callable] = None
 
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
-        if self.batch_chunks > 1 and kv_cache is None:
-            from megacore.parallel.batch_chunks import forward_in_batch_chunks
-
-            return forward_in_batch_chunks(self._forward, hidden_BSH, rotary, mask, self.batch_chunks,
-                                           self.sequence_parallel_size)
+        if self.chunked_forward is not None and kv_cache is None:
+            return self.chunked_forward(self._forward, hidden_BSH, rotary, mask)
         return self._forward(hidden_BSH, rotary, mask, kv_cache)
 
     def _forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:

@@ -1,16 +1,12 @@
 """GPTModel: embedding -> transformer block -> final norm -> output layer (tied or untied).
 
-One device first: this file knows nothing about parallelism. ``megacore.parallel.parallelize``
-swaps modules for their sharded versions and replaces ``cross_entropy`` with the vocab-parallel one.
+One device first: this file knows nothing about parallelism. A parallel plan (``megacore.parallel``)
+swaps modules for their sharded versions: the linears and embeddings, the loss head
+(``output_head``, see ``megacore.layers.output_head``) and, for context parallelism, the attention
+mask and the core attention.
 
 Labels follow the Megatron convention: ``labels[:, t]`` is the target for position t (already
 shifted, i.e. the token after ``input_ids[:, t]``); ``-100`` marks positions without a target.
-
-The loss head (output layer + cross entropy) runs fused — ``megacore.kernels.fused_linear_cross_entropy``,
-chunked so the [B, S, V] logits never exist — where the kernel backend says so (CUDA by default, see
-``megacore.kernels._dispatch``), and as logits + ``cross_entropy`` otherwise. The fused head is one
-device only: once ``parallelize`` has replaced ``cross_entropy`` or ``output_logits`` (vocab-parallel
-TP) the model uses those.
 """
 
 from __future__ import annotations
@@ -18,29 +14,18 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import RecomputeConfig, TransformerConfig
-from megacore.kernels._dispatch import use_triton
-from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-from megacore.layers.attention import build_attention_mask
+from megacore.layers.attention import AttentionMask
 from megacore.layers.embedding import LanguageModelEmbedding
 from megacore.layers.norm import mark_init
+from megacore.layers.output_head import IGNORE_INDEX, OutputHead, reduce_token_loss
 from megacore.layers.rotary import RotaryEmbedding
 from megacore.layers.spec import LayerSpec
 from megacore.layers.transformer import TransformerBlock
 
-IGNORE_INDEX = -100
-
-
-def cross_entropy_padded(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, vocab_size: int,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Per-token CE over the first ``vocab_size`` columns (padding columns get no mass); 0 where ignored."""
-    logits = logits_BSV[..., :vocab_size].float()
-    loss = F.cross_entropy(logits.reshape(-1, vocab_size), labels_BS.reshape(-1),
-                           ignore_index=ignore_index, reduction="none")
-    return loss.view(labels_BS.shape)
+__all__ = ["GPTModel", "IGNORE_INDEX"]
 
 
 class GPTModel(nn.Module):
@@ -73,8 +58,12 @@ class GPTModel(nn.Module):
             self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
             mark_init(self.output_layer.weight, "normal")
             self.output_layer.weight._megacore_global_name = "embedding.word_embeddings.weight"
-        self.cross_entropy = lambda logits, labels: cross_entropy_padded(logits, labels, config.vocab_size)
-        self._own_cross_entropy = self.cross_entropy  # replaced (e.g. by parallelize) => no fused loss head
+        # Parameter-free seams a parallel plan may swap: the loss head, and the attention mask.
+        self.output_head = OutputHead(config.vocab_size)
+        self.attention_mask = AttentionMask(config.sliding_window)
+        # Tokens of the residual stream are split over this many ranks (sequence parallelism; the
+        # TP plan sets it): a later pipeline stage's hidden states then hold S / this many tokens.
+        self.sequence_parallel_size = 1
         if not self.decoder.layers or next(self.parameters()).device.type != "meta":
             from megacore.models.init import materialize
 
@@ -91,13 +80,17 @@ class GPTModel(nn.Module):
 
     def output_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         """Logits over the padded vocab (a vocab shard under TP)."""
-        return F.linear(hidden_BSH, self.output_weight())
+        return self.output_head.logits(hidden_BSH, self.output_weight())
+
+    def full_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, vocab_size] without padding columns (gathered from the shards under TP)."""
+        return self.output_head.full_logits(hidden_BSH, self.output_weight())
 
     def compute_token_loss(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         """Per-token loss [B, S] (0 where the label is ignored)."""
         if self.use_fused_loss(hidden_BSH):
-            return self._fused_loss(hidden_BSH, labels_BS, None, "none")
-        return self.cross_entropy(self.output_logits(hidden_BSH), labels_BS)
+            return self.output_head.fused_loss(hidden_BSH, self.output_weight(), labels_BS, None, "none")
+        return self.output_head.token_loss(hidden_BSH, self.output_weight(), labels_BS)
 
     def compute_loss(self, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS=None,
                      reduction: str = "mean") -> torch.Tensor:
@@ -105,57 +98,21 @@ class GPTModel(nn.Module):
         head computing the same reduction directly (its gradients then come out of the forward)."""
         if reduction in ("mean", "sum", "none") and self.use_fused_loss(hidden_BSH):
             weights = loss_mask_BS.to(torch.float32) if loss_mask_BS is not None else None
-            return self._fused_loss(hidden_BSH, labels_BS, weights, reduction)
+            return self.output_head.fused_loss(hidden_BSH, self.output_weight(), labels_BS, weights, reduction)
         return self.reduce_loss(self.compute_token_loss(hidden_BSH, labels_BS), labels_BS, loss_mask_BS, reduction)
 
     def use_fused_loss(self, hidden_BSH: torch.Tensor) -> bool:
-        """Whether the loss head runs as ``fused_linear_cross_entropy``: the kernel backend picks Triton
-        for this tensor, the loss and output layer are this module's own (not vocab-parallel ones), and
-        no autocast is active (the fused head multiplies hidden and weight in their own dtype)."""
-        return (self._loss_head_is_fusable() and hidden_BSH.dtype == self.output_weight().dtype
-                and not torch.is_autocast_enabled(hidden_BSH.device.type)
-                and use_triton(hidden_BSH, kernel="fused_linear_cross_entropy"))
-
-    def _loss_head_is_fusable(self) -> bool:
-        """The loss and output layer are the ones ``_fused_loss`` computes: this module's own
-        (``parallelize`` installs its vocab-parallel pair, with a ``_fused_loss`` of its own)."""
-        return self.cross_entropy is self._own_cross_entropy and "output_logits" not in self.__dict__
-
-    def _fused_loss(self, hidden_BSH, labels_BS, weights_BS, reduction: str) -> torch.Tensor:
-        # No label range check: it would synchronize the device every step.
-        return fused_linear_cross_entropy(hidden_BSH, self.output_weight(), labels_BS, ignore_index=IGNORE_INDEX,
-                                          vocab_valid=self.config.vocab_size, reduction=reduction,
-                                          token_weights=weights_BS, check_labels=False)
+        """Whether the loss head runs its fused kernel for these hidden states (``OutputHead.fuses``)."""
+        return self.output_head.fuses(hidden_BSH, self.output_weight())
 
     def attention_inputs(self, seq_len: int, batch: int, device, dtype, position_ids=None, attention_mask=None):
+        """(rotary tables or None, the mask every attention layer uses or None for plain causal)."""
         rotary = self.rotary(seq_len, device, dtype, position_ids) if self.rotary is not None else None
-        cp_group = getattr(self, "_megacore_cp", None)
-        if cp_group is not None:  # context parallel: causal by global position against the gathered keys
-            from megacore.parallel.context_parallel import cp_attention_mask
+        return rotary, self.attention_mask(batch, seq_len, device, position_ids, attention_mask)
 
-            if position_ids is None or attention_mask is not None:
-                raise ValueError("a context-parallel model needs position_ids (the global positions of this rank's "
-                                 "tokens, from megacore.parallel.context_parallel.split_sample_for_cp) and takes no "
-                                 "attention_mask")
-            return rotary, cp_attention_mask(position_ids, cp_group, self.config.sliding_window)
-        padding, full = None, None
-        if attention_mask is not None:
-            padding, full = (attention_mask, None) if attention_mask.dim() == 2 else (None, attention_mask)
-        mask = build_attention_mask(batch, seq_len, device, padding, self.config.sliding_window, full)
-        return rotary, mask
-
-    def reduce_loss(self, token_loss_BS, labels_BS, loss_mask_BS=None, reduction: str = "mean"):
-        weights = (labels_BS != IGNORE_INDEX).to(token_loss_BS.dtype)
-        if loss_mask_BS is not None:
-            weights = weights * loss_mask_BS.to(token_loss_BS.dtype)
-        token_loss_BS = token_loss_BS * weights
-        if reduction == "none":
-            return token_loss_BS
-        if reduction == "sum":
-            return token_loss_BS.sum()
-        if reduction == "mean":
-            return token_loss_BS.sum() / weights.sum().clamp(min=1.0)
-        raise ValueError(f"reduction={reduction!r} is not known; use 'mean', 'sum' or 'none'")
+    @staticmethod
+    def reduce_loss(token_loss_BS, labels_BS, loss_mask_BS=None, reduction: str = "mean"):
+        return reduce_token_loss(token_loss_BS, labels_BS, loss_mask_BS, reduction)
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -195,8 +152,8 @@ class GPTModel(nn.Module):
     def supports_kv_cache(self) -> bool:
         """True for a whole one-device model: ``forward(kv_cache=...)`` works (not a pipeline stage,
         nor a tensor- or context-parallel model)."""
-        return (self.pre_process and self.post_process and getattr(self, "_megacore_tp", None) is None
-                and getattr(self, "_megacore_cp", None) is None)
+        return (self.pre_process and self.post_process and self.output_head.whole_vocab
+                and self.attention_mask.whole_sequence)
 
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
         if labels is not None or position_ids is not None or attention_mask is not None:
@@ -232,8 +189,4 @@ class GPTModel(nn.Module):
     def _full_seq_len(self, hidden_BSH, input_ids):
         if input_ids is not None:
             return input_ids.shape[1]
-        return hidden_BSH.shape[1] * getattr(self, "sequence_parallel_size", 1)
-
-    def full_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
-        """Logits [B, S, vocab_size] without padding columns (parallelize overrides this to gather shards)."""
-        return self.output_logits(hidden_BSH)[..., : self.config.vocab_size]
+        return hidden_BSH.shape[1] * self.sequence_parallel_size

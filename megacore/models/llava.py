@@ -16,7 +16,7 @@ error, never a silent truncation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,13 +57,11 @@ class LlavaProjector(nn.Module):
 
 class LlavaModel(nn.Module):
     """``language_model``: a GPTModel of ``config.text`` built elsewhere, e.g. tensor-parallel
-    (``megacore.parallel.build_parallel_gpt``); default: a one-device GPTModel from ``seed``.
+    (``megacore.compose.build_parallel_gpt``); default: a one-device GPTModel from ``seed``.
 
-    Under tensor parallelism the vision tower and the projector are replicated on every TP rank.
-    Without sequence parallelism every rank embeds the whole sequence, so their gradients agree.
-    With it each rank holds a chunk of the tokens and inserts only that chunk's image embeddings,
-    so their gradients are partial sums: they are declared for a TP sum
-    (``megacore.parallel.grad_sync``, in the language model's mode).
+    Under tensor parallelism the vision tower and the projector are replicated on every TP rank;
+    ``megacore.parallel.parallelize_llava`` applies that plan (under sequence parallelism their
+    gradients are partial sums, declared for a TP sum).
     """
 
     def __init__(self, config: LlavaConfig, seed: int = 0, language_model: Optional[GPTModel] = None):
@@ -82,15 +80,9 @@ class LlavaModel(nn.Module):
         for layer in list(self.vision_tower.encoder.layers.values())[config.vision.layers_used:]:
             layer.requires_grad_(False)
         self.vision_tower.post_norm.requires_grad_(False)
-        tp = getattr(self.language_model, "_megacore_tp", None)
-        if tp is not None and tp.sequence_parallel:
-            from megacore.parallel.grad_sync import ALL, mark_tp_grad_sum
-
-            for part in (self.vision_tower, self.projector):
-                for module in part.modules():
-                    for name, p in module.named_parameters(recurse=False):
-                        if p.requires_grad:
-                            mark_tp_grad_sum(module, name, ALL, tp.group, tp.grad_sync)
+        # Under sequence parallelism the plan hands in this rank's chunk of a flattened per-token
+        # tensor (megacore.parallel.parallelize_llava); None: every token is local.
+        self.local_tokens: Optional[Callable] = None
 
     def image_features(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """[N_images, C, H, W] -> [N_images, image_seq_length, text hidden]."""
@@ -124,10 +116,8 @@ class LlavaModel(nn.Module):
         rank's chunk of those flattened tokens (``megacore.parallel.collectives``)."""
         flat = is_image_BS.reshape(-1)
         index = torch.cumsum(flat.long(), 0) - 1  # which image embedding each image token takes
-        sp = getattr(self.language_model, "sequence_parallel_size", 1)
-        if sp > 1:
-            rank, n = self.language_model._megacore_tp.rank, flat.numel() // sp
-            flat, index = flat[rank * n:(rank + 1) * n], index[rank * n:(rank + 1) * n]
+        if self.local_tokens is not None:
+            flat, index = self.local_tokens(flat), self.local_tokens(index)
         picked = features_NH[index.clamp(min=0)]
         out = torch.where(flat[:, None], picked, hidden_BSH.reshape(-1, hidden_BSH.shape[-1]))
         return out.view_as(hidden_BSH)

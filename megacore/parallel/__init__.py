@@ -1,14 +1,13 @@
-"""Parallelism: topology and process groups, RNG tracker, differentiable collectives, parallelize.
+"""Parallelism: topology and process groups, RNG streams, differentiable collectives, and the plans
+(tensor/sequence, expert and context parallelism) that ``megacore.compose`` applies to a one-device model.
 
     megacore.parallel.initialize(tensor=2, pipeline=1)      # process groups (DeviceMesh)
     state = megacore.parallel.get_state()                   # sizes, ranks, groups
     megacore.parallel.model_parallel_seed(seed)             # RNG streams
-    model = megacore.parallel.build_parallel_gpt(config, seed, sequence_parallel=True)
+    megacore.parallel.parallelize(model_on_meta, sequence_parallel=True)   # the TP/SP plan
     ...
     megacore.parallel.destroy()
 
-``full_tensor`` / ``gather_full_state_dict`` live with the layers (megacore.layers.tensor_parallel,
-which itself imports this package) and load lazily from here.
 """
 
 from megacore.parallel.collectives import (  # noqa: F401
@@ -43,18 +42,6 @@ from megacore.parallel.grad_sync import finalize_grads_tp  # noqa: F401,E402
 
 # Last: parallelize imports the layers, which import the modules above. Binding the function here
 # also keeps the name ``megacore.parallel.parallelize`` the function, not the submodule.
-from megacore.parallel.parallelize import check_tp_config, parallelize, tp_plan  # noqa: F401,E402
-from megacore.parallel.build import build_parallel_gpt  # noqa: F401,E402
+from megacore.parallel.parallelize import check_tp_config, parallelize, parallelize_llava, tp_plan  # noqa: F401,E402
 
-_LAZY = {
-    "full_tensor": "megacore.layers.tensor_parallel",
-    "gather_full_state_dict": "megacore.layers.tensor_parallel",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megacore.parallel' has no attribute {name!r}")
+from megacore.parallel.tensor_parallel import full_tensor, gather_full_state_dict  # noqa: F401,E402

@@ -21,6 +21,7 @@ that order; shared ones (cos/sin of shape [S, d], no mask) pass through unchange
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -78,8 +79,8 @@ def forward_in_batch_chunks(layer_forward: Callable, hidden_BSH: torch.Tensor, r
 
 def apply_batch_chunks(model: torch.nn.Module, chunks: int) -> None:
     """Make every transformer layer of a (TP-parallelized) GPTModel or stage run in ``chunks``
-    groups of whole sequences. Call before compiling the layers."""
+    groups of whole sequences (hands each layer ``chunked_forward``). Call before compiling the layers."""
     sp_size = getattr(model, "sequence_parallel_size", 1)
     for layer in model.decoder.layers.values():
-        layer.batch_chunks = chunks
-        layer.sequence_parallel_size = sp_size
+        if hasattr(layer, "chunked_forward"):
+            layer.chunked_forward = partial(forward_in_batch_chunks, chunks=chunks, sp_size=sp_size)

@@ -5,8 +5,9 @@ Split. The sequence of length S is cut into ``2·c`` equal chunks (c = CP size);
 the late ones expensive, so pairing them balances the work across ranks. Each rank runs the whole
 model on its S/c tokens.
 
-Attention. Queries stay local. Keys and values (after rotary, so each key carries its own global
-position) are all-gathered over the CP group (``gather_kv``):
+Attention. The plan wraps every core attention from outside (``ContextParallelAttention``): queries
+stay local; keys and values (after rotary, so each key carries its own global position) are
+all-gathered over the CP group (``gather_kv``) before the wrapped core attends:
 
     forward   K = [K_0 | ... | K_{c-1}]  along the sequence (all-gather)
     backward  dK_r = Σ_j dK^{(j)} restricted to rank r's tokens  (reduce-scatter: every rank's
@@ -14,7 +15,8 @@ position) are all-gathered over the CP group (``gather_kv``):
 
 and the causal mask compares global positions: query i (position p_i) may attend to key j
 (position q_j) iff q_j <= p_i, and within the sliding window if the model has one
-(``cp_attention_mask``). This is the all-gather form of CP: K/V memory is O(S) per rank (the
+(``cp_attention_mask``, built once per forward by ``ContextParallelMask``, which replaces the
+model's ``attention_mask`` module). This is the all-gather form of CP: K/V memory is O(S) per rank (the
 activations of the rest of the layer are O(S/c)), and one all-gather per layer per direction; ring
 attention, which streams K/V blocks instead, is not implemented.
 
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from megacore.layers.attention import causal_mask
+from megacore.layers.attention import AttentionMask, SelfAttention, causal_mask
 from megacore.parallel import collectives as C
 
 
@@ -71,19 +73,56 @@ def cp_attention_mask(position_ids_BS: torch.Tensor, group, sliding_window: Opti
     return causal_mask(position_ids_BS, keys_BS, sliding_window)[:, None]
 
 
+class ContextParallelAttention(nn.Module):
+    """A core attention whose keys and values are gathered over the CP group first (see the module
+    doc). q [B, S/c, Hq, D], k/v [B, S/c, Hkv, D] -> [B, S/c, Hq, D]; ``mask`` is the CP mask."""
+
+    def __init__(self, core: nn.Module, group):
+        super().__init__()
+        self.core, self.group = core, group
+
+    @property
+    def recompute(self) -> bool:  # selective recomputation is the wrapped core's
+        return self.core.recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self.core.recompute = value
+
+    def forward(self, q, k, v, mask=None):
+        return self.core(q, gather_kv(k, self.group), gather_kv(v, self.group), mask)
+
+
+class ContextParallelMask(nn.Module):
+    """In place of the model's ``AttentionMask``: the local queries against the gathered keys, causal
+    by global position (``position_ids``, which a context-parallel model must be given)."""
+
+    whole_sequence = False
+
+    def __init__(self, group, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.group, self.sliding_window = group, sliding_window
+
+    def forward(self, batch: int, seq: int, device, position_ids=None, attention_mask=None):
+        if position_ids is None or attention_mask is not None:
+            raise ValueError("a context-parallel model needs position_ids (the global positions of this rank's "
+                             "tokens, from megacore.parallel.context_parallel.split_sample_for_cp) and takes no "
+                             "attention_mask")
+        return cp_attention_mask(position_ids, self.group, self.sliding_window)
+
+
 def apply_context_parallel(model: nn.Module, group) -> nn.Module:
     """Make ``model`` (a GPTModel or pipeline stage; TP may already be applied) context-parallel over
-    ``group``: every self-attention gathers K/V over it and the model builds the CP mask. The model
-    must then be called with ``position_ids`` (the global positions of its tokens)."""
+    ``group``: every core attention is wrapped to gather K/V over it, and the attention mask becomes
+    the CP mask. The model must then be called with ``position_ids`` (the global positions of its
+    tokens)."""
     if C.group_size(group) == 1:
         return model
-    from megacore.layers.attention import SelfAttention
-
-    from megacore.models.gpt import GPTModel
-
-    for module in model.modules():
-        if isinstance(module, SelfAttention):
-            module.cp_group = group
-        if isinstance(module, GPTModel):  # a pipeline chunk may wrap it
-            module._megacore_cp = group
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SelfAttention) and not isinstance(module.core_attention, ContextParallelAttention):
+            module.core_attention = ContextParallelAttention(module.core_attention, group)
+        elif isinstance(module, AttentionMask):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, ContextParallelMask(group, module.sliding_window))
     return model

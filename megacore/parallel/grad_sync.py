@@ -8,7 +8,8 @@ Two kinds of parameters need them (``param._megacore_tp_grad_sum``):
 * ``"replicas"``: rows of a TP-sharded weight that several ranks hold (grouped QKV with more TP
   ranks than KV groups: k/v rows of a group live on the t/num_kv ranks sharing it, each seeing
   only its query heads). grad[rows] <- Σ over the ranks holding those rows
-  (``TPLayout.replica_sum``).
+  (``TPLayout.replica_sum``). Every holder then has the same values; the global grad norm counts
+  them on their owner rank only (``TPLayout.owned_mask``, ``megacore.distributed.grad_clip``).
 
 How (``mode``):
 

@@ -27,13 +27,11 @@ MambaSplit             a Mamba-2 mixer split by heads and B/C groups (in_proj co
 Replicate              declared replicated, nothing to do (silences the coverage check)
 =====================  ==========================================================================
 
-Model edges (set on the instance): ``cross_entropy`` becomes ``vocab_parallel_cross_entropy``;
-``output_logits`` enters the TP region (``copy_to_tp``, or ``gather_from_sp`` of the final-norm
-output under SP) and multiplies by the local vocab shard (the embedding shard when tied); where
-the Triton kernels run (CUDA, eager), the loss head is instead the fused vocab-parallel
-``fused_linear_cross_entropy``, which never materializes the logit shard;
-``full_logits`` (``model(input_ids)`` without labels) gathers the vocab shards into full
-[B, S, vocab_size] logits; ``sequence_parallel_size`` tells the model the residual stream is split.
+The loss head: the model's ``output_head`` becomes a ``VocabParallelOutputHead``
+(``megacore.parallel.vocab_parallel``): the vocab-parallel cross entropy over this rank's vocab
+shard, the fused vocab-parallel kernel where the Triton kernels run, and ``full_logits`` (a forward
+without labels) gathering the shards. ``model.sequence_parallel_size`` tells the model the residual
+stream is split. A LlavaModel around a parallelized language model also needs ``parallelize_llava``.
 
 Gradient sums of TP-split gradients use hooks by default (``grad_sync="hook"``, nothing to call);
 ``grad_sync="finalize"`` leaves them to ``finalize_grads_tp(model)`` after backward.
@@ -42,24 +40,20 @@ Gradient sums of TP-split gradients use hooks by default (``grad_sync="hook"``, 
 from __future__ import annotations
 
 import re
-import types
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import ConfigError, TransformerConfig
-# Module-object imports: megacore.layers.tensor_parallel and megacore.losses import megacore.parallel,
-# which imports this file, so their names are looked up at call time (works whichever loads first).
-import megacore.layers.tensor_parallel as TPL
-import megacore.losses as losses
-from megacore.parallel import collectives as C
+import megacore.parallel.tensor_parallel as TPL
+from megacore.layers.mamba import MambaMixer
 from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
 from megacore.parallel.rng import TP_STREAM, fork, get_rng_tracker
 from megacore.parallel.topology import ParallelState, get_state
+from megacore.parallel.vocab_parallel import VocabParallelOutputHead
 
 _SHARD_ATTRS = ("_megacore_global_shape", "_megacore_shard_fn", "_megacore_tp_dim", "_megacore_tp_layout",
                 "_megacore_tp_rank", "_megacore_init")
@@ -270,8 +264,6 @@ class MambaSplit(Style):
     Under SP ``in_proj`` first gathers the tokens, so each rank scans whole sequences."""
 
     def apply(self, name, module, parent, ctx):
-        from megacore.layers.mamba import MambaMixer
-
         _expect(module, MambaMixer, name, repr(self))
         m, t, r = module, ctx.size, ctx.rank  # heads and groups divide by t: check_tp_config checked
         inner, bc, heads = m.inner, m.num_groups * m.state_dim, m.num_heads
@@ -352,62 +344,6 @@ def check_tp_config(config: TransformerConfig, tensor: int, sequence_parallel: b
     check(Facts(model=config, tensor=tensor, sequence_parallel=sequence_parallel))
 
 
-# -------------------------------------------------------------------------------------- model edges
-class VocabParallelLoss:
-    """``model.cross_entropy`` under TP: (logits shard [B, S, V/t], labels [B, S]) -> loss [B, S]."""
-
-    def __init__(self, group, vocab_start: int, vocab_valid: int):
-        self.group, self.vocab_start, self.vocab_valid = group, vocab_start, vocab_valid
-
-    def __call__(self, logits_local_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-        return losses.vocab_parallel_cross_entropy(logits_local_BSV, labels_BS, self.group, self.vocab_start,
-                                                   self.vocab_valid)
-
-
-def _tp_output_logits(model, hidden_BSH: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, H] (replicated) or [B, S/t, H] (SP) -> this rank's logits [B, S, V_pad/t]."""
-    ctx: TPContext = model._megacore_tp
-    if ctx.sequence_parallel:
-        hidden_BSH = C.gather_from_sp(hidden_BSH, ctx.group)
-    else:
-        hidden_BSH = C.copy_to_tp(hidden_BSH, ctx.group)
-    return F.linear(hidden_BSH, model.output_weight())
-
-
-def _tp_loss_head_is_fusable(model) -> bool:
-    """The fused vocab-parallel loss head (``_tp_fused_loss``) computes the loss parallelize
-    installed; the other conditions are ``GPTModel.use_fused_loss``'s (Triton for this tensor,
-    matching dtypes, no autocast)."""
-    return isinstance(model.cross_entropy, VocabParallelLoss)
-
-
-def _tp_fused_loss(model, hidden_BSH: torch.Tensor, labels_BS: torch.Tensor, weights_BS, reduction: str):
-    """Output GEMM + cross entropy over this rank's vocab shard without materializing the logits
-    (``fused_linear_cross_entropy`` with ``tp_group``). Its hidden gradient is a partial sum over
-    the vocab shards; the entering collective's backward sums it over TP (``gather_from_sp``'s
-    reduce-scatter under SP, ``copy_to_tp``'s all-reduce otherwise)."""
-    from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
-    from megacore.losses import IGNORE_INDEX
-
-    ctx: TPContext = model._megacore_tp
-    if ctx.sequence_parallel:
-        hidden_BSH = C.gather_from_sp(hidden_BSH, ctx.group)
-    else:
-        hidden_BSH = C.copy_to_tp(hidden_BSH, ctx.group)
-    loss = model.cross_entropy
-    # No label range check: it would synchronize the device every step.
-    return fused_linear_cross_entropy(hidden_BSH, model.output_weight(), labels_BS, ignore_index=IGNORE_INDEX,
-                                      vocab_valid=loss.vocab_valid, tp_group=ctx.group, vocab_start=loss.vocab_start,
-                                      reduction=reduction, token_weights=weights_BS, check_labels=False)
-
-
-def _tp_full_logits(model, hidden_BSH: torch.Tensor) -> torch.Tensor:
-    """Full logits [B, S, vocab_size] on every TP rank (vocab shards gathered, padding dropped)."""
-    ctx: TPContext = model._megacore_tp
-    logits = C.gather_from_tp_last_dim(model.output_logits(hidden_BSH), ctx.group)
-    return logits[..., : ctx.config.vocab_size]
-
-
 # --------------------------------------------------------------------------------------------- apply
 def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequence_parallel: bool = False,
                 plan: Optional[dict[str, Style]] = None, grad_sync: str = "hook") -> nn.Module:
@@ -421,7 +357,7 @@ def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequenc
     local shards.
     """
     state = state or get_state()
-    if getattr(model, "_megacore_tp", None) is not None:
+    if isinstance(getattr(model, "output_head", None), VocabParallelOutputHead):
         raise ConfigError("this model is already tensor-parallel (parallelize was applied before); build a fresh "
                           "model on the meta device and parallelize it once")
     config: TransformerConfig = model.config
@@ -448,15 +384,37 @@ def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequenc
                 setattr(parent, child, new)
             covered.add(name)
     _check_coverage(model, covered)
-    vocab_local = config.padded_vocab_size // t
-    model._megacore_tp = ctx
+    model.output_head = VocabParallelOutputHead(config.vocab_size, config.padded_vocab_size, ctx.group, ctx.rank, t,
+                                                sequence_parallel)
     model.sequence_parallel_size = t if sequence_parallel else 1
-    model.cross_entropy = VocabParallelLoss(ctx.group, ctx.rank * vocab_local, config.vocab_size)
-    model.output_logits = types.MethodType(_tp_output_logits, model)
-    model.full_logits = types.MethodType(_tp_full_logits, model)
-    model._loss_head_is_fusable = types.MethodType(_tp_loss_head_is_fusable, model)
-    model._fused_loss = types.MethodType(_tp_fused_loss, model)
     return model
+
+
+def parallelize_llava(llava: nn.Module, state: Optional[ParallelState] = None, sequence_parallel: bool = False,
+                      grad_sync: str = "hook") -> nn.Module:
+    """The TP plan of a LlavaModel whose ``language_model`` was parallelized (``parallelize``) with
+    the same ``sequence_parallel`` and ``grad_sync``: the vision tower and projector stay replicated
+    on every TP rank. Without SP every rank embeds the whole sequence, so nothing more is needed.
+    Under SP each rank holds a chunk of the flattened tokens and inserts only that chunk's image
+    embeddings (``llava.local_tokens`` picks it), so the tower's and projector's gradients are
+    partial sums: declared for a TP sum."""
+    state = state or get_state()
+    t = state.tp_size
+    if t == 1 or not sequence_parallel:
+        return llava
+    for part in (llava.vision_tower, llava.projector):
+        for module in part.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    mark_tp_grad_sum(module, name, ALL, state.tp_group, grad_sync)
+    llava.local_tokens = partial(_sequence_chunk, rank=state.tp_rank, size=t)
+    return llava
+
+
+def _sequence_chunk(flat: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This SP rank's chunk of a flattened per-token tensor (``megacore.parallel.collectives``)."""
+    n = flat.numel() // size
+    return flat[rank * n:(rank + 1) * n]
 
 
 def _check_coverage(model: nn.Module, covered: set[str]) -> None:

@@ -49,8 +49,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megacore.parallel import collectives as C
+from megacore.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megacore.parallel.topology import on_destroy
 
 _COPY_ENGINE_GROUPS: set[str] = set()
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -87,6 +90,9 @@ def reset() -> None:
     group may reuse a name, and must not inherit a workspace of a destroyed one."""
     _COPY_ENGINE_GROUPS.clear()
     _WORKSPACES.clear()
+
+
+on_destroy(reset)  # its symmetric workspaces belong to the groups parallel.destroy() tears down
 
 
 def _copy_engine(x: torch.Tensor, group_name: str) -> bool:
@@ -349,15 +355,15 @@ def linear_reduce_scatter(z: torch.Tensor, weight: torch.Tensor, group) -> torch
 
 
 def apply(model: torch.nn.Module, group, workspace_bytes: int = 0) -> tuple[int, bool]:
-    """Route every sequence-parallel Column/RowParallelLinear of ``model`` through these ops.
+    """Hand every sequence-parallel Column/RowParallelLinear of ``model`` whose GEMM is the plain one
+    (not FP8) the fused op of its side: ``all_gather_linear`` or ``linear_reduce_scatter``.
     Returns (number of layers switched, whether the copy-engine path is on for ``group``);
     ``workspace_bytes`` as in ``enable``."""
-    from megacore.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     n = 0
     for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sequence_parallel \
-                and not getattr(m, "gather_output", False):
-            m.sp_comm_overlap = True
-            n += 1
+        if not (isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sequence_parallel
+                and m.matmul is F.linear and not getattr(m, "gather_output", False)):
+            continue
+        m.fused_comm_matmul = all_gather_linear if isinstance(m, ColumnParallelLinear) else linear_reduce_scatter
+        n += 1
     return n, enable(group, workspace_bytes)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import ConfigError
+from megacore.layers.rng import get_rng_tracker
 
 MAIN_DIMS = ("pp", "dp", "cp", "tp")
 EXPERT_DIMS = ("pp", "edp", "ep", "etp")
@@ -303,6 +304,15 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
     return _STATE
 
 
+_ON_DESTROY: list = []
+
+
+def on_destroy(forget) -> None:
+    """Register ``forget()`` to run when ``destroy()`` tears the layout down (state tied to its groups)."""
+    if forget not in _ON_DESTROY:
+        _ON_DESTROY.append(forget)
+
+
 # initialize()'s size arguments -> the group whose size each one sets.
 AXIS_GROUPS = {"tensor": "tp", "pipeline": "pp", "context": "cp", "expert": "ep", "expert_tensor": "etp"}
 
@@ -339,10 +349,9 @@ def destroy() -> None:
     state, _STATE = _STATE, None
     if state is None:
         return
-    from megacore.parallel import rng, sp_overlap
-
-    rng.get_rng_tracker().reset()
-    sp_overlap.reset()  # its symmetric workspaces belong to the groups destroyed below
+    get_rng_tracker().reset()
+    for forget in _ON_DESTROY:  # e.g. the copy-engine workspaces, which belong to the groups destroyed below
+        forget()
     if not dist.is_initialized():
         return
     if state.owns_default_group:

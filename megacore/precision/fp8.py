@@ -212,16 +212,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return y if bias is None else y + bias
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           fp8: bool = False, weight_fp8: Optional[tuple] = None) -> torch.Tensor:
-    """``fp8_linear`` when ``fp8`` else ``F.linear`` (the switch the tensor-parallel layers use)."""
-    return fp8_linear(x, weight, bias, weight_fp8) if fp8 else F.linear(x, weight, bias)
+class Fp8Matmul:
+    """The GEMM strategy ``apply_fp8`` hands a linear layer: ``fp8_linear(x, weight, bias)``, reading
+    the weight's cast from ``weight_cache`` when ``fp8_weight_cache`` has filled it. One per layer
+    (the cache holds that layer's weight)."""
+
+    def __init__(self):
+        self.weight_cache: Optional[tuple] = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return fp8_linear(x, weight, bias, self.weight_cache)
 
 
 # ------------------------------------------------------------------------------------ weight cache
 def fp8_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` whose GEMMs run in fp8 (``Float8Linear``, TP linears with ``fp8``)."""
-    return [m for m in model.modules() if isinstance(m, Float8Linear) or getattr(m, "fp8", False) is True]
+    """The modules of ``model`` whose GEMMs run in fp8 (their ``matmul`` is an ``Fp8Matmul``)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "matmul", None), Fp8Matmul)]
 
 
 _QUANTIZE_COMPILED: dict = {}
@@ -254,12 +260,12 @@ def fp8_weight_cache(models: Iterable[nn.Module]) -> Iterator[None]:
     modules = [m for model in models for m in fp8_modules(model)]
     with torch.no_grad():
         for m in modules:
-            m.fp8_weight_cache = _quantizer(m.weight.device)(m.weight) if m.weight.dim() == 2 else None
+            m.matmul.weight_cache = _quantizer(m.weight.device)(m.weight) if m.weight.dim() == 2 else None
     try:
         yield
     finally:
         for m in modules:
-            m.fp8_weight_cache = None
+            m.matmul.weight_cache = None
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -312,13 +318,13 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 # ------------------------------------------------------------------------------------ modules
 class Float8Linear(nn.Linear):
-    """``nn.Linear`` whose forward is ``fp8_linear``. Same parameters and state-dict names;
-    ``apply_fp8`` turns plain ``nn.Linear`` instances into this class in place."""
+    """``nn.Linear`` whose forward is its ``matmul`` strategy, an ``Fp8Matmul``. Same parameters and
+    state-dict names; ``apply_fp8`` turns plain ``nn.Linear`` instances into this class in place."""
 
-    fp8_weight_cache: Optional[tuple] = None  # set inside ``fp8_weight_cache`` only
+    matmul: Fp8Matmul
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(input, self.weight, self.bias, self.fp8_weight_cache)
+        return self.matmul(input, self.weight, self.bias)
 
 
 def _skipped(name: str, skip: Iterable[str]) -> bool:
@@ -330,8 +336,8 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip: Iterable[str] 
     """Make ``model``'s linear layers compute in fp8, in place; returns how many were converted.
 
     Plain ``nn.Linear`` modules become ``Float8Linear`` (class switch: parameters, names, hooks and
-    init markers stay); ``ColumnParallelLinear`` / ``RowParallelLinear`` get ``fp8 = True``, which
-    their forward reads. Modules whose name (or any component of it) is in ``skip`` stay as they
+    init markers stay); layers that take a GEMM strategy (a ``matmul`` attribute that is still
+    ``F.linear``: the tensor-parallel linears) are handed an ``Fp8Matmul``. Modules whose name (or any component of it) is in ``skip`` stay as they
     are: by default the output layer, whose logits are the most precision-sensitive GEMM. Other
     subclasses of ``nn.Linear`` are left alone. Call it after ``megacore.parallel.parallelize``
     (which replaces linears by TP layers) and before ``torch.compile``, DDP or FSDP wrap the model,
@@ -339,8 +345,6 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip: Iterable[str] 
     """
     if recipe not in RECIPES:
         raise ValueError(f"fp8 recipe {recipe!r} is not known; use one of {list(RECIPES)}")
-    from megacore.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     skip = tuple(skip)
     converted = 0
     for name, module in model.named_modules():
@@ -348,13 +352,14 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip: Iterable[str] 
             continue
         if type(module) is nn.Linear:
             module.__class__ = Float8Linear
+            module.matmul = Fp8Matmul()
             converted += 1
-        elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not getattr(module, "fp8", False):
-            module.fp8 = True
+        elif getattr(module, "matmul", None) is F.linear:
+            module.matmul = Fp8Matmul()
             converted += 1
     return converted
 
 
-__all__ = ["E4M3", "E5M2", "Float8Linear", "RECIPES", "apply_fp8", "fp8_device_problem", "fp8_linear",
-           "fp8_linear_reference", "fp8_modules", "fp8_supported", "fp8_weight_cache", "linear", "quantize_dequantize",
+__all__ = ["E4M3", "E5M2", "Float8Linear", "Fp8Matmul", "RECIPES", "apply_fp8", "fp8_device_problem", "fp8_linear",
+           "fp8_linear_reference", "fp8_modules", "fp8_supported", "fp8_weight_cache", "quantize_dequantize",
            "quantize_weight", "tensorwise_scale", "to_fp8"]

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -49,8 +49,7 @@ import torch
 from torch import nn
 
 from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device
-from megacore.distributed.grad_clip import (counts_for_norm, default_is_tp_replicated, local_norm_power,
-                                            scale_grads_)
+from megacore.distributed.grad_clip import counted_grads, default_is_tp_replicated, local_norm_power, scale_grads_
 from megacore.training.metrics import read_scalars
 from megacore.training.step_info import StepInfo
 
@@ -290,8 +289,10 @@ class MixedPrecisionOptimizer:
         device = self.fragments[0].master.device if self.fragments else torch.device("cpu")
         total = torch.zeros((), dtype=torch.float32, device=device)
         for frags, groups in self._norm_sets():
-            grads = [f.master.grad for f in frags if f.master.grad is not None
-                     and counts_for_norm(f.param, self.tp_group, self.is_tp_replicated)]
+            # Each fragment is the flat range [start, end) of its param: counted_grads keeps the
+            # parts this rank owns (TP-replicated params on TP rank 0, replicated rows on their owner).
+            grads = [g for f in frags
+                     for g in counted_grads(f.param, f.master.grad, f.start, self.tp_group, self.is_tp_replicated)]
             part = local_norm_power(grads, 2.0, device)
             if active_groups(groups):
                 part = all_reduce_over(part.to(comm_device(device)), groups).to(device)

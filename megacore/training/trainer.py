@@ -197,32 +197,15 @@ class Trainer:
                 for i, ds in enumerate((self.train_ds, self.valid_ds)))
 
     def build_model(self) -> list[torch.nn.Module]:
-        """This rank's model chunks, wrapped for data parallelism (``megacore.training.model_build``)."""
-        from megacore.training.model_build import build_run_model
+        """This rank's model chunks, wrapped for data parallelism (the composition root, ``megacore.compose``)."""
+        from megacore.compose import build_run_model
 
         return build_run_model(self.cfg, self.state, self.device, self.dtype, self._info)
 
     def build_optimizer(self):
-        from megacore.distributed import DistributedOptimizer
-        from megacore.precision.loss_scaler import build_loss_scaler
-        from megacore.training.optimizer import MixedPrecisionOptimizer
+        from megacore.compose import build_optimizer
 
-        cfg, t, pr = self.cfg, self.cfg.train, self.cfg.precision
-        scaler = build_loss_scaler(self.dtype, initial_scale=pr.initial_loss_scale, window=pr.loss_scale_window,
-                                   min_scale=pr.min_loss_scale, hysteresis=pr.hysteresis)
-        if cfg.parallel.fsdp:  # without fp16 (validate refuses it: no loss scaler under FSDP2)
-            from megacore.training.optimizer import weight_decay_groups
-
-            opt = torch.optim.AdamW(weight_decay_groups(self.chunks[0], t.weight_decay), lr=t.lr,
-                                    betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
-            return opt, None
-        groups = tuple(g for g in (self.state.tp_group, self.state.pp_group) if g is not None)
-        kind = DistributedOptimizer if cfg.parallel.distributed_optimizer else MixedPrecisionOptimizer
-        opt = kind(self.chunks, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                   weight_decay=t.weight_decay, clip_grad=t.clip_grad, loss_scaler=scaler,
-                   master_weights=pr.master_weights, model_parallel_groups=groups, tp_group=self.state.tp_group,
-                   expert_parallel_group=self.state.ep_group if self.state.ep_size > 1 else None)
-        return opt, scaler
+        return build_optimizer(self.cfg, self.chunks, self.state, self.dtype)
 
     def _resume(self) -> None:
         from megacore.checkpoint import CheckpointManager

@@ -58,7 +58,7 @@ def test_two_gpu_layouts_reproduce_one_gpu_curve_in_bf16(tmp_path, extra):
     # inductor's fused torch references round bf16 differently from the eager Triton kernels).
     # lr 1e-3, not 3e-3: at 3e-3 this small model on random tokens has loss spikes (grad norm up to
     # 18), and where a spike lands depends on bf16 rounding; correct layouts then drift 4% apart
-    # (benchmarks/gpu_curves_small.sh).
+    # (benchmarks/results/2026-11-27-h100x2-session3-small-curves-lr3e-3.txt; command in benchmarks/README.md).
     calm = ["train.lr=1e-3"]
     same_model = [e for e in extra if e.startswith(("compile=", "model."))]  # the layout is what differs
     ref = [r["loss"] for r in _train(tmp_path, "ref", calm + same_model)]

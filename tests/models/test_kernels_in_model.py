@@ -148,14 +148,25 @@ def test_loss_head_compiles_without_graph_breaks():
 
 @needs_triton
 def test_fused_loss_head_steps_aside_for_a_replaced_loss():
-    """parallelize() swaps in the vocab-parallel cross_entropy / output_logits: the model must then use
-    them, not the one-rank fused head (which would see only its vocab shard)."""
+    """parallelize() swaps in the vocab-parallel loss head: the model must then use it, not the one-rank
+    fused head (which would see only its vocab shard)."""
+    from megacore.layers.output_head import OutputHead
+
+    class SumHead(OutputHead):  # a replaced loss that never fuses
+        def fuses(self, hidden_BSH, weight_VH):
+            return False
+
+        def token_loss(self, hidden_BSH, weight_VH, labels_BS):
+            return self.logits(hidden_BSH, weight_VH).sum(-1)
+
     cfg = _config()
     model = GPTModel(cfg, seed=0).to(DEVICE)
     h = torch.randn(1, cfg.seq_length, cfg.hidden_size, device=DEVICE)
+    labels = torch.zeros(1, cfg.seq_length, dtype=torch.long, device=DEVICE)
     with kernel_backend("triton"):
         assert model.use_fused_loss(h)
-        model.cross_entropy = lambda logits, labels: logits.sum(-1)
+        model.output_head = SumHead(cfg.vocab_size)
         assert not model.use_fused_loss(h)
+        assert torch.equal(model.compute_token_loss(h, labels), model.output_logits(h).sum(-1))
         with kernel_backend("torch"):
             assert not model.use_fused_loss(h)

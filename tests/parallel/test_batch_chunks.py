@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel
 from megacore.parallel.batch_chunks import apply_batch_chunks, chunk_items
@@ -80,7 +81,7 @@ def _tp_cases(rank, world):
     for compiled in (False, True):
         collectives.FORCE_FLAT_COLLECTIVES = compiled  # the functional collectives inductor sees
         torch._dynamo.reset()
-        model = P.build_parallel_gpt(cfg, 3, sequence_parallel=True)
+        model = build_parallel_gpt(cfg, 3, sequence_parallel=True)
         apply_batch_chunks(model, 2)
         if compiled:
             model = compile_model(model, backend="aot_eager")

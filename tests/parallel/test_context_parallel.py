@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel
 from megacore.parallel.context_parallel import apply_context_parallel, cp_token_index, split_sample_for_cp
@@ -42,7 +43,7 @@ def _case(rank, world, tensor):
         ref_loss = ref(ids, labels=labels, loss_mask=loss_mask, reduction="sum") / count
         ref_loss.backward()
         if tensor > 1:
-            model = P.build_parallel_gpt(cfg, 5, sequence_parallel=True)
+            model = build_parallel_gpt(cfg, 5, sequence_parallel=True)
         else:
             model = GPTModel(cfg, seed=5)
         apply_context_parallel(model, state.cp_group)

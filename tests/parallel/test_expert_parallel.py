@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import TransformerConfig
-from megacore.layers.moe.expert_parallel import apply_expert_parallel
+from megacore.parallel.expert_parallel import apply_expert_parallel
 from megacore.models import GPTModel
 from megacore.models.init import materialize
 from tests.dist.harness import run_distributed

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import megacore.parallel as P
-from megacore.losses import cross_entropy, vocab_parallel_cross_entropy
+from megacore.layers.output_head import cross_entropy
+from megacore.parallel.vocab_parallel import vocab_parallel_cross_entropy
 from tests.dist.harness import run_distributed
 
 

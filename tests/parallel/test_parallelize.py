@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import ConfigError, TransformerConfig
 from megacore.models import GPTModel
 from tests.dist.harness import run_distributed
@@ -75,7 +76,7 @@ def _model_cases(rank, world, cases):
     for tag, extra, sp in cases:
         cfg = TransformerConfig(**BASE, **extra)
         ref = GPTModel(cfg, seed=3)
-        model = P.build_parallel_gpt(cfg, 3, sequence_parallel=sp)
+        model = build_parallel_gpt(cfg, 3, sequence_parallel=sp)
         _compare(model, ref, failures, f"tp={world} {tag} sp={sp}", ids, labels)
 
     # A materialized model is sharded from its own values (e.g. after loading full weights).
@@ -94,7 +95,7 @@ def _model_cases(rank, world, cases):
     # with it they match.
     cfg = TransformerConfig(**BASE, num_query_groups=1)
     ref = GPTModel(cfg, seed=3)
-    model = P.build_parallel_gpt(cfg, 3, sequence_parallel=True, grad_sync="finalize")
+    model = build_parallel_gpt(cfg, 3, sequence_parallel=True, grad_sync="finalize")
     model(ids, labels=labels).backward()
     ref(ids, labels=labels).backward()
     norm = "decoder.layers.0.input_norm.weight"
@@ -143,7 +144,7 @@ def _recompute_replay_errors(ids):
     P.model_parallel_seed(1)
     grads = []
     for granularity in (None, "selective", "full"):
-        model = P.build_parallel_gpt(cfg, 3, sequence_parallel=True)
+        model = build_parallel_gpt(cfg, 3, sequence_parallel=True)
         model.configure_recompute(RecomputeConfig(granularity=granularity))
         P.model_parallel_seed(1)
         model(ids, labels=ids).backward()

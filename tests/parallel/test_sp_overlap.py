@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel
 from megacore.parallel import collectives as C
@@ -87,7 +88,7 @@ def _model_errors(rank, world):
     P.model_parallel_seed(1)
     cfg = TransformerConfig(**BASE)
     ref = GPTModel(cfg, seed=3)
-    model = P.build_parallel_gpt(cfg, 3, sequence_parallel=True)
+    model = build_parallel_gpt(cfg, 3, sequence_parallel=True)
     switched, copy_engine = sp_overlap.apply(model, P.get_state().tp_group)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, cfg.vocab_size, (4, 8), generator=g)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import TransformerConfig
 from megacore.distributed import DistributedDataParallel
 from megacore.models import GPTModel
@@ -39,7 +40,7 @@ def _compiled_tp_cases(rank, world, flat):
         counters.clear()
         cfg = TransformerConfig(**BASE)
         ref = GPTModel(cfg, seed=3)
-        model = compile_model(P.build_parallel_gpt(cfg, 3, sequence_parallel=sp, grad_sync="finalize"),
+        model = compile_model(build_parallel_gpt(cfg, 3, sequence_parallel=sp, grad_sync="finalize"),
                               backend="aot_eager")
         ddp = DistributedDataParallel(model, dp_group=P.get_state().dp_group, bucket_size_mb=None)
         errors = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import ConfigError, TransformerConfig
 from megacore.models import GPTModel
 from tests.dist.equivalence import errors_against_reference
@@ -24,7 +25,7 @@ def _errors(rank, world, sequence_parallel):
     P.model_parallel_seed(1)
     cfg = TransformerConfig(**HYBRID)
     ref = GPTModel(cfg, seed=3)
-    model = P.build_parallel_gpt(cfg, 3, sequence_parallel=sequence_parallel)
+    model = build_parallel_gpt(cfg, 3, sequence_parallel=sequence_parallel)
     mixer = model.decoder.layers["0"].mixer
     local = (mixer.num_heads, mixer.num_groups, tuple(mixer.conv1d.weight.shape))
     g = torch.Generator().manual_seed(5)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import megacore.parallel as P
-from megacore.layers.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPLayout,
+from megacore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPLayout,
                                              VocabParallelEmbedding, full_tensor)
 from tests.dist.harness import run_distributed
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import megacore.parallel as P
+from megacore.compose import build_parallel_gpt
 from megacore.config import TransformerConfig, VisionConfig
 from megacore.models.llava import LlavaConfig, LlavaModel
 from tests.dist.equivalence import errors_against_reference
@@ -38,8 +39,8 @@ def _errors(rank, world, sequence_parallel):
     P.initialize(tensor=world)
     P.model_parallel_seed(1)
     ref = LlavaModel(_config(), seed=3)
-    lm = P.build_parallel_gpt(_config().text, 3, sequence_parallel=sequence_parallel)
-    model = LlavaModel(_config(), seed=3, language_model=lm)
+    lm = build_parallel_gpt(_config().text, 3, sequence_parallel=sequence_parallel)
+    model = P.parallelize_llava(LlavaModel(_config(), seed=3, language_model=lm), sequence_parallel=sequence_parallel)
     ids, pixels, labels = _batch()
     def grads_of(m):  # the language model's TP shards gathered; the replicated tower's as they are
         grads = {f"language_model.{n}": g for n, g in P.gather_full_state_dict(m.language_model, grads=True).items()}

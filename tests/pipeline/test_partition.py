@@ -117,7 +117,7 @@ def test_stages_hold_exactly_the_one_device_weights(tie, pp, vp, explicit):
 
 def test_build_model_chunks_checks_the_process_groups():
     from megacore.config import ParallelConfig, RunConfig
-    from megacore.pipeline import build_model_chunks
+    from megacore.compose import build_model_chunks
 
     run = RunConfig(model=cases.tiny_config(num_layers=2), parallel=ParallelConfig(pipeline=2))
     with pytest.raises(ConfigError, match="process groups have pipeline=1"):

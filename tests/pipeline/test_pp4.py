@@ -61,7 +61,7 @@ def _world4(rank, world_size):
     if _has_parallelize():
         state = par.initialize(tensor=2, pipeline=2)
         from megacore.config import ParallelConfig, RunConfig, TrainConfig
-        from megacore.pipeline import build_model_chunks
+        from megacore.compose import build_model_chunks
 
         for name, sp in TP_CASES:
             config = cases.tiny_config(num_layers=3, tie=True)

@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import megacore
 from megacore.config import ConfigError, PrecisionConfig, RunConfig
-from megacore.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megacore.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megacore.models.gpt import GPTModel
-from megacore.precision.fp8 import (E4M3, E5M2, Float8Linear, apply_fp8, fp8_device_problem, fp8_linear,
+from megacore.precision.fp8 import (E4M3, E5M2, Float8Linear, Fp8Matmul, apply_fp8, fp8_device_problem, fp8_linear,
                                     fp8_linear_reference, fp8_supported, fp8_weight_cache, quantize_dequantize,
                                     quantize_weight)
 from tests.dist.harness import run_distributed
@@ -242,7 +242,7 @@ def test_weight_cache_over_micro_batches_is_bit_identical_and_never_stale(compil
             assert ops.counts.get("amax") == n_fp8 + 2 * 2 * n_fp8, ops.counts
         for name in plain:
             assert torch.equal(plain[name], cached[name]), name
-        assert all(m.fp8_weight_cache is None for m in model.modules() if isinstance(m, Float8Linear))
+        assert all(m.matmul.weight_cache is None for m in model.modules() if isinstance(m, Float8Linear))
         ids, labels = batches[0]
         with torch.no_grad():
             before = model(ids, labels=labels)
@@ -263,7 +263,7 @@ def _tp_cases(rank, world):
     local shards): each rank's result equals the fp8 reference applied to its own shards (each rank
     scales its local operands), and stays close to the fp32 dense layer."""
     import megacore.parallel as P
-    from megacore.layers.tensor_parallel import full_tensor
+    from megacore.parallel.tensor_parallel import full_tensor
 
     failures = []
     state = P.initialize(tensor=world)
@@ -290,7 +290,7 @@ def _tp_cases(rank, world):
                 full = getattr(ref, name)
                 fn = getattr(p, "_megacore_shard_fn", None)
                 p.copy_(fn(full) if fn is not None else full)
-        assert apply_fp8(layer) == 1 and layer.fp8
+        assert apply_fp8(layer) == 1 and isinstance(layer.matmul, Fp8Matmul)
         w_local = layer.weight.detach()
         if kind == "column":
             x_in, g = x, upstream.chunk(world, -1)[rank]

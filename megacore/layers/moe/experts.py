@@ -7,11 +7,13 @@ Dispatch: the T·k (token, slot) assignments are sorted by expert; expert e mult
 contiguous run of tokens assigned to it, and each output row, scaled by its router weight, is
 added back to its token. The run lengths are read on the host (one device sync per layer), so this
 is the simple path, not the fast one (a grouped GEMM without the sync is future work). Under
-expert parallelism (``megacore.layers.moe.expert_parallel``) this rank holds a contiguous slice of
+expert parallelism (``megacore.parallel.expert_parallel``) this rank holds a contiguous slice of
 the experts, and the sorted rows travel to their experts' ranks and back.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,9 @@ class SequentialExperts(nn.Module):
         self.linear_fc1 = mark_init(nn.Parameter(torch.empty(e, 2 * f if self.gated else f, h)), "normal")
         self.linear_fc2 = mark_init(nn.Parameter(torch.empty(e, h, f)), "scaled_normal")
         self.num_experts = e      # in the whole model; this rank may hold a slice (expert parallelism)
-        self.ep_group = None      # set by apply_expert_parallel
+        # Expert parallelism hands in the exchange (megacore.parallel.expert_parallel):
+        # ``dispatch(experts, x_sorted, counts_per_expert)`` -> the expert outputs in the same order.
+        self.dispatch: Optional[Callable] = None
 
     def expert_mlp(self, e: int, x_TH: torch.Tensor) -> torch.Tensor:
         up = F.linear(x_TH, self.linear_fc1[e])
@@ -60,10 +64,8 @@ class SequentialExperts(nn.Module):
         scale = weights_TK.reshape(-1)[order].to(hidden_TH.dtype).unsqueeze(-1)
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         x_sorted = hidden_TH[token_of]
-        if self.ep_group is None:
+        if self.dispatch is None:
             y_sorted = self.run_sorted(x_sorted, counts.tolist())  # host sync
         else:
-            from megacore.layers.moe.expert_parallel import dispatch_and_compute
-
-            y_sorted = dispatch_and_compute(self, x_sorted, counts, self.ep_group)
+            y_sorted = self.dispatch(self, x_sorted, counts)
         return torch.zeros_like(hidden_TH).index_add(0, token_of, y_sorted * scale)

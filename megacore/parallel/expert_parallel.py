@@ -19,9 +19,13 @@ group only, and the grad norm adds the expert part over EP (``megacore.distribut
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from megacore.layers.moe.experts import SequentialExperts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,8 +79,6 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
     materialized: each expert weight becomes its ``[E/P, ...]`` slice, marked with the global shape
     and slice (deterministic init and checkpoints see the whole tensor) and as an expert parameter
     (gradients reduced over expert-data-parallel ranks)."""
-    from megacore.layers.moe.experts import SequentialExperts
-
     for module in model.modules():
         if not isinstance(module, SequentialExperts):
             continue
@@ -94,5 +96,5 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
             part._megacore_shard_fn = lambda t, a=start, b=start + local: t[a:b]
             part._megacore_expert = True
             setattr(module, name, part)
-        module.ep_group = group
+        module.dispatch = partial(dispatch_and_compute, group=group)
     return model

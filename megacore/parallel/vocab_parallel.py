@@ -1,4 +1,5 @@
-"""Cross entropy over a vocabulary split across tensor-parallel ranks, without gathering the logits.
+"""The loss head under tensor parallelism: the output layer split over the vocabulary, and the cross
+entropy over that split without gathering the logits.
 
 Rank r holds the logit columns ``[vocab_start, vocab_start + V_local)`` of the padded vocabulary;
 columns ``>= vocab_valid`` are padding and get no probability mass. Per token, with z the logits
@@ -21,6 +22,12 @@ here because a check would synchronize the device.
 Math runs in fp32 (fp64 for fp64 logits) whatever the logits dtype; the loss comes back in that
 type. Fed already-gathered full logits with a TP group, the function would count every column t
 times (adding log t to the loss): pass the local shard.
+
+``VocabParallelOutputHead`` is what the TP plan puts in place of the one-device ``OutputHead``:
+the hidden states enter the TP region (``copy_to_tp``, or ``gather_from_sp`` of the final-norm
+output under SP), multiply this rank's vocab rows (the embedding shard when tied), and the loss is
+the vocab-parallel cross entropy above, or, where the Triton kernels run, the fused
+``fused_linear_cross_entropy`` with ``tp_group`` (never materializing the logit shard).
 """
 
 from __future__ import annotations
@@ -31,14 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megacore.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megacore.layers.output_head import IGNORE_INDEX, OutputHead, upcast as _upcast
+from megacore.parallel import collectives as C
 from megacore.parallel.collectives import all_reduce, group_size
-
-IGNORE_INDEX = -100
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for half types and fp32; fp64 stays fp64."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _column_masks(v_local: int, vocab_start: int, vocab_valid: int, device):
@@ -118,11 +121,43 @@ def vocab_parallel_cross_entropy(logits_local_BSV: torch.Tensor, labels_BS: torc
                                   ignore_index, float(label_smoothing))
 
 
-def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, vocab_valid: Optional[int] = None,
-                  ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Single-device per-token loss [B, S] (fp32; 0 where ignored) over the first ``vocab_valid``
-    columns (default: all); the same semantics as ``vocab_parallel_cross_entropy``."""
-    v = logits_BSV.shape[-1] if vocab_valid is None else vocab_valid
-    loss = F.cross_entropy(_upcast(logits_BSV[..., :v]).reshape(-1, v), labels_BS.reshape(-1),
-                           ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
-    return loss.view(labels_BS.shape)
+class VocabParallelOutputHead(OutputHead):
+    """The loss head over this rank's vocabulary rows ``[vocab_start, vocab_start + V_pad/t)`` of the
+    TP group (see the module docstring). hidden [B, S, H] (replicated) or [B, S/t, H] (SP)."""
+
+    whole_vocab = False
+
+    def __init__(self, vocab_size: int, padded_vocab_size: int, group, rank: int, size: int,
+                 sequence_parallel: bool):
+        super().__init__(vocab_size)
+        self.group, self.rank, self.size, self.sequence_parallel = group, rank, size, sequence_parallel
+        self.vocab_start = rank * (padded_vocab_size // size)
+
+    def _enter(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
+        """Into the TP region: every rank needs every token (backward: the hidden gradient, a partial
+        sum over the vocab shards, is summed over TP: reduce-scatter under SP, all-reduce otherwise)."""
+        if self.sequence_parallel:
+            return C.gather_from_sp(hidden_BSH, self.group)
+        return C.copy_to_tp(hidden_BSH, self.group)
+
+    def logits(self, hidden_BSH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+        """This rank's logit columns [B, S, V_pad/t]."""
+        return F.linear(self._enter(hidden_BSH), weight_VH)
+
+    def full_logits(self, hidden_BSH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+        """Full logits [B, S, vocab_size] on every TP rank (vocab shards gathered, padding dropped)."""
+        return C.gather_from_tp_last_dim(self.logits(hidden_BSH, weight_VH), self.group)[..., : self.vocab_size]
+
+    def token_loss(self, hidden_BSH: torch.Tensor, weight_VH: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(self.logits(hidden_BSH, weight_VH), labels_BS, self.group,
+                                            self.vocab_start, self.vocab_size)
+
+    def fused_loss(self, hidden_BSH, weight_VH, labels_BS, token_weights_BS, reduction: str) -> torch.Tensor:
+        # No label range check: it would synchronize the device every step.
+        return fused_linear_cross_entropy(self._enter(hidden_BSH), weight_VH, labels_BS, ignore_index=IGNORE_INDEX,
+                                          vocab_valid=self.vocab_size, tp_group=self.group,
+                                          vocab_start=self.vocab_start, reduction=reduction,
+                                          token_weights=token_weights_BS, check_labels=False)
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocab_size}, rows from {self.vocab_start}, tensor={self.size}, sp={self.sequence_parallel}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from megacore.parallel import collectives as C
 from megacore.parallel.rng import TP_STREAM, fork
-from megacore.precision.fp8 import linear as _linear
+from megacore.parallel.topology import get_state
 
 Segments = tuple[tuple[int, int], ...]
 
@@ -209,9 +209,11 @@ class ColumnParallelLinear(nn.Module):
             raise ValueError("gather_output needs a contiguous layout (one segment per rank)")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.gather_output = sequence_parallel, gather_output
-        self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
-        self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
-        self.sp_comm_overlap = False  # set by megacore.parallel.sp_overlap.apply
+        # Strategies the composition root hands in: the local GEMM ``matmul(x, weight, bias)`` (an FP8
+        # recipe's, megacore.precision.fp8.apply_fp8), and under SP a collective fused with the GEMM
+        # ``fused_comm_matmul(x, weight, group)`` (copy-engine overlap, megacore.parallel.sp_overlap.apply).
+        self.matmul: Callable = F.linear
+        self.fused_comm_matmul: Optional[Callable] = None
         local = self.layout.local_size
         self.weight = describe_shard(_new_param((local, in_features), device, dtype), self.layout, r,
                                      (out_features, in_features), init_weight)
@@ -221,14 +223,11 @@ class ColumnParallelLinear(nn.Module):
             self.bias = describe_shard(_new_param((local,), device, dtype), bias_layout, r, (out_features,), init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sp_comm_overlap and not self.fp8:  # all-gather overlapped with the matmul (copy engines)
-            from megacore.parallel.sp_overlap import all_gather_linear
-
-            y = all_gather_linear(x, self.weight, self.tp_group)
+        if self.fused_comm_matmul is not None:  # all-gather of the tokens and the GEMM in one op
+            y = self.fused_comm_matmul(x, self.weight, self.tp_group)
             return y if self.bias is None else y + self.bias
         x = C.gather_from_sp(x, self.tp_group) if self.sequence_parallel else C.copy_to_tp(x, self.tp_group)
-        y = _linear(x, self.weight, self.bias, fp8=getattr(self, "fp8", False),
-                    weight_fp8=getattr(self, "fp8_weight_cache", None))
+        y = self.matmul(x, self.weight, self.bias)
         return C.gather_from_tp_last_dim(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -260,9 +259,11 @@ class RowParallelLinear(nn.Module):
             raise ValueError("input_is_parallel=False needs a contiguous layout (one segment per rank)")
         self.in_features, self.out_features = in_features, out_features
         self.sequence_parallel, self.input_is_parallel = sequence_parallel, input_is_parallel
-        self.fp8 = False  # set by megacore.precision.fp8.apply_fp8
-        self.fp8_weight_cache = None  # set inside megacore.precision.fp8.fp8_weight_cache only
-        self.sp_comm_overlap = False  # set by megacore.parallel.sp_overlap.apply
+        # Strategies the composition root hands in: the local GEMM ``matmul(x, weight, bias)`` (an FP8
+        # recipe's, megacore.precision.fp8.apply_fp8), and under SP a collective fused with the GEMM
+        # ``fused_comm_matmul(x, weight, group)`` (copy-engine overlap, megacore.parallel.sp_overlap.apply).
+        self.matmul: Callable = F.linear
+        self.fused_comm_matmul: Optional[Callable] = None
         self.weight = describe_shard(_new_param((out_features, self.layout.local_size), device, dtype), self.layout,
                                      r, (out_features, in_features), init_weight)
         self.bias = None
@@ -274,13 +275,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = C.scatter_to_tp_last_dim(x, self.tp_group)
-        if self.sp_comm_overlap and not self.fp8:  # reduce-scatter overlapped with the matmul (copy engines)
-            from megacore.parallel.sp_overlap import linear_reduce_scatter
-
-            y = linear_reduce_scatter(x, self.weight, self.tp_group)
+        if self.fused_comm_matmul is not None:  # the GEMM and the reduce-scatter of the tokens in one op
+            y = self.fused_comm_matmul(x, self.weight, self.tp_group)
         else:
-            y = _linear(x, self.weight, fp8=getattr(self, "fp8", False),
-                        weight_fp8=getattr(self, "fp8_weight_cache", None))
+            y = self.matmul(x, self.weight)
             y = C.reduce_scatter_to_sp(y, self.tp_group) if self.sequence_parallel else C.reduce_from_tp(y, self.tp_group)
         if self.bias is None:
             return y
@@ -370,8 +368,6 @@ def full_tensor(param: torch.Tensor, tensor: Optional[torch.Tensor] = None, grou
     if layout is None or layout.tp_size == 1:
         return value
     if group is None:
-        from megacore.parallel.topology import get_state
-
         group = get_state().tp_group
     if C.group_size(group) != layout.tp_size:
         raise ValueError(f"parameter is sharded over {layout.tp_size} ranks but the group has {C.group_size(group)}")
@@ -387,10 +383,10 @@ def gather_full_state_dict(model: nn.Module, grads: bool = False, group=None) ->
         value = p
         if grads:
             value = getattr(p, "main_grad", None)
-            if value is not None:
-                from megacore.distributed.grad_buffer import settled_main_grad
-
-                value = settled_main_grad(p)  # zeros, not an earlier step's values, if none arrived
+            buffer = getattr(p, "_megacore_grad_buffer", None)
+            if value is not None and buffer is not None:
+                buffer.settle([p])  # zeros, not an earlier step's values, if none arrived
+                value = p.main_grad
             value = p.grad if value is None else value
             if value is None:
                 out[name] = None
