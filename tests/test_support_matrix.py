@@ -1,6 +1,6 @@
-"""The support matrix (``megacore.config_support``): one table decides which layouts, features and
+"""The support matrix (``megacore.config.support``): one table decides which layouts, features and
 model kinds run together; ``RunConfig.validate`` runs it, the library entry points run the rules
-they can answer, and ``docs/support-matrix.md`` is rendered from it."""
+they can answer, and ``docs/support-matrix.md`` is rendered from it (``megacore.config.support_doc``)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,8 @@ import os
 import pytest
 
 from megacore.config import ConfigError, RunConfig, TransformerConfig, apply_override
-from megacore.config_support import (
-    RULES,
-    Divisible,
-    Facts,
-    Requires,
-    Unsupported,
-    _cell,
-    check,
-    facts_of_run,
-    render_markdown,
-    skipped_rules,
-)
+from megacore.config.support import RULES, Divisible, Facts, Requires, Unsupported, check, facts_of_run, skipped_rules
+from megacore.config.support_doc import REGENERATE, _cell, render_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "support-matrix.md")
@@ -38,9 +28,7 @@ def _run(*overrides: str) -> RunConfig:
 def test_committed_doc_is_the_rendered_table():
     with open(DOC) as f:
         committed = f.read()
-    assert committed == render_markdown(), (
-        "docs/support-matrix.md differs from the table; regenerate it: "
-        "python -m megacore.config_support > docs/support-matrix.md")
+    assert committed == render_markdown(), f"docs/support-matrix.md differs from the table; regenerate it: {REGENERATE}"
 
 
 def test_a_whole_run_answers_every_rule():
@@ -48,7 +36,7 @@ def test_a_whole_run_answers_every_rule():
 
 
 def test_rules_name_known_features():
-    from megacore.config_support import FEATURES, MATRIX_COLUMNS, MATRIX_ROWS
+    from megacore.config.support import FEATURES, MATRIX_COLUMNS, MATRIX_ROWS
 
     for rule in RULES:
         keys = {Unsupported: ("a", "b"), Requires: ("a",), Divisible: ("when",)}.get(type(rule), ())

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from megacore.config import ConfigError, TransformerConfig
+from megacore.config.support import Facts, check
 import megacore.parallel.tensor_parallel as TPL
 from megacore.layers.mamba import MambaMixer
 from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
@@ -338,9 +339,7 @@ def _pattern(p: str) -> re.Pattern:
 def check_tp_config(config: TransformerConfig, tensor: int, sequence_parallel: bool) -> None:
     """Raise ConfigError naming the field, value and fix if ``config`` cannot be split ``tensor`` ways:
     the support table's rules that read only the model and the tensor-parallel settings
-    (``megacore.config_support``; a RunConfig runs all of them in ``validate``)."""
-    from megacore.config_support import Facts, check
-
+    (``megacore.config.support``; a RunConfig runs all of them in ``validate``)."""
     check(Facts(model=config, tensor=tensor, sequence_parallel=sequence_parallel))
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import ConfigError
+from megacore.config.support import Facts, check
 from megacore.layers.rng import get_rng_tracker
 
 MAIN_DIMS = ("pp", "dp", "cp", "tp")
@@ -43,10 +44,8 @@ COMPOSITE_GROUPS = {
 def _check_sizes(world_size: int, tensor: int, pipeline: int, context: int, expert: int, expert_tensor: int,
                  virtual_pipeline: Optional[int] = None) -> int:
     """Return the data-parallel size, or raise the ConfigError of the support table's mesh rules
-    (``megacore.config_support``: sizes >= 1, their product divides the world, the expert folding
+    (``megacore.config.support``: sizes >= 1, their product divides the world, the expert folding
     divides a pipeline stage) that names the sizes and the fix."""
-    from megacore.config_support import Facts, check
-
     check(Facts(world_size=world_size, tensor=tensor, pipeline=pipeline, context=context, expert=expert,
                 expert_tensor=expert_tensor, virtual_pipeline=virtual_pipeline))
     return world_size // (tensor * pipeline * context)

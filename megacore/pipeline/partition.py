@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megacore.config import ConfigError, TransformerConfig
+from megacore.config.support import Facts, check
 
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero_bubble")
 
@@ -35,8 +36,6 @@ SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero_bubble")
 def layer_counts(num_layers: int, pp_size: int, vp_size: int = 1,
                  pipeline_layers: Optional[Sequence[int]] = None) -> list[int]:
     """Number of layers in each of the ``pp_size * vp_size`` blocks, in model order (see module doc)."""
-    from megacore.config_support import Facts, check
-
     # The support table's pipeline rules (stage sizes, virtual stages, the split itself).
     check(Facts(num_layers=num_layers, pipeline=pp_size, virtual_pipeline=vp_size,
                 pipeline_layers=None if pipeline_layers is None else list(pipeline_layers)))

@@ -1,6 +1,6 @@
 """The training loop's MoE pieces: its MoE layers, and the per-step balance-loss sum that
 ``metrics.jsonl`` logs as ``moe_aux_loss``. (Which layouts MoE runs in: the support table,
-``megacore.config_support``.)"""
+``megacore.config.support``.)"""
 
 from __future__ import annotations
 

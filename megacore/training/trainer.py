@@ -94,7 +94,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config_support
+        cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
         _check_device(cfg, self.device)
         self._init_parallel()
         self._build_data()

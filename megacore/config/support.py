@@ -12,8 +12,8 @@ names the field, the value and the fix. ``RunConfig.validate(world_size)`` runs 
 (``facts_of_run``); ``ParallelConfig.validate`` on its own section. Library entry points without a
 ``RunConfig`` pass what they know -- ``megacore.parallel.check_tp_config`` (model + tensor size),
 ``megacore.parallel.rank_groups`` (the mesh sizes), ``megacore.pipeline.layer_counts`` (the pipeline
-split) -- and the rules that read anything else are skipped. ``render_markdown()`` writes
-``docs/support-matrix.md`` from the same table (a test keeps the two equal).
+split) -- and the rules that read anything else are skipped. ``megacore.config.support_doc``
+renders ``docs/support-matrix.md`` from the same table (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from megacore.config import ConfigError
+from megacore.config.errors import ConfigError
 
 # parallel.tp_comm_overlap modes that torch.compile's inductor implements (CUDA only).
 INDUCTOR_TP_COMM_OVERLAP_MODES = ("schedule", "reorder", "symm_mem")
@@ -456,50 +456,3 @@ def skipped_rules(facts: Facts) -> list:
         except Exception:  # the rule ran (a failure of the rule itself is not a missing fact)
             pass
     return out
-
-
-# ------------------------------------------------------------------------------------- the doc
-def _cell(row: str, column: str) -> str:
-    """'yes', or 'no (R<n>)' naming the refusal (or 'no (as <implied feature>)')."""
-    refusals = [r for r in RULES if isinstance(r, Unsupported)]
-    for key in (row, *FEATURES[row].implies):
-        for col in (column, *FEATURES[column].implies):
-            for n, rule in enumerate(refusals, 1):
-                if {rule.a, rule.b} == {key, col}:
-                    return f"no (R{n})"
-    return "yes"
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return lines
-
-
-def render_markdown() -> str:
-    """``docs/support-matrix.md``, from ``RULES`` (regenerate: ``python -m megacore.config_support``)."""
-    refusals = [r for r in RULES if isinstance(r, Unsupported)]
-    out = ["# Support matrix", "",
-           "<!-- Generated from megacore/config_support.py (RULES) by render_markdown(); do not edit by hand. "
-           "Regenerate: python -m megacore.config_support > docs/support-matrix.md -->", "",
-           "Which layouts, features and model kinds run together. `RunConfig.validate(world_size)` (run by "
-           "`megacore train` and `megacore config`) checks every row below and refuses a run with one error that "
-           "names the field, the value and the fix.", "",
-           "## Layouts and features by model kind", "",
-           "Columns are not exclusive (a hybrid stack may have MoE layers; Mamba layers are a hybrid stack). "
-           "\"no (R*n*)\" points to the refused combination below.", ""]
-    out += _table(("", *(FEATURES[c].label for c in MATRIX_COLUMNS)),
-                  [(FEATURES[r].label, *(_cell(r, c) for c in MATRIX_COLUMNS)) for r in MATRIX_ROWS])
-    out += ["", "## Refused combinations", ""]
-    out += _table(("", "combination", "why", "fix"), [(f"R{n}", *r.doc_row()) for n, r in enumerate(refusals, 1)])
-    out += ["", "## Requirements", ""]
-    out += _table(("setting", "needs", "fix"), [r.doc_row() for r in RULES if isinstance(r, Requires)])
-    out += ["", "## Sizes that must divide", ""]
-    out += _table(("value", "must be divisible by", "when"), [r.doc_row() for r in RULES if isinstance(r, Divisible)])
-    out += ["", "## Other checks", ""]
-    out += _table(("check", "topic"), [(r.doc, r.topic) for r in RULES if isinstance(r, Check)])
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":
-    print(render_markdown(), end="")
