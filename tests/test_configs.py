@@ -61,7 +61,7 @@ def test_llama_8b_layout():
 
 
 def test_moe_config_passes_the_trainer_checks():
-    from megacore.training.trainer import _check_supported
+    from megacore.config.support import check_supported as _check_supported
 
     cfg = load_run_config(str(CONFIGS / "mixtral_moe.yaml")).validate(8)
     assert (cfg.model.num_experts, cfg.model.moe_top_k, cfg.parallel.expert) == (8, 2, 8)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from megacore.config import ConfigError, TransformerConfig
+from megacore.config.support import Facts, check
 import megacore.parallel.tensor_parallel as TPL
 from megacore.layers.mamba import MambaMixer
 from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
@@ -336,30 +337,10 @@ def _pattern(p: str) -> re.Pattern:
 
 
 def check_tp_config(config: TransformerConfig, tensor: int, sequence_parallel: bool) -> None:
-    """Raise ConfigError naming the field, value and fix if ``config`` cannot be split ``tensor`` ways."""
-    if sequence_parallel and tensor == 1:
-        raise ConfigError("parallel.sequence_parallel=True needs parallel.tensor > 1; set sequence_parallel=false")
-    if tensor == 1:
-        return
-    if config.num_experts is not None:
-        raise ConfigError(f"model.num_experts={config.num_experts}: MoE layers have no tensor-parallel plan yet; "
-                          "set parallel.tensor=1 (MoE trains with data and pipeline parallelism)")
-    if config.num_attention_heads % tensor != 0:
-        raise ConfigError(f"model.num_attention_heads={config.num_attention_heads} is not divisible by "
-                          f"parallel.tensor={tensor}; choose a tensor-parallel size that divides the number of heads")
-    kv = config.num_kv_heads
-    if kv % tensor != 0 and tensor % kv != 0:
-        raise ConfigError(f"model.num_query_groups={kv} and parallel.tensor={tensor} divide neither way; KV groups "
-                          "are split across TP ranks (kv % tp == 0) or replicated (tp % kv == 0)")
-    if "M" in config.layer_kinds and (config.mamba_heads % tensor != 0 or config.mamba_num_groups % tensor != 0):
-        raise ConfigError(f"{config.mamba_heads} Mamba heads and model.mamba_num_groups={config.mamba_num_groups} "
-                          f"must both be divisible by parallel.tensor={tensor}; Mamba layers split by heads and groups")
-    if config.ffn_size % tensor != 0:
-        raise ConfigError(f"model.ffn_hidden_size={config.ffn_size} is not divisible by parallel.tensor={tensor}")
-    if config.padded_vocab_size % tensor != 0:
-        raise ConfigError(f"model.vocab_padding_multiple={config.vocab_padding_multiple} gives a padded vocab of "
-                          f"{config.padded_vocab_size}, not divisible by parallel.tensor={tensor}; use a multiple of "
-                          "the tensor-parallel size, e.g. 128")
+    """Raise ConfigError naming the field, value and fix if ``config`` cannot be split ``tensor`` ways:
+    the support table's rules that read only the model and the tensor-parallel settings
+    (``megacore.config.support``; a RunConfig runs all of them in ``validate``)."""
+    check(Facts(model=config, tensor=tensor, sequence_parallel=sequence_parallel))
 
 
 # --------------------------------------------------------------------------------------------- apply

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import ConfigError
+from megacore.config.support import Facts, check
 from megacore.layers.rng import get_rng_tracker
 
 MAIN_DIMS = ("pp", "dp", "cp", "tp")
@@ -40,25 +41,14 @@ COMPOSITE_GROUPS = {
 }
 
 
-def _check_sizes(world_size: int, tensor: int, pipeline: int, context: int, expert: int, expert_tensor: int) -> int:
-    """Return the data-parallel size, or raise a ConfigError that names the sizes and the fix."""
-    for name, v in (("tensor", tensor), ("pipeline", pipeline), ("context", context), ("expert", expert),
-                    ("expert_tensor", expert_tensor)):
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"parallel.{name}={v!r} must be an integer >= 1; use 1 to disable it")
-    model_parallel = tensor * pipeline * context
-    if world_size % model_parallel != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor={tensor} x pipeline={pipeline} x context={context} "
-            f"= {model_parallel}; launch a multiple of {model_parallel} processes or choose sizes whose product "
-            f"divides {world_size}")
-    stage = world_size // pipeline  # ranks of one pipeline stage = DP·CP·TP
-    if stage % (expert * expert_tensor) != 0:
-        raise ConfigError(
-            f"expert={expert} x expert_tensor={expert_tensor} = {expert * expert_tensor} does not divide the "
-            f"{stage} ranks of a pipeline stage (world {world_size} / pipeline {pipeline}); choose expert and "
-            f"expert_tensor sizes whose product divides {stage}")
-    return world_size // model_parallel
+def _check_sizes(world_size: int, tensor: int, pipeline: int, context: int, expert: int, expert_tensor: int,
+                 virtual_pipeline: Optional[int] = None) -> int:
+    """Return the data-parallel size, or raise the ConfigError of the support table's mesh rules
+    (``megacore.config.support``: sizes >= 1, their product divides the world, the expert folding
+    divides a pipeline stage) that names the sizes and the fix."""
+    check(Facts(world_size=world_size, tensor=tensor, pipeline=pipeline, context=context, expert=expert,
+                expert_tensor=expert_tensor, virtual_pipeline=virtual_pipeline))
+    return world_size // (tensor * pipeline * context)
 
 
 def _groups_over(ranks: torch.Tensor, dims: tuple[int, ...]) -> list[list[int]]:
@@ -263,14 +253,10 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
     global _STATE
     if _STATE is not None:
         raise RuntimeError("megacore.parallel is already initialized; call megacore.parallel.destroy() first")
-    if virtual_pipeline is not None and (not isinstance(virtual_pipeline, int) or virtual_pipeline < 1):
-        raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline!r} must be >= 1; use None to disable it")
-    if virtual_pipeline is not None and virtual_pipeline > 1 and pipeline == 1:
-        raise ConfigError(f"parallel.virtual_pipeline={virtual_pipeline} needs pipeline > 1; "
-                          "set parallel.pipeline >= 2 or remove virtual_pipeline")
     owns = init_default_group(backend)
     world, rank = dist.get_world_size(), dist.get_rank()
     try:
+        _check_sizes(world, tensor, pipeline, context, expert, expert_tensor, virtual_pipeline)
         lists = rank_groups(world, tensor, pipeline, context, expert, expert_tensor)
     except ConfigError:
         if owns:

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megacore.config import ConfigError, TransformerConfig
+from megacore.config.support import Facts, check
 
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero_bubble")
 
@@ -35,32 +36,12 @@ SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero_bubble")
 def layer_counts(num_layers: int, pp_size: int, vp_size: int = 1,
                  pipeline_layers: Optional[Sequence[int]] = None) -> list[int]:
     """Number of layers in each of the ``pp_size * vp_size`` blocks, in model order (see module doc)."""
-    if not isinstance(pp_size, int) or pp_size < 1:
-        raise ConfigError(f"parallel.pipeline={pp_size!r} must be an integer >= 1; use 1 to disable pipelining")
-    if not isinstance(vp_size, int) or vp_size < 1:
-        raise ConfigError(f"parallel.virtual_pipeline={vp_size!r} must be an integer >= 1; use null to disable it")
-    if vp_size > 1 and pp_size == 1:
-        raise ConfigError(f"parallel.virtual_pipeline={vp_size} needs parallel.pipeline > 1; "
-                          "set parallel.pipeline >= 2 or remove virtual_pipeline")
-    n_blocks = pp_size * vp_size
+    # The support table's pipeline rules (stage sizes, virtual stages, the split itself).
+    check(Facts(num_layers=num_layers, pipeline=pp_size, virtual_pipeline=vp_size,
+                pipeline_layers=None if pipeline_layers is None else list(pipeline_layers)))
     if pipeline_layers is not None:
-        counts = list(pipeline_layers)
-        if len(counts) != n_blocks:
-            raise ConfigError(
-                f"parallel.pipeline_layers={counts} has {len(counts)} entries but pipeline={pp_size} x "
-                f"virtual_pipeline={vp_size} needs {n_blocks}; give one layer count per block in model order")
-        bad = [c for c in counts if not isinstance(c, int) or isinstance(c, bool) or c < 1]
-        if bad:
-            raise ConfigError(f"parallel.pipeline_layers={counts} contains {bad}: every block needs an integer "
-                              "count >= 1 (an empty stage would only add a pipeline hop); move a layer there")
-        if sum(counts) != num_layers:
-            raise ConfigError(f"parallel.pipeline_layers={counts} sums to {sum(counts)}, not model.num_layers="
-                              f"{num_layers}; adjust the counts so they add up to the number of layers")
-        return counts
-    if n_blocks > num_layers:
-        raise ConfigError(
-            f"parallel.pipeline={pp_size} x virtual_pipeline={vp_size} = {n_blocks} blocks but model.num_layers="
-            f"{num_layers}: every block needs at least one layer; use fewer (virtual) stages or more layers")
+        return list(pipeline_layers)
+    n_blocks = pp_size * vp_size
     base, extra = divmod(num_layers, n_blocks)
     return [base + (1 if k < extra else 0) for k in range(n_blocks)]
 

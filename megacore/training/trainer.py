@@ -46,32 +46,19 @@ from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
-from megacore.training.hybrid import check_hybrid_layout
-from megacore.training.moe import aux_loss_sum, check_moe_layout, moe_layers, num_moe_layers
+from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
 from megacore.training.pending_step import PendingStep
 
 
-def _check_supported(cfg: RunConfig) -> None:
-    """Options that the config accepts (they are part of the contract) but this version cannot run."""
-    p = cfg.parallel
-    if p.context > 1 and p.fsdp:
-        raise ConfigError(f"parallel.context={p.context} with parallel.fsdp=true is not supported; use "
-                          "parallel.distributed_optimizer=true with context parallelism")
-    if p.context > 1 and cfg.data.reset_position_ids:
-        raise ConfigError(f"parallel.context={p.context} with data.reset_position_ids=true is not supported: the "
-                          "context-parallel causal mask is built from the global positions; set "
-                          "data.reset_position_ids=false")
-    check_moe_layout(cfg)
-    check_hybrid_layout(cfg)
-    if cfg.precision.fp8 is not None:  # the config rejects device=cpu; here the resolved device is known
+def _check_device(cfg: RunConfig, device: torch.device) -> None:
+    """What ``RunConfig.validate`` cannot know: the device ``device=auto`` resolved to, and whether it
+    runs FP8 GEMMs (the support table refuses ``precision.fp8`` with ``device=cpu`` already)."""
+    if cfg.precision.fp8 is not None:
         from megacore.precision.fp8 import fp8_device_problem
 
-        problem = fp8_device_problem(resolve_device(cfg))
+        problem = fp8_device_problem(device)
         if problem is not None:
             raise ConfigError(problem)
-    if p.fsdp and (p.tensor > 1 or p.pipeline > 1):
-        raise ConfigError("parallel.fsdp=true is supported with parallel.tensor=1 and parallel.pipeline=1 only; "
-                          "use parallel.distributed_optimizer=true for TP/PP layouts")
 
 
 class PeerFailed(RuntimeError):
@@ -108,8 +95,8 @@ class Trainer:
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        _check_supported(cfg)
-        cfg.validate(self.world_size)
+        cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
+        _check_device(cfg, self.device)
         self._init_parallel()
         self._build_data()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
@@ -225,10 +212,7 @@ class Trainer:
         from megacore.checkpoint import CheckpointManager
 
         self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._info)
-        if self.cfg.parallel.fsdp:
-            if self.cfg.checkpoint.dir or self.cfg.checkpoint.load:
-                raise ConfigError("checkpointing with parallel.fsdp=true is not supported yet; use "
-                                  "parallel.distributed_optimizer=true for resumable sharded runs")
+        if self.cfg.parallel.fsdp:  # no checkpoint to resume: validate refuses checkpointing with FSDP2
             return
         result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
         if result is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megacore.config import ParallelConfig
-from megacore.config_loading import load_run_config
+from megacore.config.loading import load_run_config
 from megacore.parallel.topology import ParallelState, describe_layout, layout_mismatches
 from megacore.training.loop import TrainingError
 from tests.dist.harness import run_distributed

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from megacore.config import ConfigError
-from megacore.config_loading import load_run_config
-from megacore.training.hybrid import check_hybrid_layout
+from megacore.config.loading import load_run_config
+from megacore.config.support import check_supported as check_hybrid_layout
 from tests.training.test_train_cli import ROOT, losses, read_metrics, train_tiny
 
 HYBRID = ["model.num_layers=4", "model.layer_pattern=M*M-", "model.hidden_size=64", "model.num_attention_heads=4",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from megacore.config import ConfigError
-from megacore.config_loading import load_run_config
+from megacore.config.loading import load_run_config
 from megacore.data.mock import MockGPTDataset, MockImageTextDataset
 from tests.training.test_train_cli import ROOT, _env, losses, read_metrics, run_cli
 

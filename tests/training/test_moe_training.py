@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from megacore.config import ConfigError, ParallelConfig, PrecisionConfig
-from megacore.config_loading import load_run_config
+from megacore.config.loading import load_run_config
 from tests.training.test_train_cli import ROOT, losses, read_metrics, train_tiny
 
 MOE = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
@@ -58,7 +58,7 @@ def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, e
     (["parallel.expert=2", "model.num_experts=null"], "model.num_experts"),
 ])
 def test_moe_unsupported_layouts_are_clear_errors(overrides, words):
-    from megacore.training.trainer import _check_supported
+    from megacore.config.support import check_supported as _check_supported
 
     cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", [*MOE, *overrides])
     with pytest.raises(ConfigError, match=words):

@@ -1,17 +1,12 @@
-"""``VisionConfig``: the ``vision:`` section of a run config, the image side of a LLaVA model.
-
-Its own module because it is its own concept; ``megacore.config`` re-exports it (and its validation
-borrows that module's error helpers, imported when called, since ``megacore.config`` imports this
-module).
-"""
+"""``VisionConfig``: the ``vision:`` section of a run config, the image side of a LLaVA model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:
-    from megacore.config import TransformerConfig
+from megacore.config.errors import fail as _fail
+from megacore.config.model import ACTIVATIONS, TransformerConfig
 
 
 @dataclass
@@ -37,8 +32,6 @@ class VisionConfig:
     freeze_tower: bool = True               # LLaVA trains the projector and the language model only
 
     def validate(self) -> "VisionConfig":
-        from megacore.config import ACTIVATIONS, _fail
-
         def fail(name, problem, fix):
             _fail(f"vision.{name}", getattr(self, name), problem, fix)
 
@@ -64,11 +57,9 @@ class VisionConfig:
             fail("projector_activation", "is not known", "use 'gelu' or 'gelu_tanh'")
         return self
 
-    def check_text(self, text: "TransformerConfig") -> None:
+    def check_text(self, text: TransformerConfig) -> None:
         """What the language model must offer a LLaVA model: the image token in its vocabulary, and
         no learned positions (image embeddings replace token embeddings before the decoder)."""
-        from megacore.config import _fail
-
         if self.image_token_id is None or not 0 <= self.image_token_id < text.vocab_size:
             _fail("vision.image_token_id", self.image_token_id, f"must be a token id of the text vocabulary (size "
                   f"{text.vocab_size})", "reserve one id for image positions and set vision.image_token_id")

@@ -13,7 +13,8 @@ import math
 import typing
 from typing import Any, Optional
 
-from megacore.config import ConfigError, RunConfig
+from megacore.config.errors import ConfigError
+from megacore.config.run import RunConfig
 
 
 def _suggest(name: str, valid: list[str]) -> str:

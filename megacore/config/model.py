@@ -1,0 +1,229 @@
+"""``TransformerConfig``: the ``model:`` section, shape and numerics of a decoder-only transformer
+(dense GPT / Llama family, MoE, hybrid Mamba stacks), with its ``validate()``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megacore.config.errors import fail as _fail
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu", "relu", "squared_relu")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
+LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, MLP
+ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
+ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
+
+
+@dataclass
+class TransformerConfig:
+    """Shape and numerics of a decoder-only transformer (dense GPT / Llama family).
+
+    ``num_query_groups`` is the number of key/value heads (GQA; equal to ``num_attention_heads``
+    for MHA, 1 for MQA). ``kv_channels`` is the per-head dimension (defaults to
+    ``hidden_size // num_attention_heads``). ``ffn_hidden_size`` defaults to ``4 * hidden_size``.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 1024
+    seq_length: int = 256
+    # Rows of the embedding/output tables are padded to a multiple of this (never changes the loss:
+    # padded logits are masked). Must be divisible by the tensor-parallel size.
+    vocab_padding_multiple: int = 128
+
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False
+    activation: str = "swiglu"
+
+    position_embedding: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rotary_scaling: Optional[str] = None
+    rotary_scaling_factor: float = 1.0
+    rotary_original_max_positions: Optional[int] = None
+    rotary_low_freq_factor: float = 1.0   # llama3
+    rotary_high_freq_factor: float = 4.0  # llama3
+    rotary_beta_fast: float = 32.0        # yarn
+    rotary_beta_slow: float = 1.0         # yarn
+    rotary_mscale: float = 1.0            # yarn
+    rotary_mscale_all_dim: float = 0.0    # yarn
+
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    qk_norm: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    sliding_window: Optional[int] = None
+    attention_softmax_scale: Optional[float] = None
+    attention_backend: str = "auto"
+
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scaled_output_init: bool = True
+
+    # Mixture of experts (megacore.layers.moe): every layer's MLP becomes num_experts expert MLPs
+    # of moe_ffn_hidden_size (default ffn_hidden_size), each token sent to its moe_top_k experts.
+    num_experts: Optional[int] = None
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_router_norm_topk: bool = True   # renormalize the top-k router probabilities to sum to 1 (Mixtral)
+    moe_aux_loss_coeff: float = 0.0     # weight of the load-balancing loss (e.g. 0.01; 0: off)
+    # Hybrid stacks (Megatron / NemotronH convention): one character per layer, each layer one
+    # pre-norm residual block: 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (or MoE when
+    # num_experts is set). null: every layer is attention + MLP (a plain transformer).
+    layer_pattern: Optional[str] = None
+    mamba_num_heads: Optional[int] = None   # default: 2 * hidden_size / mamba_head_dim (expand 2)
+    mamba_head_dim: int = 64
+    mamba_state_dim: int = 128
+    mamba_num_groups: int = 8               # B and C are shared by the heads of each group
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128             # SSD chunk length (speed only; results do not depend on it)
+    mamba_dt_clamp_min: float = 0.0         # lower clamp of the time step (NemotronH: its time_step_min)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_heads(self) -> int:
+        if self.mamba_num_heads is not None:
+            return self.mamba_num_heads
+        return 2 * self.hidden_size // self.mamba_head_dim if self.mamba_head_dim > 0 else 0
+
+    @property
+    def layer_kinds(self) -> str:
+        """One character per layer: ``layer_pattern``, or 'T' (attention + MLP) for every layer without one."""
+        return self.layer_pattern if self.layer_pattern is not None else "T" * self.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_query_groups if self.num_query_groups is not None else self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_padding_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def moe_ffn_size(self) -> int:
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_size
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_percent)
+
+    def validate(self) -> "TransformerConfig":
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
+                     "vocab_padding_multiple"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                _fail(f"model.{name}", v, "must be a positive integer", f"set model.{name} to a value >= 1")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            _fail("model.hidden_size", self.hidden_size,
+                  f"is not divisible by num_attention_heads={self.num_attention_heads}",
+                  "choose a hidden_size that is a multiple of num_attention_heads, or set model.kv_channels")
+        if self.num_query_groups is not None:
+            if self.num_query_groups <= 0:
+                _fail("model.num_query_groups", self.num_query_groups, "must be positive",
+                      "use 1 for MQA or num_attention_heads for MHA")
+            if self.num_attention_heads % self.num_query_groups != 0:
+                _fail("model.num_attention_heads", self.num_attention_heads,
+                      f"is not divisible by num_query_groups={self.num_query_groups}",
+                      "choose num_query_groups that divides num_attention_heads")
+        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
+            _fail("model.ffn_hidden_size", self.ffn_hidden_size, "must be positive", "set a positive size")
+        if self.normalization not in NORMALIZATIONS:
+            _fail("model.normalization", self.normalization, "is not a known normalization",
+                  f"use one of {list(NORMALIZATIONS)}")
+        if self.activation not in ACTIVATIONS:
+            _fail("model.activation", self.activation, "is not a known activation", f"use one of {list(ACTIVATIONS)}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            _fail("model.position_embedding", self.position_embedding, "is not known",
+                  f"use one of {list(POSITION_EMBEDDINGS)}")
+        if self.position_embedding == "rope":
+            if not 0.0 < self.rotary_percent <= 1.0:
+                _fail("model.rotary_percent", self.rotary_percent, "must be in (0, 1]", "use e.g. 0.25 or 1.0")
+            if self.rotary_dim % 2 != 0 or self.rotary_dim == 0:
+                _fail("model.rotary_percent", self.rotary_percent,
+                      f"gives an odd or zero rotary dim {self.rotary_dim} (head_dim={self.head_dim})",
+                      "rotary dims come in pairs: choose rotary_percent so head_dim*rotary_percent is even")
+            if self.rotary_scaling not in ROTARY_SCALINGS:
+                _fail("model.rotary_scaling", self.rotary_scaling, "is not known", f"use one of {list(ROTARY_SCALINGS)}")
+            if self.rotary_scaling is not None and self.rotary_scaling_factor <= 0:
+                _fail("model.rotary_scaling_factor", self.rotary_scaling_factor, "must be positive", "use e.g. 8.0")
+            if self.rotary_scaling in ("llama3", "yarn") and self.rotary_original_max_positions is None:
+                _fail("model.rotary_original_max_positions", None,
+                      f"is required by rotary_scaling={self.rotary_scaling!r}",
+                      "set it to the pre-extension context length, e.g. 8192")
+        if self.head_dim % 2 != 0 and self.position_embedding == "rope":
+            _fail("model.kv_channels", self.head_dim, "is odd, so rotary pairs cannot be formed", "use an even head dim")
+        for name in ("attention_dropout", "hidden_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                _fail(f"model.{name}", v, "must be in [0, 1)", "use e.g. 0.0 or 0.1")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            _fail("model.sliding_window", self.sliding_window, "must be positive", "use null to disable it")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            _fail("model.attention_backend", self.attention_backend, "is not known", f"use one of {list(ATTENTION_BACKENDS)}")
+        if self.init_std <= 0:
+            _fail("model.init_std", self.init_std, "must be positive", "use e.g. 0.02")
+        if self.norm_epsilon <= 0:
+            _fail("model.norm_epsilon", self.norm_epsilon, "must be positive", "use e.g. 1e-5")
+        if self.num_experts is not None:
+            if not isinstance(self.num_experts, int) or self.num_experts < 2:
+                _fail("model.num_experts", self.num_experts, "must be an integer >= 2",
+                      "use e.g. 8, or null for dense MLPs")
+            if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.num_experts:
+                _fail("model.moe_top_k", self.moe_top_k, f"must be between 1 and num_experts={self.num_experts}",
+                      "use e.g. 2")
+            if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+                _fail("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size, "must be positive",
+                      "use null to take model.ffn_hidden_size")
+            if self.moe_aux_loss_coeff < 0:
+                _fail("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "must be >= 0", "use e.g. 0.01, or 0 for none")
+        if self.layer_pattern is not None:
+            self._validate_hybrid()
+        return self
+
+    def _validate_hybrid(self) -> None:
+        pattern = self.layer_pattern
+        if not pattern or set(pattern) - set(LAYER_KINDS):
+            _fail("model.layer_pattern", pattern, f"must use only the layer kinds {LAYER_KINDS}",
+                  "write one character per layer, e.g. 'M-M*M-' ('M' Mamba, '*' attention, '-' MLP)")
+        if len(pattern) != self.num_layers:
+            _fail("model.layer_pattern", pattern, f"has {len(pattern)} layers but model.num_layers={self.num_layers}",
+                  f"set model.num_layers={len(pattern)} or give one character per layer")
+        if "M" in pattern:
+            heads, p = self.mamba_heads, self.mamba_head_dim
+            if p <= 0 or heads <= 0 or (self.mamba_num_heads is None and (2 * self.hidden_size) % p):
+                _fail("model.mamba_head_dim", p, f"does not divide 2 * hidden_size = {2 * self.hidden_size}",
+                      "set model.mamba_num_heads, or a head dim that divides it")
+            if self.mamba_num_groups <= 0 or heads % self.mamba_num_groups:
+                _fail("model.mamba_num_groups", self.mamba_num_groups,
+                      f"must divide the number of Mamba heads ({heads})", "use e.g. 1, 2 or 8")
+            for key in ("mamba_state_dim", "mamba_conv_kernel", "mamba_chunk_size"):
+                if getattr(self, key) <= 0:
+                    _fail(f"model.{key}", getattr(self, key), "must be positive", "use the default")
+            if self.sliding_window is not None:
+                _fail("model.sliding_window", self.sliding_window, "cannot apply to Mamba layers ('M' in "
+                      "model.layer_pattern), whose scan sees every earlier position", "set model.sliding_window=null")
+            if self.mamba_dt_clamp_min < 0:
+                _fail("model.mamba_dt_clamp_min", self.mamba_dt_clamp_min, "must be >= 0 (a time step is positive)",
+                      "use 0 (no clamp) or e.g. 0.001")

@@ -1,0 +1,458 @@
+"""The support matrix: which layouts, features and model kinds run together, decided in one table.
+
+``RULES`` is the table. Each row is one of four kinds:
+
+* :class:`Unsupported` -- two features that do not run together (a "no" cell of the matrix);
+* :class:`Requires` -- a feature that needs a condition (sequence parallelism needs ``tensor > 1``);
+* :class:`Divisible` -- a size that must divide another (heads by ``parallel.tensor``);
+* :class:`Check` -- anything else, written as a function (the pipeline split, the world size).
+
+``check(facts)`` runs the table in order and raises the first failure as one ``ConfigError`` that
+names the field, the value and the fix. ``RunConfig.validate(world_size)`` runs it on the whole run
+(``facts_of_run``); ``ParallelConfig.validate`` on its own section. Library entry points without a
+``RunConfig`` pass what they know -- ``megacore.parallel.check_tp_config`` (model + tensor size),
+``megacore.parallel.rank_groups`` (the mesh sizes), ``megacore.pipeline.layer_counts`` (the pipeline
+split) -- and the rules that read anything else are skipped. ``megacore.config.support_doc``
+renders ``docs/support-matrix.md`` from the same table (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from megacore.config.errors import ConfigError
+
+# parallel.tp_comm_overlap modes that torch.compile's inductor implements (CUDA only).
+INDUCTOR_TP_COMM_OVERLAP_MODES = ("schedule", "reorder", "symm_mem")
+
+
+# ------------------------------------------------------------------------------------- the facts
+class UnknownFact(Exception):
+    """A rule read a fact its caller does not know; the rule is skipped (see ``check``)."""
+
+
+FACT_NAMES = ("world_size", "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor",
+              "sequence_parallel", "distributed_optimizer", "fsdp", "pipeline_layers", "tp_comm_overlap",
+              "tp_batch_chunks", "model", "num_layers", "train", "data", "checkpoint", "precision", "vision",
+              "device", "compile", "compile_mode")
+
+
+class Facts:
+    """What the rules read, flat: the mesh sizes (``tensor``, ``expert`` ...), the other ``parallel``
+    keys, ``model`` (a TransformerConfig), ``num_layers``, the other run sections (``train``,
+    ``precision`` ...), ``device``, ``compile``, ``compile_mode`` and ``world_size``. A caller gives
+    the ones it knows; reading any other raises ``UnknownFact``."""
+
+    def __init__(self, **known: Any):
+        unknown = set(known) - set(FACT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown facts {sorted(unknown)}; known: {FACT_NAMES}")
+        if "model" in known and "num_layers" not in known:
+            known["num_layers"] = known["model"].num_layers
+        self._known = known
+
+    def __getattr__(self, name: str) -> Any:
+        known = self.__dict__.get("_known", {})
+        if name in known:
+            return known[name]
+        raise UnknownFact(name)
+
+
+def facts_of_parallel(p, world_size: Optional[int] = None) -> Facts:
+    """The facts of a ``ParallelConfig`` (and the world size, when known)."""
+    world = {} if world_size is None else {"world_size": world_size}
+    return Facts(**world, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
+                 context=p.context, expert=p.expert, expert_tensor=1, sequence_parallel=p.sequence_parallel,
+                 distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp, pipeline_layers=p.pipeline_layers,
+                 tp_comm_overlap=p.tp_comm_overlap, tp_batch_chunks=p.tp_batch_chunks)
+
+
+def facts_of_run(cfg, world_size: Optional[int] = None) -> Facts:
+    """Every fact of a ``RunConfig`` (and the world size, when known)."""
+    return Facts(**facts_of_parallel(cfg.parallel, world_size)._known, model=cfg.model, train=cfg.train, data=cfg.data, checkpoint=cfg.checkpoint,
+                 precision=cfg.precision, vision=cfg.vision, device=cfg.device, compile=cfg.compile,
+                 compile_mode=cfg.compile_mode)
+
+
+# ---------------------------------------------------------------------------------- the features
+@dataclass(frozen=True)
+class Feature:
+    """A layout axis, a feature or a model kind that rules name: when it is on, and how an error
+    names it (``parallel.tensor=2``). ``implies``: features it needs on too (sequence parallelism
+    implies tensor parallelism), so the matrix marks it unsupported wherever those are."""
+
+    key: str
+    label: str
+    on: Callable[[Facts], bool]
+    named: Callable[[Facts], str]
+    implies: tuple[str, ...] = ()
+
+
+def _key(field: str, value_of: Callable[[Facts], Any]) -> Callable[[Facts], str]:
+    return lambda f: f"{field}={value_of(f)!r}"
+
+
+_FEATURES = [
+    # layout axes (rows of the matrix)
+    Feature("tensor", "tensor parallel (`parallel.tensor` > 1)", lambda f: f.tensor > 1,
+            _key("parallel.tensor", lambda f: f.tensor)),
+    Feature("sequence_parallel", "sequence parallel (`parallel.sequence_parallel`)", lambda f: f.sequence_parallel,
+            _key("parallel.sequence_parallel", lambda f: f.sequence_parallel), implies=("tensor",)),
+    Feature("pipeline", "pipeline parallel (`parallel.pipeline` > 1)", lambda f: f.pipeline > 1,
+            _key("parallel.pipeline", lambda f: f.pipeline)),
+    Feature("virtual_pipeline", "virtual pipeline (`parallel.virtual_pipeline` > 1)",
+            lambda f: (f.virtual_pipeline or 1) > 1, _key("parallel.virtual_pipeline", lambda f: f.virtual_pipeline),
+            implies=("pipeline",)),
+    Feature("context", "context parallel (`parallel.context` > 1)", lambda f: f.context > 1,
+            _key("parallel.context", lambda f: f.context)),
+    Feature("expert", "expert parallel (`parallel.expert` > 1)", lambda f: f.expert > 1,
+            _key("parallel.expert", lambda f: f.expert)),
+    Feature("distributed_optimizer", "distributed optimizer (`parallel.distributed_optimizer`)",
+            lambda f: f.distributed_optimizer,
+            _key("parallel.distributed_optimizer", lambda f: f.distributed_optimizer)),
+    Feature("fsdp", "FSDP2 (`parallel.fsdp`)", lambda f: f.fsdp, _key("parallel.fsdp", lambda f: f.fsdp)),
+    Feature("fp8", "FP8 GEMMs (`precision.fp8`)", lambda f: f.precision.fp8 is not None,
+            _key("precision.fp8", lambda f: f.precision.fp8)),
+    Feature("fp16", "fp16 with loss scaling (`precision.dtype=fp16`)", lambda f: f.precision.dtype == "fp16",
+            _key("precision.dtype", lambda f: f.precision.dtype)),
+    # model kinds (columns of the matrix)
+    Feature("dense", "dense", lambda f: f.model.num_experts is None,
+            _key("model.num_experts", lambda f: f.model.num_experts)),
+    Feature("moe", "MoE (`model.num_experts`)", lambda f: f.model.num_experts is not None,
+            _key("model.num_experts", lambda f: f.model.num_experts)),
+    Feature("hybrid", "hybrid stack (`model.layer_pattern`)", lambda f: f.model.layer_pattern is not None,
+            _key("model.layer_pattern", lambda f: f.model.layer_pattern)),
+    Feature("mamba", "Mamba layers ('M' in `model.layer_pattern`)", lambda f: "M" in f.model.layer_kinds,
+            _key("model.layer_pattern", lambda f: f.model.layer_pattern), implies=("hybrid",)),
+    Feature("llava", "LLaVA (`vision.enabled`)", lambda f: f.vision.enabled,
+            _key("vision.enabled", lambda f: f.vision.enabled)),
+    # other features
+    Feature("copy_engine", "`parallel.tp_comm_overlap=copy_engine`", lambda f: f.tp_comm_overlap == "copy_engine",
+            _key("parallel.tp_comm_overlap", lambda f: f.tp_comm_overlap)),
+    Feature("tp_comm_overlap", "`parallel.tp_comm_overlap` other than off", lambda f: f.tp_comm_overlap != "off",
+            _key("parallel.tp_comm_overlap", lambda f: f.tp_comm_overlap)),
+    Feature("inductor_overlap", "`parallel.tp_comm_overlap` = " + " / ".join(INDUCTOR_TP_COMM_OVERLAP_MODES),
+            lambda f: f.tp_comm_overlap in INDUCTOR_TP_COMM_OVERLAP_MODES,
+            _key("parallel.tp_comm_overlap", lambda f: f.tp_comm_overlap)),
+    Feature("tp_batch_chunks", "`parallel.tp_batch_chunks` > 1", lambda f: f.tp_batch_chunks > 1,
+            _key("parallel.tp_batch_chunks", lambda f: f.tp_batch_chunks)),
+    Feature("checkpointing", "checkpointing (`checkpoint.dir` or `checkpoint.load`)",
+            lambda f: bool(f.checkpoint.dir or f.checkpoint.load),
+            lambda f: (f"checkpoint.dir={f.checkpoint.dir!r}" if f.checkpoint.dir
+                       else f"checkpoint.load={f.checkpoint.load!r}")),
+    Feature("reset_position_ids", "`data.reset_position_ids`", lambda f: f.data.reset_position_ids,
+            _key("data.reset_position_ids", lambda f: f.data.reset_position_ids)),
+    Feature("reset_attention_mask", "`data.reset_attention_mask`", lambda f: f.data.reset_attention_mask,
+            _key("data.reset_attention_mask", lambda f: f.data.reset_attention_mask)),
+    Feature("text_only_data", "text-only data (`data.source` other than mock)", lambda f: f.data.source != "mock",
+            _key("data.source", lambda f: f.data.source)),
+    Feature("cpu", "`device=cpu`", lambda f: f.device == "cpu", _key("device", lambda f: f.device)),
+    Feature("compile_mode", "`compile_mode`", lambda f: f.compile_mode is not None,
+            _key("compile_mode", lambda f: f.compile_mode)),
+]
+FEATURES: dict[str, Feature] = {feature.key: feature for feature in _FEATURES}
+MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert",
+               "distributed_optimizer", "fsdp", "fp8", "fp16")
+MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava")
+
+
+# -------------------------------------------------------------------------------- the rule kinds
+@dataclass(frozen=True)
+class Unsupported:
+    """Features ``a`` and ``b`` do not run together:
+    ``<a>=<value> with <b>=<value> is not supported: <reason>; <fix>``."""
+
+    topic: str
+    a: str
+    b: str
+    reason: str
+    fix: str
+
+    def error(self, f: Facts) -> Optional[str]:
+        a, b = FEATURES[self.a], FEATURES[self.b]
+        if a.on(f) and b.on(f):
+            return f"{a.named(f)} with {b.named(f)} is not supported: {self.reason}; {self.fix}"
+        return None
+
+    def doc_row(self) -> tuple[str, ...]:
+        return (f"{FEATURES[self.a].label} with {FEATURES[self.b].label}", self.reason, self.fix)
+
+
+@dataclass(frozen=True)
+class Requires:
+    """Feature ``a`` needs ``condition`` (``holds``): ``<a>=<value> needs <condition>[: <reason>]; <fix>``."""
+
+    topic: str
+    a: str
+    condition: str
+    holds: Callable[[Facts], bool]
+    fix: str
+    reason: str = ""
+
+    def error(self, f: Facts) -> Optional[str]:
+        feature = FEATURES[self.a]
+        if feature.on(f) and not self.holds(f):
+            return f"{feature.named(f)} needs {self.condition}{f': {self.reason}' if self.reason else ''}; {self.fix}"
+        return None
+
+    def doc_row(self) -> tuple[str, ...]:
+        return (FEATURES[self.a].label, self.condition, self.fix)
+
+
+@dataclass(frozen=True)
+class Divisible:
+    """``field`` (value ``of``) must be divisible by ``by`` (value ``divisor``) ``when`` it applies:
+    ``<field>=<value> is not divisible by <by>=<shown divisor><note>; <fix>``."""
+
+    topic: str
+    field: str
+    of: Callable[[Facts], int]
+    by: str
+    divisor: Callable[[Facts], int]
+    fix: str
+    when: Optional[str] = None                           # a feature key; None: always
+    shown: Optional[Callable[[Facts], str]] = None       # how the divisor is written (default: its value)
+    note: str = ""
+
+    def error(self, f: Facts) -> Optional[str]:
+        if self.when is not None and not FEATURES[self.when].on(f):
+            return None
+        n, d = self.of(f), self.divisor(f)
+        if n % d == 0:
+            return None
+        shown = self.shown(f) if self.shown is not None else d
+        return f"{self.field}={n!r} is not divisible by {self.by}={shown}{self.note}; {self.fix}"
+
+    def doc_row(self) -> tuple[str, ...]:
+        return (f"`{self.field}`", f"`{self.by}`", FEATURES[self.when].label if self.when else "always")
+
+
+@dataclass(frozen=True)
+class Check:
+    """Any other rule: ``run(facts)`` returns the error message or None."""
+
+    topic: str
+    doc: str
+    run: Callable[[Facts], Optional[str]]
+
+    def error(self, f: Facts) -> Optional[str]:
+        return self.run(f)
+
+    def doc_row(self) -> tuple[str, ...]:
+        return (self.doc,)
+
+
+# ------------------------------------------------------------------------ rules written as functions
+MESH_AXES = ("tensor", "pipeline", "context", "expert", "expert_tensor")
+
+
+def _positive(axis: str) -> Check:
+    def run(f: Facts) -> Optional[str]:
+        v = getattr(f, axis)
+        if axis == "virtual_pipeline" and v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            off = "null" if axis == "virtual_pipeline" else f"parallel.{axis}=1"
+            return f"parallel.{axis}={v!r} must be an integer >= 1; use {off} to disable it"
+        return None
+
+    return Check("mesh", f"`parallel.{axis}` is an integer >= 1", run)
+
+
+def _world_divisible(f: Facts) -> Optional[str]:
+    mp = f.tensor * f.pipeline * f.context
+    if f.world_size % mp == 0:
+        return None
+    return (f"world size {f.world_size} is not divisible by tensor={f.tensor} x pipeline={f.pipeline} x context="
+            f"{f.context} = {mp} (the parallel sizes); launch a multiple of {mp} processes or choose sizes whose "
+            f"product divides {f.world_size}")
+
+
+def _expert_fold(f: Facts) -> Optional[str]:
+    stage = f.world_size // f.pipeline  # ranks of one pipeline stage = DP·CP·TP, re-folded as EDP·EP·ETP
+    folded = f.expert * f.expert_tensor
+    if stage % folded == 0:
+        return None
+    return (f"parallel.expert={f.expert} x expert_tensor={f.expert_tensor} = {folded} does not divide the {stage} "
+            f"ranks of a pipeline stage (world size {f.world_size} / parallel.pipeline={f.pipeline}); choose "
+            f"expert sizes whose product divides {stage}")
+
+
+def _kv_heads(f: Facts) -> Optional[str]:
+    kv, t = f.model.num_kv_heads, f.tensor
+    if kv % t == 0 or t % kv == 0:
+        return None
+    return (f"model.num_query_groups={kv} and parallel.tensor={t} divide neither way; KV groups are split across "
+            "TP ranks (kv % tp == 0) or replicated (tp % kv == 0)")
+
+
+def _mamba_split(f: Facts) -> Optional[str]:
+    m, t = f.model, f.tensor
+    if "M" not in m.layer_kinds or (m.mamba_heads % t == 0 and m.mamba_num_groups % t == 0):
+        return None
+    return (f"{m.mamba_heads} Mamba heads and model.mamba_num_groups={m.mamba_num_groups} must both be divisible by "
+            f"parallel.tensor={t}; Mamba layers split by heads and groups: choose a tensor-parallel size that "
+            "divides both")
+
+
+def _pipeline_split(f: Facts) -> Optional[str]:
+    pp, vp, layers = f.pipeline, f.virtual_pipeline or 1, f.num_layers
+    n_blocks = pp * vp
+    counts = f.pipeline_layers
+    if counts is None:
+        if n_blocks <= layers:
+            return None
+        return (f"parallel.pipeline={pp} x virtual_pipeline={vp} = {n_blocks} blocks but model.num_layers={layers}: "
+                "every block needs at least one layer; use fewer (virtual) stages or more layers")
+    counts = list(counts)
+    if len(counts) != n_blocks:
+        return (f"parallel.pipeline_layers={counts} has {len(counts)} entries but pipeline={pp} x virtual_pipeline="
+                f"{vp} needs {n_blocks} positive layer counts summing to model.num_layers={layers}; give one layer "
+                "count per block in model order")
+    bad = [c for c in counts if not isinstance(c, int) or isinstance(c, bool) or c < 1]
+    if bad:
+        return (f"parallel.pipeline_layers={counts} contains {bad}: every block needs a positive integer count >= 1 "
+                "(an empty stage would only add a pipeline hop); move a layer there")
+    if sum(counts) != layers:
+        return (f"parallel.pipeline_layers={counts} sums to {sum(counts)}, not model.num_layers={layers}; adjust the "
+                "counts so they add up to the number of layers")
+    return None
+
+
+def _data_parallel(f: Facts) -> int:
+    return f.world_size // (f.tensor * f.pipeline * f.context)
+
+
+def _batch_chunks_fit(f: Facts) -> Optional[str]:
+    if f.tp_batch_chunks <= 1:
+        return None
+    chunks = f.tp_batch_chunks * (f.tensor if f.sequence_parallel else 1)
+    if f.train.micro_batch_size % chunks == 0:
+        return None
+    why = " x tensor (sequence-parallel shards hold whole sequences)" if f.sequence_parallel else ""
+    return (f"parallel.tp_batch_chunks={f.tp_batch_chunks} needs train.micro_batch_size divisible by tp_batch_chunks"
+            f"{why} = {chunks}; set train.micro_batch_size to a multiple of {chunks} or lower tp_batch_chunks")
+
+
+# ------------------------------------------------------------------------------------- the table
+RULES: list = [
+    # -- the mesh sizes (every rule below compares them)
+    *(_positive(axis) for axis in (*MESH_AXES, "virtual_pipeline")),
+    # -- parallel features that need others
+    Requires("parallel", "sequence_parallel", "parallel.tensor > 1", lambda f: f.tensor > 1,
+             "set parallel.tensor >= 2 or sequence_parallel=false"),
+    Requires("parallel", "virtual_pipeline", "parallel.pipeline > 1", lambda f: f.pipeline > 1,
+             "set parallel.pipeline >= 2 or remove virtual_pipeline"),
+    Unsupported("parallel", "fsdp", "distributed_optimizer", "both shard the optimizer state, FSDP its parameters too",
+                "choose one of fsdp (ZeRO-3) or distributed_optimizer (ZeRO-1)"),
+    Requires("parallel", "tp_comm_overlap", "parallel.sequence_parallel=true", lambda f: f.sequence_parallel,
+             "set parallel.sequence_parallel=true or tp_comm_overlap=off",
+             reason="it overlaps the sequence all-gathers and reduce-scatters"),
+    Requires("parallel", "tp_batch_chunks", "parallel.tensor > 1 without context parallelism",
+             lambda f: f.tensor > 1 and f.context == 1, "set parallel.tp_batch_chunks=1",
+             reason="it splits micro-batches to overlap tensor-parallel communication"),
+    Requires("parallel", "inductor_overlap", "compile=true and device=cuda", lambda f: f.compile and f.device != "cpu",
+             "set compile=true and device=cuda, or parallel.tp_comm_overlap=off",
+             reason="torch.compile's inductor does this overlap, on CUDA"),
+    Requires("run", "compile_mode", "compile=true", lambda f: f.compile, "set compile=true, or compile_mode=null",
+             reason="it is a torch.compile mode"),
+    # -- model kinds x layouts and features
+    Unsupported("moe", "expert", "dense", "it splits MoE experts over ranks, but the model has none",
+                "set model.num_experts or parallel.expert=1"),
+    Unsupported("moe", "tensor", "moe", "MoE layers have no tensor-parallel plan yet (MoE trains with data, pipeline "
+                "and expert parallelism)", "set parallel.tensor=1"),
+    Unsupported("moe", "context", "moe", "MoE layers have no context-parallel path yet (MoE trains with data, "
+                "pipeline and expert parallelism)", "set parallel.context=1"),
+    Unsupported("moe", "fp8", "moe", "precision.fp8 converts dense linears only; MoE expert weights have no fp8 path "
+                "yet", "set precision.fp8=null"),
+    Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
+                "use parallel.distributed_optimizer=true"),
+    Unsupported("hybrid", "context", "hybrid", "a hybrid stack trains with data, pipeline and tensor parallelism (a "
+                "Mamba scan would need its state passed between the ranks' sequence chunks)", "set parallel.context=1"),
+    Unsupported("hybrid", "fp8", "mamba", "fp8 has not been validated with Mamba layers", "set precision.fp8=null"),
+    Unsupported("hybrid", "reset_attention_mask", "mamba", "it masks attention per document, but a Mamba layer's "
+                "scan carries its state across documents", "set data.reset_attention_mask=false"),
+    Unsupported("llava", "context", "llava", "LLaVA trains with data, tensor and pipeline parallelism",
+                "set parallel.context=1"),
+    Unsupported("llava", "expert", "llava", "LLaVA trains with data, tensor and pipeline parallelism",
+                "set parallel.expert=1"),
+    Unsupported("llava", "fp8", "llava", "the vision tower and projector have no fp8 path", "set precision.fp8=null"),
+    Unsupported("llava", "text_only_data", "llava", "that source has no images: only data.source=mock (synthetic "
+                "images and text) feeds a LLaVA model so far", "set data.source=mock"),
+    # -- layouts x features
+    Unsupported("context", "context", "fsdp", "FSDP2 is not wired to the context-parallel gradient reduction",
+                "use parallel.distributed_optimizer=true with context parallelism"),
+    Unsupported("context", "context", "reset_position_ids", "the context-parallel causal mask is built from the "
+                "global positions", "set data.reset_position_ids=false"),
+    Unsupported("fsdp", "fsdp", "tensor", "FSDP2 here shards data-parallel replicas only",
+                "use parallel.distributed_optimizer=true for TP/PP layouts"),
+    Unsupported("fsdp", "fsdp", "pipeline", "FSDP2 here shards data-parallel replicas only",
+                "use parallel.distributed_optimizer=true for TP/PP layouts"),
+    Unsupported("fsdp", "fsdp", "fp16", "FSDP2 runs without megacore's loss scaler", "use precision.dtype=bf16"),
+    Unsupported("fsdp", "fsdp", "checkpointing", "checkpoints of FSDP2's sharded parameters are not written yet",
+                "use parallel.distributed_optimizer=true for resumable sharded runs"),
+    Unsupported("fp8", "fp8", "cpu", "fp8 GEMMs run on NVIDIA GPUs of compute capability >= 8.9 (H100/H200, Ada)",
+                "set device=cuda on such a GPU, or precision.fp8=null"),
+    Unsupported("fp8", "copy_engine", "fp8", "it does not cover FP8 linears (their matmuls are not split around the "
+                "transfers)", "set parallel.tp_comm_overlap=off with precision.fp8, or precision.fp8=null"),
+    # -- sizes that must divide (after the combinations: "not supported" says more than a size that does not fit)
+    Check("mesh", "`parallel.tensor` x `pipeline` x `context` divides the world size", _world_divisible),
+    Check("mesh", "`parallel.expert` divides the ranks of a pipeline stage (world size / `parallel.pipeline`)",
+          _expert_fold),
+    Divisible("tensor", "model.num_attention_heads", lambda f: f.model.num_attention_heads, "parallel.tensor",
+              lambda f: f.tensor, "choose a tensor-parallel size that divides the number of heads"),
+    Check("tensor", "`model.num_query_groups` and `parallel.tensor` divide one way or the other (KV groups split or "
+          "replicated)", _kv_heads),
+    Check("tensor", "Mamba heads and `model.mamba_num_groups` divisible by `parallel.tensor`", _mamba_split),
+    Divisible("tensor", "model.ffn_hidden_size", lambda f: f.model.ffn_size, "parallel.tensor", lambda f: f.tensor,
+              "choose an ffn size that is a multiple of the tensor-parallel size"),
+    Divisible("tensor", "model.vocab_padding_multiple", lambda f: f.model.vocab_padding_multiple, "parallel.tensor",
+              lambda f: f.tensor, "use a multiple of the tensor-parallel size, e.g. 128"),
+    Divisible("tensor", "model.seq_length", lambda f: f.model.seq_length, "parallel.tensor", lambda f: f.tensor,
+              "choose a sequence length that is a multiple of the tensor-parallel size", when="sequence_parallel",
+              note=" (sequence parallel)"),
+    Divisible("context", "model.seq_length", lambda f: f.model.seq_length, "2*parallel.context",
+              lambda f: 2 * f.context, "choose a sequence length that is a multiple of twice the context-parallel "
+              "size", when="context"),
+    Divisible("moe", "model.num_experts", lambda f: f.model.num_experts, "parallel.expert", lambda f: f.expert,
+              "choose an expert-parallel size that divides the number of experts", when="expert"),
+    Check("pipeline", "the pipeline stages (x virtual stages) fit `model.num_layers`, and `parallel.pipeline_layers` "
+          "gives one positive count per block summing to it", _pipeline_split),
+    Divisible("train", "train.global_batch_size", lambda f: f.train.global_batch_size,
+              "train.micro_batch_size*data_parallel", lambda f: f.train.micro_batch_size * _data_parallel(f),
+              "make the global batch a multiple of micro_batch_size times the data-parallel size",
+              shown=lambda f: f"{f.train.micro_batch_size}*{_data_parallel(f)}"),
+    Check("train", "`train.micro_batch_size` divisible by `parallel.tp_batch_chunks` (x tensor under sequence "
+          "parallelism)", _batch_chunks_fit),
+]
+
+
+def check(facts: Facts) -> None:
+    """Run the table in order; raise the first failure as a ConfigError. Rules that read a fact the
+    caller did not give are skipped (a library entry point checks only what it knows)."""
+    for rule in RULES:
+        try:
+            message = rule.error(facts)
+        except UnknownFact:
+            continue
+        if message is not None:
+            raise ConfigError(message)
+
+
+def check_supported(cfg, world_size: Optional[int] = None) -> None:
+    """The whole table on a ``RunConfig`` (run by ``RunConfig.validate``)."""
+    check(facts_of_run(cfg, world_size))
+
+
+def skipped_rules(facts: Facts) -> list:
+    """Rules that ``facts`` does not answer (for tests: a whole run with its world size answers all)."""
+    out = []
+    for rule in RULES:
+        try:
+            rule.error(facts)
+        except UnknownFact:
+            out.append(rule)
+        except Exception:  # the rule ran (a failure of the rule itself is not a missing fact)
+            pass
+    return out
