@@ -215,12 +215,55 @@ SECTION_ERRORS = [
     (lambda: RecomputeConfig(every=0).validate(), "recompute.every"),
     (lambda: RecomputeConfig(granularity="selective", modules=["mlp"]).validate(), "recompute.modules"),
     (lambda: LogConfig(interval=0).validate(), "log.interval"),
+    # train.lr itself is blamed for a bad lr (not min_lr)
+    (lambda: TrainConfig(lr=-1.0).validate(), "train.lr"),
+    (lambda: TrainConfig(lr=0.0, min_lr=0.0).validate(), "train.lr"),
+    (lambda: TrainConfig(adam_beta1=1.0).validate(), "train.adam_beta1"),
+    (lambda: TrainConfig(adam_beta2=-0.1).validate(), "train.adam_beta2"),
+    (lambda: TrainConfig(adam_eps=0.0).validate(), "train.adam_eps"),
+    (lambda: TrainConfig(weight_decay=-0.1).validate(), "train.weight_decay"),
+    (lambda: TrainConfig(eval_interval=-5).validate(), "train.eval_interval"),
+    (lambda: TrainConfig(eval_interval=10, eval_iters=0).validate(), "train.eval_iters"),
+    (lambda: TrainConfig(eval_iters=-1).validate(), "train.eval_iters"),
+    (lambda: TrainConfig(seed=-1).validate(), "train.seed"),
+    (lambda: TrainConfig(lr_decay_iters=0).validate(), "train.lr_decay_iters"),
+    (lambda: TrainConfig(max_skipped_steps=0).validate(), "train.max_skipped_steps"),
+    (lambda: TrainConfig(loss_spike_factor=1.0).validate(), "train.loss_spike_factor"),
+    (lambda: TrainConfig(loss_spike_window=0).validate(), "train.loss_spike_window"),
+    (lambda: DataConfig(source="indexed", paths=["a"], weights=["x"]).validate(), "data.weights"),
+    (lambda: PrecisionConfig(min_loss_scale=0.0).validate(), "precision.min_loss_scale"),
+    (lambda: PrecisionConfig(initial_loss_scale=0.5).validate(), "precision.initial_loss_scale"),
+    (lambda: PrecisionConfig(hysteresis=0).validate(), "precision.hysteresis"),
+    (lambda: PrecisionConfig(loss_scale_window=0).validate(), "precision.loss_scale_window"),
+    (lambda: ParallelConfig(ddp_bucket_size_mb=0.0).validate(), "parallel.ddp_bucket_size_mb"),
+    (lambda: _run(parallel=ParallelConfig(fsdp=True), train=TrainConfig(loss_spike_factor=3.0)).validate(world_size=2),
+     "train.loss_spike_factor"),
 ]
 
 
 @pytest.mark.parametrize("fn,field", SECTION_ERRORS, ids=[f"{e[1]}-{i}" for i, e in enumerate(SECTION_ERRORS)])
 def test_section_bad_values(fn, field):
     _expect(fn, field)
+
+
+NON_FINITE = [("train.lr", "nan"), ("train.lr", "inf"), ("train.min_lr", "nan"), ("train.clip_grad", "nan"),
+              ("train.clip_grad", "inf"), ("train.adam_beta2", "nan"), ("train.weight_decay", "-inf"),
+              ("train.loss_spike_factor", "inf"), ("model.init_std", "nan"), ("model.norm_epsilon", "nan"),
+              ("model.norm_epsilon", "inf"), ("model.rotary_base", "inf"), ("model.attention_dropout", "nan"),
+              ("precision.initial_loss_scale", "inf"), ("parallel.ddp_bucket_size_mb", "nan"),
+              ("data.split", "nan,1,1"), ("data.split", "969,inf,1"), ("data.weights", "[nan, 1]"),
+              ("data.weights", "[1, .inf]")]
+
+
+@pytest.mark.parametrize("key,text", NON_FINITE, ids=[f"{k}={v}" for k, v in NON_FINITE])
+def test_non_finite_numbers_are_rejected(key, text):
+    """NaN passes every ``<``/``>`` bound and inf most of them: each float key refuses both, by name,
+    from a command-line string as from YAML (``.nan``, ``.inf``)."""
+    cfg = RunConfig()
+    cfg.data.source, cfg.data.paths = "indexed", ["a", "b"]
+    apply_override(cfg, key, text)
+    msg = _expect(lambda: cfg.validate(world_size=1), key)
+    assert "finite" in msg, msg
 
 
 # ---------------------------------------------------------------- unknown keys suggest nearest names
@@ -276,6 +319,12 @@ def test_load_run_config_unknown_keys_and_bad_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_run_config(str(scalar))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_run_config(str(tmp_path))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("log:\n  dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.yaml.*not UTF-8 text"):
+        load_run_config(str(latin1))
 
 
 def test_load_run_config_yaml_then_overrides_then_validate(tmp_path):

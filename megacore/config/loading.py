@@ -122,11 +122,21 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
 
     data = {}
     if path is not None:
+        example = "pass the path to a YAML file such as configs/tiny_cpu.yaml"
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist; pass the path to a YAML file such as configs/tiny_cpu.yaml") from None
+            raise ConfigError(f"config file {path!r} does not exist; {example}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path!r} is a directory; {example}") from None
+        except PermissionError:
+            raise ConfigError(f"config file {path!r} cannot be read (permission denied); make it readable") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                              "UTF-8 YAML") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path!r} cannot be read ({e.strerror or e}); {example}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):

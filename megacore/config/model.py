@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu", "relu", "squared_relu")
@@ -130,6 +131,7 @@ class TransformerConfig:
         return int(self.head_dim * self.rotary_percent)
 
     def validate(self) -> "TransformerConfig":
+        check_finite("model", self)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
                      "vocab_padding_multiple"):
             v = getattr(self, name)
@@ -158,6 +160,8 @@ class TransformerConfig:
             _fail("model.position_embedding", self.position_embedding, "is not known",
                   f"use one of {list(POSITION_EMBEDDINGS)}")
         if self.position_embedding == "rope":
+            if self.rotary_base <= 0:
+                _fail("model.rotary_base", self.rotary_base, "must be positive", "use e.g. 10000.0")
             if not 0.0 < self.rotary_percent <= 1.0:
                 _fail("model.rotary_percent", self.rotary_percent, "must be in (0, 1]", "use e.g. 0.25 or 1.0")
             if self.rotary_dim % 2 != 0 or self.rotary_dim == 0:

@@ -10,9 +10,11 @@ once by ``RunConfig.validate``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
 from megacore.config.model import TransformerConfig
 from megacore.config.support import check, check_supported, facts_of_parallel
@@ -56,6 +58,7 @@ class ParallelConfig:
         """Each key's own values here; which sizes and features go together (and with the world
         size, when given) is the support table's (``megacore.config.support``)."""
         # The first spelling was a boolean, where true meant inductor's async TP.
+        check_finite("parallel", self)
         legacy = {True: "symm_mem", False: "off", "true": "symm_mem", "false": "off"}
         if isinstance(self.tp_comm_overlap, (bool, str)) and self.tp_comm_overlap in legacy:
             self.tp_comm_overlap = legacy[self.tp_comm_overlap]
@@ -65,6 +68,8 @@ class ParallelConfig:
         if not isinstance(self.tp_batch_chunks, int) or self.tp_batch_chunks < 1:
             _fail("parallel.tp_batch_chunks", self.tp_batch_chunks, "must be an integer >= 1",
                   "set parallel.tp_batch_chunks=1 to disable it")
+        if self.ddp_bucket_size_mb <= 0:
+            _fail("parallel.ddp_bucket_size_mb", self.ddp_bucket_size_mb, "must be positive", "use e.g. 25")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
                   "use fp32 (exact sums) or bf16 (half the traffic)")
@@ -105,8 +110,17 @@ class TrainConfig:
     eval_interval: int = 0
     eval_iters: int = 10
     log_interval: int = 1
+    # Divergence policy (megacore.training.divergence). A step whose loss or grad norm is not finite,
+    # or whose loss exceeds loss_spike_factor x the mean loss of the loss_spike_window applied steps
+    # before it, is skipped (weights and optimizer state untouched) and logged in metrics.jsonl with
+    # skipped=true and a skip_reason. max_skipped_steps skips in a row stop the run with an error
+    # (exit 1); null: never stop (the skips are still logged).
+    max_skipped_steps: Optional[int] = 3
+    loss_spike_factor: Optional[float] = None  # e.g. 3.0 (must be > 1); null: no loss-spike check
+    loss_spike_window: int = 20                # applied steps whose mean loss a spike is measured against
 
     def validate(self) -> "TrainConfig":
+        check_finite("train", self)
         for name in ("iters", "global_batch_size", "micro_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -118,14 +132,43 @@ class TrainConfig:
         if self.lr_decay_style not in ("cosine", "linear", "wsd", "constant"):
             _fail("train.lr_decay_style", self.lr_decay_style, "is not known",
                   "use one of ['cosine', 'linear', 'wsd', 'constant']")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            _fail("train.min_lr", self.min_lr, f"must be in [0, lr={self.lr}] with lr > 0", "lower min_lr")
+        if self.lr <= 0:
+            _fail("train.lr", self.lr, "must be positive", "use e.g. 3e-4")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            _fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]", "lower train.min_lr")
+        if self.seed < 0:
+            _fail("train.seed", self.seed, "must be >= 0", "use e.g. 1234")
         if self.warmup_iters < 0:
             _fail("train.warmup_iters", self.warmup_iters, "must be >= 0", "use 0 to disable warmup")
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            _fail("train.lr_decay_iters", self.lr_decay_iters, "must be >= 1", "use null to decay over train.iters")
         if not 0.0 <= self.wsd_decay_fraction <= 1.0:
             _fail("train.wsd_decay_fraction", self.wsd_decay_fraction, "must be in [0, 1]", "use e.g. 0.2")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0.1, or 0 for none")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(f"train.{name}", getattr(self, name), "must be in [0, 1)",
+                      "use e.g. adam_beta1=0.9, adam_beta2=0.95")
+        if self.adam_eps <= 0:
+            _fail("train.adam_eps", self.adam_eps, "must be positive", "use e.g. 1e-8")
         if self.clip_grad < 0:
             _fail("train.clip_grad", self.clip_grad, "must be >= 0", "use 0 to disable clipping")
+        if self.eval_interval < 0:
+            _fail("train.eval_interval", self.eval_interval, "must be >= 0", "use 0 to disable evaluation")
+        if self.eval_iters < 0 or (self.eval_interval > 0 and self.eval_iters < 1):
+            _fail("train.eval_iters", self.eval_iters, "must be >= 1 when train.eval_interval > 0",
+                  "use e.g. 10, or train.eval_interval=0 to disable evaluation")
+        if self.log_interval < 1:
+            _fail("train.log_interval", self.log_interval, "must be >= 1", "use 1")
+        if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
+            _fail("train.max_skipped_steps", self.max_skipped_steps, "must be >= 1",
+                  "use e.g. 3, or null to never stop on skipped steps")
+        if self.loss_spike_factor is not None and self.loss_spike_factor <= 1.0:
+            _fail("train.loss_spike_factor", self.loss_spike_factor, "must be > 1 (a multiple of the recent mean loss)",
+                  "use e.g. 3.0, or null to disable the loss-spike check")
+        if self.loss_spike_window < 1:
+            _fail("train.loss_spike_window", self.loss_spike_window, "must be >= 1", "use e.g. 20")
         return self
 
 
@@ -147,6 +190,7 @@ class DataConfig:
     num_workers: int = 0
 
     def validate(self) -> "DataConfig":
+        check_finite("data", self)
         if self.source not in ("default", "mock", "indexed"):
             _fail("data.source", self.source, "is not known", "use one of ['default', 'mock', 'indexed']")
         if self.source == "indexed" and not self.paths:
@@ -156,16 +200,28 @@ class DataConfig:
             if self.paths is None or len(self.weights) != len(self.paths):
                 _fail("data.weights", self.weights, "must have one weight per entry of data.paths",
                       "give as many weights as paths, or omit weights")
-            if any(float(w) < 0 for w in self.weights) or sum(float(w) for w in self.weights) <= 0:
-                _fail("data.weights", self.weights, "must be non-negative with a positive sum", "fix the weights")
-        parts = str(self.split).split(",")
-        try:
-            nums = [float(p) for p in parts]
-        except ValueError:
-            nums = []
-        if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
-            _fail("data.split", self.split, "must be three non-negative numbers 'train,valid,test'", "use e.g. '969,30,1'")
+            weights = _finite_numbers(self.weights)
+            if weights is None or any(w < 0 for w in weights) or sum(weights) <= 0:
+                _fail("data.weights", self.weights, "must be finite non-negative numbers with a positive sum",
+                      "give one number per path, e.g. [0.7, 0.3]")
+        nums = _finite_numbers(str(self.split).split(","))
+        if nums is None or len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+            _fail("data.split", self.split, "must be three finite non-negative numbers 'train,valid,test'",
+                  "use e.g. '969,30,1'")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            _fail("data.num_workers", self.num_workers, "must be >= 0", "use 0")
+        if not isinstance(self.tokenizer_vocab_size, int) or self.tokenizer_vocab_size < 1:
+            _fail("data.tokenizer_vocab_size", self.tokenizer_vocab_size, "must be a positive integer", "use e.g. 4096")
         return self
+
+
+def _finite_numbers(items) -> Optional[list[float]]:
+    """``items`` as floats, or None when one is not a finite number (``"nan"`` and ``"inf"`` parse as floats)."""
+    try:
+        nums = [float(x) for x in items]
+    except (TypeError, ValueError):
+        return None
+    return nums if all(math.isfinite(n) for n in nums) else None
 
 
 @dataclass
@@ -201,12 +257,20 @@ class PrecisionConfig:
     hysteresis: int = 2
 
     def validate(self) -> "PrecisionConfig":
+        check_finite("precision", self)
         if self.dtype not in ("fp32", "bf16", "fp16"):
             _fail("precision.dtype", self.dtype, "is not known", "use one of ['fp32', 'bf16', 'fp16']")
         if self.fp8 not in (None, "tensorwise"):
             _fail("precision.fp8", self.fp8, "is not known", "use null or 'tensorwise'")
-        if self.initial_loss_scale <= 0:
-            _fail("precision.initial_loss_scale", self.initial_loss_scale, "must be positive", "use e.g. 65536")
+        if self.min_loss_scale <= 0:
+            _fail("precision.min_loss_scale", self.min_loss_scale, "must be positive", "use e.g. 1.0")
+        if self.initial_loss_scale < self.min_loss_scale:
+            _fail("precision.initial_loss_scale", self.initial_loss_scale,
+                  f"must be positive and >= precision.min_loss_scale={self.min_loss_scale}", "use e.g. 65536")
+        if self.loss_scale_window < 1:
+            _fail("precision.loss_scale_window", self.loss_scale_window, "must be >= 1", "use e.g. 1000")
+        if self.hysteresis < 1:
+            _fail("precision.hysteresis", self.hysteresis, "must be >= 1", "use 1 to back off on every overflow")
         return self
 
 

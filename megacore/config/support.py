@@ -141,6 +141,9 @@ _FEATURES = [
             lambda f: bool(f.checkpoint.dir or f.checkpoint.load),
             lambda f: (f"checkpoint.dir={f.checkpoint.dir!r}" if f.checkpoint.dir
                        else f"checkpoint.load={f.checkpoint.load!r}")),
+    Feature("loss_spike", "the loss-spike check (`train.loss_spike_factor`)",
+            lambda f: f.train.loss_spike_factor is not None,
+            _key("train.loss_spike_factor", lambda f: f.train.loss_spike_factor)),
     Feature("reset_position_ids", "`data.reset_position_ids`", lambda f: f.data.reset_position_ids,
             _key("data.reset_position_ids", lambda f: f.data.reset_position_ids)),
     Feature("reset_attention_mask", "`data.reset_attention_mask`", lambda f: f.data.reset_attention_mask,
@@ -392,6 +395,8 @@ RULES: list = [
     Unsupported("fsdp", "fsdp", "fp16", "FSDP2 runs without megacore's loss scaler", "use precision.dtype=bf16"),
     Unsupported("fsdp", "fsdp", "checkpointing", "checkpoints of FSDP2's sharded parameters are not written yet",
                 "use parallel.distributed_optimizer=true for resumable sharded runs"),
+    Unsupported("fsdp", "fsdp", "loss_spike", "FSDP2 steps torch's AdamW, which cannot skip a step decided on the "
+                "device", "set train.loss_spike_factor=null, or use parallel.distributed_optimizer=true"),
     Unsupported("fp8", "fp8", "cpu", "fp8 GEMMs run on NVIDIA GPUs of compute capability >= 8.9 (H100/H200, Ada)",
                 "set device=cuda on such a GPU, or precision.fp8=null"),
     Unsupported("fp8", "copy_engine", "fp8", "it does not cover FP8 linears (their matmuls are not split around the "

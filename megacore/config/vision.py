@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
 from megacore.config.model import ACTIVATIONS, TransformerConfig
 
@@ -35,6 +36,7 @@ class VisionConfig:
         def fail(name, problem, fix):
             _fail(f"vision.{name}", getattr(self, name), problem, fix)
 
+        check_finite("vision", self)
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_layers",
                      "num_attention_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
