@@ -4,6 +4,11 @@
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
     megacore generate --model HF_DIR_OR_CKPT --prompt "text"
+
+Exit status of ``megacore train``: 0 done (or stopped cleanly by a signal); 1 training failed on the
+way (the run diverged, the data ran out of labelled tokens); 2 the run cannot start or go on as
+configured: a bad config, an unreadable or mismatched checkpoint, unusable data (one line says what
+and how to fix it); 3 this rank stopped because another rank failed (that rank says why).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def _rank_prefix() -> str:
 
 
 def run_train(argv: list[str]) -> int:
+    from megacore.checkpoint.errors import CheckpointError
     from megacore.config import ConfigError, load_run_config
     from megacore.training.loop import TrainingError
 
@@ -95,6 +101,9 @@ def run_train(argv: list[str]) -> int:
     except ConfigError as e:
         if _is_rank0():  # every rank validates the same config: say it once
             print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:  # a damaged, mismatched or unwritable checkpoint: the message names it
+        print(f"{_rank_prefix()}checkpoint error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"{_rank_prefix()}training stopped: {e}", file=sys.stderr)

@@ -300,8 +300,13 @@ class MixedPrecisionOptimizer:
         return total.sqrt()
 
     @torch.no_grad()
-    def step(self) -> StepInfo:
+    def step(self, skip: Optional[torch.Tensor] = None) -> StepInfo:
         """One optimizer step; returns a :class:`StepInfo` (possibly not read yet, see there).
+
+        ``skip``: an optional 0-dim/1-element tensor, non-zero to skip this step whatever the
+        gradients (the trainer's divergence policy: a non-finite or spiking loss); it must hold
+        the same value on every rank. It joins the non-finite-norm decision: inside the fused
+        kernel (not read), or read with the norm on the non-fused path (one copy for both).
 
         Finishes the DDP gradient reduction first if the training loop has not (a no-op otherwise).
         Host syncs: none with fused AdamW in bf16/fp32; fp16 reads its overflow flag; the
@@ -319,9 +324,9 @@ class MixedPrecisionOptimizer:
                 return StepInfo(True, None, self.loss_scale)
         norm = self.grad_norm()
         if self.fused:
-            return self._fused_step(norm)
-        norm_value = float(norm)
-        if not math.isfinite(norm_value):  # same value on every rank, so every rank skips
+            return self._fused_step(norm, skip)
+        norm_value, skip_value = read_scalars([norm, 0.0 if skip is None else skip])
+        if not math.isfinite(norm_value) or skip_value:  # same values on every rank, so every rank skips
             self._drop_master_grads()
             return StepInfo(True, norm_value, self.loss_scale)
         if self.clip_grad > 0:
@@ -331,7 +336,7 @@ class MixedPrecisionOptimizer:
         self._publish_update()
         return StepInfo(False, norm_value, self.loss_scale)
 
-    def _fused_step(self, norm: torch.Tensor) -> StepInfo:
+    def _fused_step(self, norm: torch.Tensor, skip: Optional[torch.Tensor] = None) -> StepInfo:
         """Clip and skip inside torch's fused AdamW kernel: no host sync (module docstring).
 
         Same decisions as the non-fused path: a non-finite norm skips the step (params, moments
@@ -341,6 +346,8 @@ class MixedPrecisionOptimizer:
         norm = norm.float()
         finite = torch.isfinite(norm)
         found_inf = (~finite).float()           # torch's kernel skips when found_inf == 1.0 exactly
+        if skip is not None:                    # the caller's veto, on the device: 1.0 or 0.0 as well
+            found_inf = torch.maximum(found_inf, (skip.reshape(()) != 0).to(found_inf.device, torch.float32))
         grad_scale = None
         if self.clip_grad > 0:
             grad_scale = ((norm + 1e-6) / self.clip_grad).clamp(min=1.0)

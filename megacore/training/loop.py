@@ -59,6 +59,7 @@ class StepResult:
     skipped: bool = False
     loss_scale: Optional[float] = None
     moe_aux_loss: Optional[float] = None  # MoE load-balancing loss, mean over layers and micro-batches
+    loss_spike: bool = False  # the loss-spike check vetoed the step (see megacore.training.divergence)
 
 
 class StopFlag:

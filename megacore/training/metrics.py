@@ -73,7 +73,7 @@ class MetricsLogger:
         if r.get("loss_scale") is not None:
             parts.append(f"scale {r['loss_scale']:.0f}")
         if r.get("skipped"):
-            parts.append("SKIPPED(inf/nan grads)")
+            parts.append(f"SKIPPED: {r.get('skip_reason', 'not applied')}")
         done = step - self._start_step
         elapsed = time.time() - self._start
         remaining = self.total_iters - step

@@ -16,9 +16,9 @@ class PendingStep:
     while the host prepares the next step. So the trainer reads step ``k`` only after step
     ``k + 1`` is queued (``Trainer._loop``), with one device->host copy (:meth:`resolve`) of
     everything the step produced: the loss and the ranks' stop votes (one all-reduce), the
-    labelled-token count (a device tensor when it was all-reduced over data parallelism) and the
-    optimizer's grad norm and skip flag (``StepInfo``). A step made from an already-read
-    ``StepResult`` (:meth:`of`) is ``ready``.
+    labelled-token count (a device tensor when it was all-reduced over data parallelism), the
+    optimizer's grad norm and skip flag (``StepInfo``) and, with the loss-spike check on, its
+    verdict (``spike``). A step made from an already-read ``StepResult`` (:meth:`of`) is ``ready``.
     """
 
     def __init__(self, index: int, loss_votes=None, tokens=None, info=None, scale: float = 1.0,
@@ -34,6 +34,8 @@ class PendingStep:
         self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
         self.host_s: Optional[float] = None  # host seconds spent queueing the step (train_step)
         self.aux_denominator: Optional[int] = None  # loss_votes[2] / this = the MoE balance loss
+        self.spike = None               # loss above the spike threshold: 0-dim tensor (unread) or None
+        self.spike_threshold: Optional[float] = None  # that threshold (a host number), for the log
 
     @classmethod
     def of(cls, index: int, result: StepResult) -> "PendingStep":
@@ -49,12 +51,14 @@ class PendingStep:
         if self.result is None:
             info = self.info
             aux = [self.loss_votes[2]] if self.aux_denominator else []
-            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens, *aux, *info.pending()])
-            loss_sum, self.votes, tokens = values[:3]
-            moe_aux = values[3] / self.aux_denominator if aux else None
-            info.resolve(values[3 + len(aux):])
+            values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens,
+                                   0.0 if self.spike is None else self.spike, *aux,
+                                   *info.pending()])
+            loss_sum, self.votes, tokens, spike = values[:4]
+            moe_aux = values[4] / self.aux_denominator if aux else None
+            info.resolve(values[4 + len(aux):])
             self.result = StepResult(loss=loss_sum / self.scale,
                                      grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
                                      tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale,
-                                     moe_aux_loss=moe_aux)
+                                     moe_aux_loss=moe_aux, loss_spike=bool(spike))
         return self.result

@@ -42,6 +42,7 @@ from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
 from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
+from megacore.training.divergence import DivergenceGuard
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
@@ -85,12 +86,16 @@ class Trainer:
         self.cfg = cfg
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        cfg.validate()  # before anything reads a key (precision.dtype, device); setup() adds the world size
         self.device = resolve_device(cfg)
         self.dtype = DTYPES[cfg.precision.dtype]
         self.stop = StopFlag()
         self.step = 0
         self.state = None
         self.checkpoints = None
+        # The data position: step ``data_anchor[0]`` starts at sample ``data_anchor[1]`` (moved on a
+        # resume whose global batch size differs from the checkpoint's; see ``first_sample``).
+        self.data_anchor = (0, 0)
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -108,6 +113,10 @@ class Trainer:
             set_aux_loss_scale(chunk, 1.0 / (len(self.micro_slices()) * self.dp_size))
         self.optimizer, self.loss_scaler = self.build_optimizer()
         self.schedule = LRSchedule(cfg.train)
+        scaler = self.loss_scaler  # an fp16 scale at its floor (or a constant one) cannot back off further
+        self.guard = DivergenceGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor,
+                                     cfg.train.loss_spike_window,
+                                     getattr(scaler, "min_scale", getattr(scaler, "scale", None)))
         self.flops_per_token = flops_per_token(cfg.model)
         if cfg.vision.enabled:
             self.flops_per_token += vision_flops_per_token(cfg.vision, cfg.model.hidden_size, cfg.model.seq_length)
@@ -155,9 +164,11 @@ class Trainer:
 
     def _build_data(self) -> None:
         """Rank 0 trains/caches the tokenizer and builds the index files first; the others then read
-        the cache (no two processes write the same cache file)."""
+        the cache (no two processes write the same cache file). The training set holds every sample
+        up to the end of step ``train.iters`` (``first_sample``; sample ``i`` is the same sample
+        whatever the total, see ``megacore.data.gpt_dataset``)."""
         t = self.cfg.train
-        n_train = t.iters * t.global_batch_size
+        n_train = self.first_sample(t.iters)
         n_eval = (t.iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
         for turn in ((0,), tuple(range(1, self.world_size))):
             failure = None
@@ -217,9 +228,38 @@ class Trainer:
         result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
         if result is not None:
             self.step = result.step
+            self._resume_data_position(result)
             if self.step >= self.cfg.train.iters:
                 self._info(f"the checkpoint is at step {self.step} >= train.iters={self.cfg.train.iters}: "
                            "nothing left to train (raise train.iters to continue)")
+
+    def _resume_data_position(self, result) -> None:
+        """Continue the sample stream where the checkpoint left it: at its ``consumed_samples``, not
+        at ``step x train.global_batch_size``, which differs when the global batch size changed
+        (the same samples would be seen twice or never). A checkpoint without the number (a
+        converted one) resumes at ``step x global_batch_size``, the position this run would have."""
+        g = self.cfg.train.global_batch_size
+        extra = result.extra if isinstance(result.extra, dict) else {}
+        consumed = extra.get("consumed_samples")
+        if consumed is None:
+            return
+        if isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0:
+            raise TrainingError(f"checkpoint {result.path} records consumed_samples={consumed!r}, not a sample count; "
+                                "it was not written by megacore train, or is damaged: resume from another checkpoint")
+        if consumed == self.step * g:
+            return
+        saved_g = ((extra.get("run_config") or {}).get("train") or {}).get("global_batch_size", "another value")
+        self.data_anchor = (self.step, consumed)
+        self._info(f"data: the checkpoint consumed {consumed} samples in {self.step} steps (global batch size "
+                   f"{saved_g}); continuing at sample {consumed} with train.global_batch_size={g}")
+        if self.first_sample(self.cfg.train.iters) > len(self.train_ds):
+            self._build_data()  # more samples than sized for before the position was known
+
+    def first_sample(self, step: int) -> int:
+        """Global index of the first training sample of step ``step`` (0-based); the samples of step
+        ``k`` are ``[first_sample(k), first_sample(k + 1))``. Without a moved anchor: ``k x G``."""
+        anchor_step, anchor_sample = self.data_anchor
+        return anchor_sample + (step - anchor_step) * self.cfg.train.global_batch_size
 
     def _global_param_count(self) -> int:
         """Parameters of the one-device model: each local parameter counts at its global shape (TP
@@ -249,10 +289,11 @@ class Trainer:
         start = self.dp_rank * per_rank
         return [range(start + i, start + i + t.micro_batch_size) for i in range(0, per_rank, t.micro_batch_size)]
 
-    def micro_batches(self, dataset, batch_index: int) -> tuple[list[dict], float]:
-        """This rank's micro-batches of global batch ``batch_index``, and their labelled-token count
-        (counted on the host before the copy to the device, so counting never waits for the GPU)."""
-        base = batch_index * self.cfg.train.global_batch_size
+    def micro_batches(self, dataset, batch_index: int, first: Optional[int] = None) -> tuple[list[dict], float]:
+        """This rank's micro-batches of global batch ``batch_index`` (whose first sample is ``first``,
+        default ``batch_index x global_batch_size``), and their labelled-token count (counted on the
+        host before the copy to the device, so counting never waits for the GPU)."""
+        base = batch_index * self.cfg.train.global_batch_size if first is None else first
         cp, cp_rank = self.state.cp_size, self.state.cp_rank
         # Context parallel: keep this rank's tokens, with their global positions (rotary and the mask).
         keep_positions = self.cfg.data.reset_position_ids or cp > 1
@@ -323,7 +364,7 @@ class Trainer:
         from megacore.pipeline.schedules import forward_backward
         from megacore.optim.step_info import StepInfo
 
-        micro, local_tokens = self.micro_batches(self.train_ds, step)
+        micro, local_tokens = self.micro_batches(self.train_ds, step, self.first_sample(step))
         num_tokens = self._count_over_dp(local_tokens)
         if not isinstance(num_tokens, torch.Tensor) and num_tokens == 0:  # known on the host: fail now
             raise TrainingError(self._no_tokens_message(step))
@@ -335,14 +376,19 @@ class Trainer:
             local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
                                      schedule=self.cfg.parallel.pipeline_schedule,
                                      embedding_group=self.state.embedding_group)
-        if self.cfg.parallel.fsdp:
-            info = StepInfo(False, self._fsdp_optimizer_step(), None)
-        else:
-            info = self.optimizer.step()
         stop_vote = 1.0 if self.stop.requested else 0.0
         aux = aux_loss_sum(self.moe_layers, self.device)
-        pending = PendingStep(step, self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else [])),
-                              num_tokens, info, scale)
+        # The global loss is summed before the optimizer step, so the divergence policy can veto
+        # the step on the device (a non-finite loss, a spike): megacore.training.divergence.
+        loss_votes = self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else []))
+        threshold = self.guard.spike_threshold(step)
+        skip, spike = self.guard.veto(loss_votes[0] / scale, threshold)
+        if self.cfg.parallel.fsdp:  # torch's AdamW cannot skip: a non-finite step stops the run (_finish_step)
+            info = StepInfo(False, self._fsdp_optimizer_step(), None)
+        else:
+            info = self.optimizer.step(skip=skip)
+        pending = PendingStep(step, loss_votes, num_tokens, info, scale)
+        pending.spike, pending.spike_threshold = spike, threshold
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
             pending.aux_denominator = num_moe_layers(self.cfg.model) * self.dp_size
         return pending
@@ -418,7 +464,56 @@ class Trainer:
         return bool(flag.item())
 
     def _extra(self) -> dict:
-        return {"consumed_samples": self.step * self.cfg.train.global_batch_size, "run_config": self.cfg.to_dict()}
+        return {"consumed_samples": self.first_sample(self.step), "run_config": self.cfg.to_dict()}
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight of every rank is finite: per (device, dtype), one multi-tensor
+        max-|w| reduction (``torch._foreach_norm`` with ord=inf, a fused kernel on CUDA), a MAX
+        all-reduce of the verdict and ONE read. Called only before a checkpoint is written, where
+        every queued step has been read already: the read waits for this reduction alone."""
+        dev = comm_device(self.device)
+        bad = torch.zeros(1, dtype=torch.float32, device=dev)
+        groups: dict = {}
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                t = p.detach()
+                t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+                groups.setdefault((t.device, t.dtype), []).append(t)
+        for tensors in groups.values():
+            peaks = torch.stack([m.float() for m in torch._foreach_norm(tensors, float("inf"))])
+            bad = torch.maximum(bad, (~torch.isfinite(peaks)).any().float().reshape(1).to(dev))
+        if self.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
+    def _save(self, final: bool = False) -> None:
+        """Write the checkpoint of ``self.step`` (``final``: the one at the end or on a stop, then wait
+        for every pending write) -- unless a weight is NaN/inf: then nothing is written, the pending
+        writes of earlier (checked) steps still commit, and the run stops with a TrainingError, so a
+        diverged model never becomes the checkpoint a resume picks. An interval save is also left out
+        while the last steps were skipped (``DivergenceGuard.streak``): their weights are the ones
+        that led to the skips; the next interval saves again once a step is applied."""
+        ckpt = self.checkpoints
+        if not final and self.guard.streak:
+            self._info(f"checkpoint of step {self.step} not written: the last {len(self.guard.streak)} step(s) were "
+                       f"skipped ({self.guard.streak[-1][1]})")
+            return
+        writes = bool(ckpt.cfg.dir) and (not final or (ckpt.cfg.save_on_exit and self.step > 0
+                                                       and ckpt.last_saved_step != self.step))
+        if writes and not self._weights_finite():
+            if ckpt.last_saved_step is not None:  # finish() saves only a step it has not saved: wait, save nothing
+                ckpt.finish(ckpt.last_saved_step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+            kept = (f"the newest checkpoint is the one of step {ckpt.last_saved_step}"
+                    if ckpt.last_saved_step else "no checkpoint was written")
+            raise TrainingError(
+                f"the weights hold NaN or inf after step {self.step}, so its checkpoint was not written; {kept}. "
+                f"Every applied step had a finite loss and grad norm, so an update itself overflowed (lr "
+                f"{self.schedule(max(self.step - 1, 0)):.3e}): try a lower train.lr, a longer train.warmup_iters "
+                "or train.clip_grad=1.0")
+        if final:
+            ckpt.finish(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+        else:
+            ckpt.save(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
 
     def run(self) -> dict:
         self.stop.install()
@@ -491,7 +586,7 @@ class Trainer:
             if evaluate:
                 self.metrics.log_eval(self.step, self.evaluate(self.step))
             if save:
-                self.checkpoints.save(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+                self._save()
             elif self.checkpoints.cfg.dir and self.step % self.cfg.log.interval == 0:
                 # Collective, and a host sync while an async save is in flight: every log interval.
                 self.checkpoints.poll()
@@ -501,7 +596,7 @@ class Trainer:
                 self._info(f"received {self.stop.signal_name or 'a stop signal'}: stopping cleanly after step {self.step}")
                 break
         if not self.cfg.parallel.fsdp:
-            self.checkpoints.finish(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+            self._save(final=True)
         wall = time.time() - start
         self._info(f"done: {self.step - start_step} steps in {wall:.1f}s, first loss {first_loss:.4f}, last loss "
                    f"{last_loss:.4f}" if first_loss is not None else "done: no steps run")
@@ -544,27 +639,40 @@ class Trainer:
         return queued
 
     def _finish_step(self, p: PendingStep) -> tuple[StepResult, bool]:
-        """Read step ``p`` (the host sync), check it, log it; returns (result, stop agreed)."""
+        """Read step ``p`` (the host sync), check it, log it; returns (result, stop agreed).
+
+        A skipped step is logged with its reason and the run stops once ``train.max_skipped_steps``
+        steps in a row were skipped (``DivergenceGuard``). A non-finite loss or grad norm on a step
+        that was applied (the update may hold NaN: FSDP2 cannot skip) stops the run at once."""
         result = p.resolve()
         dt = self._seconds_between(p.start_mark, p.end_mark)
         if result.tokens == 0:
             raise TrainingError(self._no_tokens_message(p.index))
-        if not math.isfinite(result.loss) and not result.skipped:
+        if not result.skipped and not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+            what = f"loss is {result.loss}" if not math.isfinite(result.loss) else f"grad norm is {result.grad_norm}"
             raise TrainingError(
-                f"loss is {result.loss} at step {p.index + 1} (lr {self.schedule(p.index):.3e}); training "
+                f"{what} at step {p.index + 1} (lr {self.schedule(p.index):.3e}); training "
                 "stopped without saving (the last good checkpoint stays). Try a lower train.lr, a longer "
                 "train.warmup_iters, train.clip_grad=1.0, or precision.dtype=bf16 instead of fp16")
-        self._log(result, dt, p.index + 1, p.mem_gb, p.host_s)
+        reason = self.guard.observe(p.index, result, p.spike_threshold)
+        self._log(result, dt, p.index + 1, p.mem_gb, p.host_s, reason)
+        self.guard.check(self.schedule(p.index), self.checkpoints.last_saved_step if self.checkpoints else None)
         return result, self._stop_requested(p.votes)
 
-    def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float], host_s: Optional[float] = None) -> None:
+    def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float], host_s: Optional[float] = None,
+             skip_reason: Optional[str] = None) -> None:
         """One metrics record for step ``step`` (1-based) that took ``dt`` seconds; ``mem_gb``: its
         peak GPU memory (None on CPU). ``host_s``: the host time spent queueing it; on a GPU, a
-        ``host_queue_s`` close to ``step_time_s`` means the host, not the GPU, sets the pace."""
+        ``host_queue_s`` close to ``step_time_s`` means the host, not the GPU, sets the pace.
+        ``skipped`` says whether the update was applied, ``skip_reason`` why not (DivergenceGuard);
+        ``consumed_samples``: training samples consumed once this step is done."""
         tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
         tps = tokens_global / dt
         record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
-                  "tokens_per_s": tps, "step_time_s": dt, "labelled_tokens": r.tokens}
+                  "tokens_per_s": tps, "step_time_s": dt, "labelled_tokens": r.tokens, "skipped": r.skipped,
+                  "consumed_samples": self.first_sample(step)}
+        if r.skipped:
+            record["skip_reason"] = skip_reason or "skipped"
         if self.device.type == "cuda":
             achieved = tps * self.flops_per_token / self.world_size / 1e12
             record["tflops_per_gpu"] = achieved
@@ -576,5 +684,5 @@ class Trainer:
             record["moe_aux_loss"] = r.moe_aux_loss
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
-            record["skipped"] = r.skipped
-        self.metrics.log_step(record, print_line=step % self.cfg.log.interval == 0 or step == 1)
+        # A skipped step is always printed: the console shows every step the run did not learn from.
+        self.metrics.log_step(record, print_line=step % self.cfg.log.interval == 0 or step == 1 or r.skipped)
