@@ -25,6 +25,12 @@ Decoding is the KV-cached loop of ``megacore.inference.sampling`` (the prompt is
 token per step): ``--temperature 0`` (the default) is greedy. Generation stops at ``--max-new-tokens`` or at
 an end-of-sequence token (the HF config's ``eos_token_id``, else the tokenizer's end-of-document
 id; ``--ignore-eos`` disables this). The prompt and the continuation are printed to stdout.
+
+The model reads at most its maximum positions (``model.seq_length``; a HF model's
+``max_position_embeddings`` / ``n_positions``). A longer prompt is refused; a prompt that fits but
+would grow past it with ``--max-new-tokens`` gets a warning on stderr: from there on each token is
+predicted from the last ``seq_length`` tokens only (a sliding window, see
+``megacore.inference.sampling``).
 """
 
 from __future__ import annotations
@@ -213,6 +219,21 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def check_positions(prompt_len: int, max_new_tokens: int, max_positions: Optional[int], stream=None) -> None:
+    """GenerateError when the prompt alone exceeds the model's ``max_positions``; a warning on
+    ``stream`` (stderr) when the continuation would (see the module docstring)."""
+    if not max_positions:
+        return
+    if prompt_len > max_positions:
+        raise GenerateError(f"the prompt has {prompt_len} tokens but the model reads at most {max_positions} positions "
+                            "(seq_length; max_position_embeddings in a HF config.json); shorten the prompt")
+    if prompt_len + max_new_tokens > max_positions:
+        print(f"warning: the prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} runs past the model's "
+              f"maximum of {max_positions} positions; tokens after position {max_positions} are predicted from the "
+              f"last {max_positions} tokens only (a sliding window; the model was not trained beyond it). Lower "
+              f"--max-new-tokens to {max_positions - prompt_len} to stay inside", file=stream or sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Everything ``main`` does except printing; returns prompt/generated ids and text."""
     from megacore.config import ConfigError, load_run_config
@@ -256,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
     if bad:
         raise GenerateError(f"prompt token ids {bad[:8]} are outside the model's vocabulary [0, {vocab}); "
                             "the tokenizer does not belong to this model")
+    check_positions(len(prompt_ids), args.max_new_tokens, getattr(loaded.model.config, "seq_length", None))
     eos = [] if args.ignore_eos else (loaded.eos_ids or ([tokenizer.eod] if tokenizer is not None else []))
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     out = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -33,12 +33,14 @@ from megacore.interop.hf_config import (  # noqa: F401  (re-exported API)
     detect_family,
     infer_family,
 )
-from megacore.interop.hf_io import CheckpointReader, atomic_directory, write_safetensors
+from megacore.config import ConfigError
+from megacore.interop.hf_io import CheckpointReader, atomic_directory, read_json_file, write_safetensors
 from megacore.interop.hf_transfer import (  # noqa: F401  (build_empty: re-exported API)
     build_empty,
     check_tensor_names,
     checkpoint_prefix,
     copy_weights,
+    default_dtype,
     rules_to_hf,
 )
 from megacore.models.gpt import GPTModel
@@ -50,12 +52,19 @@ __all__ = ["load_pretrained", "save_pretrained", "config_from_hf", "config_to_hf
 
 
 def read_hf_config(hf_dir: PathLike) -> dict:
-    """The parsed ``config.json`` of a HF model directory."""
+    """The parsed ``config.json`` of a HF model directory; ConfigError naming the file when it is not
+    a JSON object (invalid JSON, not UTF-8, a list ...)."""
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face model directory holding config.json")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        cfg = read_json_file(path, "model config")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} holds a JSON {type(cfg).__name__}, not an object of config keys "
+                          "(model_type, hidden_size, ...); it is not a Hugging Face model config")
+    return cfg
 
 
 def _unwrap(model: nn.Module) -> GPTModel:
@@ -73,23 +82,28 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                     device: Optional[Union[str, torch.device]] = None, **config_overrides: Any) -> GPTModel:
     """Load a HF Llama / Mistral / Mixtral / Qwen2 / GPT-2 / NemotronH directory into a ``GPTModel`` (eval mode).
 
-    ``dtype``: parameter dtype; default the dtype stored in the checkpoint. ``device``: default CPU.
+    ``dtype``: parameter dtype; default the floating dtype config.json records, else the one the
+    weights share (``megacore.interop.hf_transfer.default_dtype``). ``device``: default CPU.
     ``config_overrides``: TransformerConfig fields to set after mapping (``vocab_padding_multiple``,
     ``attention_backend``, ``seq_length``, ...). The model remembers ``hf_family`` and
     ``hf_config`` (the original dict) so ``save_pretrained`` writes the same family back.
 
-    Raises ConfigError for an unsupported architecture or setting, ValueError naming the tensor for
-    a missing, unexpected or wrongly shaped checkpoint tensor.
+    Raises ConfigError (naming config.json) for an unsupported architecture or setting, ValueError
+    naming the tensor for a missing, unexpected, wrongly shaped or integer checkpoint tensor, and
+    naming the file for one that is not safetensors/JSON at all.
     """
     hf_dir = Path(hf_dir)
     hf_cfg = read_hf_config(hf_dir)
-    adapter = adapter_of(hf_cfg)
-    config = config_from_hf(hf_cfg, **config_overrides)
+    try:
+        adapter = adapter_of(hf_cfg)
+        config = config_from_hf(hf_cfg, **config_overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     with CheckpointReader(hf_dir) as reader:
         rules = adapter.weight_rules(config, checkpoint_prefix(adapter.base_prefix, reader.keys()))
         check_tensor_names(reader, rules, hf_dir, adapter.name, lambda n: adapter.is_ignorable(n, config))
         if dtype is None:
-            dtype = reader.get(rules[0].hf[0]).dtype
+            dtype = default_dtype(hf_cfg, reader, [n for r in rules for n in r.hf], hf_dir)
         model = build_empty(config, dtype, torch.device(device if device is not None else "cpu"))
         copy_weights(model, rules, reader, hf_dir, adapter.name)
     model.hf_family = adapter.name

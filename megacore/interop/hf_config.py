@@ -32,9 +32,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+# Keys of config.json that count something (layers, heads, sizes): each must be a positive integer.
+POSITIVE_INT_KEYS = ("hidden_size", "n_embd", "num_attention_heads", "n_head", "num_hidden_layers", "n_layer",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "vocab_size",
+                     "max_position_embeddings", "n_positions", "num_local_experts", "num_experts_per_tok",
+                     "moe_intermediate_size", "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups",
+                     "conv_kernel", "chunk_size")
+
+
+def check_hf_numbers(hf_config: dict) -> None:
+    """ConfigError naming the first key of ``POSITIVE_INT_KEYS`` whose value is not a positive integer
+    (zero heads would otherwise end in a ZeroDivisionError deep inside a family's mapping)."""
+    for key in POSITIVE_INT_KEYS:
+        value = hf_config.get(key)
+        if value is None:
+            continue
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole or value < 1:
+            raise ConfigError(f"{key}={value!r} in config.json must be a positive integer; the file does not "
+                              "describe a usable model (compare it with the model's original config.json)")
+
+
 def adapter_of(hf_config: dict) -> CausalLMAdapter:
     """The causal-LM adapter of a HF config dict; ConfigError for other architectures (a model of
     another kind, such as LLaVA, is redirected to its own entry point)."""
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"a Hugging Face config must be a JSON object of keys, got a {type(hf_config).__name__}")
     adapter = registry.adapter_for_hf_config(hf_config)
     if not isinstance(adapter, CausalLMAdapter):
         raise ConfigError(f"model_type={adapter.model_type!r} ({adapter.architecture}) is not a causal language model "
@@ -53,7 +76,15 @@ def config_from_hf(hf_config: dict, **overrides: Any) -> TransformerConfig:
     ``overrides`` set TransformerConfig fields after the mapping (e.g. ``vocab_padding_multiple=64``,
     ``attention_backend="reference"``, ``seq_length=4096``).
     """
-    fields = adapter_of(hf_config).fields_from_hf(hf_config)
+    adapter = adapter_of(hf_config)
+    check_hf_numbers(hf_config)
+    try:
+        fields = adapter.fields_from_hf(hf_config)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as e:
+        raise ConfigError(f"config.json of this {adapter.name} model holds a value megacore cannot read "
+                          f"({type(e).__name__}: {e}); compare it with the model's original config.json") from None
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

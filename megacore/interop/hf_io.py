@@ -14,19 +14,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# safetensors dtype names (as ``get_slice(name).get_dtype()`` spells them) -> torch dtypes
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+               "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_DAMAGED = "the file is damaged or incomplete: download or save it again"
+
+
+def read_json_file(path: Path, what: str = "JSON file") -> object:
+    """The parsed JSON of ``path``; ValueError naming the file for text that is not JSON or not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         f"the {what} is damaged or was not written completely") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); the {what} is damaged") from None
 
 
 class CheckpointReader:
@@ -36,6 +54,7 @@ class CheckpointReader:
         self.dir = Path(hf_dir)
         self._stack = contextlib.ExitStack()
         self._where: dict[str, object] = {}  # name -> open safetensors handle or loaded bin dict
+        self._files: dict[str, Path] = {}    # name -> the file holding it (for errors)
         d = self.dir
         if (d / SAFE_INDEX).exists():
             self._open_sharded(d / SAFE_INDEX, self._open_safetensors)
@@ -54,8 +73,8 @@ class CheckpointReader:
                                     f"or {BIN_SINGLE}; is this a Hugging Face model directory?")
 
     def _open_sharded(self, index_path: Path, open_one) -> None:
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
+        index = read_json_file(index_path, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_path} has no 'weight_map' object; the index file is corrupt")
         for shard in sorted(set(weight_map.values())):
@@ -68,20 +87,30 @@ class CheckpointReader:
             raise ValueError(f"{index_path.name} lists tensors its shards do not hold: {missing[:5]}")
 
     def _open_safetensors(self, path: Path) -> None:
-        handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        try:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); {_DAMAGED}") from None
         for name in handle.keys():
             self._where[name] = handle
+            self._files[name] = path
 
     def _open_bin(self, path: Path) -> None:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # also what weights_only raises for objects it refuses to build
+            raise pickle.UnpicklingError(f"{path}: {e}") from None
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            raise ValueError(f"{path} is not a readable PyTorch weights file ({e}); {_DAMAGED}") from None
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
         for name, t in state.items():
             if isinstance(t, torch.Tensor):
                 self._where[name] = state
+                self._files[name] = path
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -95,9 +124,24 @@ class CheckpointReader:
             return tuple(src[name].shape)
         return tuple(src.get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> Optional[torch.dtype]:
+        """The stored dtype of tensor ``name``, read from the header (None: a dtype torch lacks)."""
+        src = self._where[name]
+        if isinstance(src, dict):
+            return src[name].dtype
+        return SAFE_DTYPES.get(src.get_slice(name).get_dtype())
+
+    def file_of(self, name: str) -> Path:
+        return self._files[name]
+
     def get(self, name: str) -> torch.Tensor:
         src = self._where[name]
-        return src[name] if isinstance(src, dict) else src.get_tensor(name)
+        if isinstance(src, dict):
+            return src[name]
+        try:
+            return src.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"tensor {name!r} of {self._files[name]} cannot be read ({e}); {_DAMAGED}") from None
 
     def close(self) -> None:
         self._stack.close()

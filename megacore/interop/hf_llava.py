@@ -23,7 +23,7 @@ from megacore.interop.families.llava import READ, WRITE  # noqa: F401  (re-expor
 from megacore.interop.hf import read_hf_config
 from megacore.interop.hf_config import adapter_of, config_from_hf, config_to_hf, dtype_name, infer_family
 from megacore.interop.hf_io import CheckpointReader, atomic_directory, write_safetensors
-from megacore.interop.hf_transfer import build_empty, check_tensor_names, copy_weights, rules_to_hf
+from megacore.interop.hf_transfer import build_empty, check_tensor_names, copy_weights, default_dtype, rules_to_hf
 from megacore.models.llava import LlavaConfig, LlavaModel
 
 PathLike = Union[str, Path]
@@ -62,7 +62,9 @@ def load_pretrained_llava(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
         rules = LLAVA.weight_rules(config, text, LLAVA.read_prefixes(reader.keys()))
         check_tensor_names(reader, rules, hf_dir, what, lambda n: LLAVA.is_ignorable(n, config, text))
         if dtype is None:
-            dtype = reader.get(rules[0].hf[0]).dtype
+            text_cfg = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+            dtype = default_dtype({**text_cfg, **{k: hf[k] for k in ("dtype", "torch_dtype") if hf.get(k)}}, reader,
+                                  [n for r in rules for n in r.hf], hf_dir)
         target = torch.device(device if device is not None else "cpu")
         # The language model (most of the weights) is allocated once, not randomly initialized first.
         model = LlavaModel(config, language_model=build_empty(config.text, dtype, target)).to(target, dtype)

@@ -7,7 +7,7 @@ names are comes from the rules an adapter builds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -62,6 +62,38 @@ def check_tensor_names(reader: CheckpointReader, rules: list[Rule], hf_dir: Path
                          "bias or tie_word_embeddings setting?)")
 
 
+_HF_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def check_floating(reader: CheckpointReader, names: list[str], hf_dir: Path) -> None:
+    """ValueError naming the first tensor of ``names`` that is not floating point: an integer or bool
+    tensor where a weight belongs is a quantized (int8/int4, GPTQ/AWQ) or damaged checkpoint, and a
+    silent cast would load garbage."""
+    for name in names:
+        dtype = reader.dtype(name)
+        if dtype is None or not dtype.is_floating_point:
+            raise ValueError(f"tensor {name!r} in {reader.file_of(name)} holds {dtype or 'non-float'} values, but "
+                             "megacore loads floating-point weights only; a quantized checkpoint (int8/int4, GPTQ, "
+                             f"AWQ) must be dequantized to bf16/fp16/fp32 first ({hf_dir})")
+
+
+def default_dtype(hf_config: dict, reader: CheckpointReader, names: list[str], hf_dir: Path) -> torch.dtype:
+    """The parameter dtype of a load that names none, by the rule of transformers' ``dtype="auto"``:
+    the floating dtype ``config.json`` records (``dtype``, or the older ``torch_dtype``), else the
+    one floating dtype of the weights ``names``. Weights of several floating dtypes and no dtype in
+    config.json: ValueError asking for an explicit dtype (the first tensor does not decide)."""
+    for key in ("dtype", "torch_dtype"):
+        recorded = _HF_DTYPES.get(str(hf_config.get(key)))
+        if recorded is not None:
+            return recorded
+    found = sorted({str(reader.dtype(n)) for n in names})
+    if len(found) == 1:
+        return reader.dtype(names[0])
+    raise ValueError(f"the weights in {hf_dir} mix {found} and config.json records no dtype; pass dtype= "
+                     "(or --dtype) to choose the parameter dtype")
+
+
 def _expected_hf_shapes(rule: Rule, our_shape: torch.Size) -> list[tuple[int, ...]]:
     """Shapes of the HF tensors of ``rule`` for a parameter of ``our_shape`` (computed on meta)."""
     return [tuple(t.shape) for t in rule.to_hf(torch.empty(our_shape, device="meta"))]
@@ -75,6 +107,7 @@ def copy_weights(model: nn.Module, rules: list[Rule], reader: CheckpointReader, 
     uncovered = sorted(set(params) - {r.ours for r in rules})
     if uncovered:
         raise RuntimeError(f"internal error: the {what} mapping leaves megacore parameters unset: {uncovered}")
+    check_floating(reader, [n for r in rules for n in r.hf], hf_dir)
     for rule in rules:
         param = params[rule.ours]
         for name, shape in zip(rule.hf, _expected_hf_shapes(rule, param.shape)):
