@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Optional, Protocol, Sequence, Union
 
@@ -179,9 +180,14 @@ class GPTDataset:
         folder = ensure_dir(Path(cache_dir) / "gpt_indices")
         stem = f"{self.name}-{key}"
         paths = [folder / f"{stem}-{part}.npy" for part in ("document_index", "sample_index", "shuffle_index")]
-        if not all(p.is_file() for p in paths):
+        arrays = self._load_cached(paths)
+        if arrays is None:
             with build_lock(folder / f"{stem}.lock"):
-                if not all(p.is_file() for p in paths):
+                arrays = self._load_cached(paths)  # another process may have built it while we waited
+                if arrays is None:
+                    if any(p.is_file() for p in paths):
+                        warnings.warn(f"the cached sample index {folder / stem}-*.npy is truncated or damaged; "
+                                      "rebuilding it", stacklevel=2)
                     for path, arr in zip(paths, self._build(lengths)):
                         atomic_save_npy(path, arr)
                     description = {"recipe": _INDEX_RECIPE, "name": self.name, "seq_length": self.seq_length,
@@ -189,8 +195,27 @@ class GPTDataset:
                                    "samples_per_epoch": self.samples_per_epoch, "num_documents": len(self.document_ids),
                                    "tokens_per_epoch": self.tokens_per_epoch}
                     atomic_write_bytes(folder / f"{stem}-description.json", json.dumps(description, indent=1).encode())
-        self.document_index, self.sample_index, self.shuffle_index = (
-            np.load(p, mmap_mode="r", allow_pickle=False) for p in paths)
+                    arrays = self._load_cached(paths)
+                    if arrays is None:
+                        raise RuntimeError(f"the sample index just written to {folder / stem}-*.npy does not read "
+                                           "back; is the cache folder's disk full?")
+        self.document_index, self.sample_index, self.shuffle_index = arrays
+
+    def _load_cached(self, paths: list[Path]) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The three cached index arrays (memory-mapped), or None when one is missing, unreadable
+        (a truncated file) or not the shape these inputs give (so it gets rebuilt)."""
+        total = self.num_blocks * self.samples_per_epoch
+        shapes = [(self.num_blocks * len(self.document_ids),), (total + 1, 2), (total,)]
+        arrays = []
+        for path, shape in zip(paths, shapes):
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                return None
+            if arr.shape != shape or arr.dtype.kind not in "iu":
+                return None
+            arrays.append(arr)
+        return tuple(arrays)
 
     # ----------------------------------------------------------------------------- access
     def __len__(self) -> int:

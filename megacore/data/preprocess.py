@@ -4,7 +4,9 @@
         --tokenizer (tokenizer.json | sp.model | bpe) [--vocab-size 4096] [--workers 4] [--append-eod]
 
 Input: ``.jsonl`` (one JSON object per line; the document is ``obj[json_key]``; blank lines are
-skipped) or ``.txt`` (documents separated by one or more blank lines), optionally gzipped.
+skipped) or ``.txt`` (documents separated by one or more blank lines), optionally gzipped, in
+UTF-8 (a byte that is not is an error naming the file and line). An input without a single
+non-empty document is an error, and nothing is written.
 ``--tokenizer bpe`` trains a byte-level BPE on the input first (cached by content hash under the
 megacore cache directory) and writes it to ``PREFIX.tokenizer.json`` so training can use it
 (``data.source=indexed`` finds it beside the data automatically).
@@ -12,7 +14,12 @@ megacore cache directory) and writes it to ``PREFIX.tokenizer.json`` so training
 Tokenization runs on ``--workers`` processes: a multiprocessing pool maps over chunks of documents
 and results are consumed in input order, so the output does not depend on the worker count. Unlike
 ``Pool.imap`` (whose feeder thread reads the whole input ahead), at most ``4·workers`` chunks are in
-flight, so memory stays flat on inputs of any size.
+flight, and a chunk closes early once it holds ``CHUNK_CHARS`` characters, so memory stays flat on
+inputs of any size. A long document is tokenized in pieces of about ``PIECE_CHARS`` characters
+(``encode_long``), cut only before a space that starts a word, where the pre-tokenizers of byte-level
+BPE (GPT-2/Llama-3 style) and SentencePiece split anyway: the ids equal those of one call, while
+the tokenizer's per-token bookkeeping (~150 bytes a character) stays bounded: a 22 MB line needs
+tens of MB beyond the line itself instead of gigabytes.
 A progress line (documents, tokens, documents/s) goes to stderr every few seconds.
 """
 
@@ -24,6 +31,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -37,12 +45,26 @@ from megacore.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
 from megacore.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 Chunk = list[tuple[int, str]]  # (line number, raw line or text)
+PIECE_CHARS = 1 << 18   # a longer document is tokenized in pieces of about this many characters
+CHUNK_CHARS = 1 << 23   # a chunk of documents sent to a worker closes once it holds this many characters
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape decodes them
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """UTF-8 text with universal newlines; an undecodable byte becomes a lone surrogate (found per
+    line by ``read_raw``, so the error can name the line)."""
     if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
+    return open(path, encoding="utf-8", errors="surrogateescape")
+
+
+def _check_utf8(path: Path, no: int, line: str) -> str:
+    bad = _NOT_UTF8.search(line)
+    if bad is not None:
+        byte = ord(bad.group()) - 0xDC00
+        raise ValueError(f"{path}:{no}: not UTF-8 text (byte 0x{byte:02x} at character {bad.start() + 1}); "
+                         "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8")
+    return line
 
 
 def _input_kind(path: Path) -> str:
@@ -61,11 +83,12 @@ def read_raw(path: Path, kind: str) -> Iterator[tuple[int, str]]:
         if kind == "jsonl":
             for no, line in enumerate(f, start=1):
                 if line.strip():
-                    yield no, line
+                    yield no, _check_utf8(path, no, line)
             return
         para, start = [], 0
         for no, line in enumerate(f, start=1):
             if line.strip():
+                _check_utf8(path, no, line)
                 if not para:
                     start = no
                 para.append(line)
@@ -105,15 +128,49 @@ def ordered_map(pool, fn, items: Iterator, window: int) -> Iterator:
         yield pending.popleft().get()
 
 
-def _chunks(items: Iterator[tuple[int, str]], size: int) -> Iterator[Chunk]:
+def _chunks(items: Iterator[tuple[int, str]], size: int, max_chars: int = CHUNK_CHARS) -> Iterator[Chunk]:
+    """Chunks of ``size`` documents, closed early once they hold ``max_chars`` characters."""
     chunk: Chunk = []
+    chars = 0
     for item in items:
         chunk.append(item)
-        if len(chunk) == size:
+        chars += len(item[1])
+        if len(chunk) == size or chars >= max_chars:
             yield chunk
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield chunk
+
+
+_WORD_START = re.compile(r"(?<=\S) (?=\S)")  # a single space between two non-space characters
+
+
+def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most about ``piece_chars`` characters, each cut just before
+    a single space between two non-space characters (where a word starts: every byte-level BPE and
+    SentencePiece pre-tokenizer splits there too, so encoding the pieces one by one gives the ids of
+    the whole). A stretch of ``piece_chars`` without such a space is cut where it ends."""
+    start, n = 0, len(text)
+    while n - start > piece_chars:
+        limit = start + piece_chars
+        cut = None
+        for m in _WORD_START.finditer(text, start + piece_chars // 2, limit):
+            cut = m.start()
+        if cut is None or cut <= start:
+            cut = limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_long(tok: Tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> list[int]:
+    """``tok.encode(text)`` for a text of any length, piece by piece (``split_for_encoding``)."""
+    if len(text) <= piece_chars:
+        return tok.encode(text)
+    ids: list[int] = []
+    for piece in split_for_encoding(text, piece_chars):
+        ids.extend(tok.encode(piece))
+    return ids
 
 
 # ------------------------------------------------------------------------------ worker side
@@ -129,8 +186,11 @@ def _init_worker(tokenizer_path: str, path: str, kind: str, json_key: str, appen
 def _encode_chunk(chunk: Chunk) -> list[np.ndarray]:
     w = _WORKER
     texts = [parse_document(w["path"], w["kind"], w["json_key"], no, raw) for no, raw in chunk]
+    short = [t for t in texts if len(t) <= PIECE_CHARS]
+    encoded = iter(w["tok"].encode_batch(short) if short else [])
     out = []
-    for ids in w["tok"].encode_batch(texts):
+    for text in texts:
+        ids = next(encoded) if len(text) <= PIECE_CHARS else encode_long(w["tok"], text)
         if w["append_eod"]:
             ids.append(w["tok"].eod)
         out.append(np.asarray(ids, dtype=np.int64))
@@ -143,6 +203,9 @@ def _resolve_tokenizer(args, path: Path, kind: str) -> tuple[Tokenizer, str]:
     if args.tokenizer != "bpe":
         return load_tokenizer(args.tokenizer), args.tokenizer
     texts = [parse_document(str(path), kind, args.json_key, no, raw) for no, raw in read_raw(path, kind)]
+    if not any(texts):
+        raise ValueError(f"input {str(path)!r} holds no non-empty document, so there is nothing to train a tokenizer "
+                         "on or to write; check the file and --json-key")
     print(f"training a byte-level BPE (vocab {args.vocab_size}) on {len(texts)} documents", file=sys.stderr)
     tok = train_bpe(texts, args.vocab_size, cache_dir=default_cache_dir(None))
     out = Path(f"{args.output_prefix}.tokenizer.json")
@@ -204,6 +267,9 @@ def run(args: argparse.Namespace) -> dict:
             if pool is not None:
                 pool.terminate()
                 pool.join()
+        if docs == 0:
+            raise ValueError(f"input {str(path)!r} holds no non-empty document ({skipped} empty skipped); nothing "
+                             "was written: check the file and --json-key")
         builder.finalize(f"{args.output_prefix}.idx")
     elapsed = max(time.time() - start, 1e-9)
     print(f"preprocess: done, {docs} docs ({skipped} empty skipped), {tokens} tokens, {docs / elapsed:.0f} docs/s "
