@@ -77,6 +77,20 @@ def test_diverged_run_exits_non_zero_logs_its_skips_and_keeps_latest(tmp_path):
     assert _checkpoints(ckpt) == before
 
 
+def test_every_rank_of_a_sharded_run_stops_at_the_same_skipped_step(tmp_path):
+    """DP=2 with the distributed optimizer (each rank steps a shard): the skip is decided from the
+    global loss and grad norm, so both ranks skip the same steps and stop together (exit 1)."""
+    log = tmp_path / "log"
+    out = _cli(["train", "configs/tiny_cpu.yaml", *TINY, "train.micro_batch_size=4", "train.iters=30",
+                "train.lr=1e4", "parallel.distributed_optimizer=true", f"log.dir={log}", "--nproc", "2"], tmp_path)
+    assert out.returncode == 1, out.stderr[-3000:]
+    stops = [ln for ln in out.stderr.splitlines() if "steps in a row were skipped" in ln]
+    assert sorted(ln.split("]")[0] for ln in stops) == ["[rank 0", "[rank 1"], out.stderr[-3000:]
+    assert len({ln.split("] ", 1)[1] for ln in stops}) == 1  # the same steps on both ranks
+    records = _metrics(log)
+    assert [r["skipped"] for r in records][-4:] == [False, True, True, True]
+
+
 # ----------------------------------------------------------------------------------------- the trainer
 def _trainer(tmp_path, extra):
     from megacore.config import load_run_config
