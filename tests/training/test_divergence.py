@@ -223,3 +223,29 @@ def test_optimizer_skip_veto_leaves_masters_and_step_count(fused):
         same = all(torch.equal(f.master, b) for f, b in zip(opt.fragments, before))
         assert same == bool(veto)
     assert opt.num_steps == 1
+
+
+@pytest.mark.gpu
+def test_spike_check_queues_a_step_without_syncing_on_cuda(tmp_path):
+    """With the loss-spike check armed (a full window), a whole ``train_step`` (bf16, one GPU, fused
+    AdamW) is still queued under sync debug mode "error"; the veto is read with the step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    t = _trainer(tmp_path, ["train.iters=4", "precision.dtype=bf16", "device=cuda", "checkpoint.interval=0",
+                            "train.loss_spike_factor=1.0001", "train.loss_spike_window=1"])
+    t.setup()
+    try:
+        assert t.optimizer.fused
+        for i in range(2):
+            t.guard.observe(i, t.train_step(i).resolve())
+        assert t.guard.spike_threshold(2) is not None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = t.train_step(2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        result = pending.resolve()
+        assert result.loss_spike == (result.loss > pending.spike_threshold) and result.skipped == result.loss_spike
+    finally:
+        t.metrics.close()
