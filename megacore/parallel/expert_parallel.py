@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore.layers.moe.experts import SequentialExperts
+from megacore.sharding import param_meta, peek_meta
 
 
 class _AllToAll(torch.autograd.Function):
@@ -91,10 +92,10 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
         for name in ("linear_fc1", "linear_fc2"):
             full = getattr(module, name)
             part = nn.Parameter(torch.empty((local, *full.shape[1:]), device=full.device, dtype=full.dtype))
-            part._megacore_init = getattr(full, "_megacore_init", "normal")
-            part._megacore_global_shape = tuple(full.shape)
-            part._megacore_shard_fn = lambda t, a=start, b=start + local: t[a:b]
-            part._megacore_expert = True
+            meta = param_meta(part)
+            meta.init = peek_meta(full).init or "normal"
+            meta.global_shape = tuple(full.shape)
+            meta.expert_slice = (start, start + local)
             setattr(module, name, part)
         module.dispatch = partial(dispatch_and_compute, group=group)
     return model

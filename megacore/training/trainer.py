@@ -48,6 +48,7 @@ from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
 from megacore.training.pending_step import PendingStep
+from megacore.sharding import peek_meta
 
 
 def _check_device(cfg: RunConfig, device: torch.device) -> None:
@@ -229,8 +230,8 @@ class Trainer:
         n = 0
         for c in self.chunks:
             for p in unwrap(c).parameters():
-                if not getattr(p, "_megacore_shared_duplicate", False):
-                    n += math.prod(getattr(p, "_megacore_global_shape", p.shape))
+                if not peek_meta(p).shared_duplicate:
+                    n += math.prod((peek_meta(p).global_shape or p.shape))
         if self.world_size > 1 and self.state.pp_group is not None:
             t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
             dist.all_reduce(t, group=self.state.pp_group)
