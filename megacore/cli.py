@@ -49,7 +49,7 @@ def _rank_prefix() -> str:
 
 def run_train(argv: list[str]) -> int:
     from megacore.config import ConfigError, load_run_config
-    from megacore.training.loop import TrainingError
+    from megacore.training.contract import TrainingError
 
     nproc = None
     rest = []

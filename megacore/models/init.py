@@ -59,10 +59,12 @@ def _default_kind(name: str, param: torch.Tensor) -> str:
 
 @torch.no_grad()
 def materialize(model: nn.Module, config: TransformerConfig, seed: int,
-                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
+                fill: bool = True) -> nn.Module:
     """Allocate (if on meta) and fill every parameter of ``model`` deterministically; returns it.
 
     ``device``/``dtype`` default to the parameters' current ones (meta parameters go to CPU).
+    ``fill=False`` only allocates (the values are left as they are: a checkpoint is loaded next).
     """
     # to_empty()/to() create new Parameter objects: carry their descriptions (ParamMeta) and megacore's
     # other per-parameter state across.
@@ -79,6 +81,8 @@ def materialize(model: nn.Module, config: TransformerConfig, seed: int,
     for name, param in model.named_parameters(remove_duplicate=False):
         for k, v in saved.get(name, {}).items():
             setattr(param, k, v)
+    if not fill:
+        return model
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:  # tied weights: initialize once, under the first name

@@ -20,7 +20,7 @@ One code path serves every layout. What the layout changes is declared, then app
 5. ``megacore.pipeline.forward_backward`` runs the micro-batches (gradient accumulation, or a
    pipeline schedule when ``parallel.pipeline > 1``).
 
-Loss normalization and data order: see ``megacore.training.loop``. The loss scale of fp16 is
+Loss normalization and data order: see ``megacore.training.contract``. The loss scale of fp16 is
 folded into the token-count denominator (``loss * scale / N == loss / (N / scale)``), which keeps
 every pipeline schedule unchanged.
 """
@@ -41,7 +41,8 @@ from megacore.config import ConfigError, RunConfig
 from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
-from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
+from megacore.precision.mixed import DTYPES
+from megacore.training.contract import StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
