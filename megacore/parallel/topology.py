@@ -250,11 +250,15 @@ def _mesh_timeouts(backend_name: str, dims: tuple[str, ...], shape: tuple[int, .
     group's). A dim spanning the world reuses the default group, which has the timeout already."""
     if timeout_s is None:
         return {}
+    backend_class = getattr(dist, "ProcessGroupNCCL" if "nccl" in backend_name else "ProcessGroupGloo", None)
+    make = getattr(backend_class, "Options", None) if "nccl" in backend_name else getattr(backend_class, "_Options", None)
+    if make is None:  # a backend without options: its groups keep torch's default timeout
+        return {}
     out = {}
     for name, size in zip(dims, shape):
         if size == world:
             continue
-        options = dist.ProcessGroupNCCL.Options() if "nccl" in backend_name else dist.ProcessGroupGloo._Options()
+        options = make()
         options._timeout = _timeout(timeout_s)
         out[name] = options
     return out
