@@ -42,7 +42,7 @@ def _rank_prefix() -> str:
 def run_train(argv: list[str]) -> int:
     from megacore.config import ConfigError, load_run_config
     from megacore.launcher import DEFAULT_STOP_GRACE_S, exit_with_launcher
-    from megacore.training.loop import TrainingError
+    from megacore.training.contract import TrainingError
 
     nproc = None
     stop_grace = None

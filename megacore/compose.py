@@ -38,11 +38,23 @@ from megacore.parallel.context_parallel import apply_context_parallel
 from megacore.parallel.expert_parallel import apply_expert_parallel
 from megacore.parallel.topology import AXIS_GROUPS, ParallelState, get_state, layout_mismatches
 from megacore.pipeline.partition import build_stage_modules
-from megacore.training.loop import DTYPES
+from megacore.precision.mixed import DTYPES
 
 
 def _say_nothing(_: str) -> None:
     pass
+
+
+def build_inference_model(config, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The one-device model ``megacore generate`` runs (no parallel plan applies), in eval mode and
+    with storage allocated but not initialized: a checkpoint is loaded into it next."""
+    from megacore.models import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(config)
+    model.to(dtype)  # free on meta
+    materialize(model, config, seed=0, device=device, fill=False)
+    return model.eval()
 
 
 def build_model_chunks(cfg: RunConfig, state: Optional[ParallelState] = None, device=None,
@@ -193,9 +205,7 @@ def build_optimizer(cfg: RunConfig, chunks: list, state: Optional[ParallelState]
     t, pr = cfg.train, cfg.precision
     scaler = build_loss_scaler(dtype or DTYPES[pr.dtype], initial_scale=pr.initial_loss_scale,
                                window=pr.loss_scale_window, min_scale=pr.min_loss_scale, hysteresis=pr.hysteresis)
-    if cfg.parallel.fsdp:
-        if scaler is not None:
-            raise ConfigError("parallel.fsdp=true with precision.dtype=fp16 is not supported; use bf16")
+    if cfg.parallel.fsdp:  # FSDP2 x fp16 (no loss scaler there) is refused by the support table
         opt = torch.optim.AdamW(weight_decay_groups(chunks[0], t.weight_decay), lr=t.lr,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         return opt, None

@@ -20,7 +20,7 @@ One code path serves every layout. What the layout changes is declared, then app
 5. ``megacore.pipeline.forward_backward`` runs the micro-batches (gradient accumulation, or a
    pipeline schedule when ``parallel.pipeline > 1``).
 
-Loss normalization and data order: see ``megacore.training.loop``. The loss scale of fp16 is
+Loss normalization and data order: see ``megacore.training.contract``. The loss scale of fp16 is
 folded into the token-count denominator (``loss * scale / N == loss / (N / scale)``), which keeps
 every pipeline schedule unchanged.
 """
@@ -41,7 +41,8 @@ from megacore.config import ConfigError, RunConfig
 from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
-from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
+from megacore.precision.mixed import DTYPES
+from megacore.training.contract import StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
@@ -49,6 +50,7 @@ from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
+from megacore.sharding import peek_meta
 
 
 def _check_device(cfg: RunConfig, device: torch.device) -> None:
@@ -243,8 +245,8 @@ class Trainer:
         n = 0
         for c in self.chunks:
             for p in unwrap(c).parameters():
-                if not getattr(p, "_megacore_shared_duplicate", False):
-                    n += math.prod(getattr(p, "_megacore_global_shape", p.shape))
+                if not peek_meta(p).shared_duplicate:
+                    n += math.prod((peek_meta(p).global_shape or p.shape))
         if self.world_size > 1 and self.state.pp_group is not None:
             t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
             dist.all_reduce(t, group=self.state.pp_group)
