@@ -48,6 +48,7 @@ from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
+from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
 from megacore.sharding import peek_meta
 
@@ -91,6 +92,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision.dtype]
         self.stop = StopFlag()
         self.step = 0
+        self.active_step = 0  # 1-based step being queued; failure messages name it
         self.state = None
         self.checkpoints = None
 
@@ -100,6 +102,7 @@ class Trainer:
         cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
         _check_device(cfg, self.device)
         self._init_parallel()
+        self._lock_checkpoint_dir()
         self._build_data()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
         self.chunks = self.build_model()
@@ -142,7 +145,7 @@ class Trainer:
 
         sizes = self.cfg.parallel.mesh_sizes()
         if self.world_size > 1:
-            self.state = parallel.initialize(**sizes)
+            self.state = parallel.initialize(**sizes, timeout_s=self.cfg.parallel.timeout_s)
         else:
             self.state = parallel.get_state()
         problems = layout_mismatches(self.state, sizes)
@@ -210,10 +213,21 @@ class Trainer:
 
         return build_optimizer(self.cfg, self.chunks, self.state, self.dtype)
 
-    def _resume(self) -> None:
+    def _lock_checkpoint_dir(self) -> None:
+        """Before any work: ``checkpoint.dir`` belongs to this run (rank 0 holds its lock until the
+        end), or the run stops here, naming the run that holds it."""
         from megacore.checkpoint import CheckpointManager
+        from megacore.checkpoint.lock import DirectoryInUse
 
         self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._info)
+        try:
+            self.checkpoints.lock()
+        except DirectoryInUse as e:
+            raise ConfigError(str(e)) from None
+
+    def _resume(self) -> None:
+        if self.checkpoints is None:
+            self._lock_checkpoint_dir()
         if self.cfg.parallel.fsdp:  # no checkpoint to resume: validate refuses checkpointing with FSDP2
             return
         result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
@@ -430,7 +444,16 @@ class Trainer:
             if self.world_size > 1:  # no rank tears its groups down while a peer may still be using them
                 dist.barrier()
             return result
+        except RuntimeError as e:
+            # A collective that timed out or lost a peer: say which rank and step, in one line.
+            message = None if isinstance(e, TrainingError) or self.world_size == 1 else describe_collective_failure(
+                e, self.rank, self.active_step, self.cfg.parallel.timeout_s)
+            if message is None:
+                raise
+            raise TrainingError(message) from e
         finally:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
             self.stop.restore()
             metrics = getattr(self, "metrics", None)
             if metrics is not None:
@@ -535,6 +558,7 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         host_start = time.perf_counter()
+        self.active_step = step + 1
         queued = self.train_step(step)
         if not isinstance(queued, PendingStep):  # a StepResult already read (e.g. a stand-in step)
             queued = PendingStep.of(step, queued)
