@@ -24,7 +24,7 @@ from torch import nn
 
 from megacore.config import TransformerConfig
 from megacore.layers import LayerSpec
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 from megacore.models import GPTModel
 
 

@@ -1,6 +1,6 @@
 """The ``megacore`` command: ``train``, ``preprocess``, ``convert``, ``generate``.
 
-    megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N]
+    megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N [--stop-grace-s S]]
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
     megacore generate --model HF_DIR_OR_CKPT --prompt "text"
@@ -19,29 +19,21 @@ import sys
 USAGE = __doc__
 
 
-def _launch_local(nproc: int, args: list[str]) -> int:
-    """Run ``megacore.train`` on ``nproc`` local processes through torchrun's launcher."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun_main
+def _launch_local(nproc: int, args: list[str], stop_grace_s: float) -> int:
+    """Run ``megacore.train`` on ``nproc`` local processes (``megacore.launcher``: stop grace, failure
+    handling, no orphans)."""
+    from megacore.launcher import launch_local
 
-    try:
-        torchrun_main(["--standalone", f"--nproc-per-node={nproc}", "-m", "megacore.train", *args])
-    except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        code = next((c for c in codes if c > 0), 1)
-        print(f"error: training failed on {len(e.failures)} of {nproc} processes (exit codes {codes}); "
-              "the first message above says why", file=sys.stderr)
-        return code
-    return 0
+    return launch_local(nproc, args, stop_grace_s)
 
 
-def _init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the default process group (NCCL with CUDA, else gloo;
-    MEGACORE_BACKEND=gloo forces gloo)."""
+def _init_distributed(timeout_s: float) -> None:
+    """Under torchrun or ``--nproc`` (WORLD_SIZE > 1): join the default process group (NCCL with CUDA,
+    else gloo; MEGACORE_BACKEND=gloo forces gloo) with ``parallel.timeout_s`` as its collective timeout."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from megacore.parallel.topology import init_default_group
 
-        init_default_group("gloo" if os.environ.get("MEGACORE_BACKEND") == "gloo" else None)
+        init_default_group("gloo" if os.environ.get("MEGACORE_BACKEND") == "gloo" else None, timeout_s)
 
 
 def _is_rank0() -> bool:
@@ -55,22 +47,29 @@ def _rank_prefix() -> str:
 def run_train(argv: list[str]) -> int:
     from megacore.checkpoint.errors import CheckpointError
     from megacore.config import ConfigError, load_run_config
-    from megacore.training.loop import TrainingError
+    from megacore.launcher import DEFAULT_STOP_GRACE_S, exit_with_launcher
+    from megacore.training.contract import TrainingError
 
     nproc = None
+    stop_grace = None
     rest = []
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--nproc":
+        if a in ("--nproc", "--stop-grace-s"):
             if i + 1 >= len(argv):
-                print("error: --nproc needs a number, e.g. --nproc 2", file=sys.stderr)
+                print(f"error: {a} needs a number, e.g. {a} {2 if a == '--nproc' else 600}", file=sys.stderr)
                 return 2
-            nproc = argv[i + 1]
+            if a == "--nproc":
+                nproc = argv[i + 1]
+            else:
+                stop_grace = argv[i + 1]
             i += 2
             continue
         if a.startswith("--nproc="):
             nproc = a.split("=", 1)[1]
+        elif a.startswith("--stop-grace-s="):
+            stop_grace = a.split("=", 1)[1]
         elif a in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -82,7 +81,15 @@ def run_train(argv: list[str]) -> int:
             print(f"error: --nproc {nproc!r} is not a positive integer", file=sys.stderr)
             return 2
         if int(nproc) > 1:
-            return _launch_local(int(nproc), rest)
+            try:
+                grace = DEFAULT_STOP_GRACE_S if stop_grace is None else float(stop_grace)
+            except ValueError:
+                grace = -1.0
+            if not grace >= 0 or grace == float("inf"):
+                print(f"error: --stop-grace-s {stop_grace!r} is not a number of seconds >= 0", file=sys.stderr)
+                return 2
+            return _launch_local(int(nproc), rest, grace)
+    exit_with_launcher()  # a worker of `--nproc`: stop when the launcher dies
     config_path = rest[0] if rest and "=" not in rest[0] else None
     overrides = rest[1:] if config_path else rest
     hang_dump_s = os.environ.get("MEGACORE_HANG_DUMP_S")
@@ -93,8 +100,8 @@ def run_train(argv: list[str]) -> int:
     from megacore.training.trainer import PeerFailed
 
     try:
-        cfg = load_run_config(config_path, overrides)
-        _init_distributed()
+        cfg = load_run_config(config_path, overrides).validate()  # before any key is used (timeout_s below)
+        _init_distributed(cfg.parallel.timeout_s)
         from megacore.training.trainer import Trainer
 
         Trainer(cfg).run()

@@ -31,18 +31,36 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import ConfigError, RunConfig
+from megacore.distributed import DistributedDataParallel
+from megacore.distributed.fsdp import apply_fsdp
+from megacore.models import GPTModel
 from megacore.models.init import materialize
-from megacore.parallel import parallelize, parallelize_llava
+from megacore.models.llava import LlavaConfig, LlavaLanguageStage, LlavaModel
+from megacore.optim import DistributedOptimizer, MixedPrecisionOptimizer, weight_decay_groups
+from megacore.parallel import parallelize, parallelize_llava, sp_overlap
 from megacore.parallel.batch_chunks import apply_batch_chunks
 from megacore.parallel.context_parallel import apply_context_parallel
 from megacore.parallel.expert_parallel import apply_expert_parallel
 from megacore.parallel.topology import AXIS_GROUPS, ParallelState, get_state, layout_mismatches
 from megacore.pipeline.partition import build_stage_modules
-from megacore.training.loop import DTYPES
+from megacore.precision.fp8 import apply_fp8
+from megacore.precision.loss_scaler import build_loss_scaler
+from megacore.precision.mixed import DTYPES
+from megacore.training.compile import compile_model, enable_tp_comm_overlap
 
 
 def _say_nothing(_: str) -> None:
     pass
+
+
+def build_inference_model(config, dtype: torch.dtype, device) -> torch.nn.Module:
+    """The one-device model ``megacore generate`` runs (no parallel plan applies), in eval mode and
+    with storage allocated but not initialized: a checkpoint is loaded into it next."""
+    with torch.device("meta"):
+        model = GPTModel(config)
+    model.to(dtype)  # free on meta
+    materialize(model, config, seed=0, device=device, fill=False)
+    return model.eval()
 
 
 def build_model_chunks(cfg: RunConfig, state: Optional[ParallelState] = None, device=None,
@@ -95,8 +113,6 @@ def build_parallel_gpt(config, seed: int, state: Optional[ParallelState] = None,
 
     ``gpt_kwargs`` go to GPTModel (``layer_spec``, ``pre_process``, ``post_process``,
     ``layer_numbers`` for a pipeline stage). ``device`` defaults to CPU."""
-    from megacore.models import GPTModel
-
     with torch.device("meta"):
         model = GPTModel(config, seed=seed, **gpt_kwargs)
     parallelize(model, state or get_state(), sequence_parallel=sequence_parallel, grad_sync=grad_sync)
@@ -117,14 +133,10 @@ def build_run_model(cfg: RunConfig, state: Optional[ParallelState] = None, devic
     if cfg.vision.enabled:
         chunks = [llava_chunk(cfg, c, device, dtype) for c in chunks]
     if cfg.precision.fp8 is not None:                                                           # 5. FP8
-        from megacore.precision.fp8 import apply_fp8
-
         n_fp8 = sum(apply_fp8(c, recipe=cfg.precision.fp8) for c in chunks)
         info(f"fp8 ({cfg.precision.fp8}): {n_fp8} linear layers run their GEMMs in float8 on this rank; "
              f"the output layer and embeddings stay {cfg.precision.dtype}")
     if p.tp_comm_overlap == "copy_engine" and state.tp_size > 1:                                # 5. comm overlap
-        from megacore.parallel import sp_overlap
-
         m = cfg.model  # the largest transfer: one micro-batch's tokens x hidden
         workspace = cfg.train.micro_batch_size * m.seq_length * m.hidden_size * dtype.itemsize
         results = [sp_overlap.apply(c, state.tp_group, workspace) for c in chunks]
@@ -135,8 +147,6 @@ def build_run_model(cfg: RunConfig, state: Optional[ParallelState] = None, devic
     for chunk in chunks:                                                                         # 6. recompute
         chunk.configure_recompute(cfg.recompute)
     if cfg.compile:                                                                              # 7. compile
-        from megacore.training.compile import compile_model, enable_tp_comm_overlap
-
         if p.tp_comm_overlap not in ("off", "copy_engine") and state.tp_size > 1:
             what = enable_tp_comm_overlap(state.tp_group, p.tp_comm_overlap)
             info(f"tp_comm_overlap={p.tp_comm_overlap}: {what}"
@@ -149,8 +159,6 @@ def llava_chunk(cfg: RunConfig, chunk: torch.nn.Module, device, dtype: torch.dty
     """LLaVA around a (possibly tensor-parallel) language-model chunk: the vision tower and the
     projector live with the embedding, on the first pipeline stage; later stages keep LLaVA's
     parameter names (``language_model.*``) so checkpoints reshard across layouts."""
-    from megacore.models.llava import LlavaConfig, LlavaLanguageStage, LlavaModel
-
     if not chunk.pre_process:
         return LlavaLanguageStage(chunk)
     llava = LlavaModel(LlavaConfig(cfg.model, cfg.vision), seed=cfg.train.seed, language_model=chunk)
@@ -164,13 +172,9 @@ def llava_chunk(cfg: RunConfig, chunk: torch.nn.Module, device, dtype: torch.dty
 def _wrap_data_parallel(cfg: RunConfig, state: ParallelState, chunk: torch.nn.Module, dtype: torch.dtype):
     p = cfg.parallel
     if p.fsdp:
-        from megacore.distributed.fsdp import apply_fsdp
-
         if not dist.is_initialized():
             raise ConfigError("parallel.fsdp=true needs torch.distributed; launch with --nproc N or torchrun")
         return apply_fsdp(chunk, mp_policy=None if dtype == torch.float32 else dtype)
-    from megacore.distributed import DistributedDataParallel
-
     # Expert weights split over EP are replicated only over the expert-data-parallel ranks.
     return DistributedDataParallel(chunk, state.dp_cp_group, bucket_size_mb=p.ddp_bucket_size_mb,
                                    expert_dp_group=state.edp_group if state.ep_size > 1 else None,
@@ -185,17 +189,11 @@ def build_optimizer(cfg: RunConfig, chunks: list, state: Optional[ParallelState]
     """(optimizer, loss scaler or None) over ``build_run_model``'s chunks: AdamW on fp32 master
     weights (``MixedPrecisionOptimizer``, or the ``DistributedOptimizer`` sharding its state over
     DP), or plain AdamW under FSDP2."""
-    from megacore.optim import DistributedOptimizer
-    from megacore.precision.loss_scaler import build_loss_scaler
-    from megacore.optim.optimizer import MixedPrecisionOptimizer, weight_decay_groups
-
     state = state or get_state()
     t, pr = cfg.train, cfg.precision
     scaler = build_loss_scaler(dtype or DTYPES[pr.dtype], initial_scale=pr.initial_loss_scale,
                                window=pr.loss_scale_window, min_scale=pr.min_loss_scale, hysteresis=pr.hysteresis)
-    if cfg.parallel.fsdp:
-        if scaler is not None:
-            raise ConfigError("parallel.fsdp=true with precision.dtype=fp16 is not supported; use bf16")
+    if cfg.parallel.fsdp:  # FSDP2 x fp16 (no loss scaler there) is refused by the support table
         opt = torch.optim.AdamW(weight_decay_groups(chunks[0], t.weight_decay), lr=t.lr,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         return opt, None

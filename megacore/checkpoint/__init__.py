@@ -14,6 +14,7 @@ from megacore.checkpoint.boxes import CkptView, LogicalView, Segment  # noqa: F4
 from megacore.checkpoint.directory import list_checkpoints, prune, resolve_load_path  # noqa: F401
 from megacore.checkpoint.errors import CheckpointError  # noqa: F401
 from megacore.checkpoint.load import LoadResult, load_checkpoint  # noqa: F401
+from megacore.checkpoint.lock import DirectoryInUse, DirectoryLock  # noqa: F401
 from megacore.checkpoint.manager import CheckpointManager  # noqa: F401
 from megacore.checkpoint.optim_state import FlatStateEntry, describe_optimizer  # noqa: F401
 from megacore.checkpoint.save import (SaveHandle, pending_save, poll_pending, prepare_snapshot_buffers,  # noqa: F401
@@ -21,7 +22,7 @@ from megacore.checkpoint.save import (SaveHandle, pending_save, poll_pending, pr
 from megacore.checkpoint.sharded import ShardedPiece, describe_model  # noqa: F401
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "CkptView", "FlatStateEntry", "LoadResult", "LogicalView", "SaveHandle", "Segment",
+    "CheckpointError", "CheckpointManager", "CkptView", "DirectoryInUse", "DirectoryLock", "FlatStateEntry", "LoadResult", "LogicalView", "SaveHandle", "Segment",
     "ShardedPiece", "describe_model", "describe_optimizer", "list_checkpoints", "load_checkpoint", "pending_save",
     "poll_pending", "prepare_snapshot_buffers", "prune", "resolve_load_path", "save_checkpoint", "wait_for_pending",
 ]

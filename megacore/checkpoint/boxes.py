@@ -12,12 +12,12 @@ the full tensor to be one contiguous block.
 
 Segments are derived, in this order of preference, from
 
-1. ``param._megacore_ckpt_view``: a :class:`CkptView` (explicit segments) or a :class:`LogicalView`
+1. ``peek_meta(param).ckpt_view``: a :class:`CkptView` (explicit segments) or a :class:`LogicalView`
    (the global tensor seen through a reshape, e.g. fc1 as ``[2, F, H]`` sharded on dim 1);
-2. ``param._megacore_tp_layout`` + ``param._megacore_tp_rank`` (set by megacore.parallel.tensor_parallel):
+2. ``peek_meta(param).tp_layout`` + ``peek_meta(param).tp_rank`` (set by megacore.parallel.tensor_parallel):
    the layout lists, per TP rank, the ``(global_start, length)`` runs along one dim that the local
    tensor concatenates;
-3. ``param._megacore_global_shape`` + ``param._megacore_shard_fn`` (the attributes
+3. ``peek_meta(param).global_shape`` + ``ParamMeta.shard`` (the fields
    ``megacore.models.init.materialize`` already uses): the shard function is *probed* with index
    tensors, one per dimension, which recovers the exact gather it performs;
 4. nothing: the tensor is the whole global tensor (replicated).
@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from megacore.checkpoint.errors import CheckpointError
+from megacore.sharding import peek_meta
 
 Shape = tuple[int, ...]
 
@@ -166,13 +167,13 @@ def probe_segments(global_shape: Sequence[int], local_shape: Sequence[int],
     (broadcast, so no full-size copy unless the function makes one). If the result depends only on
     the local index along d for every d, the shard is the product of per-dim index maps, whose
     runs of consecutive indices give the segments. Anything else (a function that mixes dims or
-    computes values) is refused with a request for an explicit ``_megacore_ckpt_view``.
+    computes values) is refused with a request for an explicit ``ParamMeta.ckpt_view``.
     """
     global_shape, local_shape = tuple(int(s) for s in global_shape), tuple(int(s) for s in local_shape)
     if len(global_shape) != len(local_shape):
         raise CheckpointError(
             f"{what}: local shape {local_shape} and global shape {global_shape} have different ranks, so the "
-            "shard cannot be inferred from _megacore_shard_fn; set param._megacore_ckpt_view "
+            "shard cannot be inferred from ParamMeta.shard; set param_meta(param).ckpt_view "
             "(megacore.checkpoint.CkptView or LogicalView) on it")
     if len(global_shape) == 0:
         return [Segment((), (), ())]
@@ -183,14 +184,14 @@ def probe_segments(global_shape: Sequence[int], local_shape: Sequence[int],
         probe = torch.arange(n, dtype=torch.int64).view(view).expand(global_shape)
         out = shard_fn(probe)
         if tuple(out.shape) != local_shape:
-            raise CheckpointError(f"{what}: _megacore_shard_fn gives shape {tuple(out.shape)} but the local "
-                                  f"tensor has shape {local_shape}; fix the shard function or set _megacore_ckpt_view")
+            raise CheckpointError(f"{what}: ParamMeta.shard gives shape {tuple(out.shape)} but the local "
+                                  f"tensor has shape {local_shape}; fix the shard description or set param_meta(param).ckpt_view")
         index = [0] * len(global_shape)
         index[d] = slice(None)
         line = out[tuple(index)]
         if not torch.equal(out, line.view([-1 if i == d else 1 for i in range(len(global_shape))]).expand_as(out)):
-            raise CheckpointError(f"{what}: _megacore_shard_fn mixes dimensions (not a per-dim gather), so its "
-                                  "shard cannot be described as boxes; set param._megacore_ckpt_view explicitly")
+            raise CheckpointError(f"{what}: ParamMeta.shard mixes dimensions (not a per-dim gather), so its "
+                                  "shard cannot be described as boxes; set param_meta(param).ckpt_view explicitly")
         per_dim_runs.append(_runs(line))
     segments = []
     for combo in itertools.product(*per_dim_runs):
@@ -199,13 +200,13 @@ def probe_segments(global_shape: Sequence[int], local_shape: Sequence[int],
 
 
 def tensor_segments(tensor: torch.Tensor, what: str = "tensor") -> tuple[Shape, list[Segment]]:
-    """(global shape, segments) of a parameter, from its ``_megacore_*`` attributes (cached on it)."""
+    """(global shape, segments) of a parameter, from its ``ParamMeta`` (cached on it)."""
     local_shape = tuple(tensor.shape)
-    view = getattr(tensor, "_megacore_ckpt_view", None)
-    layout = getattr(tensor, "_megacore_tp_layout", None)
-    shard_fn = getattr(tensor, "_megacore_shard_fn", None)
-    source = (local_shape, id(view), id(layout), getattr(tensor, "_megacore_tp_rank", None), id(shard_fn),
-              tuple(getattr(tensor, "_megacore_global_shape", ()) or ()))
+    view = peek_meta(tensor).ckpt_view
+    layout = peek_meta(tensor).tp_layout
+    shard_fn = peek_meta(tensor).shard if peek_meta(tensor).is_sharded else None
+    source = (local_shape, id(view), id(layout), peek_meta(tensor).tp_rank, id(shard_fn),
+              tuple(peek_meta(tensor).global_shape or ()))
     cached = getattr(tensor, "_megacore_ckpt_segments", None)
     if cached is not None and cached[0] == source:
         return cached[1], cached[2]
@@ -215,18 +216,18 @@ def tensor_segments(tensor: torch.Tensor, what: str = "tensor") -> tuple[Shape, 
         result = (tuple(view.global_shape),
                   probe_segments(view.global_shape, local_shape, view.shard_fn(local_shape), what))
     elif view is not None:
-        raise CheckpointError(f"{what}: _megacore_ckpt_view must be a megacore.checkpoint.CkptView or LogicalView, "
+        raise CheckpointError(f"{what}: ParamMeta.ckpt_view must be a megacore.checkpoint.CkptView or LogicalView, "
                               f"got {type(view).__name__}")
     elif _has_tp_layout(tensor):
-        result = (tuple(tensor._megacore_global_shape), tp_layout_segments(tensor, local_shape))
+        result = (tuple(peek_meta(tensor).global_shape), tp_layout_segments(tensor, local_shape))
     elif shard_fn is not None:
-        gshape = tuple(getattr(tensor, "_megacore_global_shape", local_shape))
+        gshape = tuple((peek_meta(tensor).global_shape or local_shape))
         result = (gshape, probe_segments(gshape, local_shape, shard_fn, what))
     else:
-        gshape = tuple(getattr(tensor, "_megacore_global_shape", local_shape))
+        gshape = tuple((peek_meta(tensor).global_shape or local_shape))
         if gshape != local_shape:
-            raise CheckpointError(f"{what}: has _megacore_global_shape {gshape} but local shape {local_shape} and no "
-                                  "_megacore_shard_fn; set the shard function or _megacore_ckpt_view")
+            raise CheckpointError(f"{what}: has global shape {gshape} but local shape {local_shape} and no "
+                                  "shard description; describe the shard (ParamMeta) or set param_meta(param).ckpt_view")
         result = (gshape, [Segment((0,) * len(gshape), (0,) * len(gshape), gshape)])
     check_segments(result[0], local_shape, result[1], what)
     try:
@@ -237,15 +238,15 @@ def tensor_segments(tensor: torch.Tensor, what: str = "tensor") -> tuple[Shape, 
 
 
 def _has_tp_layout(tensor) -> bool:
-    layout = getattr(tensor, "_megacore_tp_layout", None)
+    layout = peek_meta(tensor).tp_layout
     return (layout is not None and hasattr(layout, "per_rank") and hasattr(layout, "dim")
-            and getattr(tensor, "_megacore_tp_rank", None) is not None
-            and getattr(tensor, "_megacore_global_shape", None) is not None)
+            and peek_meta(tensor).tp_rank is not None
+            and peek_meta(tensor).global_shape is not None)
 
 
 def tp_layout_segments(tensor, local_shape: Shape) -> list[Segment]:
     """Segments from a TPLayout: the local tensor concatenates runs ``(start, length)`` along ``dim``."""
-    layout, rank = tensor._megacore_tp_layout, tensor._megacore_tp_rank
+    layout, rank = peek_meta(tensor).tp_layout, peek_meta(tensor).tp_rank
     dim, nd = layout.dim, len(local_shape)
     segments, local = [], 0
     for start, length in layout.per_rank[rank]:

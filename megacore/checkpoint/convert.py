@@ -1,13 +1,17 @@
 """``megacore convert``: Hugging Face model directory <-> megacore distributed checkpoint.
 
-    megacore convert --from hf --input HF_DIR --output CKPT_DIR [--step 0] [--dtype bf16]
+    megacore convert --from hf --input HF_DIR --output CKPT_DIR [--step 0] [--dtype bf16] [--force]
     megacore convert --from megacore --input CKPT_DIR --output HF_DIR [--family llama] [--dtype bf16]
 
 HF -> megacore writes a model-only checkpoint (``iter_{step}``, ``latest``) that training loads at
 any parallel layout (``checkpoint.load=CKPT_DIR``, optimizer state then starts fresh: load it with
-``load_optimizer=False``). megacore -> HF reads any checkpoint (whatever TP/PP/DP wrote it) into one
-full model and exports it with ``megacore.interop.hf.save_pretrained``. The HF family and the
-original ``config.json`` travel in the checkpoint's ``extra`` so a round trip is exact.
+``load_optimizer=False``). It refuses an ``--output`` that already holds checkpoints (``latest`` or
+an ``iter_*``): repointing ``latest`` there would make the next training run resume from the
+converted step and overwrite the later checkpoints; ``--force`` writes anyway. It holds the
+directory's lock while writing, so it never writes into the directory of a running training job.
+megacore -> HF reads any checkpoint (whatever TP/PP/DP wrote it) into one full model and exports
+it with ``megacore.interop.hf.save_pretrained``. The HF family and the original ``config.json``
+travel in the checkpoint's ``extra`` so a round trip is exact.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import os
 import sys
 from typing import Optional
 
-from megacore.checkpoint.directory import INDEX, resolve_load_path
+from megacore.checkpoint.directory import INDEX, checkpoint_entries, resolve_load_path
 from megacore.checkpoint.errors import CheckpointError
+from megacore.checkpoint.lock import DirectoryLock
 from megacore.checkpoint.serialize import dtype_from_name, read_json
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -29,15 +34,33 @@ def _torch_dtype(name: Optional[str]):
     return None if name is None else dtype_from_name(DTYPES[name])
 
 
-def hf_to_megacore(hf_dir: str, ckpt_dir: str, step: int = 0, dtype: Optional[str] = None) -> str:
-    """Load a HF directory and save it as a megacore checkpoint; returns the ``iter_*`` path."""
+def check_output_free(ckpt_dir: str) -> None:
+    """Raise when ``ckpt_dir`` already holds checkpoints (``megacore convert --from hf`` without --force)."""
+    found = checkpoint_entries(ckpt_dir)
+    if found:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise CheckpointError(f"--output {ckpt_dir} already holds checkpoints ({shown}); converting into it would "
+                              "point 'latest' at the converted step, and the next training run there would resume "
+                              "from it and overwrite the later checkpoints. Choose an empty directory, or pass "
+                              "--force to write there anyway")
+
+
+def hf_to_megacore(hf_dir: str, ckpt_dir: str, step: int = 0, dtype: Optional[str] = None, force: bool = False) -> str:
+    """Load a HF directory and save it as a megacore checkpoint; returns the ``iter_*`` path.
+
+    Refuses a ``ckpt_dir`` that already holds checkpoints unless ``force``; holds its lock while writing."""
     from megacore.checkpoint.save import save_checkpoint
     from megacore.interop.hf import load_pretrained
 
+    if not force:
+        check_output_free(ckpt_dir)
     model = load_pretrained(hf_dir, dtype=_torch_dtype(dtype))
     extra = {"hf_family": getattr(model, "hf_family", None), "hf_config": getattr(model, "hf_config", None),
              "converted_from": os.path.abspath(hf_dir)}
-    return save_checkpoint(ckpt_dir, step, model, extra=extra).path
+    with DirectoryLock(ckpt_dir):
+        if not force:  # again, under the lock: a run may have started writing there meanwhile
+            check_output_free(ckpt_dir)
+        return save_checkpoint(ckpt_dir, step, model, extra=extra).path
 
 
 def megacore_to_hf(ckpt: str, out_dir: str, family: Optional[str] = None, dtype: Optional[str] = None) -> str:
@@ -79,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=0, help="step recorded in the megacore checkpoint (--from hf)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: as stored)")
     p.add_argument("--family", default=None, help="HF family to export (--from megacore; default: as imported or inferred)")
+    p.add_argument("--force", action="store_true",
+                   help="--from hf: write into an --output that already holds checkpoints (its 'latest' then names "
+                        "the converted step, and training there resumes from it)")
     return p
 
 
@@ -86,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.source == "hf":
-            out = hf_to_megacore(args.input, args.output, step=args.step, dtype=args.dtype)
+            out = hf_to_megacore(args.input, args.output, step=args.step, dtype=args.dtype, force=args.force)
         else:
             out = megacore_to_hf(args.input, args.output, family=args.family, dtype=args.dtype)
     except (CheckpointError, ValueError, FileNotFoundError, TypeError) as e:  # ConfigError is a ValueError

@@ -10,10 +10,15 @@
         rank_00000.safetensors  the chunks rank 0 wrote (+ its RNG state tensors)
         rank_00000.json         rank 0's file checksum and RNG state
       iter_0000124.tmp/         a save in progress (or one that died); never loaded, cleaned later
+      lock                      the advisory lock of the run writing here (megacore.checkpoint.lock)
 
 A save writes under ``iter_N.tmp``; rank 0 writes ``COMPLETE`` once all ranks reported success,
 renames the directory to ``iter_N`` and then replaces ``latest``. A crash at any point leaves either
 the old ``latest`` (pointing to an intact checkpoint) or the new one (pointing to a complete one).
+A ``latest`` that is missing or unreadable (deleted by hand, garbage) is not followed: resuming falls
+back to the newest complete ``iter_N`` and says so, so a run never restarts from step 0 over
+complete checkpoints. Pruning keeps the newest ``keep_last`` complete checkpoints, the one
+``latest`` names, and a complete leftover of a step newer than all of them (a crash mid-commit).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 from megacore.checkpoint.errors import CheckpointError
+from megacore.checkpoint.lock import check_not_in_use
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -86,6 +93,34 @@ def read_latest(root: str) -> Optional[str]:
     return name
 
 
+def _latest_or_problem(root: str) -> tuple[Optional[str], Optional[str]]:
+    """(the name ``latest`` holds, None), or (None, why it cannot be followed)."""
+    path = os.path.join(root, LATEST)
+    if not os.path.lexists(path):
+        return None, "has no 'latest' file"
+    try:
+        name = read_latest(root)
+    except (CheckpointError, OSError, UnicodeDecodeError) as e:
+        return None, f"has an unreadable 'latest' file ({type(e).__name__}: {e})"
+    if name is None:
+        return None, "has a 'latest' that is not a file"
+    return name, None
+
+
+def _note(log: Optional[Callable[[str], None]], msg: str) -> None:
+    if log is not None:
+        log(msg)
+    else:
+        warnings.warn(msg, stacklevel=3)
+
+
+def checkpoint_entries(root: str) -> list[str]:
+    """Names in ``root`` that belong to training checkpoints (``latest``, ``iter_*`` complete or not)."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if n == LATEST or n.startswith("iter_"))
+
+
 def write_latest(root: str, name: str) -> None:
     tmp = os.path.join(root, LATEST + TMP_SUFFIX)
     with open(tmp, "w") as f:
@@ -96,12 +131,15 @@ def write_latest(root: str, name: str) -> None:
     fsync_dir(root)
 
 
-def resolve_load_path(directory: str, which: "str | int | None" = "latest") -> Optional[str]:
+def resolve_load_path(directory: str, which: "str | int | None" = "latest",
+                      log: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """The complete iteration directory to load, or None when ``directory`` holds no checkpoint yet.
 
     ``which``: ``"latest"`` (or None) follows ``directory/latest``; an int or ``"iter_0000123"`` names a
     step under ``directory``; any other string is a path (an ``iter_*`` directory, or a checkpoint
     root whose ``latest`` is followed). Raises CheckpointError for an incomplete or missing target.
+    A ``latest`` that is missing or unreadable falls back to the newest complete checkpoint, with a
+    message through ``log`` (a warning when None); None only when no complete checkpoint exists.
     """
     if which is None or which == LATEST:
         if directory is None:
@@ -111,9 +149,15 @@ def resolve_load_path(directory: str, which: "str | int | None" = "latest") -> O
         base = os.path.basename(os.path.normpath(directory))
         if _ITER_RE.match(base) or (base.startswith("iter_") and base.endswith(TMP_SUFFIX)):
             return resolve_load_path(None, directory)  # an iteration directory: say what is wrong with it
-        name = read_latest(directory)
+        name, problem = _latest_or_problem(directory)
         if name is None:
-            return None
+            complete = list_checkpoints(directory)
+            if not complete:
+                return None
+            newest = complete[-1][1]
+            _note(log, f"checkpoint directory {directory} {problem}; resuming from the newest complete checkpoint "
+                       f"{os.path.basename(newest)} instead (of {len(complete)} complete)")
+            return newest
         target = os.path.join(directory, name)
         if not is_complete(target):
             raise CheckpointError(f"{os.path.join(directory, LATEST)} names {name}, which is missing or has no COMPLETE "
@@ -126,7 +170,7 @@ def resolve_load_path(directory: str, which: "str | int | None" = "latest") -> O
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass a directory written by megacore.checkpoint")
     if os.path.isfile(os.path.join(path, LATEST)) and not _ITER_RE.match(os.path.basename(os.path.normpath(path))):
-        return resolve_load_path(path, LATEST)
+        return resolve_load_path(path, LATEST, log)
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         root = os.path.dirname(os.path.normpath(path))
         complete = [os.path.basename(p) for _, p in list_checkpoints(root)]
@@ -138,8 +182,10 @@ def resolve_load_path(directory: str, which: "str | int | None" = "latest") -> O
 
 
 def prepare_tmp_dir(root: str, step: int) -> str:
-    """Create a fresh ``iter_N.tmp`` (removing leftovers of a save that died). Rank 0 only."""
+    """Create a fresh ``iter_N.tmp`` (removing leftovers of a save that died). Rank 0 only.
+    Refuses (``DirectoryInUse``) when another process holds the directory's lock."""
     os.makedirs(root, exist_ok=True)
+    check_not_in_use(root)
     tmp = os.path.join(root, iter_name(step) + TMP_SUFFIX)
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -168,18 +214,29 @@ def commit(tmp: str, root: str, step: int, keep_last: Optional[int]) -> str:
 
 def prune(root: str, keep_last: int) -> list[str]:
     """Delete all but the newest ``keep_last`` complete checkpoints (never the one ``latest`` names)
-    and leftovers of dead saves; returns what was removed."""
+    and leftovers of dead saves; returns what was removed.
+
+    A leftover (``iter_N.tmp`` or ``iter_N.old``) that is itself complete and holds a step newer than
+    every complete ``iter_*`` (a crash between marking a save COMPLETE and its rename, or in the
+    middle of re-saving a step) is the newest intact data, so it stays until a newer step commits.
+    """
     if keep_last < 1:
         raise CheckpointError(f"keep_last={keep_last} must be >= 1; keep at least one checkpoint")
-    latest = read_latest(root)
+    latest, _ = _latest_or_problem(root)
     removed = []
     complete = list_checkpoints(root)
     for _, path in complete[:-keep_last] if len(complete) > keep_last else []:
         if os.path.basename(path) != latest:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+    newest = complete[-1][0] if complete else -1
     for name in os.listdir(root):
-        if name.endswith(TMP_SUFFIX) and name.startswith("iter_") or name.endswith(".old"):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            removed.append(os.path.join(root, name))
+        if not (name.startswith("iter_") and (name.endswith(TMP_SUFFIX) or name.endswith(".old"))):
+            continue
+        path = os.path.join(root, name)
+        m = _ITER_RE.match(name.rsplit(".", 1)[0])
+        if m and int(m.group(1)) > newest and is_complete(path):
+            continue  # the newest intact data: keep it
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed

@@ -3,9 +3,11 @@ chunks overlap them, whatever layout wrote them.
 
 All checks run before anything is modified, and every rank agrees on the outcome before any copy,
 so a bad checkpoint (another model, missing or unexpected tensors, wrong shapes, a truncated or
-corrupted file, no COMPLETE marker) raises on every rank and leaves the model and optimizer as
-they were. Files are read with ``safetensors.safe_open`` (slices, no full-file load) and JSON;
-nothing is unpickled.
+corrupted file, no COMPLETE marker) raises on every rank and leaves the model, optimizer and RNG
+state as they were. Every file a rank reads is verified against a digest first: ``index.json``
+against the one in ``COMPLETE``, the safetensors and rank json files (RNG state) against
+``index.json``; the RNG state is parsed before the agreement too, and only applied after it. Files
+are read with ``safetensors.safe_open`` (slices, no full-file load) and JSON; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from safetensors import safe_open
 
 from megacore.checkpoint import comm
 from megacore.checkpoint.boxes import intersect, numel, slices
-from megacore.checkpoint.directory import INDEX, rank_file, rank_meta, resolve_load_path
+from megacore.checkpoint.directory import COMPLETE, INDEX, rank_file, rank_meta, resolve_load_path
 from megacore.checkpoint.errors import CheckpointError
 from megacore.checkpoint.optim_state import check_param_groups, finish_optimizer_load, plan_optimizer_load
-from megacore.checkpoint.rng import current_layout, restore_rng
+from megacore.checkpoint.rng import check_rng_state, current_layout, restore_rng
 from megacore.checkpoint.save import FORMAT, VERSION
-from megacore.checkpoint.serialize import from_json_tree, read_json, verify_file
+from megacore.checkpoint.serialize import from_json_tree, read_json, read_verified_json, verify_file
 from megacore.checkpoint.sharded import (MASTER_STATE, MODEL_PREFIX, OPTIM_PREFIX, ShardedPiece, as_chunks, describe_model,
                                          finish_param_sync)
 
@@ -139,6 +141,16 @@ def _execute(reads: list[_Read], root: str) -> None:
                     r.dst.copy_(src.reshape(r.dst.shape))
 
 
+def read_index(ckpt: str, verify: bool = True) -> dict:
+    """``ckpt/index.json``, checked against the digest ``COMPLETE`` holds (checkpoints written before
+    ``COMPLETE`` held one are read unchecked)."""
+    marker = read_json(os.path.join(ckpt, COMPLETE), ckpt)
+    expected = marker.get("index") if verify and isinstance(marker, dict) else None
+    if expected is None:
+        return read_json(os.path.join(ckpt, INDEX), ckpt)
+    return read_verified_json(os.path.join(ckpt, INDEX), expected, ckpt, "COMPLETE")
+
+
 def load_checkpoint(path: str, model_chunks, optimizer=None, scaler=None, *, strict: bool = True,
                     load_optimizer: bool = True, load_rng: bool = True, verify_checksums: bool = True,
                     check_config: bool = True, group=None) -> LoadResult:
@@ -146,23 +158,27 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scaler=None, *, str
     this rank's model chunks, optimizer and loss scaler; collective. Returns step, extra, scheduler state.
     """
     rank = comm.rank(group)
-    error, needed_model_keys, ctx, cause = None, set(), {}, None
+    error, needed_model_keys, ctx, cause, ckpt = None, set(), {}, None, None
     try:
         ckpt = resolve_load_path(path, "latest") if path is not None else None
         if ckpt is None:
             raise CheckpointError(f"{path} holds no checkpoint yet (no 'latest' file); save one first or "
                                   "point checkpoint.load at an iter_* directory")
-        ctx = _prepare(ckpt, model_chunks, optimizer, strict, load_optimizer, verify_checksums, check_config, rank,
-                       comm.world_size(group))
+        ctx = _prepare(ckpt, model_chunks, optimizer, strict, load_optimizer, load_rng, verify_checksums,
+                       check_config, rank, comm.world_size(group))
         needed_model_keys = ctx["model_keys"]
     except CheckpointError as e:
         error, cause = str(e), e
     except Exception as e:  # a damaged index (missing fields) or a bug: still fail on every rank together
         error, cause = f"checkpoint {path} could not be read ({type(e).__name__}: {e})", e
-    gathered = comm.all_gather_object((error, sorted(needed_model_keys)), group)
-    errors = [(r, e) for r, (e, _) in enumerate(gathered) if e]
+    gathered = comm.all_gather_object((error, sorted(needed_model_keys), ckpt and os.path.realpath(ckpt)), group)
+    errors = [(r, e) for r, (e, _, _) in enumerate(gathered) if e]
+    if not errors and len({c for _, _, c in gathered}) > 1:  # e.g. 'latest' changed while the ranks read it
+        errors = [(0, f"the ranks resolved {path} to different checkpoints "
+                      f"({sorted({os.path.basename(c) for _, _, c in gathered})}); another process is writing there, "
+                      "or the ranks do not see the same filesystem; load an iter_* directory explicitly")]
     if not errors and strict:
-        needed = set().union(*(set(k) for _, k in gathered))
+        needed = set().union(*(set(k) for _, k, _ in gathered))
         unexpected = {k for k in ctx["index"]["tensors"] if k.startswith(MODEL_PREFIX)} - needed
         if unexpected:
             errors = [(0, f"checkpoint {ctx['path']} holds {len(unexpected)} model tensor(s) no rank of this model has: "
@@ -171,7 +187,7 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scaler=None, *, str
         r, e = errors[0]
         where = f" (rank {r})" if comm.world_size(group) > 1 else ""
         raise CheckpointError(e + where) from (cause if r == rank else None)
-    # Nothing below can fail on checkpoint content: everything was validated on every rank.
+    # Nothing below can fail on checkpoint content: everything was read and validated on every rank.
     _execute(ctx["reads"], ctx["path"])
     index = ctx["index"]
     common = from_json_tree(index.get("common") or {}, ctx["read_common"])
@@ -179,17 +195,17 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scaler=None, *, str
         finish_optimizer_load(optimizer, ctx["optim_plan"], common.get("optimizer") or {})
     if scaler is not None and common.get("scaler") is not None:
         scaler.load_state_dict(common["scaler"])
-    rng_restored, note = False, "load_rng=False"
-    if load_rng:
-        rng_restored, note = _restore_rng(ctx["path"], index, rank, group)
+    rng_state, note = ctx["rng"]
+    if rng_state is not None:
+        restore_rng(rng_state)
     return LoadResult(path=ctx["path"], step=int(index["step"]), extra=common.get("extra"),
-                      scheduler_state=common.get("scheduler"), rng_restored=rng_restored, rng_note=note,
+                      scheduler_state=common.get("scheduler"), rng_restored=rng_state is not None, rng_note=note,
                       loaded_optimizer=ctx["optim_plan"] is not None)
 
 
-def _prepare(ckpt, model_chunks, optimizer, strict, load_optimizer, verify_checksums, check_config, rank,
+def _prepare(ckpt, model_chunks, optimizer, strict, load_optimizer, load_rng, verify_checksums, check_config, rank,
              world: int) -> dict:
-    index = read_json(os.path.join(ckpt, INDEX), ckpt)
+    index = read_index(ckpt, verify_checksums)
     if index.get("format") != FORMAT or int(index.get("version", 0)) > VERSION:
         raise CheckpointError(f"checkpoint {ckpt}: index.json is format {index.get('format')!r} version "
                               f"{index.get('version')!r}; this megacore reads {FORMAT!r} up to version {VERSION}")
@@ -212,32 +228,50 @@ def _prepare(ckpt, model_chunks, optimizer, strict, load_optimizer, verify_check
         optim_plan = plan_optimizer_load(optimizer, chunks, tensors, common_optim)
         optim_reads, _ = _plan_reads(optim_plan.pieces, tensors, ckpt, strict=True)
         reads += optim_reads
-    files = {r.file for r in reads} | {rank_file(0)}
-    same_world = int(index["world_size"]) == world
-    if same_world:
+    common_file = index.get("common_file", rank_file(0))
+    files = {r.file for r in reads} | {common_file}
+    rng_problem = _rng_problem(index, world) if load_rng else "load_rng=False"
+    if rng_problem is None:
         files.add(rank_file(rank))
     if verify_checksums:
         for fname in sorted(files):
             if fname not in index["files"]:
                 raise CheckpointError(f"checkpoint {ckpt}: {fname} is not listed in index.json; the index is damaged")
             verify_file(os.path.join(ckpt, fname), index["files"][fname], ckpt)
+    rng = (None, rng_problem) if rng_problem is not None else (_read_rng(ckpt, index, rank, verify_checksums), "")
 
     def read_common(name: str) -> torch.Tensor:
-        with safe_open(os.path.join(ckpt, index.get("common_file", rank_file(0))), framework="pt") as f:
+        with safe_open(os.path.join(ckpt, common_file), framework="pt") as f:
             return f.get_tensor(name)
 
     return {"path": ckpt, "index": index, "reads": reads, "optim_plan": optim_plan, "read_common": read_common,
-            "model_keys": {p.key for p in model_pieces} | set(missing)}
+            "model_keys": {p.key for p in model_pieces} | set(missing), "rng": rng}
 
 
-def _restore_rng(ckpt: str, index: dict, rank: int, group) -> tuple[bool, str]:
-    world = comm.world_size(group)
+def _rng_problem(index: dict, world: int) -> Optional[str]:
+    """Why this rank's saved RNG state does not apply here (None when it does)."""
     if int(index["world_size"]) != world:
-        return False, f"checkpoint world size {index['world_size']} != current {world}; RNG streams not restored"
+        return f"checkpoint world size {index['world_size']} != current {world}; RNG streams not restored"
     if index.get("layout") != current_layout():
-        return False, f"checkpoint layout {index.get('layout')} != current {current_layout()}; RNG streams not restored"
-    meta = read_json(os.path.join(ckpt, rank_meta(rank)), ckpt)
-    with safe_open(os.path.join(ckpt, rank_file(rank)), framework="pt") as f:
-        state = from_json_tree(meta["rng"], f.get_tensor)
-    restore_rng(state)
-    return True, ""
+        return f"checkpoint layout {index.get('layout')} != current {current_layout()}; RNG streams not restored"
+    return None
+
+
+def _read_rng(ckpt: str, index: dict, rank: int, verify: bool) -> dict:
+    """This rank's RNG state, read (json verified against index.json, tensors from the verified
+    rank file) and checked now, applied only after every rank agreed to load."""
+    name = rank_meta(rank)
+    expected = index["files"].get(name) if verify else None
+    if expected is None and verify and any(f.endswith(".json") for f in index["files"]):
+        raise CheckpointError(f"checkpoint {ckpt}: {name} is not listed in index.json; the index is damaged")
+    path = os.path.join(ckpt, name)
+    # Checkpoints written before rank json files were listed are read unverified.
+    meta = read_json(path, ckpt) if expected is None else read_verified_json(path, expected, ckpt, "index.json")
+    try:
+        with safe_open(os.path.join(ckpt, rank_file(rank)), framework="pt") as f:
+            state = from_json_tree(meta["rng"], f.get_tensor)
+        check_rng_state(state)
+    except Exception as e:  # a key or tensor the file should have: damaged, or written by something else
+        raise CheckpointError(f"checkpoint {ckpt}: the RNG state in {name} cannot be used ({type(e).__name__}: {e}); "
+                              "the file is damaged: load an earlier checkpoint, or pass load_rng=False") from None
+    return state

@@ -13,6 +13,12 @@
 
 Every call is collective: make it on every rank at the same point of the loop.
 
+The manager locks ``checkpoint.dir`` (:meth:`lock`, also taken by ``resume`` and ``save``): rank 0
+holds ``megacore.checkpoint.lock.DirectoryLock`` until :meth:`finish` / :meth:`close` or its exit,
+and every rank raises ``DirectoryInUse`` (naming the holder's host and pid) while another run holds
+it. Resuming from a directory whose ``latest`` is missing or unreadable takes the newest complete
+checkpoint and logs that it did (``resolve_load_path``).
+
 With async saving configured (``checkpoint.dir``, ``interval > 0``, ``async_save``) and CUDA
 available, ``resume()`` also allocates the pinned host buffers the saves copy into
 (:meth:`prepare`), so that the first save, like every later one, stalls training only for the
@@ -26,11 +32,13 @@ from typing import Callable, Optional
 
 import torch
 
-from megacore.checkpoint.directory import INDEX, resolve_load_path
-from megacore.checkpoint.load import LoadResult, load_checkpoint
+from megacore.checkpoint import comm
+from megacore.checkpoint.directory import resolve_load_path
+from megacore.checkpoint.errors import CheckpointError
+from megacore.checkpoint.load import LoadResult, load_checkpoint, read_index
+from megacore.checkpoint.lock import DirectoryInUse, DirectoryLock
 from megacore.checkpoint.save import (SaveHandle, poll_pending, prepare_snapshot_buffers, save_checkpoint,
                                       wait_for_pending)
-from megacore.checkpoint.serialize import read_json
 from megacore.checkpoint.sharded import OPTIM_PREFIX
 from megacore.config import CheckpointConfig
 
@@ -41,6 +49,33 @@ class CheckpointManager:
         self.log = log
         self.last_saved_step: Optional[int] = None
         self.last_handle: Optional[SaveHandle] = None
+        self._lock: Optional[DirectoryLock] = None
+
+    # ---------------------------------------------------------------------------- lock
+    def lock(self) -> None:
+        """Lock ``checkpoint.dir`` for this run (collective; a no-op without a dir or once locked).
+        Raises ``DirectoryInUse`` on every rank when another process holds it."""
+        if not self.cfg.dir or self._lock is not None:
+            return
+        error, lock = None, None
+        if comm.rank() == 0:
+            try:
+                lock = DirectoryLock(self.cfg.dir).acquire()
+            except DirectoryInUse as e:
+                error = (True, str(e))
+            except OSError as e:  # e.g. the directory cannot be created: every rank must hear of it
+                error = (False, f"cannot lock checkpoint.dir {self.cfg.dir} ({type(e).__name__}: {e}); check "
+                                "that the directory can be created and written")
+        in_use, message = comm.all_gather_object(error)[0] or (None, None)
+        if message is not None:
+            raise (DirectoryInUse if in_use else CheckpointError)(message)
+        self._lock = lock or DirectoryLock(self.cfg.dir)  # ranks > 0 hold nothing; the object marks "done"
+
+    def close(self) -> None:
+        """Release the lock (not collective). ``finish`` calls it; so does process exit."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ---------------------------------------------------------------------------- resume
     def resume(self, model_chunks, optimizer=None, scaler=None, strict: bool = True) -> Optional[LoadResult]:
@@ -50,6 +85,7 @@ class CheckpointManager:
         ``megacore convert --from hf``) loads the weights and leaves the optimizer fresh.
         Then, when async saves are configured, reserves their snapshot buffers (:meth:`prepare`).
         """
+        self.lock()
         result = self._load(model_chunks, optimizer, scaler, strict)
         if self.cfg.dir and self.cfg.interval > 0 and self.cfg.async_save and torch.cuda.is_available():
             self.prepare(model_chunks, optimizer)
@@ -66,12 +102,12 @@ class CheckpointManager:
         source = self.cfg.load or self.cfg.dir
         if not source:
             return None
-        path = resolve_load_path(source, "latest") if os.path.isdir(source) or self.cfg.load is None else \
-            resolve_load_path(None, source)
+        path = resolve_load_path(source, "latest", self.log) if os.path.isdir(source) or self.cfg.load is None else \
+            resolve_load_path(None, source, self.log)
         if path is None:
             self.log(f"no checkpoint in {source} yet: starting from step 0")
             return None
-        index = read_json(os.path.join(path, INDEX), path)
+        index = read_index(path)
         has_optim = any(k.startswith(OPTIM_PREFIX) for k in index["tensors"])
         result = load_checkpoint(path, model_chunks, optimizer if has_optim else None, scaler, strict=strict)
         note = "" if has_optim or optimizer is None else " (model only: the checkpoint has no optimizer state)"
@@ -86,6 +122,7 @@ class CheckpointManager:
 
     def save(self, step: int, model_chunks, optimizer=None, scaler=None, extra: Optional[dict] = None,
              async_save: Optional[bool] = None) -> SaveHandle:
+        self.lock()
         asynchronous = self.cfg.async_save if async_save is None else async_save
         handle = save_checkpoint(self.cfg.dir, step, model_chunks, optimizer, scheduler_state={"step": step},
                                  scaler=scaler, extra=extra, async_save=asynchronous, keep_last=self.cfg.keep_last)
@@ -109,3 +146,4 @@ class CheckpointManager:
         path = wait_for_pending()
         if path is not None:
             self.log(f"checkpoint committed: {path}")
+        self.close()

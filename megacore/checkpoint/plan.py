@@ -81,5 +81,5 @@ def make_plan(all_meta: list[list[tuple]], my_rank: int) -> SavePlan:
         if total != numel(entry["shape"]):
             raise CheckpointError(f"{key}: the ranks' pieces cover {total} of the {numel(entry['shape'])} elements of "
                                   f"shape {tuple(entry['shape'])}; part of the tensor is held by no rank - the shard "
-                                  "descriptions (_megacore_shard_fn / _megacore_ckpt_view) are wrong")
+                                  "descriptions (ParamMeta: shard / ckpt_view) are wrong")
     return SavePlan(writes, tensors)

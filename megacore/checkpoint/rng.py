@@ -39,6 +39,23 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Any) -> None:
+    """Raise ValueError unless ``state`` has the shape ``capture_rng`` gives, so that ``restore_rng``
+    (run only after every rank agreed to load) cannot fail half-way on a damaged state."""
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"expected the keys python, numpy, torch; got {got}")
+    random.Random().setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    for name, value in [("torch", state["torch"]), *(("cuda", s) for s in state.get("cuda") or [])]:
+        if not torch.is_tensor(value) or value.dim() != 1:
+            raise ValueError(f"the {name} generator state is not a 1-d tensor")
+    tracker = state.get("tracker")
+    if tracker is not None and not isinstance(tracker, dict):
+        raise ValueError("the RNG tracker states are not a dict")
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]

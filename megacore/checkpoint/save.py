@@ -31,12 +31,16 @@ from megacore.checkpoint.errors import CheckpointError
 from megacore.checkpoint.optim_state import describe_optimizer
 from megacore.checkpoint.plan import SavePlan, chunk_name, make_plan, piece_meta
 from megacore.checkpoint.rng import capture_rng, current_layout
-from megacore.checkpoint.serialize import read_json, to_json_tree, write_json, write_safetensors
+from megacore.checkpoint.serialize import file_digest, read_json, to_json_tree, write_json, write_safetensors
 from megacore.checkpoint.sharded import ShardedPiece, as_chunks, describe_model, finish_param_sync
 from megacore.checkpoint.snapshot import SnapshotStats
 
 FORMAT = "megacore-checkpoint"
 VERSION = 1
+
+# Test-only: seconds each rank's writer sleeps before writing its files, to make a save slow enough
+# to be interrupted (tests of the launcher's stop grace). Never set it in a real run.
+TEST_SLOW_WRITE_ENV = "MEGACORE_TEST_SLOW_CHECKPOINT_WRITE_S"
 
 _pending: Optional["SaveHandle"] = None
 
@@ -89,14 +93,21 @@ class SaveHandle:
         return path
 
     def _commit(self) -> str:
+        """Every file a load reads gets a digest: the safetensors files (each rank's writer hashed
+        its own) and the rank json files in ``index.json``, ``index.json`` itself in ``COMPLETE``."""
         index = self._index
         files = {}
         for r in range(index["world_size"]):
-            meta = read_json(os.path.join(self.tmp, rank_meta(r)), self.tmp)
+            path = os.path.join(self.tmp, rank_meta(r))
+            meta = read_json(path, self.tmp)
             files[rank_file(r)] = meta["file"]
+            sha, size = file_digest(path)
+            files[rank_meta(r)] = {"sha256": sha, "size": size}
         index["files"] = files
         write_json(os.path.join(self.tmp, INDEX), index)
-        write_json(os.path.join(self.tmp, COMPLETE), {"step": self.step, "time": time.time()})
+        sha, size = file_digest(os.path.join(self.tmp, INDEX))
+        write_json(os.path.join(self.tmp, COMPLETE), {"step": self.step, "time": time.time(),
+                                                      "index": {"sha256": sha, "size": size}})
         return commit(self.tmp, self.root, self.step, self.keep_last)
 
 
@@ -183,6 +194,9 @@ def _config_dict(chunks) -> Optional[dict]:
 def _write_rank(handle: SaveHandle, rank: int, entries: list[tuple[str, torch.Tensor]], meta: dict) -> None:
     start = time.perf_counter()
     try:
+        slow = float(os.environ.get(TEST_SLOW_WRITE_ENV) or 0)
+        if slow > 0:
+            time.sleep(slow)
         digest = write_safetensors(os.path.join(handle.tmp, rank_file(rank)), entries,
                                    {"format": FORMAT, "rank": str(rank)})
         meta["file"] = digest

@@ -165,6 +165,29 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_verified_json(path: str, expected: dict, checkpoint: str, listed_in: str) -> Any:
+    """JSON of ``path``, parsed from the very bytes checked against ``expected`` (``{"sha256", "size"}``
+    from ``listed_in``); a clear CheckpointError when the file is missing, truncated or corrupted."""
+    name = os.path.basename(path)
+    hint = "the checkpoint is damaged; load an earlier checkpoint (pass its iter_* directory) or re-save it"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {checkpoint}: file {name} listed in {listed_in} is missing; {hint}") from None
+    if len(data) != expected["size"]:
+        raise CheckpointError(f"checkpoint {checkpoint}: file {name} is truncated or padded: {len(data)} bytes on disk, "
+                              f"{listed_in} says {expected['size']}; {hint}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected["sha256"]:
+        raise CheckpointError(f"checkpoint {checkpoint}: file {name} is corrupted (sha256 {digest[:16]}... does not "
+                              f"match {listed_in} {expected['sha256'][:16]}...); {hint}")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {checkpoint}: {name} is not valid JSON ({e}); {hint}") from None
+
+
 def read_json(path: str, checkpoint: str) -> Any:
     try:
         with open(path) as f:

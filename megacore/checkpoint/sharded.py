@@ -20,6 +20,7 @@ from torch import nn
 
 from megacore.checkpoint.boxes import Segment, Shape, flat_range_boxes, intersect, numel, slices, tensor_segments
 from megacore.checkpoint.errors import CheckpointError
+from megacore.sharding import peek_meta
 
 MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
@@ -95,7 +96,7 @@ def _persistent_buffers(module: nn.Module) -> Iterable[tuple[str, torch.Tensor]]
 def model_tensors(model_chunks) -> list[tuple[TensorLayout, torch.Tensor]]:
     """Every parameter and persistent buffer of the chunks once, under its GLOBAL name.
 
-    A parameter's global name is ``param._megacore_global_name`` when set (e.g. the last stage's
+    A parameter's global name is ``peek_meta(param).global_name`` when set (e.g. the last stage's
     copy of a tied embedding) else its module path; layer names are global by construction.
     """
     out: list[tuple[TensorLayout, torch.Tensor]] = []
@@ -106,7 +107,7 @@ def model_tensors(model_chunks) -> list[tuple[TensorLayout, torch.Tensor]]:
             if id(t) in seen_ids:
                 continue
             seen_ids.add(id(t))
-            gname = getattr(t, "_megacore_global_name", name)
+            gname = (peek_meta(t).global_name or name)
             gshape, segments = tensor_segments(t, what=gname)
             # A second local copy of a global tensor (tied weights) is listed too: loading must fill
             # it; saving writes identical boxes once (see megacore.checkpoint.plan).
@@ -162,7 +163,7 @@ def param_layouts(model_chunks) -> dict[int, tuple[TensorLayout, torch.Tensor]]:
     out = {}
     for chunk in as_chunks(model_chunks):
         for name, p in chunk.named_parameters(remove_duplicate=False):
-            gname = getattr(p, "_megacore_global_name", name)
+            gname = (peek_meta(p).global_name or name)
             gshape, segments = tensor_segments(p, what=gname)
             out.setdefault(id(p), (TensorLayout(gname, gshape, segments), p))
     return out

@@ -53,6 +53,10 @@ class ParallelConfig:
     # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
     # the groups are independent, so one group's collectives can run while another computes.
     tp_batch_chunks: int = 1
+    # Seconds a collective may wait for the other ranks (NCCL and gloo, every process group): a rank
+    # that stalls or dies ends the job within this time, with a message naming the rank and step.
+    # Generous by default: rank 0 may build the data index or write a checkpoint while others wait.
+    timeout_s: float = 1800.0
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
         """Each key's own values here; which sizes and features go together (and with the world
@@ -73,6 +77,10 @@ class ParallelConfig:
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             _fail("parallel.grad_reduce_dtype", self.grad_reduce_dtype, "is not known",
                   "use fp32 (exact sums) or bf16 (half the traffic)")
+        if (isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float))
+                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0):
+            _fail("parallel.timeout_s", self.timeout_s, "must be a positive number of seconds",
+                  "use e.g. 1800 (30 minutes; the time a rank may wait for the others in a collective)")
         if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
             _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
                   "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")

@@ -56,10 +56,11 @@ from torch import nn
 
 from megacore.distributed.comm import ProcessGroup, global_rank_of, group_size, is_distributed
 from megacore.distributed.grad_buffer import GradBuffer
+from megacore.sharding import peek_meta
 
 def is_expert_param(p: nn.Parameter) -> bool:
     """Default predicate for expert (MoE) parameters, reduced over ``expert_dp_group`` instead."""
-    return bool(getattr(p, "_megacore_expert", False))
+    return peek_meta(p).expert_slice is not None
 
 
 class DistributedDataParallel(nn.Module):

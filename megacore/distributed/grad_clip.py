@@ -8,10 +8,10 @@ element counted exactly once::
 Each rank sums the squares of the gradient elements it is responsible for and the partial sums
 are all-reduced (SUM; MAX for the inf-norm) over the groups that split the model between ranks:
 
-* tensor-parallel shards (a param with ``_megacore_tp_dim``) differ per TP rank: summed over TP;
+* tensor-parallel shards (a param whose ParamMeta has a ``tp_layout``) differ per TP rank: summed over TP;
 * TP-replicated params (norm weights, biases of row-parallel layers; ``is_tp_replicated(p)``) hold
   the same gradient on every TP rank: only TP rank 0 counts them;
-* replicated rows of a TP-sharded param: a layout (``p._megacore_tp_layout``, a ``TPLayout``) may
+* replicated rows of a TP-sharded param: a layout (``peek_meta(p).tp_layout``, a ``TPLayout``) may
   give one global row to several TP ranks (grouped QKV with ``tensor > num_query_groups``: the k/v
   rows of a KV group live on the ``tensor / num_query_groups`` ranks sharing it, and their
   gradients are summed over those ranks, so every holder has the same values). Only the owner
@@ -19,7 +19,7 @@ are all-reduced (SUM; MAX for the inf-norm) over the groups that split the model
   rank holding it). Each global row has exactly one owner, so the TP sum of the per-rank partial
   sums is ``sum over global rows of ||g_row||^2``, as on one device. See :func:`counted_grads`;
 * pipeline stages hold different layers: summed over PP. The tied output copy of the embedding on
-  the last stage (``p._megacore_shared_duplicate = True``) is skipped, the first stage counts it;
+  the last stage (``param_meta(p).shared_duplicate = True``) is skipped, the first stage counts it;
 * data-parallel replicas hold the same reduced gradient: DP is NOT in ``groups`` for a replicated
   optimizer; the distributed optimizer's shards are disjoint, so its DP group IS in ``groups``;
 * expert params (``is_expert(p)``) are reduced over ``expert_groups`` (e.g. expert-TP, EP, PP,
@@ -38,18 +38,19 @@ import torch
 import torch.distributed as dist
 
 from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device, group_rank, group_size
+from megacore.sharding import peek_meta
 
 ParamPredicate = Callable[[torch.Tensor], bool]
 
 
 def default_is_tp_replicated(p: torch.Tensor) -> bool:
-    """A parameter is TP-replicated unless it carries ``_megacore_tp_dim`` (set on TP-sharded params)."""
-    return getattr(p, "_megacore_tp_dim", None) is None
+    """A parameter is TP-replicated unless its ParamMeta has a ``tp_dim`` (TP-sharded params)."""
+    return peek_meta(p).tp_dim is None
 
 
 def is_shared_duplicate(p: torch.Tensor) -> bool:
     """True for a copy of a parameter owned elsewhere (tied embedding on the last pipeline stage)."""
-    return bool(getattr(p, "_megacore_shared_duplicate", False))
+    return bool(peek_meta(p).shared_duplicate)
 
 
 def param_grad(p: torch.Tensor) -> Optional[torch.Tensor]:
@@ -78,17 +79,17 @@ def owned_flat_runs(p: torch.Tensor) -> Optional[tuple[tuple[int, int], ...]]:
     norm, or None when it counts every element (no layout, or none of its local rows is owned by a
     lower rank).
 
-    The layout ``L = p._megacore_tp_layout`` splits dim ``d`` of ``p``; this rank is
-    ``p._megacore_tp_rank`` and counts local row i iff ``L.owned_mask(rank)[i]``. With ``p`` of
+    The layout ``L = peek_meta(p).tp_layout`` splits dim ``d`` of ``p``; this rank is
+    ``peek_meta(p).tp_rank`` and counts local row i iff ``L.owned_mask(rank)[i]``. With ``p`` of
     shape ``(a_0, ..., a_k)``, ``m = a_(d+1)···a_k`` elements per row and ``o`` ranging over the
     ``a_0···a_(d-1)`` outer indices, local row i is the flat range ``[(o·a_d + i)·m, (o·a_d + i + 1)·m)``;
     adjacent ranges merge. Computed once per (layout, rank, shape) and cached: a few runs per
     parameter (e.g. a non-owner's QKV shard: its query rows, before the replicated k/v rows).
     """
-    layout = getattr(p, "_megacore_tp_layout", None)
+    layout = peek_meta(p).tp_layout
     if layout is None:
         return None
-    rank = int(getattr(p, "_megacore_tp_rank", 0))
+    rank = int((peek_meta(p).tp_rank or 0))
     shape = tuple(p.shape)
     key = (layout.dim, layout.global_size, layout.per_rank, rank, shape)
     if key in _OWNED_RUNS:

@@ -46,8 +46,7 @@ from typing import Any, Optional
 import torch
 
 from megacore.inference.sampling import check_sampling_args, generate
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megacore.precision.mixed import DTYPES
 
 
 class GenerateError(ValueError):
@@ -110,7 +109,7 @@ def load_megacore(path: str, dtype: Optional[torch.dtype], device: torch.device,
     from megacore.checkpoint.directory import INDEX
     from megacore.checkpoint.serialize import dtype_from_name, read_json
     from megacore.config import TransformerConfig
-    from megacore.interop.hf import build_empty
+    from megacore.compose import build_inference_model
 
     try:
         ckpt = resolve_load_path(path, "latest")
@@ -134,7 +133,7 @@ def load_megacore(path: str, dtype: Optional[torch.dtype], device: torch.device,
         raise GenerateError(f"checkpoint {ckpt} holds no model weights (no 'model/...' tensors)")
     if dtype is None:
         dtype = dtype_from_name(index["tensors"][model_keys[0]]["dtype"])
-    model = build_empty(config, dtype, device)
+    model = build_inference_model(config, dtype, device)
     try:
         result = load_checkpoint(ckpt, model, load_optimizer=False, load_rng=False)
     except CheckpointError as e:

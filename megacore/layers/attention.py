@@ -21,7 +21,8 @@ from torch import nn
 from megacore.layers.rng import checkpoint
 
 from megacore.config import TransformerConfig
-from megacore.layers.norm import RMSNorm, mark_init
+from megacore.layers.norm import RMSNorm
+from megacore.sharding import mark_init
 from megacore.layers.rotary import apply_rotary
 
 

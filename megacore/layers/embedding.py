@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from megacore.config import TransformerConfig
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 
 
 class LanguageModelEmbedding(nn.Module):

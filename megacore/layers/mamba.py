@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import TransformerConfig
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 
 
 def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):

@@ -16,7 +16,7 @@ from megacore.layers.rng import checkpoint
 from megacore.config import TransformerConfig
 from megacore.kernels._dispatch import use_triton
 from megacore.kernels.swiglu import gated_activation
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 
 
 def _squared_relu(x):

@@ -19,12 +19,7 @@ from torch import nn
 from megacore.config import TransformerConfig
 from megacore.kernels._dispatch import use_triton
 from megacore.kernels.rmsnorm import rms_norm
-
-
-def mark_init(param: nn.Parameter, kind: str) -> nn.Parameter:
-    """Record how ``materialize`` initializes this parameter: normal, scaled_normal, ones or zeros."""
-    param._megacore_init = kind
-    return param
+from megacore.sharding import mark_init
 
 
 class RMSNorm(nn.Module):

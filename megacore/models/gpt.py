@@ -19,11 +19,12 @@ from torch import nn
 from megacore.config import RecomputeConfig, TransformerConfig
 from megacore.layers.attention import AttentionMask
 from megacore.layers.embedding import LanguageModelEmbedding
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 from megacore.layers.output_head import IGNORE_INDEX, OutputHead, reduce_token_loss
 from megacore.layers.rotary import RotaryEmbedding
 from megacore.layers.spec import LayerSpec
 from megacore.layers.transformer import TransformerBlock
+from megacore.sharding import param_meta
 
 __all__ = ["GPTModel", "IGNORE_INDEX"]
 
@@ -57,7 +58,7 @@ class GPTModel(nn.Module):
         if post_process and config.tie_embeddings and not pre_process:
             self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
             mark_init(self.output_layer.weight, "normal")
-            self.output_layer.weight._megacore_global_name = "embedding.word_embeddings.weight"
+            param_meta(self.output_layer.weight).global_name = "embedding.word_embeddings.weight"
         # Parameter-free seams a parallel plan may swap: the loss head, and the attention mask.
         self.output_head = OutputHead(config.vocab_size)
         self.attention_mask = AttentionMask(config.sliding_window)

@@ -1,12 +1,12 @@
 """Deterministic initialization: a seed defines the full global model, whatever the layout.
 
 Each parameter is filled from a CPU generator seeded by ``(seed, global parameter name)``: the FULL
-tensor is drawn (shape ``param._megacore_global_shape`` if the parameter is a shard, else its own
-shape) and, when ``param._megacore_shard_fn`` is set, only this rank's slice is kept. A TP=2 rank
+tensor is drawn (shape ``peek_meta(param).global_shape`` if the parameter is a shard, else its own
+shape) and, when the parameter is a shard, only this rank's slice is kept (``ParamMeta.shard``). A TP=2 rank
 therefore holds exactly half of the TP=1 weight, and a pipeline stage holding layers 8..15 holds
 exactly those layers of the one-device model, because layer names are global.
 
-Init kinds (``param._megacore_init``, set by the module that owns the parameter):
+Init kinds (``peek_meta(param).init``, set by the module that owns the parameter):
 ``normal`` N(0, init_std); ``scaled_normal`` N(0, init_std / sqrt(2·num_layers)) for the output
 projections of each residual branch (when ``scaled_output_init``); ``ones``; ``zeros``; and for
 Mamba mixers ``mamba_A_log``, ``mamba_dt_bias`` and ``conv_uniform`` (``megacore.layers.mamba``).
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megacore.config import TransformerConfig
+from megacore.sharding import peek_meta
 
 
 def _name_seed(seed: int, name: str) -> int:
@@ -58,12 +59,15 @@ def _default_kind(name: str, param: torch.Tensor) -> str:
 
 @torch.no_grad()
 def materialize(model: nn.Module, config: TransformerConfig, seed: int,
-                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
+                fill: bool = True) -> nn.Module:
     """Allocate (if on meta) and fill every parameter of ``model`` deterministically; returns it.
 
     ``device``/``dtype`` default to the parameters' current ones (meta parameters go to CPU).
+    ``fill=False`` only allocates (the values are left as they are: a checkpoint is loaded next).
     """
-    # to_empty()/to() create new Parameter objects: carry the _megacore_* attributes across.
+    # to_empty()/to() create new Parameter objects: carry their descriptions (ParamMeta) and megacore's
+    # other per-parameter state across.
     saved = {name: {k: v for k, v in vars(p).items() if k.startswith("_megacore")}
              for name, p in model.named_parameters(remove_duplicate=False)}
     first = next(model.parameters(), None)
@@ -77,16 +81,18 @@ def materialize(model: nn.Module, config: TransformerConfig, seed: int,
     for name, param in model.named_parameters(remove_duplicate=False):
         for k, v in saved.get(name, {}).items():
             setattr(param, k, v)
+    if not fill:
+        return model
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:  # tied weights: initialize once, under the first name
             continue
         seen.add(id(param))
-        kind = getattr(param, "_megacore_init", None) or _default_kind(name, param)
-        global_name = getattr(param, "_megacore_global_name", name)
-        shape = getattr(param, "_megacore_global_shape", param.shape)
+        kind = peek_meta(param).init or _default_kind(name, param)
+        global_name = (peek_meta(param).global_name or name)
+        shape = (peek_meta(param).global_shape or param.shape)
         full = full_init_tensor(kind, tuple(shape), config, seed, global_name)
-        shard_fn = getattr(param, "_megacore_shard_fn", None)
+        shard_fn = peek_meta(param).shard if peek_meta(param).is_sharded else None
         local = shard_fn(full) if shard_fn is not None else full
         if tuple(local.shape) != tuple(param.shape):
             raise RuntimeError(f"shard of {global_name} has shape {tuple(local.shape)}, parameter has {tuple(param.shape)}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from megacore.config import TransformerConfig, VisionConfig
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 from megacore.layers.transformer import TransformerBlock
 
 

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megacore.config.support import Facts, check
 from megacore.layers.moe.experts import SequentialExperts
+from megacore.sharding import param_meta, peek_meta
 
 
 class _AllToAll(torch.autograd.Function):
@@ -79,22 +81,21 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
     materialized: each expert weight becomes its ``[E/P, ...]`` slice, marked with the global shape
     and slice (deterministic init and checkpoints see the whole tensor) and as an expert parameter
     (gradients reduced over expert-data-parallel ranks)."""
+    if getattr(model, "config", None) is not None:  # the support table's rules on the model and the EP size
+        check(Facts(model=model.config, expert=size))
     for module in model.modules():
         if not isinstance(module, SequentialExperts):
             continue
         total = module.linear_fc1.shape[0]
-        if total % size != 0:
-            raise ValueError(f"model.num_experts={total} is not divisible by parallel.expert={size}; choose an "
-                             "expert-parallel size that divides the number of experts")
         local = total // size
         start = rank * local
         for name in ("linear_fc1", "linear_fc2"):
             full = getattr(module, name)
             part = nn.Parameter(torch.empty((local, *full.shape[1:]), device=full.device, dtype=full.dtype))
-            part._megacore_init = getattr(full, "_megacore_init", "normal")
-            part._megacore_global_shape = tuple(full.shape)
-            part._megacore_shard_fn = lambda t, a=start, b=start + local: t[a:b]
-            part._megacore_expert = True
+            meta = param_meta(part)
+            meta.init = peek_meta(full).init or "normal"
+            meta.global_shape = tuple(full.shape)
+            meta.expert_slice = (start, start + local)
             setattr(module, name, part)
         module.dispatch = partial(dispatch_and_compute, group=group)
     return model

@@ -1,6 +1,6 @@
 """Gradient sums over tensor-parallel ranks for parameters whose gradient is split across them.
 
-Two kinds of parameters need them (``param._megacore_tp_grad_sum``):
+Two kinds of parameters need them (``peek_meta(param).tp_grad_sum``):
 
 * ``"all"``: replicated on every TP rank, but each rank computes only part of the gradient — norm
   weights/biases under sequence parallelism (each rank sees S/t tokens) and QK-norm weights (each
@@ -8,7 +8,7 @@ Two kinds of parameters need them (``param._megacore_tp_grad_sum``):
 * ``"replicas"``: rows of a TP-sharded weight that several ranks hold (grouped QKV with more TP
   ranks than KV groups: k/v rows of a group live on the t/num_kv ranks sharing it, each seeing
   only its query heads). grad[rows] <- Σ over the ranks holding those rows
-  (``TPLayout.replica_sum``). Every holder then has the same values; the global grad norm counts
+  (``replica_sum``). Every holder then has the same values; the global grad norm counts
   them on their owner rank only (``TPLayout.owned_mask``, ``megacore.distributed.grad_clip``).
 
 How (``mode``):
@@ -34,15 +34,38 @@ import torch
 from torch import nn
 
 from megacore.parallel import collectives as C
+from megacore.sharding import TPLayout, param_meta
 
 ALL, REPLICAS = "all", "replicas"
 MODES = ("hook", "finalize")
 
 
+def replica_sum(layout: TPLayout, local: torch.Tensor, rank: int, group) -> torch.Tensor:
+    """Sum the replicated rows of ``local`` over the ranks holding them (one all-reduce over the
+    TP group of a compact buffer of just the replicated rows); other rows pass through."""
+    key = ("replica", rank)
+    if key not in layout._cache:
+        rep = layout.holders() > 1
+        compact = torch.cumsum(rep.long(), 0) - 1
+        glob = layout.local_index(rank)
+        sel = rep[glob]
+        layout._cache[key] = (torch.nonzero(sel).flatten(), compact[glob[sel]], int(rep.sum()))
+    local_idx, compact_idx, n = layout._cache[key]
+    if n == 0:
+        return local
+    local_idx, compact_idx = local_idx.to(local.device), compact_idx.to(local.device)
+    moved = local.movedim(layout.dim, 0)
+    buf = moved.new_zeros((n, *moved.shape[1:]))
+    buf.index_copy_(0, compact_idx, moved.index_select(0, local_idx))
+    buf = C.all_reduce(buf, group)
+    out = moved.index_copy(0, local_idx, buf.index_select(0, compact_idx))
+    return out.movedim(0, layout.dim)
+
+
 def _sum_grad(kind: str, group, layout, rank: int, grad: torch.Tensor) -> torch.Tensor:
     if kind == ALL:
         return C.all_reduce(grad, group)
-    return layout.replica_sum(grad, rank, group)
+    return replica_sum(layout, grad, rank, group)
 
 
 def _install_hooks(module: nn.Module, args) -> None:
@@ -82,7 +105,7 @@ def mark_tp_grad_sum(module: nn.Module, param_name: str, kind: str, group, mode:
     if C.group_size(group) == 1:
         return
     param = getattr(module, param_name)
-    param._megacore_tp_grad_sum = kind
+    param_meta(param).tp_grad_sum = kind
     spec = module.__dict__.get("_megacore_tp_sync")
     if spec is None:
         spec = module._megacore_tp_sync = {}
@@ -115,7 +138,7 @@ def finalize_grads_tp(model: nn.Module) -> None:
             if kind == ALL:
                 coalesced.setdefault(id(group), (group, []))[1].append(grad)
             else:
-                grad.copy_(layout.replica_sum(grad, rank, group))
+                grad.copy_(replica_sum(layout, grad, rank, group))
     for group, grads in coalesced.values():
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for g in grads:

@@ -55,10 +55,7 @@ from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
 from megacore.parallel.rng import TP_STREAM, fork, get_rng_tracker
 from megacore.parallel.topology import ParallelState, get_state
 from megacore.parallel.vocab_parallel import VocabParallelOutputHead
-
-_SHARD_ATTRS = ("_megacore_global_shape", "_megacore_shard_fn", "_megacore_tp_dim", "_megacore_tp_layout",
-                "_megacore_tp_rank", "_megacore_init")
-
+from megacore.sharding import param_meta, peek_meta
 
 @dataclass
 class TPContext:
@@ -71,22 +68,20 @@ class TPContext:
 
 
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Carry requires_grad, other ``_megacore_*`` attributes (e.g. ``_megacore_global_name``) and, if
-    ``old`` holds real values, the values (sharded) from ``old``'s params to ``new``'s."""
+    """Carry requires_grad, what ``old``'s params declare about themselves beyond their shape (init
+    kind, global name, duplicate flag: ``ParamMeta.local_copy``) and, if ``old`` holds real values,
+    the values (sharded) from ``old``'s params to ``new``'s."""
     for name, p_new in new.named_parameters(recurse=False):
         p_old = getattr(old, name, None)
         if p_old is None:
             continue
         p_new.requires_grad_(p_old.requires_grad)
-        if getattr(p_new, "_megacore_init", None) is None and getattr(p_old, "_megacore_init", None):
-            p_new._megacore_init = p_old._megacore_init
-        for k, v in vars(p_old).items():
-            if k.startswith("_megacore") and k not in _SHARD_ATTRS:
-                setattr(p_new, k, v)
+        kept, meta = peek_meta(p_old).local_copy(), param_meta(p_new)
+        meta.init = meta.init or kept.init
+        meta.global_name, meta.shared_duplicate = kept.global_name, kept.shared_duplicate
         if not p_old.is_meta:
-            shard_fn = getattr(p_new, "_megacore_shard_fn", None)
             with torch.no_grad():
-                p_new.copy_(shard_fn(p_old.detach()) if shard_fn is not None else p_old.detach())
+                p_new.copy_(meta.shard(p_old.detach()))
     new.train(old.training)
     return new
 
@@ -94,7 +89,7 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
 def _init_kind(p: Optional[torch.Tensor], default: str) -> str:
     if p is None:
         return default
-    return getattr(p, "_megacore_init", None) or default
+    return peek_meta(p).init or default
 
 
 def _where(ctx: TPContext, like: torch.Tensor) -> dict:
@@ -177,7 +172,7 @@ class ColwiseQKV(Colwise):
             for pname in ("weight", "bias"):
                 if getattr(new, pname) is not None:
                     p = getattr(new, pname)
-                    mark_tp_grad_sum(new, pname, REPLICAS, ctx.group, ctx.grad_sync, p._megacore_tp_layout, ctx.rank)
+                    mark_tp_grad_sum(new, pname, REPLICAS, ctx.group, ctx.grad_sync, peek_meta(p).tp_layout, ctx.rank)
         return new
 
 
@@ -225,7 +220,7 @@ class ReplicatedPartialGrad(Style):
 class SequenceParallelNorm(ReplicatedPartialGrad):
     def apply(self, name, module, parent, ctx):
         for _, p in module.named_parameters(recurse=False):
-            p._megacore_sequence_parallel = True
+            param_meta(p).sequence_parallel = True
         return super().apply(name, module, parent, ctx)
 
 
@@ -288,7 +283,7 @@ def _split_param(module: nn.Module, pname: str, old: nn.Parameter, layout, rank:
     local_shape = list(old.shape)
     local_shape[layout.dim] = layout.local_size
     new = nn.Parameter(torch.empty(local_shape, device=old.device, dtype=old.dtype), requires_grad=old.requires_grad)
-    TPL.describe_shard(new, layout, rank, old.shape, getattr(old, "_megacore_init", None))
+    TPL.describe_shard(new, layout, rank, old.shape, peek_meta(old).init)
     if not old.is_meta:
         with torch.no_grad():
             new.copy_(layout.shard(old.detach(), rank))
@@ -297,7 +292,6 @@ def _split_param(module: nn.Module, pname: str, old: nn.Parameter, layout, rank:
 
 class Replicate(Style):
     def apply(self, name, module, parent, ctx):
-        module._megacore_tp_replicated = True
         return None
 
 

@@ -1,19 +1,9 @@
 """Tensor-parallel layers: column-, row- and vocab-parallel, holding LOCAL weight shards.
 
-Every sharded parameter describes itself, so init, checkpointing and HF export can rebuild the full
-tensor without knowing the module:
-
-* ``_megacore_global_shape``: the full tensor's shape;
-* ``_megacore_shard_fn``: full tensor -> this rank's local tensor (``materialize`` uses it);
-* ``_megacore_init``: the init kind, copied from the module it replaces;
-* ``_megacore_tp_dim`` and ``_megacore_tp_layout`` (a :class:`TPLayout`): which global rows of
-  that dim each TP rank holds; ``full_tensor`` / ``gather_full_state_dict`` reassemble with it.
-
-A :class:`TPLayout` lists, per rank, segments ``(global_start, length)`` along one dim; the local
-tensor is their concatenation. Plain splits are one segment per rank; fused weights are several
-(``linear_fc1`` rank r = ``[gate_r; up_r]``); grouped QKV with more TP ranks than KV groups holds
-a KV group's k/v rows on several ranks (``replicated``), whose gradients must then be summed over
-those ranks (``megacore.parallel.grad_sync``).
+Every sharded parameter describes itself (``megacore.sharding.ParamMeta``: the full shape, the
+:class:`TPLayout` of which global rows of one dim each TP rank holds, this rank, the init kind), so
+init, checkpointing and HF export can rebuild the full tensor without knowing the module;
+``full_tensor`` / ``gather_full_state_dict`` reassemble with it.
 
 Shapes: activations [B, S, H]; under sequence parallelism (SP) the residual stream is split over
 the batch's tokens, [B, S/t, H] per rank (``megacore.parallel.collectives``: rank r holds token
@@ -22,8 +12,6 @@ chunk r of the flattened B·S tokens), and the layers gather/scatter at their ed
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -33,152 +21,18 @@ from torch import nn
 from megacore.parallel import collectives as C
 from megacore.parallel.rng import TP_STREAM, fork
 from megacore.parallel.topology import get_state
-
-Segments = tuple[tuple[int, int], ...]
-
-
-@dataclass
-class TPLayout:
-    """Rank r holds global rows ``per_rank[r]`` (segments ``(start, length)``) of dim ``dim``."""
-
-    dim: int
-    global_size: int
-    per_rank: tuple[Segments, ...]
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
-
-    # -- constructors ------------------------------------------------------------------------------
-    @classmethod
-    def contiguous(cls, dim: int, n: int, t: int) -> "TPLayout":
-        return cls.fused(dim, [n], t)
-
-    @classmethod
-    def fused(cls, dim: int, parts: Sequence[int], t: int) -> "TPLayout":
-        """Global dim = concatenation of ``parts``; each part is split evenly, rank r = [part_0 chunk r; ...]."""
-        for p in parts:
-            if p % t != 0:
-                raise ValueError(f"a fused part of size {p} (of {list(parts)}) is not divisible by tensor={t}")
-        offsets = [sum(parts[:i]) for i in range(len(parts))]
-        per_rank = tuple(tuple((off + r * (p // t), p // t) for off, p in zip(offsets, parts)) for r in range(t))
-        return cls(dim, sum(parts), per_rank)
-
-    @classmethod
-    def grouped_qkv(cls, num_heads: int, num_kv: int, head_dim: int, t: int) -> "TPLayout":
-        """Rows of the grouped fused QKV weight (per KV group: [q heads][k][v]) across t ranks.
-
-        ``num_kv % t == 0``: each rank gets ``num_kv / t`` whole groups (one contiguous block).
-        ``t % num_kv == 0``: each KV group is replicated on ``rep = t / num_kv`` neighbouring ranks
-        and its ``q_per_group`` query heads are split among them: rank r = g·rep + j holds query
-        heads ``j·q/rep .. (j+1)·q/rep`` of group g, then k_g and v_g. Its local layout is again
-        one group of ``q_per_group / rep`` heads, and its heads are global heads
-        ``r·H/t .. (r+1)·H/t``, so the row-parallel output projection splits contiguously.
-        """
-        qpg = num_heads // num_kv
-        rows = (qpg + 2) * head_dim
-        if num_kv % t == 0:
-            return cls.contiguous(0, num_kv * rows, t)
-        if t % num_kv != 0 or qpg % (t // num_kv) != 0:
-            raise ValueError(f"num_query_groups={num_kv}, num_attention_heads={num_heads} cannot be split over "
-                             f"tensor={t}: need num_query_groups % tensor == 0, or tensor % num_query_groups == 0 "
-                             "and num_attention_heads % tensor == 0")
-        rep = t // num_kv
-        qh = qpg // rep
-        per_rank = []
-        for r in range(t):
-            g, j = divmod(r, rep)
-            base = g * rows
-            per_rank.append(((base + j * qh * head_dim, qh * head_dim), (base + qpg * head_dim, 2 * head_dim)))
-        return cls(0, num_kv * rows, tuple(per_rank))
-
-    # -- queries -------------------------------------------------------------------------------------
-    @property
-    def tp_size(self) -> int:
-        return len(self.per_rank)
-
-    @property
-    def local_size(self) -> int:
-        return sum(n for _, n in self.per_rank[0])
-
-    def holders(self) -> torch.Tensor:
-        """[global_size] number of ranks holding each global row."""
-        if "holders" not in self._cache:
-            counts = torch.zeros(self.global_size, dtype=torch.int64)
-            for segs in self.per_rank:
-                for s, n in segs:
-                    counts[s:s + n] += 1
-            self._cache["holders"] = counts
-        return self._cache["holders"]
-
-    @property
-    def replicated(self) -> bool:
-        return bool((self.holders() > 1).any())
-
-    def local_index(self, rank: int) -> torch.Tensor:
-        """[local_size] global row of each local row."""
-        return torch.cat([torch.arange(s, s + n) for s, n in self.per_rank[rank]])
-
-    def owned_mask(self, rank: int) -> torch.Tensor:
-        """[local_size] True for the local rows this rank counts as their owner (the lowest rank
-        holding them), so a reduction over TP (e.g. a grad norm) counts replicated rows once."""
-        first = torch.full((self.global_size,), -1, dtype=torch.int64)
-        for r in reversed(range(self.tp_size)):
-            first[self.local_index(r)] = r
-        return first[self.local_index(rank)] == rank
-
-    # -- shard / assemble -----------------------------------------------------------------------------
-    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
-        if full.shape[self.dim] != self.global_size:
-            raise ValueError(f"expected size {self.global_size} along dim {self.dim}, got shape {tuple(full.shape)}")
-        parts = [full.narrow(self.dim, s, n) for s, n in self.per_rank[rank]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
-
-    def assemble(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Full tensor from every rank's local tensor (replicated rows taken from the last holder)."""
-        shape = list(shards[0].shape)
-        shape[self.dim] = self.global_size
-        full = shards[0].new_empty(shape)
-        for segs, shard in zip(self.per_rank, shards):
-            local = 0
-            for s, n in segs:
-                full.narrow(self.dim, s, n).copy_(shard.narrow(self.dim, local, n))
-                local += n
-        return full
-
-    def replica_sum(self, local: torch.Tensor, rank: int, group) -> torch.Tensor:
-        """Sum the replicated rows of ``local`` over the ranks holding them (one all-reduce over the
-        TP group of a compact buffer of just the replicated rows); other rows pass through."""
-        key = ("replica", rank)
-        if key not in self._cache:
-            rep = self.holders() > 1
-            compact = torch.cumsum(rep.long(), 0) - 1
-            glob = self.local_index(rank)
-            sel = rep[glob]
-            self._cache[key] = (torch.nonzero(sel).flatten(), compact[glob[sel]], int(rep.sum()))
-        local_idx, compact_idx, n = self._cache[key]
-        if n == 0:
-            return local
-        local_idx, compact_idx = local_idx.to(local.device), compact_idx.to(local.device)
-        moved = local.movedim(self.dim, 0)
-        buf = moved.new_zeros((n, *moved.shape[1:]))
-        buf.index_copy_(0, compact_idx, moved.index_select(0, local_idx))
-        buf = C.all_reduce(buf, group)
-        out = moved.index_copy(0, local_idx, buf.index_select(0, compact_idx))
-        return out.movedim(0, self.dim)
-
-
-def _shard_fn(layout: TPLayout, rank: int, full: torch.Tensor) -> torch.Tensor:
-    return layout.shard(full, rank)
+from megacore.sharding import TPLayout, param_meta, peek_meta
 
 
 def describe_shard(param: nn.Parameter, layout: TPLayout, rank: int, global_shape: Sequence[int],
                    init: Optional[str] = None) -> nn.Parameter:
-    """Attach the ``_megacore_*`` shard attributes (see the module docstring) to ``param``."""
-    param._megacore_global_shape = tuple(int(s) for s in global_shape)
-    param._megacore_shard_fn = partial(_shard_fn, layout, rank)
-    param._megacore_tp_dim = layout.dim
-    param._megacore_tp_layout = layout
-    param._megacore_tp_rank = rank
+    """Describe ``param`` as rank ``rank``'s shard under ``layout`` of a ``global_shape`` tensor
+    (its ``megacore.sharding.ParamMeta``)."""
+    param_meta(param).global_shape = tuple(int(s) for s in global_shape)
+    param_meta(param).tp_layout = layout
+    param_meta(param).tp_rank = rank
     if init is not None:
-        param._megacore_init = init
+        param_meta(param).init = init
     return param
 
 
@@ -269,8 +123,8 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = _new_param((out_features,), device, dtype)
-            self.bias._megacore_init = init_bias
-            self.bias._megacore_sequence_parallel = sequence_parallel
+            param_meta(self.bias).init = init_bias
+            param_meta(self.bias).sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -341,7 +195,7 @@ class SequenceParallelPositionEmbedding(nn.Module):
         self.tp_group = tp_group
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = _new_param((num_embeddings, embedding_dim), device, dtype)
-        self.weight._megacore_init = init
+        param_meta(self.weight).init = init
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         return C.scatter_to_sp(F.embedding(position_ids, self.weight), self.tp_group)
@@ -364,7 +218,7 @@ def full_tensor(param: torch.Tensor, tensor: Optional[torch.Tensor] = None, grou
     out like ``param``. Collective over the TP group (default ``get_state().tp_group``): every TP rank
     must call it for the same parameters in the same order. Replicated params are returned as is."""
     value = (param if tensor is None else tensor).detach()
-    layout: Optional[TPLayout] = getattr(param, "_megacore_tp_layout", None)
+    layout: Optional[TPLayout] = peek_meta(param).tp_layout
     if layout is None or layout.tp_size == 1:
         return value
     if group is None:

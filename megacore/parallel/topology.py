@@ -17,6 +17,7 @@ state: sizes 1, ranks 0, groups ``None``, so one-device code runs unchanged.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -211,28 +212,61 @@ def is_initialized() -> bool:
     return _STATE is not None
 
 
-def init_default_group(backend: Optional[str] = None) -> bool:
+_GROUP_TIMEOUT_S: Optional[float] = None  # the collective timeout init_default_group gave the default group
+
+
+def _timeout(timeout_s: Optional[float]) -> Optional[datetime.timedelta]:
+    return None if timeout_s is None else datetime.timedelta(seconds=float(timeout_s))
+
+
+def init_default_group(backend: Optional[str] = None, timeout_s: Optional[float] = None) -> bool:
     """Initialize torch.distributed from env (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) if needed.
 
     Without RANK/WORLD_SIZE in the environment a one-process group is made on an in-memory store.
-    Returns True when this call created the default group.
+    ``timeout_s``: how long a collective may wait for the other ranks (torch's default when None;
+    ``initialize`` gives every group of the layout the same). Returns True when this call created
+    the default group.
     """
+    global _GROUP_TIMEOUT_S
     if dist.is_initialized():
         return False
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    kwargs = {} if timeout_s is None else {"timeout": _timeout(timeout_s)}
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, init_method="env://")
+        dist.init_process_group(backend, init_method="env://", **kwargs)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+    _GROUP_TIMEOUT_S = timeout_s
     return True
 
 
-def _make_groups(lists: list[list[int]], rank: int):
+def _mesh_timeouts(backend_name: str, dims: tuple[str, ...], shape: tuple[int, ...], world: int,
+                   timeout_s: Optional[float]) -> dict:
+    """``backend_override`` giving the mesh groups the collective timeout (DeviceMesh passes an
+    option's ``_timeout`` to ``new_group``; without it a subgroup gets torch's default, not the default
+    group's). A dim spanning the world reuses the default group, which has the timeout already."""
+    if timeout_s is None:
+        return {}
+    backend_class = getattr(dist, "ProcessGroupNCCL" if "nccl" in backend_name else "ProcessGroupGloo", None)
+    make = getattr(backend_class, "Options", None) if "nccl" in backend_name else getattr(backend_class, "_Options", None)
+    if make is None:  # a backend without options: its groups keep torch's default timeout
+        return {}
+    out = {}
+    for name, size in zip(dims, shape):
+        if size == world:
+            continue
+        options = make()
+        options._timeout = _timeout(timeout_s)
+        out[name] = options
+    return out
+
+
+def _make_groups(lists: list[list[int]], rank: int, timeout_s: Optional[float] = None):
     """Create one group per list (collective: every rank calls with the same lists); return mine."""
-    mine, _ = dist.new_subgroups_by_enumeration(lists)
+    mine, _ = dist.new_subgroups_by_enumeration(lists, timeout=_timeout(timeout_s))
     if mine is None:  # cannot happen for a partition of the world, but be explicit
         raise RuntimeError(f"rank {rank} is in none of the groups {lists}")
     return mine
@@ -240,20 +274,23 @@ def _make_groups(lists: list[list[int]], rank: int):
 
 def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int = 1,
                virtual_pipeline: Optional[int] = None, expert_tensor: int = 1,
-               backend: Optional[str] = None) -> ParallelState:
+               backend: Optional[str] = None, timeout_s: Optional[float] = None) -> ParallelState:
     """Build every process group of the layout and make it the current state; returns it.
 
     Uses the already-initialized default group, or initializes one from the environment (RANK,
     WORLD_SIZE, MASTER_ADDR, MASTER_PORT; without them a one-process group): ``backend`` applies only
     then and defaults to nccl with CUDA, else gloo. Groups live on cuda for nccl, cpu otherwise.
     ``expert``/``expert_tensor`` re-fold each pipeline stage's ranks for MoE layers (EDP is what is
-    left). ``virtual_pipeline`` is recorded for the pipeline schedules. Calling it again without
-    ``destroy()`` first is an error.
+    left). ``virtual_pipeline`` is recorded for the pipeline schedules. ``timeout_s``: how long a
+    collective on any group may wait for the other ranks (default: what ``init_default_group`` was
+    given, else torch's default). Calling it again without ``destroy()`` first is an error.
     """
     global _STATE
     if _STATE is not None:
         raise RuntimeError("megacore.parallel is already initialized; call megacore.parallel.destroy() first")
-    owns = init_default_group(backend)
+    owns = init_default_group(backend, timeout_s)
+    if timeout_s is None:
+        timeout_s = _GROUP_TIMEOUT_S
     world, rank = dist.get_world_size(), dist.get_rank()
     try:
         _check_sizes(world, tensor, pipeline, context, expert, expert_tensor, virtual_pipeline)
@@ -267,10 +304,15 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     dp = world // (tensor * pipeline * context)
-    mesh = init_device_mesh(device_type, (pipeline, dp, context, tensor), mesh_dim_names=MAIN_DIMS)
+    shape = (pipeline, dp, context, tensor)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MAIN_DIMS,
+                            backend_override=_mesh_timeouts(backend_name, MAIN_DIMS, shape, world, timeout_s))
     edp = world // (pipeline * expert * expert_tensor)
-    expert_mesh = DeviceMesh(device_type, torch.arange(world).view(pipeline, edp, expert, expert_tensor),
-                             mesh_dim_names=EXPERT_DIMS)
+    expert_shape = (pipeline, edp, expert, expert_tensor)
+    expert_timeouts = _mesh_timeouts(backend_name, EXPERT_DIMS, expert_shape, world, timeout_s)
+    expert_mesh = DeviceMesh(device_type, torch.arange(world).view(*expert_shape), mesh_dim_names=EXPERT_DIMS,
+                             backend_override=tuple((None, expert_timeouts[n]) if n in expert_timeouts else (None, None)
+                                                    for n in EXPERT_DIMS))
     groups, group_ranks = {}, {}
     for m, names in ((mesh, MAIN_DIMS), (expert_mesh, EXPERT_DIMS)):
         for name in names:
@@ -283,14 +325,14 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
                 raise RuntimeError(f"DeviceMesh group {name} of rank {rank} is {got}, expected {want}")
             groups[name], group_ranks[name] = g, got
     for name in COMPOSITE_GROUPS:
-        groups[name] = _make_groups(lists[name], rank)
+        groups[name] = _make_groups(lists[name], rank, timeout_s)
         group_ranks[name] = next(lst for lst in lists[name] if rank in lst)
     # Embedding groups (first + last stage of each pipeline group) do not cover middle stages, so
     # they are made one by one; every rank takes part in creating every group.
     my_pp = next(i for i, lst in enumerate(lists["pp"]) if rank in lst)
     groups["embedding"] = None
     for i, lst in enumerate(lists["embedding"]):
-        g = dist.new_group(lst)
+        g = dist.new_group(lst, timeout=_timeout(timeout_s))
         if rank in lst:
             groups["embedding"] = g
     group_ranks["embedding"] = lists["embedding"][my_pp]

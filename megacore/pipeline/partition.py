@@ -29,6 +29,7 @@ import torch
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.config.support import Facts, check
+from megacore.sharding import param_meta, peek_meta
 
 SCHEDULES = ("1f1b", "interleaved", "gpipe", "zero_bubble")
 
@@ -114,8 +115,8 @@ def check_num_microbatches(schedule: str, num_microbatches: int, pp_size: int, v
 
 def _mark_tied_duplicate(model) -> None:
     """Flag the last stage's copy of a tied embedding so grad-norm code counts the table once."""
-    if model.output_layer is not None and getattr(model.output_layer.weight, "_megacore_global_name", None):
-        model.output_layer.weight._megacore_shared_duplicate = True
+    if model.output_layer is not None and peek_meta(model.output_layer.weight).global_name:
+        param_meta(model.output_layer.weight).shared_duplicate = True
 
 
 def build_stage_modules(config: TransformerConfig, pp_rank: int, pp_size: int, vp_size: int = 1, seed: int = 0,

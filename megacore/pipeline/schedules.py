@@ -8,7 +8,7 @@ rank's list of dicts with ``tokens``/``labels`` ``[B, S]`` and optional ``loss_m
 ``position_ids``, ``attention_mask`` (every pipeline rank passes the same list: later stages need
 positions and masks, the last one labels and loss masks). Equal micro-batch shapes are required.
 
-Loss contract (``megacore.training.loop``): micro-batch ``m`` contributes
+Loss contract (``megacore.training.contract``): micro-batch ``m`` contributes
 ``sum_t(token_loss[m, t] * loss_mask[m, t]) / num_tokens_global`` where ``num_tokens_global`` counts
 the labelled tokens of the whole GLOBAL batch (all micro-batches, all data-parallel ranks); its
 gradient is accumulated (summed) into the parameters. The return value is the sum of these

@@ -2,7 +2,7 @@
 
 With ``tie_embeddings`` and pp > 1 the table is used twice, on different ranks: as the input
 embedding on stage 0 (chunk 0) and as the output projection on stage pp-1 (last chunk), which holds
-its own copy (``output_layer.weight`` with ``_megacore_global_name ==
+its own copy (``output_layer.weight`` with ``ParamMeta.global_name ==
 "embedding.word_embeddings.weight"``). Both copies start equal (same global name -> same init).
 The gradient of the shared table is the SUM of both uses, so after backward the two copies'
 gradients are all-reduced (SUM) over the embedding group (first + last rank of each pipeline
@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from megacore.sharding import peek_meta
 
 TIED_NAME = "embedding.word_embeddings.weight"
 
@@ -41,7 +43,7 @@ def tied_embedding_params(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
         if model.pre_process and model.embedding is not None:
             out.append(model.embedding.word_embeddings.weight)
         out_w = model.output_layer.weight if model.output_layer is not None else None
-        if out_w is not None and getattr(out_w, "_megacore_global_name", None) == TIED_NAME:
+        if out_w is not None and peek_meta(out_w).global_name == TIED_NAME:
             out.append(out_w)
     return out
 

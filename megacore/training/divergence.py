@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from megacore.training.loop import StepResult, TrainingError
+from megacore.training.contract import StepResult, TrainingError
 
 
 class DivergenceGuard:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megacore.training.loop import StepResult
+from megacore.training.contract import StepResult
 from megacore.optim.step_info import read_scalars
 
 

@@ -20,7 +20,7 @@ One code path serves every layout. What the layout changes is declared, then app
 5. ``megacore.pipeline.forward_backward`` runs the micro-batches (gradient accumulation, or a
    pipeline schedule when ``parallel.pipeline > 1``).
 
-Loss normalization and data order: see ``megacore.training.loop``. The loss scale of fp16 is
+Loss normalization and data order: see ``megacore.training.contract``. The loss scale of fp16 is
 folded into the token-count denominator (``loss * scale / N == loss / (N / scale)``), which keeps
 every pipeline schedule unchanged.
 """
@@ -41,14 +41,17 @@ from megacore.config import ConfigError, RunConfig
 from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
-from megacore.training.loop import DTYPES, StepResult, StopFlag, TrainingError, collate, resolve_device
+from megacore.precision.mixed import DTYPES
+from megacore.training.contract import StepResult, StopFlag, TrainingError, collate, resolve_device
 from megacore.training.divergence import DivergenceGuard
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
+from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
+from megacore.sharding import peek_meta
 
 
 def _check_device(cfg: RunConfig, device: torch.device) -> None:
@@ -91,6 +94,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.precision.dtype]
         self.stop = StopFlag()
         self.step = 0
+        self.active_step = 0  # 1-based step being queued; failure messages name it
         self.state = None
         self.checkpoints = None
         # The data position: step ``data_anchor[0]`` starts at sample ``data_anchor[1]`` (moved on a
@@ -103,6 +107,7 @@ class Trainer:
         cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
         _check_device(cfg, self.device)
         self._init_parallel()
+        self._lock_checkpoint_dir()
         self._build_data()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
         self.chunks = self.build_model()
@@ -149,7 +154,7 @@ class Trainer:
 
         sizes = self.cfg.parallel.mesh_sizes()
         if self.world_size > 1:
-            self.state = parallel.initialize(**sizes)
+            self.state = parallel.initialize(**sizes, timeout_s=self.cfg.parallel.timeout_s)
         else:
             self.state = parallel.get_state()
         problems = layout_mismatches(self.state, sizes)
@@ -219,10 +224,21 @@ class Trainer:
 
         return build_optimizer(self.cfg, self.chunks, self.state, self.dtype)
 
-    def _resume(self) -> None:
+    def _lock_checkpoint_dir(self) -> None:
+        """Before any work: ``checkpoint.dir`` belongs to this run (rank 0 holds its lock until the
+        end), or the run stops here, naming the run that holds it."""
         from megacore.checkpoint import CheckpointManager
+        from megacore.checkpoint.lock import DirectoryInUse
 
         self.checkpoints = CheckpointManager(self.cfg.checkpoint, log=self._info)
+        try:
+            self.checkpoints.lock()
+        except DirectoryInUse as e:
+            raise ConfigError(str(e)) from None
+
+    def _resume(self) -> None:
+        if self.checkpoints is None:
+            self._lock_checkpoint_dir()
         if self.cfg.parallel.fsdp:  # no checkpoint to resume: validate refuses checkpointing with FSDP2
             return
         result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
@@ -269,8 +285,8 @@ class Trainer:
         n = 0
         for c in self.chunks:
             for p in unwrap(c).parameters():
-                if not getattr(p, "_megacore_shared_duplicate", False):
-                    n += math.prod(getattr(p, "_megacore_global_shape", p.shape))
+                if not peek_meta(p).shared_duplicate:
+                    n += math.prod((peek_meta(p).global_shape or p.shape))
         if self.world_size > 1 and self.state.pp_group is not None:
             t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
             dist.all_reduce(t, group=self.state.pp_group)
@@ -523,7 +539,16 @@ class Trainer:
             if self.world_size > 1:  # no rank tears its groups down while a peer may still be using them
                 dist.barrier()
             return result
+        except RuntimeError as e:
+            # A collective that timed out or lost a peer: say which rank and step, in one line.
+            message = None if isinstance(e, TrainingError) or self.world_size == 1 else describe_collective_failure(
+                e, self.rank, self.active_step, self.cfg.parallel.timeout_s)
+            if message is None:
+                raise
+            raise TrainingError(message) from e
         finally:
+            if self.checkpoints is not None:
+                self.checkpoints.close()
             self.stop.restore()
             metrics = getattr(self, "metrics", None)
             if metrics is not None:
@@ -628,6 +653,7 @@ class Trainer:
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         host_start = time.perf_counter()
+        self.active_step = step + 1
         queued = self.train_step(step)
         if not isinstance(queued, PendingStep):  # a StepResult already read (e.g. a stand-in step)
             queued = PendingStep.of(step, queued)

@@ -1,6 +1,6 @@
 """Test-side layouts: local shards of a full GPTModel for TP x PP x (virtual PP) x DP, built the way
-megacore's parallelize does (meta-device stages with global layer names, ``_megacore_global_shape``
-and ``_megacore_shard_fn`` on every TP shard), plus a flat-sharded (ZeRO-1 style) optimizer state.
+megacore's parallelize does (meta-device stages with global layer names, ``ParamMeta.global_shape``
+and ``ParamMeta.shard_fn`` on every TP shard), plus a flat-sharded (ZeRO-1 style) optimizer state.
 
 They let the checkpoint tests check resharding against the full single-device reference whether or
 not megacore.parallel / megacore.distributed are importable.
@@ -17,6 +17,7 @@ from torch import nn
 from megacore.checkpoint import FlatStateEntry
 from megacore.config import TransformerConfig
 from megacore.models.gpt import GPTModel
+from megacore.sharding import param_meta, peek_meta
 
 
 def tiny_config(**kw) -> TransformerConfig:
@@ -106,7 +107,7 @@ def local_model(cfg: TransformerConfig, full: dict, layout: Layout, rank: int, w
                 if p is None:
                     continue
                 name = f"{mod_name}.{pname}" if mod_name else pname
-                gname = getattr(p, "_megacore_global_name", name)
+                gname = (peek_meta(p).global_name or name)
                 fn = tp_shard_fn(gname, cfg, tp_rank, layout.tp)
                 value = full[gname] if fn is None else fn(full[gname])
                 if fill is not None:
@@ -116,8 +117,8 @@ def local_model(cfg: TransformerConfig, full: dict, layout: Layout, rank: int, w
                     if k.startswith("_megacore"):
                         setattr(new, k, v)
                 if fn is not None:
-                    new._megacore_global_shape = tuple(full[gname].shape)
-                    new._megacore_shard_fn = fn
+                    param_meta(new).global_shape = tuple(full[gname].shape)
+                    param_meta(new).shard_fn = fn
                 mod._parameters[pname] = new
         chunks.append(m)
     return chunks
@@ -129,7 +130,7 @@ def expected_local(cfg, full: dict, layout: Layout, rank: int, world: int) -> li
     out = []
     for chunk in local_model(cfg, full, layout, rank, world):
         for name, p in chunk.named_parameters():
-            gname = getattr(p, "_megacore_global_name", name)
+            gname = (peek_meta(p).global_name or name)
             fn = tp_shard_fn(gname, cfg, tp_rank, layout.tp)
             out.append((gname, p, full[gname] if fn is None else fn(full[gname])))
     return out

@@ -9,6 +9,7 @@ import torch
 from megacore.checkpoint import CheckpointError, CkptView, LogicalView, Segment
 from megacore.checkpoint.boxes import flat_range_boxes, probe_segments, slices, subtract, tensor_segments
 from megacore.checkpoint.sharded import TensorLayout, pieces_of_flat_shard, pieces_of_tensor
+from megacore.sharding import param_meta
 
 
 def _assemble(global_shape, pieces):
@@ -102,7 +103,7 @@ def test_probe_refuses_a_dimension_mixing_shard():
 
 def test_logical_view_matches_the_shard_function():
     p = torch.nn.Parameter(torch.zeros(6, 5))
-    p._megacore_ckpt_view = LogicalView((12, 5), (2, 6, 5), (2, 3, 5), (0, 3, 0))
+    param_meta(p).ckpt_view = LogicalView((12, 5), (2, 6, 5), (2, 3, 5), (0, 3, 0))
     gshape, segs = tensor_segments(p)
     assert gshape == (12, 5)
     assert sorted(segs, key=lambda s: s.global_offsets) == sorted(probe_segments((12, 5), (6, 5), _fused_fc1(1, 2)),
@@ -111,7 +112,7 @@ def test_logical_view_matches_the_shard_function():
 
 def test_explicit_view_is_validated():
     p = torch.nn.Parameter(torch.zeros(2, 5))
-    p._megacore_ckpt_view = CkptView((4, 5), [Segment((0, 0), (0, 0), (1, 5))])
+    param_meta(p).ckpt_view = CkptView((4, 5), [Segment((0, 0), (0, 0), (1, 5))])
     with pytest.raises(CheckpointError, match="cover 5 elements"):
         tensor_segments(p)
 

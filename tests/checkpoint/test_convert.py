@@ -74,3 +74,28 @@ def test_convert_reports_bad_input(tmp_path, capsys):
     empty.mkdir()
     assert convert_main(["--from", "megacore", "--input", str(empty), "--output", str(tmp_path / "o")]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_convert_refuses_an_output_holding_training_checkpoints(tmp_path, capsys):
+    """Converting into a training run's directory would repoint 'latest' to the converted step, and the
+    next run there would resume from it and overwrite the later checkpoints: refused without --force."""
+    hf = _hf_dir(tmp_path, "llama_gqa")
+    ckpt = tmp_path / "train_ckpt"
+    first = ["--from", "hf", "--input", str(hf), "--output", str(ckpt), "--step", "10"]
+    assert convert_main(first) == 0  # stands in for a training run's checkpoint at step 10
+    capsys.readouterr()
+    args = ["--from", "hf", "--input", str(hf), "--output", str(ckpt)]
+    assert convert_main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "iter_0000010" in err and "--force" in err
+    assert (ckpt / "latest").read_text().strip() == "iter_0000010"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == ["iter_0000010"]
+    # A directory holding only an unfinished save counts too (it belongs to a training run).
+    partial = tmp_path / "partial"
+    (partial / "iter_0000003.tmp").mkdir(parents=True)
+    assert convert_main(["--from", "hf", "--input", str(hf), "--output", str(partial)]) == 2
+    capsys.readouterr()
+    # --force writes there, as told.
+    assert convert_main([*args, "--force"]) == 0
+    assert (ckpt / "latest").read_text().strip() == "iter_0000000"
+    assert (ckpt / "iter_0000010").is_dir()

@@ -3,7 +3,7 @@ megacore.pipeline stages (global names, virtual chunks, tied embedding copy), DD
 optimizer and the mixed-precision optimizer (fp32 masters of bf16 weights).
 
 Reference: the single-device ``GPTModel(config, seed)`` and optimizer state drawn per global name,
-each sliced by the loading parameter's own ``_megacore_shard_fn``."""
+each sliced by the loading parameter's own ``ParamMeta.shard``."""
 
 import os
 import zlib
@@ -13,6 +13,7 @@ import torch
 
 from megacore.checkpoint import load_checkpoint, save_checkpoint
 from megacore.models.gpt import GPTModel
+from megacore.sharding import peek_meta
 from tests.checkpoint.layouts import tiny_config
 from tests.dist.harness import run_distributed
 
@@ -38,8 +39,7 @@ def _ref_state(name: str, state: str, shape) -> torch.Tensor:
 
 
 def _shard(p, full: torch.Tensor) -> torch.Tensor:
-    fn = getattr(p, "_megacore_shard_fn", None)
-    return fn(full) if fn is not None else full
+    return peek_meta(p).shard(full)
 
 
 def _build(cfg, layout, seed):
@@ -55,7 +55,7 @@ def _build(cfg, layout, seed):
     for c in chunks:
         parallel.parallelize(c, state)
         materialize(c, cfg, seed, dtype=DTYPES[dtype])
-    named = [(getattr(p, "_megacore_global_name", n), p) for c in chunks for n, p in c.named_parameters()]
+    named = [((peek_meta(p).global_name or n), p) for c in chunks for n, p in c.named_parameters()]
     if kind == "adamw":
         return chunks, named, torch.optim.AdamW([p for _, p in named], lr=1e-3)
     assert len(chunks) == 1, "the mixed/distributed optimizers take one model chunk here"

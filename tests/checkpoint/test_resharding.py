@@ -1,6 +1,6 @@
 """Save at one parallel layout, load at another: every parameter and optimizer tensor must equal the
 single-device reference (a full model trained with plain AdamW) sliced the way the loading layout
-holds it. Layouts are built by tests/checkpoint/layouts.py (TP shards with _megacore_shard_fn,
+holds it. Layouts are built by tests/checkpoint/layouts.py (TP shards with ParamMeta.shard_fn,
 pipeline stages with global layer names, virtual chunks, ZeRO-1 flat optimizer shards)."""
 
 import os
@@ -8,6 +8,7 @@ import os
 import torch
 
 from megacore.checkpoint import load_checkpoint, resolve_load_path, save_checkpoint
+from megacore.sharding import peek_meta
 from tests.checkpoint.layouts import FlatShardedState, Layout, local_model, local_shard, reference_state, tiny_config
 from tests.dist.harness import run_distributed
 
@@ -25,7 +26,7 @@ def _build(cfg, full, states, layout, rank, world, fill=None):
     named = []
     for c in chunks:
         for n, p in c.named_parameters():
-            named.append((getattr(p, "_megacore_global_name", n), p))
+            named.append(((peek_meta(p).global_name or n), p))
     params = [p for _, p in named]
     if layout.flat_optimizer:
         _, dp_rank, _, dp = layout.coords(rank, world)

@@ -171,4 +171,5 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     res = load_checkpoint(str(tmp_path), fresh, torch.optim.AdamW(fresh.parameters()))
     assert res.extra == {"betas": (0.9, 0.95)}
     index = json.loads((tmp_path / "iter_0000001" / "index.json").read_text())
-    assert set(index["files"]) == {"rank_00000.safetensors"} and len(index["files"]["rank_00000.safetensors"]["sha256"]) == 64
+    assert set(index["files"]) == {"rank_00000.safetensors", "rank_00000.json"}  # every file a load reads
+    assert all(len(digest["sha256"]) == 64 for digest in index["files"].values())

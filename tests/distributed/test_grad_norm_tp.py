@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.dist.harness import run_distributed
+from megacore.sharding import param_meta, peek_meta
 
 REL_TOL = 1e-5  # fp32; the bug is a relative error of ~1e-2
 LAYOUTS = {"tp2_kv1_sp_dp2": (2, 1, True, "finalize"), "tp4_kv2": (4, 2, False, "hook")}
@@ -29,7 +30,8 @@ SEED = 11
 # ----------------------------------------------------------------------------- one process: the pieces
 def _fake_param(layout, rank: int, local: torch.Tensor) -> torch.nn.Parameter:
     p = torch.nn.Parameter(torch.empty_like(local))
-    p._megacore_tp_dim, p._megacore_tp_layout, p._megacore_tp_rank = layout.dim, layout, rank
+    meta = param_meta(p)
+    meta.tp_layout, meta.tp_rank = layout, rank
     return p
 
 
@@ -121,8 +123,8 @@ def _layout_case(tp: int, kv: int, sp: bool, grad_sync: str, kind: str) -> dict:
     try:
         P.model_parallel_seed(1)
         model = build_parallel_gpt(_config(kv), SEED, sequence_parallel=sp, grad_sync=grad_sync)
-        replicated = sum(int(p._megacore_tp_layout.replicated) for p in model.parameters()
-                         if getattr(p, "_megacore_tp_layout", None) is not None)
+        replicated = sum(int(peek_meta(p).tp_layout.replicated) for p in model.parameters()
+                         if peek_meta(p).tp_layout is not None)
         [(mb_tokens, mb_labels)], n_global = local_micro_batches(0, state.dp_rank, state.dp_size,
                                                                  micro=8 // state.dp_size)
         if kind == "clip_fn":  # no DDP: every rank runs the whole batch, p.grad holds the full gradient

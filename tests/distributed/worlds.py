@@ -16,6 +16,7 @@ from megacore.distributed import DistributedDataParallel, clip_grad_norm
 from megacore.optim import DistributedOptimizer
 from megacore.precision import DynamicLossScaler, cast_params_
 from megacore.optim.optimizer import MixedPrecisionOptimizer
+from megacore.sharding import TPLayout, param_meta
 from tests.distributed.common import (CLIP, HP, STEPS, build_model, global_batch, global_rel_err, max_rel_err, no_decay,
                                       quiet_deprecations, reference_run, run_case, train_steps)
 
@@ -235,7 +236,7 @@ def case_reshard_state(ref, steps_before: int = 3, steps_after: int = 3):
 
 
 def case_grad_norm_tp_dp(world: int):
-    """TP=2 x DP=2 layout simulated on 4 ranks: matrices sharded over TP (``_megacore_tp_dim``), vectors
+    """TP=2 x DP=2 layout simulated on 4 ranks: matrices sharded over TP (a ``tp_layout`` in their ParamMeta), vectors
     replicated over TP, every local grad flat-sharded over DP (distributed optimizer). The global norm
     and the clipped pieces must equal torch's on the full single-rank gradients."""
     tp, dp = 2, world // 2
@@ -265,13 +266,14 @@ def case_grad_norm_tp_dp(world: int):
             g = g_full.reshape(-1).tensor_split(dp)[dp_rank].clone()  # this rank's DP shard
             fake = torch.nn.Parameter(torch.empty_like(g))
             if sharded:
-                fake._megacore_tp_dim = 0
+                meta = param_meta(fake)  # its rows, split evenly over TP: no replicated rows
+                meta.tp_layout, meta.tp_rank = TPLayout.contiguous(0, g.numel() * tp, tp), tp_rank
             fake.grad = g
             pieces.append(fake)
             expected.append(g_ref.reshape(-1).tensor_split(dp)[dp_rank])
         dup = torch.nn.Parameter(torch.empty(5))  # a tied copy that must not count
         dup.grad = torch.full((5,), 100.0)
-        dup._megacore_shared_duplicate = True
+        param_meta(dup).shared_duplicate = True
         norm = float(clip_grad_norm(pieces + [dup], 0.05, groups=(tp_group, dp_group), tp_group=tp_group,
                                     norm_type=norm_type))
         clip_err = max(float((a.grad - b).abs().max()) for a, b in zip(pieces, expected))

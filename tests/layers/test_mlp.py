@@ -5,6 +5,7 @@ import torch
 
 from megacore.config import TransformerConfig
 from megacore.layers.mlp import MLP
+from megacore.sharding import peek_meta
 from tests.layers import reference as ref
 
 B, S, H, F = 2, 5, 16, 24
@@ -80,6 +81,6 @@ def test_swiglu_gate_and_up_halves_are_not_interchangeable():
 
 def test_mlp_init_marks():
     mlp = _mlp("swiglu", bias=True)
-    assert mlp.linear_fc1.weight._megacore_init == "normal"
-    assert mlp.linear_fc2.weight._megacore_init == "scaled_normal"
-    assert mlp.linear_fc1.bias._megacore_init == "zeros" and mlp.linear_fc2.bias._megacore_init == "zeros"
+    assert peek_meta(mlp.linear_fc1.weight).init == "normal"
+    assert peek_meta(mlp.linear_fc2.weight).init == "scaled_normal"
+    assert peek_meta(mlp.linear_fc1.bias).init == "zeros" and peek_meta(mlp.linear_fc2.bias).init == "zeros"

@@ -5,6 +5,7 @@ import torch
 
 from megacore.config import TransformerConfig
 from megacore.layers.norm import LayerNorm, RMSNorm, build_norm
+from megacore.sharding import peek_meta
 from tests.layers import reference as ref
 
 H = 48
@@ -109,7 +110,7 @@ def test_build_norm_from_config(normalization, cls, zero_centered):
     assert isinstance(norm, cls) and norm.eps == 1e-6 and norm.weight.shape == (H,)
     # Fresh norms are the identity scale: gamma = 1 either way.
     assert torch.equal(norm.weight, torch.zeros(H) if zero_centered else torch.ones(H))
-    assert norm.weight._megacore_init == ("zeros" if zero_centered else "ones")
+    assert peek_meta(norm.weight).init == ("zeros" if zero_centered else "ones")
     x, _, _ = _inputs()
     ones, zeros = torch.ones(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
     expected = ref.rmsnorm(x, ones, 1e-6) if cls is RMSNorm else ref.layernorm(x, ones, zeros, 1e-6)

@@ -9,6 +9,7 @@ from torch import nn
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel
 from megacore.models.init import materialize
+from megacore.sharding import param_meta, peek_meta
 
 KINDS = {"normal", "scaled_normal", "ones", "zeros"}
 
@@ -34,7 +35,7 @@ def _assert_same(a: dict, b: dict) -> None:
 def test_every_parameter_declares_its_init():
     model = GPTModel(_config(normalization="LayerNorm"), seed=0)
     for name, p in model.named_parameters():
-        assert getattr(p, "_megacore_init", None) in KINDS, name
+        assert peek_meta(p).init in KINDS, name
 
 
 def test_same_seed_gives_identical_models_and_different_seeds_differ():
@@ -42,7 +43,7 @@ def test_same_seed_gives_identical_models_and_different_seeds_differ():
     a, b, c = GPTModel(cfg, seed=7), GPTModel(cfg, seed=7), GPTModel(cfg, seed=8)
     _assert_same(_state(a), _state(b))
     for (name, pa), pc in zip(a.named_parameters(), c.parameters()):
-        if pa._megacore_init in ("normal", "scaled_normal"):
+        if peek_meta(pa).init in ("normal", "scaled_normal"):
             assert not torch.equal(pa, pc), name  # every random tensor depends on the seed
         else:
             assert torch.equal(pa, pc), name
@@ -99,7 +100,7 @@ def test_init_statistics_within_sampling_error():
     scaled = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     seen = set()
     for name, p in model.named_parameters():
-        kind = p._megacore_init
+        kind = peek_meta(p).init
         seen.add(kind)
         if kind == "ones":
             assert torch.equal(p, torch.ones_like(p)), name
@@ -115,8 +116,8 @@ def test_init_statistics_within_sampling_error():
     assert seen == KINDS  # the config exercises all four kinds
     # Residual-branch output projections are the scaled ones.
     layer = model.decoder.layers["0"]
-    assert layer.self_attention.linear_proj.weight._megacore_init == "scaled_normal"
-    assert layer.mlp.linear_fc2.weight._megacore_init == "scaled_normal"
+    assert peek_meta(layer.self_attention.linear_proj.weight).init == "scaled_normal"
+    assert peek_meta(layer.mlp.linear_fc2.weight).init == "scaled_normal"
 
 
 def test_scaled_output_init_off_uses_plain_std():
@@ -151,14 +152,14 @@ def test_shard_fn_and_global_shape_give_the_slice_of_the_full_tensor():
     global_shape = tuple(fc1.weight.shape)
     rows = global_shape[0] // 2
     local = nn.Parameter(torch.empty(rows, global_shape[1], device="meta"))
-    local._megacore_init = fc1.weight._megacore_init
-    local._megacore_global_shape = global_shape
-    local._megacore_shard_fn = lambda t: t[rows:]  # "rank 1 of 2" along dim 0
+    param_meta(local).init = peek_meta(fc1.weight).init
+    param_meta(local).global_shape = global_shape
+    param_meta(local).shard_fn = lambda t: t[rows:]  # "rank 1 of 2" along dim 0
     fc1.weight = local
     materialize(model, cfg, 9)
     assert torch.equal(fc1.weight, full.decoder.layers["1"].mlp.linear_fc1.weight[rows:])
     # The attributes survive materialize (it re-creates parameters when leaving the meta device).
-    assert fc1.weight._megacore_global_shape == global_shape
+    assert peek_meta(fc1.weight).global_shape == global_shape
 
 
 def test_shard_fn_shape_mismatch_is_a_clear_error():
@@ -166,6 +167,6 @@ def test_shard_fn_shape_mismatch_is_a_clear_error():
     with torch.device("meta"):
         model = GPTModel(cfg, seed=9)
     fc2 = model.decoder.layers["0"].mlp.linear_fc2
-    fc2.weight._megacore_shard_fn = lambda t: t[:, :3]
+    param_meta(fc2.weight).shard_fn = lambda t: t[:, :3]
     with pytest.raises(RuntimeError, match="decoder.layers.0.mlp.linear_fc2.weight"):
         materialize(model, cfg, 9)

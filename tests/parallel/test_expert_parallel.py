@@ -16,6 +16,7 @@ from megacore.config import TransformerConfig
 from megacore.parallel.expert_parallel import apply_expert_parallel
 from megacore.models import GPTModel
 from megacore.models.init import materialize
+from megacore.sharding import peek_meta
 from tests.dist.harness import run_distributed
 
 TOL = 1e-5
@@ -50,7 +51,7 @@ def _ep_cases(rank, world):
     local = cfg.num_experts // world
     for name, p in model.named_parameters():
         grad = p.grad.clone()
-        if getattr(p, "_megacore_expert", False):
+        if peek_meta(p).expert_slice is not None:
             want = ref_params[name].grad[rank * local:(rank + 1) * local]
             errors[f"weight {name}"] = (p.detach() - ref_params[name].detach()[rank * local:(rank + 1) * local]
                                         ).abs().max().item()

@@ -159,3 +159,30 @@ def _live_groups(rank, world):
 def test_initialize_builds_every_group_on_gloo():
     results = run_distributed(_live_groups, world_size=4)
     assert all("not divisible by tensor=3" in r["error"] for r in results)
+
+
+def _group_timeouts(rank, world):
+    state = P.initialize(timeout_s=3)  # world 2: dp (and edp) span the world and reuse the default group
+    seen = {}
+    for name, g in state.groups.items():
+        if g is None or g == dist.GroupMember.WORLD:
+            continue
+        seen[name] = g._get_backend(torch.device("cpu")).options._timeout  # what gloo waits for at most
+    P.destroy()
+    return {name: t.total_seconds() for name, t in seen.items()}
+
+
+def test_timeout_s_reaches_every_group():
+    """torch gives a subgroup its own default timeout, not the default group's: initialize passes it."""
+    for seen in run_distributed(_group_timeouts, world_size=2, timeout_s=60):
+        assert set(seen) >= {"tp", "pp", "cp", "ep", "etp", "dp_cp", "tp_dp_cp", "mp", "tp_cp", "ep_etp"}, seen
+        assert set(seen.values()) == {3.0}, seen
+
+
+@pytest.mark.parametrize("value", [0, -5, float("nan"), float("inf"), True])
+def test_timeout_s_must_be_a_positive_number(value):
+    from megacore.config import ParallelConfig
+
+    assert ParallelConfig().timeout_s == 1800.0
+    with pytest.raises(ConfigError, match=r"parallel\.timeout_s=.* must be a positive number of seconds"):
+        ParallelConfig(timeout_s=value).validate()

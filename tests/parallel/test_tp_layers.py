@@ -8,6 +8,7 @@ from torch import nn
 import megacore.parallel as P
 from megacore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPLayout,
                                              VocabParallelEmbedding, full_tensor)
+from megacore.sharding import peek_meta
 from tests.dist.harness import run_distributed
 
 
@@ -73,8 +74,7 @@ def _shard_like(layer, ref):
     with torch.no_grad():
         for name, p in layer.named_parameters():
             full = getattr(ref, name)
-            fn = getattr(p, "_megacore_shard_fn", None)
-            p.copy_(fn(full) if fn is not None else full)
+            p.copy_(peek_meta(p).shard(full))
 
 
 def _layer_cases(rank, world):

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.config import TransformerConfig
+from megacore.sharding import peek_meta
 
 SEED = 1234
 
@@ -62,7 +63,7 @@ def param_names(config: TransformerConfig) -> list[str]:
 
 
 def global_name(name: str, param) -> str:
-    return getattr(param, "_megacore_global_name", name)
+    return (peek_meta(param).global_name or name)
 
 
 def check_grads(chunks, ref_grads: dict, atol: float = 1e-5, rtol: float = 1e-5) -> list[str]:
@@ -77,8 +78,7 @@ def check_grads(chunks, ref_grads: dict, atol: float = 1e-5, rtol: float = 1e-5)
             grad = grad if grad is not None else p.grad
             assert grad is not None, f"{gname} got no gradient"
             ref = ref_grads[gname]
-            shard_fn = getattr(p, "_megacore_shard_fn", None)  # TP: compare with this rank's slice
-            ref = shard_fn(ref) if shard_fn is not None else ref
+            ref = peek_meta(p).shard(ref)  # TP: compare with this rank's slice
             assert grad.shape == ref.shape, (gname, grad.shape, ref.shape)
             err = (grad.float() - ref).abs().max().item()
             assert torch.allclose(grad.float(), ref, atol=atol, rtol=rtol), f"{gname}: max abs err {err:.3e}"

@@ -20,6 +20,7 @@ from megacore.models.gpt import GPTModel
 from megacore.precision.fp8 import (E4M3, E5M2, Float8Linear, Fp8Matmul, apply_fp8, fp8_device_problem, fp8_linear,
                                     fp8_linear_reference, fp8_supported, fp8_weight_cache, quantize_dequantize,
                                     quantize_weight)
+from megacore.sharding import peek_meta
 from tests.dist.harness import run_distributed
 
 needs_cpu_fp8 = pytest.mark.skipif(not fp8_supported("cpu"), reason="this torch has no CPU torch._scaled_mm")
@@ -288,8 +289,7 @@ def _tp_cases(rank, world):
         with torch.no_grad():
             for name, p in layer.named_parameters():
                 full = getattr(ref, name)
-                fn = getattr(p, "_megacore_shard_fn", None)
-                p.copy_(fn(full) if fn is not None else full)
+                p.copy_(peek_meta(p).shard(full))
         assert apply_fp8(layer) == 1 and isinstance(layer.matmul, Fp8Matmul)
         w_local = layer.weight.detach()
         if kind == "column":

@@ -200,7 +200,7 @@ def test_nan_found_one_step_late_names_its_step_and_saves_nothing_after(tmp_path
     """A NaN loss at step k, read only after step k+1 was queued: the error names step k, the
     metrics stop at k-1 and no checkpoint later than k-1 exists (checkpoints every 2 steps: the bad
     step is a save step for k=4, the one before a save step for k=3)."""
-    from megacore.training.loop import TrainingError
+    from megacore.training.contract import TrainingError
     from megacore.training.trainer import PendingStep
 
     t = _trainer(tmp_path, ["train.iters=8", "checkpoint.interval=2"])

@@ -16,7 +16,7 @@ from torch import nn
 
 from megacore.optim.optimizer import MixedPrecisionOptimizer
 from megacore.training.divergence import DivergenceGuard
-from megacore.training.loop import StepResult, TrainingError
+from megacore.training.contract import StepResult, TrainingError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",

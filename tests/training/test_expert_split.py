@@ -11,7 +11,7 @@ import torch
 from megacore.config import ParallelConfig
 from megacore.config.loading import load_run_config
 from megacore.parallel.topology import ParallelState, describe_layout, layout_mismatches
-from megacore.training.loop import TrainingError
+from megacore.training.contract import TrainingError
 from tests.dist.harness import run_distributed
 from tests.training.test_moe_training import MOE
 from tests.training.test_train_cli import ROOT, _env, run_cli

@@ -216,7 +216,7 @@ def test_non_finite_loss_stops_with_a_clear_message(monkeypatch, tmp_path):
     """The loop, not the model, is under test: a step that returns NaN stops training with advice."""
     from megacore.config import load_run_config
     from megacore.training import trainer as trainer_mod
-    from megacore.training.loop import StepResult, TrainingError
+    from megacore.training.contract import StepResult, TrainingError
 
     cfg = load_run_config(os.path.join(ROOT, "configs/tiny_cpu.yaml"),
                           [*SMALL, "data.source=mock", "model.vocab_size=256", f"log.dir={tmp_path}"])

@@ -21,7 +21,7 @@ from torch import nn
 
 from megacore.config import TransformerConfig
 from megacore.layers.mlp import ACTIVATION_FNS, gated_activation_reference
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 
 
 class SequentialExperts(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import TransformerConfig
-from megacore.layers.norm import mark_init
+from megacore.sharding import mark_init
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:

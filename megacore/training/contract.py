@@ -1,4 +1,5 @@
-"""The training loop: data -> micro-batches -> forward/backward -> optimizer step -> metrics.
+"""The training contract, and the small types the trainer's step is made of (``TrainingError``,
+``resolve_device``, ``collate``, ``StepResult``, ``StopFlag``).
 
 Loss normalization (layout-invariant): every micro-batch contributes the SUM of its per-token
 losses divided by the number of labelled tokens in the whole GLOBAL batch. Summed over micro-batches
@@ -27,7 +28,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad data); the message says why and what to try."""
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
