@@ -7,7 +7,7 @@ names are comes from the rules an adapter builds.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
