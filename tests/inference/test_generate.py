@@ -136,6 +136,11 @@ def test_checkpoint_without_recorded_config_needs_and_uses_config(hf, ckpt, tmp_
     index = json.loads((it / "index.json").read_text())
     model_cfg = index.pop("model_config")
     (it / "index.json").write_text(json.dumps(index))
+    # As a checkpoint of an older format wrote it: no model config, and a COMPLETE marker without
+    # the index digest (which would otherwise, rightly, reject the edited index).
+    marker = json.loads((it / "COMPLETE").read_text())
+    marker.pop("index", None)
+    (it / "COMPLETE").write_text(json.dumps(marker))
     rc, _, err = _cli(capsys, "--model", bare, "--prompt-ids", "1,2,3", "--max-new-tokens", 2)
     assert rc == 2 and "records no model config" in err and "--config" in err
 
