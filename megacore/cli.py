@@ -44,6 +44,13 @@ def _rank_prefix() -> str:
     return "" if int(os.environ.get("WORLD_SIZE", "1")) == 1 else f"[rank {os.environ.get('RANK')}] "
 
 
+def _report(line: str) -> None:
+    """One line to stderr in ONE write: the ranks share the launcher's stderr, and print()'s separate
+    write of the newline lets another rank's line land in between."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_train(argv: list[str]) -> int:
     from megacore.checkpoint.errors import CheckpointError
     from megacore.config import ConfigError, load_run_config
@@ -107,13 +114,13 @@ def run_train(argv: list[str]) -> int:
         Trainer(cfg).run()
     except ConfigError as e:
         if _is_rank0():  # every rank validates the same config: say it once
-            print(f"config error: {e}", file=sys.stderr)
+            _report(f"config error: {e}")
         return 2
     except CheckpointError as e:  # a damaged, mismatched or unwritable checkpoint: the message names it
-        print(f"{_rank_prefix()}checkpoint error: {e}", file=sys.stderr)
+        _report(f"{_rank_prefix()}checkpoint error: {e}")
         return 2
     except TrainingError as e:
-        print(f"{_rank_prefix()}training stopped: {e}", file=sys.stderr)
+        _report(f"{_rank_prefix()}training stopped: {e}")
         return 1
     except PeerFailed:
         return 3
