@@ -104,7 +104,7 @@ def run_train(argv: list[str]) -> int:
         import faulthandler
 
         faulthandler.dump_traceback_later(float(hang_dump_s), exit=False)
-    from megacore.training.trainer import PeerFailed
+    from megacore.training.contract import PeerFailed
 
     try:
         cfg = load_run_config(config_path, overrides).validate()  # before any key is used (timeout_s below)

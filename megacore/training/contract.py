@@ -28,6 +28,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad data); the message says why and what to try."""
 
 
+class PeerFailed(RuntimeError):
+    """This rank stops because another rank failed (that rank reports the reason)."""
+
+
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:

@@ -42,7 +42,8 @@ from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
 from megacore.precision.mixed import DTYPES
-from megacore.training.contract import StepResult, StopFlag, TrainingError, collate, resolve_device
+from megacore.training.contract import StepResult, StopFlag, TrainingError, resolve_device
+from megacore.training.data_feed import DataFeed
 from megacore.training.divergence import DivergenceGuard
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
@@ -63,10 +64,6 @@ def _check_device(cfg: RunConfig, device: torch.device) -> None:
         problem = fp8_device_problem(device)
         if problem is not None:
             raise ConfigError(problem)
-
-
-class PeerFailed(RuntimeError):
-    """This rank stops because another rank failed (that rank reports the reason)."""
 
 
 def _truncate_metrics(log_dir: str, step: int) -> None:
@@ -97,9 +94,6 @@ class Trainer:
         self.active_step = 0  # 1-based step being queued; failure messages name it
         self.state = None
         self.checkpoints = None
-        # The data position: step ``data_anchor[0]`` starts at sample ``data_anchor[1]`` (moved on a
-        # resume whose global batch size differs from the checkpoint's; see ``first_sample``).
-        self.data_anchor = (0, 0)
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -108,14 +102,15 @@ class Trainer:
         _check_device(cfg, self.device)
         self._init_parallel()
         self._lock_checkpoint_dir()
-        self._build_data()
+        self.data = DataFeed(cfg, self.state, self.device, self.rank, self.world_size, self._info)
+        self.data.build()
         cfg.validate(self.world_size)  # again: the tokenizer may have changed model.vocab_size
         self.chunks = self.build_model()
         self.moe_layers = moe_layers(self.chunks)  # empty for a dense model
         for chunk in self.chunks:
             # Each micro-batch's load-balancing loss counts 1/(micro-batches x DP ranks): the objective
             # holds their mean over the global batch, like the LM loss.
-            set_aux_loss_scale(chunk, 1.0 / (len(self.micro_slices()) * self.dp_size))
+            set_aux_loss_scale(chunk, 1.0 / (len(self.data.micro_slices()) * self.dp_size))
         self.optimizer, self.loss_scaler = self.build_optimizer()
         self.schedule = LRSchedule(cfg.train)
         scaler = self.loss_scaler  # an fp16 scale at its floor (or a constant one) cannot back off further
@@ -138,7 +133,7 @@ class Trainer:
         self._info(f"layout: {describe_layout(self.state)}{' (sequence parallel)' if p.sequence_parallel else ''}"
                    f"; optimizer "
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
-                   f"{len(self.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
+                   f"{len(self.data.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
         if self.step > 0 and self.rank == 0:
             _truncate_metrics(cfg.log.dir, self.step)
@@ -166,52 +161,6 @@ class Trainer:
         parallel.model_parallel_seed(self.cfg.train.seed)
         self.dp_size = self.state.dp_size
         self.dp_rank = self.state.dp_rank
-
-    def _build_data(self) -> None:
-        """Rank 0 trains/caches the tokenizer and builds the index files first; the others then read
-        the cache (no two processes write the same cache file). The training set holds every sample
-        up to the end of step ``train.iters`` (``first_sample``; sample ``i`` is the same sample
-        whatever the total, see ``megacore.data.gpt_dataset``)."""
-        t = self.cfg.train
-        n_train = self.first_sample(t.iters)
-        n_eval = (t.iters // t.eval_interval + 1) * t.eval_iters * t.global_batch_size if t.eval_interval else 0
-        for turn in ((0,), tuple(range(1, self.world_size))):
-            failure = None
-            if self.rank in turn:
-                try:
-                    self._load_data(n_train, n_eval)
-                except (ConfigError, TrainingError) as e:
-                    failure = e
-            if self.world_size > 1:
-                # Everyone learns whether any rank failed, so no rank waits forever on the others.
-                flag = torch.tensor([0.0 if failure is None else 1.0], device=comm_device(self.device))
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if failure is None and flag.item() > 0:
-                    raise PeerFailed("another rank could not build the data; its message says why")
-            if failure is not None:
-                raise failure
-        if self.train_ds is None:
-            raise TrainingError("the training split is empty; check data.split (e.g. 969,30,1) and data.paths")
-
-    def _load_data(self, n_train: int, n_eval: int) -> None:
-        from megacore.data import build_datasets, build_tokenizer
-
-        cfg, t = self.cfg, self.cfg.train
-        self.tokenizer = build_tokenizer(cfg.data, log=self._info)
-        if self.tokenizer is not None and cfg.model.vocab_size != self.tokenizer.vocab_size:
-            self._info(f"model.vocab_size set to the tokenizer's {self.tokenizer.vocab_size}")
-            cfg.model.vocab_size = self.tokenizer.vocab_size
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            cfg.data, seq_length=cfg.model.seq_length, vocab_size=cfg.model.vocab_size, seed=t.seed,
-            num_samples=(n_train, n_eval, 0), tokenizer=self.tokenizer, log=self._info)
-        if cfg.vision.enabled:  # data.source=mock (validated): synthetic images with the text
-            from megacore.data.mock import MockImageTextDataset
-
-            v = cfg.vision
-            shape = (v.num_channels, v.image_size, v.image_size)
-            self.train_ds, self.valid_ds = (
-                MockImageTextDataset(ds, v.image_token_id, v.image_seq_length, shape, seed=t.seed + i) if ds else None
-                for i, ds in enumerate((self.train_ds, self.valid_ds)))
 
     def build_model(self) -> list[torch.nn.Module]:
         """This rank's model chunks, wrapped for data parallelism (the composition root, ``megacore.compose``)."""
@@ -244,38 +193,10 @@ class Trainer:
         result = self.checkpoints.resume(self.chunks, self.optimizer, self.loss_scaler)
         if result is not None:
             self.step = result.step
-            self._resume_data_position(result)
+            self.data.resume_at(result, self.step)
             if self.step >= self.cfg.train.iters:
                 self._info(f"the checkpoint is at step {self.step} >= train.iters={self.cfg.train.iters}: "
                            "nothing left to train (raise train.iters to continue)")
-
-    def _resume_data_position(self, result) -> None:
-        """Continue the sample stream where the checkpoint left it: at its ``consumed_samples``, not
-        at ``step x train.global_batch_size``, which differs when the global batch size changed
-        (the same samples would be seen twice or never). A checkpoint without the number (a
-        converted one) resumes at ``step x global_batch_size``, the position this run would have."""
-        g = self.cfg.train.global_batch_size
-        extra = result.extra if isinstance(result.extra, dict) else {}
-        consumed = extra.get("consumed_samples")
-        if consumed is None:
-            return
-        if isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0:
-            raise TrainingError(f"checkpoint {result.path} records consumed_samples={consumed!r}, not a sample count; "
-                                "it was not written by megacore train, or is damaged: resume from another checkpoint")
-        if consumed == self.step * g:
-            return
-        saved_g = ((extra.get("run_config") or {}).get("train") or {}).get("global_batch_size", "another value")
-        self.data_anchor = (self.step, consumed)
-        self._info(f"data: the checkpoint consumed {consumed} samples in {self.step} steps (global batch size "
-                   f"{saved_g}); continuing at sample {consumed} with train.global_batch_size={g}")
-        if self.first_sample(self.cfg.train.iters) > len(self.train_ds):
-            self._build_data()  # more samples than sized for before the position was known
-
-    def first_sample(self, step: int) -> int:
-        """Global index of the first training sample of step ``step`` (0-based); the samples of step
-        ``k`` are ``[first_sample(k), first_sample(k + 1))``. Without a moved anchor: ``k x G``."""
-        anchor_step, anchor_sample = self.data_anchor
-        return anchor_sample + (step - anchor_step) * self.cfg.train.global_batch_size
 
     def _global_param_count(self) -> int:
         """Parameters of the one-device model: each local parameter counts at its global shape (TP
@@ -296,36 +217,6 @@ class Trainer:
     def _info(self, msg: str) -> None:
         if self.rank == 0:
             print(f"[megacore] {msg}", flush=True)
-
-    # ------------------------------------------------------------------------------- data
-    def micro_slices(self) -> list[range]:
-        """This data-parallel rank's micro-batches, as offsets into one global batch."""
-        t = self.cfg.train
-        per_rank = t.global_batch_size // self.dp_size
-        start = self.dp_rank * per_rank
-        return [range(start + i, start + i + t.micro_batch_size) for i in range(0, per_rank, t.micro_batch_size)]
-
-    def micro_batches(self, dataset, batch_index: int, first: Optional[int] = None) -> tuple[list[dict], float]:
-        """This rank's micro-batches of global batch ``batch_index`` (whose first sample is ``first``,
-        default ``batch_index x global_batch_size``), and their labelled-token count (counted on the
-        host before the copy to the device, so counting never waits for the GPU)."""
-        base = batch_index * self.cfg.train.global_batch_size if first is None else first
-        cp, cp_rank = self.state.cp_size, self.state.cp_rank
-        # Context parallel: keep this rank's tokens, with their global positions (rotary and the mask).
-        keep_positions = self.cfg.data.reset_position_ids or cp > 1
-        out, labelled = [], 0.0
-        for r in self.micro_slices():
-            samples = [dataset[base + i] for i in r]
-            if cp > 1:
-                from megacore.parallel.context_parallel import split_sample_for_cp
-
-                samples = [split_sample_for_cp(s, cp, cp_rank) for s in samples]
-            labelled += float(sum(s["loss_mask"].sum() for s in samples))
-            mb = collate(samples, self.device)
-            if not keep_positions:
-                mb.pop("position_ids", None)
-            out.append(mb)
-        return out, labelled
 
     def _count_over_dp(self, local: float):
         """Labelled tokens of the whole global batch: this rank's count summed over data parallelism.
@@ -380,7 +271,7 @@ class Trainer:
         from megacore.pipeline.schedules import forward_backward
         from megacore.optim.step_info import StepInfo
 
-        micro, local_tokens = self.micro_batches(self.train_ds, step, self.first_sample(step))
+        micro, local_tokens = self.data.micro_batches(self.data.train_ds, step, self.data.first_sample(step))
         num_tokens = self._count_over_dp(local_tokens)
         if not isinstance(num_tokens, torch.Tensor) and num_tokens == 0:  # known on the host: fail now
             raise TrainingError(self._no_tokens_message(step))
@@ -443,7 +334,7 @@ class Trainer:
         sums, counts = [], []
         base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
         for k in range(t.eval_iters):
-            micro, local_tokens = self.micro_batches(self.valid_ds, base + k)
+            micro, local_tokens = self.data.micro_batches(self.data.valid_ds, base + k)
             n = self._count_over_dp(local_tokens)
             if isinstance(n, torch.Tensor):
                 # An empty batch (n == 0) contributes 0 / 1 * 0: what skipping it did, without reading n.
@@ -480,7 +371,7 @@ class Trainer:
         return bool(flag.item())
 
     def _extra(self) -> dict:
-        return {"consumed_samples": self.first_sample(self.step), "run_config": self.cfg.to_dict()}
+        return {"consumed_samples": self.data.first_sample(self.step), "run_config": self.cfg.to_dict()}
 
     def _weights_finite(self) -> bool:
         """Whether every weight of every rank is finite: per (device, dtype), one multi-tensor
@@ -603,7 +494,7 @@ class Trainer:
                 finish(pending)
             pending = queued
             self.step += 1
-            evaluate = bool(t.eval_interval) and self.step % t.eval_interval == 0 and self.valid_ds is not None
+            evaluate = bool(t.eval_interval) and self.step % t.eval_interval == 0 and self.data.valid_ds is not None
             save = self.checkpoints.should_save(self.step)
             if pending.ready or stopped or evaluate or save or self.step >= t.iters:
                 finish(pending)
@@ -696,7 +587,7 @@ class Trainer:
         tps = tokens_global / dt
         record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
                   "tokens_per_s": tps, "step_time_s": dt, "labelled_tokens": r.tokens, "skipped": r.skipped,
-                  "consumed_samples": self.first_sample(step)}
+                  "consumed_samples": self.data.first_sample(step)}
         if r.skipped:
             record["skip_reason"] = skip_reason or "skipped"
         if self.device.type == "cuda":

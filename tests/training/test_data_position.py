@@ -39,8 +39,8 @@ def _run(tmp_path, global_batch: int, iters: int) -> tuple[list[int], list[dict]
     real_loop, recorders = t._loop, []
 
     def loop():
-        recorders.append(Recorder(t.train_ds))
-        t.train_ds = recorders[-1]
+        recorders.append(Recorder(t.data.train_ds))
+        t.data.train_ds = recorders[-1]
         return real_loop()
 
     t._loop = loop
