@@ -212,13 +212,6 @@ def peek_meta(param: torch.Tensor) -> ParamMeta:
 _EMPTY = ParamMeta()
 
 
-def carry_meta(new: torch.Tensor, old: torch.Tensor) -> None:
-    """Give ``new`` (e.g. the Parameter ``to_empty`` made) the description of ``old``."""
-    meta = old.__dict__.get(_ATTR)
-    if meta is not None:
-        setattr(new, _ATTR, meta)
-
-
 def mark_init(param: torch.Tensor, kind: str) -> torch.Tensor:
     """Declare ``param``'s init kind (see ``megacore.models.init``); returns it."""
     param_meta(param).init = kind
