@@ -16,6 +16,9 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 LAYER_KINDS = ("M", "*", "-")  # model.layer_pattern: Mamba-2, self-attention, MLP
 ROTARY_SCALINGS = (None, "llama3", "yarn", "linear")
 ATTENTION_BACKENDS = ("auto", "sdpa", "reference")
+MOE_ROUTER_SCORES = ("softmax", "sigmoid")
+MOE_AUX_LOSS_TYPES = ("micro_batch", "sequence", "global_batch")
+MOE_EXPERTS_BACKENDS = ("auto", "grouped_mm", "reference")
 
 
 @dataclass
@@ -77,6 +80,33 @@ class TransformerConfig:
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_norm_topk: bool = True   # renormalize the top-k router probabilities to sum to 1 (Mixtral)
     moe_aux_loss_coeff: float = 0.0     # weight of the load-balancing loss (e.g. 0.01; 0: off)
+    # Router (megacore.layers.moe.router; formulas there). Scores: "softmax" over all experts
+    # (Mixtral, Qwen) or "sigmoid" per expert (DeepSeek-V3).
+    moe_router_score: str = "softmax"
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores for the
+    # top-k choice only, moved by this rate after each step toward even load (e.g. 0.001; 0: off).
+    moe_router_bias_update_rate: float = 0.0
+    moe_router_num_groups: Optional[int] = None   # group-limited routing: experts in this many groups,
+    moe_router_group_topk: Optional[int] = None   # of which the best this many are eligible per token
+    moe_routed_scaling_factor: float = 1.0        # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
+    moe_z_loss_coeff: float = 0.0                 # router z-loss weight (ST-MoE; e.g. 1e-3; 0: off)
+    # Over which tokens the load-balancing loss counts expert load: "micro_batch" (the tokens of one
+    # forward), "sequence" (each sequence on its own, then averaged; DeepSeek-V3's sequence-wise
+    # loss) or "global_batch" (load summed over the data-parallel ranks of the step's micro-batch).
+    moe_aux_loss_type: str = "micro_batch"
+    # Capacity: at most ceil(capacity_factor * tokens * top_k / num_experts) assignments per expert
+    # and forward, the lowest-weighted overflow dropped; null: dropless (every assignment computed).
+    moe_capacity_factor: Optional[float] = None
+    moe_pad_to_capacity: bool = False   # with a capacity: every expert computes exactly its capacity rows
+    # Shared experts: an always-on MLP of this width beside the routed ones (DeepSeek: n_shared *
+    # moe_ffn_hidden_size; Qwen2-MoE: shared_expert_intermediate_size); null: none.
+    moe_shared_expert_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False   # scale the shared expert by sigmoid(x·w) (Qwen2-MoE)
+    moe_first_k_dense: int = 0   # the first k layers keep a dense MLP (DeepSeek-V3: 3)
+    moe_layer_freq: int = 1      # after those, every n-th layer is MoE (layer i with (i - k) % n == 0)
+    # How the experts' GEMMs run: "auto" (grouped GEMM, torch._grouped_mm, where the build and dtype
+    # allow, else "reference"), "grouped_mm", or "reference" (one expert after another).
+    moe_experts_backend: str = "auto"
     # Hybrid stacks (Megatron / NemotronH convention): one character per layer, each layer one
     # pre-norm residual block: 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (or MoE when
     # num_experts is set). null: every layer is attention + MLP (a plain transformer).
@@ -202,9 +232,62 @@ class TransformerConfig:
                       "use null to take model.ffn_hidden_size")
             if self.moe_aux_loss_coeff < 0:
                 _fail("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "must be >= 0", "use e.g. 0.01, or 0 for none")
+            self._validate_moe()
         if self.layer_pattern is not None:
             self._validate_hybrid()
         return self
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether layer ``layer_number`` (global, 0-based) has an MoE block rather than a dense MLP."""
+        if self.num_experts is None or layer_number < self.moe_first_k_dense:
+            return False
+        return (layer_number - self.moe_first_k_dense) % self.moe_layer_freq == 0
+
+    def _validate_moe(self) -> None:
+        if self.moe_router_score not in MOE_ROUTER_SCORES:
+            _fail("model.moe_router_score", self.moe_router_score, "is not known", f"use one of {list(MOE_ROUTER_SCORES)}")
+        if self.moe_aux_loss_type not in MOE_AUX_LOSS_TYPES:
+            _fail("model.moe_aux_loss_type", self.moe_aux_loss_type, "is not known",
+                  f"use one of {list(MOE_AUX_LOSS_TYPES)}")
+        if self.moe_experts_backend not in MOE_EXPERTS_BACKENDS:
+            _fail("model.moe_experts_backend", self.moe_experts_backend, "is not known",
+                  f"use one of {list(MOE_EXPERTS_BACKENDS)}")
+        for key in ("moe_router_bias_update_rate", "moe_z_loss_coeff"):
+            if getattr(self, key) < 0:
+                _fail(f"model.{key}", getattr(self, key), "must be >= 0", "use 0 to turn it off")
+        if self.moe_routed_scaling_factor <= 0:
+            _fail("model.moe_routed_scaling_factor", self.moe_routed_scaling_factor, "must be positive", "use 1.0")
+        groups, top = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (top is None):
+            _fail("model.moe_router_group_topk", top, "and model.moe_router_num_groups must be set together",
+                  "set both (e.g. 8 groups, 4 of them eligible) or neither")
+        if groups is not None:
+            if not isinstance(groups, int) or groups < 1 or self.num_experts % groups:
+                _fail("model.moe_router_num_groups", groups, f"must divide num_experts={self.num_experts}",
+                      "use e.g. 8 for 256 experts")
+            if not isinstance(top, int) or not 1 <= top <= groups:
+                _fail("model.moe_router_group_topk", top, f"must be between 1 and moe_router_num_groups={groups}",
+                      "use e.g. 4")
+            if top * (self.num_experts // groups) < self.moe_top_k:
+                _fail("model.moe_router_group_topk", top,
+                      f"leaves {top * (self.num_experts // groups)} eligible experts, fewer than moe_top_k="
+                      f"{self.moe_top_k}", "allow more groups per token or lower moe_top_k")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            _fail("model.moe_capacity_factor", self.moe_capacity_factor, "must be positive",
+                  "use e.g. 1.25, or null for dropless routing")
+        if self.moe_pad_to_capacity and self.moe_capacity_factor is None:
+            _fail("model.moe_pad_to_capacity", True, "needs a capacity", "set model.moe_capacity_factor (e.g. 1.25)")
+        if self.moe_shared_expert_hidden_size is not None and self.moe_shared_expert_hidden_size <= 0:
+            _fail("model.moe_shared_expert_hidden_size", self.moe_shared_expert_hidden_size, "must be positive",
+                  "use null for no shared expert")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_hidden_size is None:
+            _fail("model.moe_shared_expert_gate", True, "gates a shared expert, but there is none",
+                  "set model.moe_shared_expert_hidden_size")
+        if not isinstance(self.moe_first_k_dense, int) or not 0 <= self.moe_first_k_dense < self.num_layers:
+            _fail("model.moe_first_k_dense", self.moe_first_k_dense, f"must be in [0, num_layers={self.num_layers})",
+                  "use 0 for MoE from the first layer")
+        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq < 1:
+            _fail("model.moe_layer_freq", self.moe_layer_freq, "must be an integer >= 1", "use 1 for every layer")
 
     def _validate_hybrid(self) -> None:
         pattern = self.layer_pattern

@@ -67,7 +67,7 @@ class AttentionLayer(_SingleMixerLayer):
 class MLPLayer(_SingleMixerLayer):
     def __init__(self, config: TransformerConfig, layer_number: int, spec: LayerSpec):
         super().__init__(config, layer_number, spec)
-        self.mlp = spec.mlp(config)
+        self.mlp = spec.feed_forward(config, layer_number)
 
     def mix(self, normed_BSH, rotary, mask, kv_cache):
         return self.mlp(normed_BSH)

@@ -8,6 +8,8 @@ plain torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,12 +45,25 @@ def gated_activation_reference(x_fused: torch.Tensor, activation: str) -> torch.
     return ACTIVATION_FNS[activation](gate) * up
 
 
+def mlp_activation(x: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """fc1's output -> the activation fc2 reads: the fused gated kernel where the kernel backend
+    allows (not fp64), else plain torch."""
+    if gated:
+        kernel_act = _KERNEL_ACTIVATION.get(activation)
+        if kernel_act is not None and x.dtype != torch.float64 and use_triton(x, kernel="gated activation"):
+            return gated_activation(x, kernel_act)
+        return gated_activation_reference(x, activation)
+    return ACTIVATION_FNS[activation](x)
+
+
 class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig):
+    """``ffn_size`` overrides ``config.ffn_size`` (an MoE layer's shared expert has its own width)."""
+
+    def __init__(self, config: TransformerConfig, ffn_size: Optional[int] = None):
         super().__init__()
         self.activation = config.activation
         self.gated = config.gated_mlp
-        ffn = config.ffn_size
+        ffn = ffn_size if ffn_size is not None else config.ffn_size
         self.linear_fc1 = nn.Linear(config.hidden_size, 2 * ffn if self.gated else ffn, bias=config.add_bias_linear)
         self.linear_fc2 = nn.Linear(ffn, config.hidden_size, bias=config.add_bias_linear)
         mark_init(self.linear_fc1.weight, "normal")
@@ -60,12 +75,7 @@ class MLP(nn.Module):
         self.recompute_activation = False
 
     def activation_fn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            kernel_act = _KERNEL_ACTIVATION.get(self.activation)
-            if kernel_act is not None and x.dtype != torch.float64 and use_triton(x, kernel="gated activation"):
-                return gated_activation(x, kernel_act)
-            return gated_activation_reference(x, self.activation)
-        return ACTIVATION_FNS[self.activation](x)
+        return mlp_activation(x, self.activation, self.gated)
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         fc1_out = self.linear_fc1(hidden_BSH)

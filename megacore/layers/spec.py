@@ -4,6 +4,7 @@ A model is assembled from a ``LayerSpec``, so a user swaps one submodule (their 
 norm or MLP) without forking the model::
 
     spec = LayerSpec(mlp=MyMLP)            # MyMLP(config) -> nn.Module, forward(hidden_BSH)
+                                           # (``moe=`` likewise replaces the MoE block)
     model = GPTModel(config, layer_spec=spec)
 
 Each entry is a callable ``(config) -> nn.Module``; the norms are ``(config, dim) -> nn.Module``.
@@ -23,14 +24,10 @@ from megacore.layers.mlp import MLP
 from megacore.layers.norm import build_norm
 
 
-def build_mlp(config) -> nn.Module:
-    """The layer's feed-forward block: the dense ``MLP``, or an ``MoELayer`` when
-    ``config.num_experts`` is set."""
-    if config.num_experts is not None:
-        from megacore.layers.moe import MoELayer
+def build_moe(config) -> nn.Module:
+    from megacore.layers.moe import MoELayer
 
-        return MoELayer(config)
-    return MLP(config)
+    return MoELayer(config)
 
 
 @dataclass
@@ -39,5 +36,11 @@ class LayerSpec:
     self_attention: Callable = SelfAttention
     core_attention: Callable = CoreAttention
     pre_mlp_norm: Callable = build_norm
-    mlp: Callable = build_mlp
+    mlp: Callable = MLP          # the dense feed-forward block
+    moe: Callable = build_moe    # the layers ``config.is_moe_layer`` picks (model.num_experts set)
     final_norm: Callable = build_norm
+
+    def feed_forward(self, config, layer_number: int) -> nn.Module:
+        """Layer ``layer_number``'s feed-forward block: ``moe`` where the config puts an MoE layer
+        (``num_experts``, ``moe_first_k_dense``, ``moe_layer_freq``), else ``mlp``."""
+        return self.moe(config) if config.is_moe_layer(layer_number) else self.mlp(config)

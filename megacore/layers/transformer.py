@@ -28,7 +28,7 @@ class TransformerLayer(nn.Module):
         self.input_norm = spec.input_norm(config, config.hidden_size)
         self.self_attention = spec.self_attention(config, spec.core_attention)
         self.pre_mlp_norm = spec.pre_mlp_norm(config, config.hidden_size)
-        self.mlp = spec.mlp(config)
+        self.mlp = spec.feed_forward(config, layer_number)
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
         # A strategy the parallel plan may hand in (parallel.tp_batch_chunks): ``chunked_forward(forward,
         # hidden, rotary, mask)`` runs ``forward`` on independent groups of sequences, so that one group's

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore.config.support import Facts, check
-from megacore.layers.moe.experts import SequentialExperts
+from megacore.layers.moe.experts import Experts
 from megacore.sharding import param_meta, peek_meta
 
 
@@ -65,7 +65,8 @@ def dispatch_and_compute(experts, x_sorted: torch.Tensor, counts_per_expert: tor
     sent, arrivals = both[:size * local], both[size * local:]
     input_splits = [sum(sent[s * local:(s + 1) * local]) for s in range(size)]
     output_splits = [sum(arrivals[s * local:(s + 1) * local]) for s in range(size)]
-    x_recv = all_to_all(x_sorted, output_splits, input_splits, group)
+    rows, kept = x_sorted.shape[0], sum(input_splits)  # rows past ``kept``: dropped assignments
+    x_recv = all_to_all(x_sorted[:kept], output_splits, input_splits, group)
     # Arrival order is (source rank, local expert); group the rows by local expert for the GEMMs.
     expert_of_row = torch.arange(local, device=x_recv.device).repeat(size).repeat_interleave(
         torch.tensor(arrivals, device=x_recv.device), output_size=x_recv.shape[0])
@@ -73,7 +74,10 @@ def dispatch_and_compute(experts, x_sorted: torch.Tensor, counts_per_expert: tor
     per_expert = [sum(arrivals[s * local + e] for s in range(size)) for e in range(local)]
     y_grouped = experts.run_sorted(x_recv[by_expert], per_expert)
     y_recv = torch.empty_like(y_grouped).index_copy(0, by_expert, y_grouped)
-    return all_to_all(y_recv, input_splits, output_splits, group)
+    y_sorted = all_to_all(y_recv, input_splits, output_splits, group)
+    if kept < rows:
+        y_sorted = torch.cat([y_sorted, y_sorted.new_zeros((rows - kept, *y_sorted.shape[1:]))])
+    return y_sorted
 
 
 def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.Module:
@@ -84,7 +88,7 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int) -> nn.M
     if getattr(model, "config", None) is not None:  # the support table's rules on the model and the EP size
         check(Facts(model=model.config, expert=size))
     for module in model.modules():
-        if not isinstance(module, SequentialExperts):
+        if not isinstance(module, Experts):
             continue
         total = module.linear_fc1.shape[0]
         local = total // size

@@ -3,7 +3,7 @@
 Model FLOPs per token = 6·N + 6·L·h·s, where N counts the parameters taking part in matmuls (all but
 the input embedding table; the output layer counts even when tied), L layers, h hidden size, s
 sequence length (causal attention counted once per pair). Recomputation is not counted. In an MoE
-layer N counts the parameters a token meets: the router and its ``moe_top_k`` experts. In a hybrid
+layer N counts the parameters a token meets: the router, its ``moe_top_k`` experts and the shared expert. In a hybrid
 stack (``model.layer_pattern``) each layer counts its own kind: attention, MLP or Mamba projections.
 A LLaVA model adds its image FLOPs per token (``vision_flops_per_token``).
 """
@@ -18,14 +18,21 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def matmul_params(cfg: TransformerConfig) -> int:
     h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
     attention = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_attention_heads * hd * h
-    mlp = h * f * (3 if cfg.gated_mlp else 2)
+    per_width = 3 if cfg.gated_mlp else 2
+    dense_mlp = h * f * per_width
+    moe_mlp = 0
     if cfg.num_experts is not None:
-        mlp = h * cfg.num_experts + cfg.moe_top_k * h * cfg.moe_ffn_size * (3 if cfg.gated_mlp else 2)
-    per_kind = {"T": attention + mlp, "*": attention, "-": mlp}
-    if "M" in cfg.layer_kinds:  # Mamba-2: in_proj to [z | x B C | dt], out_proj (the conv is not a matmul)
-        inner = cfg.mamba_heads * cfg.mamba_head_dim
-        per_kind["M"] = h * (2 * inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim + cfg.mamba_heads) + inner * h
-    return sum(per_kind[k] for k in cfg.layer_kinds) + h * cfg.vocab_size
+        moe_mlp = h * cfg.num_experts + cfg.moe_top_k * h * cfg.moe_ffn_size * per_width
+        if cfg.moe_shared_expert_hidden_size is not None:
+            moe_mlp += h * cfg.moe_shared_expert_hidden_size * per_width + (h if cfg.moe_shared_expert_gate else 0)
+    inner = cfg.mamba_heads * cfg.mamba_head_dim
+    # Mamba-2: in_proj to [z | x B C | dt], out_proj (the conv is not a matmul)
+    mamba = h * (2 * inner + 2 * cfg.mamba_num_groups * cfg.mamba_state_dim + cfg.mamba_heads) + inner * h
+    total = h * cfg.vocab_size
+    for i, kind in enumerate(cfg.layer_kinds):
+        mlp = moe_mlp if cfg.is_moe_layer(i) else dense_mlp
+        total += {"T": attention + mlp, "*": attention, "-": mlp, "M": mamba}[kind]
+    return total
 
 
 def flops_per_token(cfg: TransformerConfig, seq_length: int | None = None) -> float:

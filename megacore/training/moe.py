@@ -11,11 +11,9 @@ from torch import nn
 
 
 def num_moe_layers(model_cfg) -> int:
-    """MoE layers in the whole model: every layer with an MLP (a plain layer 'T', or '-' in a hybrid
-    ``layer_pattern``) when ``num_experts`` is set, else none."""
-    if model_cfg.num_experts is None:
-        return 0
-    return sum(kind in "T-" for kind in model_cfg.layer_kinds)
+    """MoE layers in the whole model: the layers with an MLP (a plain layer 'T', or '-' in a hybrid
+    ``layer_pattern``) that ``is_moe_layer`` picks (``moe_first_k_dense``, ``moe_layer_freq``)."""
+    return sum(kind in "T-" and model_cfg.is_moe_layer(i) for i, kind in enumerate(model_cfg.layer_kinds))
 
 
 def moe_layers(chunks) -> list[nn.Module]:

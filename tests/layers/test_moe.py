@@ -89,7 +89,7 @@ def test_aux_loss_gradient_equals_adding_it_to_the_loss():
     plain = GPTModel(TransformerConfig(**base), seed=5)
     auxes = []
     for layer in plain.decoder.layers.values():
-        layer.mlp.router.register_forward_hook(lambda mod, inp, out: auxes.append(out[2]))
+        layer.mlp.router.register_forward_hook(lambda mod, inp, out: auxes.append(out.balance_loss))
     plain_loss = plain(ids, labels=ids)
     torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
     (plain_loss + coeff * scale * sum(auxes)).backward()

@@ -25,13 +25,13 @@ def _config(overrides: list[str], log_dir: str):
 
 def _expert_weights(trainer) -> dict[str, torch.Tensor]:
     """Every expert weight this rank holds after ``Trainer.setup``, by global parameter name."""
-    from megacore.layers.moe.experts import SequentialExperts
+    from megacore.layers.moe.experts import Experts
     from megacore.pipeline.tied import unwrap
 
     out = {}
     for chunk in trainer.chunks:
         for mname, module in unwrap(chunk).named_modules():
-            if isinstance(module, SequentialExperts):
+            if isinstance(module, Experts):
                 for pname, p in module.named_parameters(recurse=False):
                     out[f"{mname}.{pname}"] = p.detach().clone()
     return out

@@ -2,7 +2,7 @@
 
 The load-balancing loss never changes the returned activations or the reported LM loss: it is
 attached to the layer's output so that backpropagating the LM loss also backpropagates
-``moe_aux_loss_coeff · scale · aux`` (``AttachAuxLoss``). ``scale`` makes the per-micro-batch
+``scale · (moe_aux_loss_coeff · aux + moe_z_loss_coeff · z)`` (``AttachAuxLoss``). ``scale`` makes the per-micro-batch
 losses add up to the mean over the global batch: the trainer sets it to
 1 / (micro-batches per step × data-parallel ranks) with :func:`set_aux_loss_scale`; a plain
 ``model(ids, labels=...).backward()`` uses 1. Training forwards add up their aux values for
@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from megacore.config import TransformerConfig
-from megacore.layers.moe.experts import SequentialExperts
+from megacore.layers.mlp import MLP
+from megacore.layers.moe.experts import Experts
 from megacore.layers.moe.router import TopKRouter
+from megacore.sharding import mark_init
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -35,11 +37,24 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class MoELayer(nn.Module):
+    """Router + routed experts (+ an always-on shared expert)::
+
+        out = Σ_k w_k · expert_k(x)  [+ g(x) · shared(x)],   g = sigmoid(x·w_g) when gated, else 1
+    """
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.router = TopKRouter(config)
-        self.experts = SequentialExperts(config)
+        self.experts = Experts(config)
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if config.moe_shared_expert_hidden_size is not None:
+            self.shared_expert = MLP(config, ffn_size=config.moe_shared_expert_hidden_size)
+            if config.moe_shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+                mark_init(self.shared_expert_gate.weight, "normal")
         self.aux_loss_coeff = config.moe_aux_loss_coeff
+        self.z_loss_coeff = config.moe_z_loss_coeff
         self.aux_loss_scale = 1.0
         self._aux_sum, self._aux_count = None, 0
         self.record_aux = True  # False while a forward's balance loss must not be logged
@@ -47,15 +62,26 @@ class MoELayer(nn.Module):
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         shape = hidden_BSH.shape
         tokens = hidden_BSH.reshape(-1, shape[-1])
-        weights, experts, aux = self.router(tokens)
-        out = self.experts(tokens, weights, experts).view(shape)
+        routing = self.router(hidden_BSH)
+        out = self.experts(tokens, routing.weights_TK, routing.experts_TK, routing.capacity).view(shape)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden_BSH)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_BSH)) * shared
+            out = out + shared
         if self.training and torch.is_grad_enabled():
             if self.record_aux:
-                value = aux.detach()
+                value = routing.balance_loss.detach()
                 self._aux_sum = value if self._aux_sum is None else self._aux_sum + value
                 self._aux_count += 1
+            loss = None
             if self.aux_loss_coeff > 0:
-                out = AttachAuxLoss.apply(out, aux, self.aux_loss_coeff * self.aux_loss_scale)
+                loss = self.aux_loss_coeff * routing.balance_loss
+            if self.z_loss_coeff > 0 and routing.z_loss is not None:
+                z = self.z_loss_coeff * routing.z_loss
+                loss = z if loss is None else loss + z
+            if loss is not None:
+                out = AttachAuxLoss.apply(out, loss, self.aux_loss_scale)
         return out
 
     def pop_aux_mean(self):

@@ -15,6 +15,8 @@ gradient reaches W only through P (f counts discrete choices).
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,17 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> tor
     return num_experts * (counts / max(tokens, 1) * probs_TE.mean(dim=0)).sum()
 
 
+class Routing(NamedTuple):
+    """What the router decides for T tokens (fp32 weights; fp64 for fp64 input)."""
+
+    weights_TK: torch.Tensor          # each token's k expert weights (0 for a dropped assignment)
+    experts_TK: torch.Tensor          # int64 expert indices; num_experts marks a dropped assignment
+    balance_loss: torch.Tensor        # load-balancing loss, unweighted (a scalar)
+    z_loss: Optional[torch.Tensor]    # router z-loss, unweighted; None when model.moe_z_loss_coeff is 0
+    tokens_per_expert: torch.Tensor   # [E] assignments per expert before any drop (detached)
+    capacity: Optional[int] = None    # rows per expert when model.moe_pad_to_capacity, else None
+
+
 class TopKRouter(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -41,13 +54,15 @@ class TopKRouter(nn.Module):
         self.norm_topk = config.moe_router_norm_topk
         self.weight = mark_init(nn.Parameter(torch.empty(config.num_experts, config.hidden_size)), "normal")
 
-    def forward(self, hidden_TH: torch.Tensor):
-        """hidden [T, H] -> (weights [T, k], experts [T, k] int64, aux loss scalar); weights and aux in
-        fp32 (fp64 for fp64 input)."""
+    def forward(self, hidden_BSH: torch.Tensor) -> Routing:
+        """hidden [B, S, H] -> the ``Routing`` of its T = B·S tokens (in that order)."""
+        hidden_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
         # fp32 at least: bf16 probabilities would tie and flip top-k choices.
         probs = torch.softmax(F.linear(hidden_TH, self.weight), dim=-1,
                               dtype=torch.promote_types(hidden_TH.dtype, torch.float32))
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts, load_balancing_loss(probs, experts)
+        counts = torch.zeros(probs.shape[-1], dtype=probs.dtype, device=probs.device).scatter_add_(
+            0, experts.reshape(-1), torch.ones_like(experts.reshape(-1), dtype=probs.dtype))
+        return Routing(weights, experts, load_balancing_loss(probs, experts), None, counts)
