@@ -28,16 +28,22 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, h, heads, kv_heads, ffn, rotary):
+    def __init__(self, h, heads, kv_heads, ffn, rotary, moe=None):
         super().__init__()
         self.heads, self.kv_heads, self.hd = heads, kv_heads, h // heads
         self.q = nn.Linear(h, heads * self.hd, bias=False)
         self.k = nn.Linear(h, kv_heads * self.hd, bias=False)
         self.v = nn.Linear(h, kv_heads * self.hd, bias=False)
         self.o = nn.Linear(heads * self.hd, h, bias=False)
-        self.gate = nn.Linear(h, ffn, bias=False)
-        self.up = nn.Linear(h, ffn, bias=False)
-        self.down = nn.Linear(ffn, h, bias=False)
+        self.moe = None
+        if moe is not None:  # (experts, top_k, expert width): benchmarks/baseline_moe.py
+            from benchmarks.baseline_moe import PlainMoE
+
+            self.moe = PlainMoE(h, moe[2], moe[0], moe[1])
+        else:
+            self.gate = nn.Linear(h, ffn, bias=False)
+            self.up = nn.Linear(h, ffn, bias=False)
+            self.down = nn.Linear(ffn, h, bias=False)
         self.n1 = nn.RMSNorm(h, eps=1e-5)
         self.n2 = nn.RMSNorm(h, eps=1e-5)
         self.rotary = rotary
@@ -51,19 +57,21 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
         x = x + self.o(a.transpose(1, 2).reshape(b, s, -1))
         y = self.n2(x)
+        if self.moe is not None:
+            return x + self.moe(y)
         return x + self.down(F.silu(self.gate(y)) * self.up(y))
 
 
 class BaselineLlama(nn.Module):
-    def __init__(self, layers, h, heads, kv_heads, ffn, vocab, seq):
+    def __init__(self, layers, h, heads, kv_heads, ffn, vocab, seq, moe=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, h)
         rotary = Rotary(h // heads, seq)
-        self.blocks = nn.ModuleList(Block(h, heads, kv_heads, ffn, rotary) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(h, heads, kv_heads, ffn, rotary, moe) for _ in range(layers))
         self.norm = nn.RMSNorm(h, eps=1e-5)
         self.head = nn.Linear(h, vocab, bias=False)
         for p in self.parameters():
-            if p.dim() >= 2:
+            if p.dim() >= 2 and p.numel() > 0:
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, ids, labels):

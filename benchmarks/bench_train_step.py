@@ -97,7 +97,8 @@ def main() -> int:
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     config = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "mbs",
-                                         "accum", "steps", "warmup", "device")}
+                                         "accum", "steps", "warmup", "device", "experts", "topk", "moe_ffn",
+                                         "moe_args")}
     rows = []
 
     def write_out():  # after every variant, so a stage killed by a timeout keeps what it measured

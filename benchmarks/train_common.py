@@ -37,6 +37,11 @@ def add_model_args(p: argparse.ArgumentParser, seq: int = 2048, mbs: int = 4) ->
                                                         "tokens per step = accum x mbs x seq)")
     p.add_argument("--steps", type=int, default=8, help="measured steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation happens here)")
+    p.add_argument("--experts", type=int, default=None, help="MoE: experts per layer (default: dense MLPs)")
+    p.add_argument("--topk", type=int, default=2, help="MoE: experts per token")
+    p.add_argument("--moe-ffn", type=int, default=None, help="MoE: expert width (default: --ffn)")
+    p.add_argument("--moe-args", default="", help="MoE: more megacore model overrides, comma-separated "
+                                                  "(e.g. model.moe_aux_loss_coeff=0.01)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on cuda, "
                                                            "eager on cpu)")
 
@@ -46,7 +51,9 @@ def transformer_config(a):
 
     return megacore.TransformerConfig(
         num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, num_query_groups=a.kv_heads,
-        ffn_hidden_size=a.ffn, vocab_size=a.vocab, seq_length=a.seq, vocab_padding_multiple=128)
+        ffn_hidden_size=a.ffn, vocab_size=a.vocab, seq_length=a.seq, vocab_padding_multiple=128,
+        num_experts=getattr(a, "experts", None), moe_top_k=getattr(a, "topk", 2),
+        moe_ffn_hidden_size=getattr(a, "moe_ffn", None))
 
 
 def flops_per_token(a) -> float:
@@ -66,7 +73,8 @@ def build_baseline(a, amp: bool, compile: bool) -> Callable:
     from benchmarks.baseline_llama import BaselineLlama
 
     torch.manual_seed(0)
-    model = BaselineLlama(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, a.seq).to(a.device)
+    moe = (a.experts, a.topk, a.moe_ffn or a.ffn) if getattr(a, "experts", None) else None
+    model = BaselineLlama(a.layers, a.hidden, a.heads, a.kv_heads, a.ffn, a.vocab, a.seq, moe).to(a.device)
     if not amp:
         model = model.to(torch.bfloat16)
     if compile:
@@ -115,6 +123,10 @@ def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | No
                  "train.iters=1000000", "train.lr=1e-4", "train.min_lr=1e-4", "train.warmup_iters=0",
                  "train.weight_decay=0.1", "train.adam_beta1=0.9", "train.adam_beta2=0.95", "train.clip_grad=1.0",
                  "train.eval_interval=0", "checkpoint.dir=null", f"log.dir={tempfile.mkdtemp(prefix='bench-')}"]
+    if getattr(a, "experts", None):
+        overrides += [f"model.num_experts={a.experts}", f"model.moe_top_k={a.topk}",
+                      f"model.moe_ffn_hidden_size={a.moe_ffn or a.ffn}"]
+        overrides += [o for o in a.moe_args.split(",") if o]
     if recompute:
         granularity, _, modules = recompute.partition(":")
         overrides.append(f"recompute.granularity={granularity}")

@@ -61,7 +61,8 @@ def _default_kind(name: str, param: torch.Tensor) -> str:
 def materialize(model: nn.Module, config: TransformerConfig, seed: int,
                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
                 fill: bool = True) -> nn.Module:
-    """Allocate (if on meta) and fill every parameter of ``model`` deterministically; returns it.
+    """Allocate (if on meta) and fill every parameter of ``model`` deterministically, and reset the
+    state buffers of modules that have a ``reset_buffers()``; returns it.
 
     ``device``/``dtype`` default to the parameters' current ones (meta parameters go to CPU).
     ``fill=False`` only allocates (the values are left as they are: a checkpoint is loaded next).
@@ -81,6 +82,12 @@ def materialize(model: nn.Module, config: TransformerConfig, seed: int,
     for name, param in model.named_parameters(remove_duplicate=False):
         for k, v in saved.get(name, {}).items():
             setattr(param, k, v)
+    # to_empty() leaves buffers uninitialized too: modules with state buffers (the MoE layer's
+    # balance-loss accumulator, a router's expert bias) set them in ``reset_buffers``; a checkpoint
+    # loaded next overwrites the persistent ones.
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
     if not fill:
         return model
     seen: set[int] = set()

@@ -24,12 +24,12 @@ _GROUPED_DTYPES = (torch.bfloat16, torch.float32)
 
 def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``grouped_linear`` can run these operands: this torch has ``torch._grouped_mm``, the
-    dtype is bf16 or fp32 (bf16 only on CUDA, where the kernel also needs Hopper or newer and rows
-    of a multiple of 16 bytes)."""
+    dtype is bf16, or fp32 on CPU outside ``torch.compile``; on CUDA the kernel also needs Hopper or
+    newer and rows of a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm") or x.dtype not in _GROUPED_DTYPES:
         return False
-    if x.device.type == "cpu":
-        return True
+    if x.device.type == "cpu":  # fp32 runs eagerly only: the compiler's shape rule takes bf16 alone
+        return x.dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     if x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(x.device) < (9, 0):

@@ -56,7 +56,9 @@ class MoELayer(nn.Module):
         self.aux_loss_coeff = config.moe_aux_loss_coeff
         self.z_loss_coeff = config.moe_z_loss_coeff
         self.aux_loss_scale = 1.0
-        self._aux_sum, self._aux_count = None, 0
+        # [Σ balance loss, forwards] of the training forwards since the last pop_aux_mean: a device
+        # tensor updated in place, so a compiled layer neither syncs nor recompiles for it.
+        self.register_buffer("aux_accumulator", torch.zeros(2), persistent=False)
         self.record_aux = True  # False while a forward's balance loss must not be logged
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
@@ -71,9 +73,8 @@ class MoELayer(nn.Module):
             out = out + shared
         if self.training and torch.is_grad_enabled():
             if self.record_aux:
-                value = routing.balance_loss.detach()
-                self._aux_sum = value if self._aux_sum is None else self._aux_sum + value
-                self._aux_count += 1
+                acc = self.aux_accumulator
+                acc.add_(torch.stack([routing.balance_loss.detach().to(acc.dtype), acc.new_ones(())]))
             loss = None
             if self.aux_loss_coeff > 0:
                 loss = self.aux_loss_coeff * routing.balance_loss
@@ -84,13 +85,26 @@ class MoELayer(nn.Module):
                 out = AttachAuxLoss.apply(out, loss, self.aux_loss_scale)
         return out
 
-    def pop_aux_mean(self):
-        """Mean load-balancing loss of the training forwards since the last call (a device tensor;
-        None if there were none), and start over. A recomputed forward repeats its value, so the
-        mean is the same with or without activation recomputation."""
-        mean = None if self._aux_sum is None else self._aux_sum / self._aux_count
-        self._aux_sum, self._aux_count = None, 0
+    def pop_aux_mean(self) -> torch.Tensor:
+        """Mean load-balancing loss of the training forwards since the last call (a device scalar,
+        0 if there were none), and start over. A recomputed forward repeats its value, so the mean
+        is the same with or without activation recomputation."""
+        total, count = self.aux_accumulator.unbind()
+        mean = total / count.clamp(min=1)
+        self.aux_accumulator.zero_()
         return mean
+
+    def reset_buffers(self) -> None:
+        """Zero the accumulator (``megacore.models.init.materialize`` calls this after allocating)."""
+        with torch.no_grad():
+            self.aux_accumulator.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) casts buffers too; the accumulator stays fp32 (a bf16 sum of ~2.0-sized
+        # values would round the logged loss at the percent level).
+        super()._apply(fn, recurse)
+        self._buffers["aux_accumulator"] = self._buffers["aux_accumulator"].float()
+        return self
 
 
 def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
