@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, build_hf, sample_ids, transformers
+from tests.interop.hf_reference import CASES, build_hf, read_safetensors_dir, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -196,3 +196,28 @@ def test_sliding_window_round_trips_through_transformers(tmp_path):
                                                                  attn_implementation="eager").eval()
         with torch.no_grad():
             torch.testing.assert_close(back(input_ids=ids).logits, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe_sparse_step", "qwen3_moe"])
+def test_cli_convert_round_trip(tmp_path, case):
+    """``megacore convert`` HF -> megacore checkpoint -> HF: every tensor and config.json key back as they were."""
+    from megacore.cli import main as cli_main
+
+    build_hf(case, seed=8).save_pretrained(tmp_path / "hf")
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    assert cli_main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(ckpt)]) == 0
+    assert cli_main(["convert", "--from", "megacore", "--input", str(ckpt), "--output", str(back)]) == 0
+    original, exported = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(back)
+    assert sorted(exported) == sorted(original)
+    for name, t in original.items():
+        assert torch.equal(exported[name], t), name
+    assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def test_export_refuses_a_parameter_no_hf_tensor_holds(tmp_path):
+    """A parameter outside the family's weight mapping would be lost silently; export refuses it by name."""
+    model = GPTModel(TransformerConfig(**_SMALL, qk_norm=True).validate())
+    model.decoder.layers["0"].mlp.router.extra_bias = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ConfigError, match=r"qwen3_moe: it has no tensor for .*decoder\.layers\.0\.mlp\.router\.extra_bias"):
+        hf.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
