@@ -101,14 +101,21 @@ class CausalLMAdapter(FamilyAdapter):
         """Whether a model built in megacore looks like this family (for ``infer_family``)."""
         return False
 
-    def check_plain_decoder(self, c: TransformerConfig, moe: bool = False) -> None:
-        """The transformer decoders of HF: no hybrid stack, no q/k norm, plain norm weights, and dense
-        MLPs unless ``moe``."""
+    def check_plain_decoder(self, c: TransformerConfig, moe: bool = False, qk_norm: bool = False) -> None:
+        """The transformer decoders of HF: no hybrid stack, plain norm weights, no q/k norm unless
+        ``qk_norm`` (per-head RMSNorm, as megacore's), and dense MLPs unless ``moe``."""
         if c.num_experts is not None and not moe:
             self.cannot("num_experts", c.num_experts, "dense MLPs")
         if c.layer_pattern is not None:
             self.cannot("layer_pattern", c.layer_pattern, "attention+MLP layers only (no hybrid stacks)")
-        if c.qk_norm:
+        if c.qk_norm and not qk_norm:
             self.cannot("qk_norm", True, "no q/k norm")
         if c.layernorm_zero_centered_gamma:
             self.cannot("layernorm_zero_centered_gamma", True, "plain norm weights")
+
+    def check_softmax_router(self, c: TransformerConfig) -> None:
+        """The routers of HF's Mixtral/Qwen MoE families: softmax over all experts, top-k, no expert
+        bias, no group-limited choice, no scaling of the routed weights. (Capacity, z-loss and the
+        kind of balancing loss shape training only; a dropless HF model runs the same weights.)"""
+        self.check_fields(c, [("moe_router_score", "softmax"), ("moe_router_bias_update_rate", 0.0),
+                              ("moe_router_num_groups", None), ("moe_routed_scaling_factor", 1.0)])

@@ -1,5 +1,5 @@
 """Hugging Face import/export for ``GPTModel``: every causal-LM family of
-``megacore/interop/families/`` (Llama, Mistral, Mixtral, Qwen2, GPT-2, NemotronH).
+``megacore/interop/families/`` (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-2, NemotronH).
 
     model = load_pretrained("path/to/hf_model")            # config.json + safetensors -> GPTModel
     save_pretrained(model, "path/to/out")                   # -> config.json + model.safetensors
@@ -80,7 +80,7 @@ def _unwrap(model: nn.Module) -> GPTModel:
 @torch.no_grad()
 def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                     device: Optional[Union[str, torch.device]] = None, **config_overrides: Any) -> GPTModel:
-    """Load a HF Llama / Mistral / Mixtral / Qwen2 / GPT-2 / NemotronH directory into a ``GPTModel`` (eval mode).
+    """Load a HF causal-LM directory of a supported family (``FAMILIES``) into a ``GPTModel`` (eval mode).
 
     ``dtype``: parameter dtype; default the floating dtype config.json records, else the one the
     weights share (``megacore.interop.hf_transfer.default_dtype``). ``device``: default CPU.
@@ -133,15 +133,20 @@ def hf_state_dict(model: nn.Module, family: Optional[str] = None) -> dict[str, t
     adapter = registry.causal_lm_adapter(family or getattr(model, "hf_family", None) or infer_family(model.config))
     adapter.check_exportable(model.config)
     _check_complete(model)
-    return rules_to_hf(dict(model.named_parameters()), adapter.weight_rules(model.config, adapter.base_prefix))
+    params, rules = dict(model.named_parameters()), adapter.weight_rules(model.config, adapter.base_prefix)
+    unmapped = sorted(set(params) - {r.ours for r in rules})
+    if unmapped:  # a parameter the family has no tensor for would be silently lost
+        raise ConfigError(f"cannot export to Hugging Face {adapter.name}: it has no tensor for the parameter(s) "
+                          f"{unmapped[:8]}; pick another family (save_pretrained(..., family=...))")
+    return rules_to_hf(params, rules)
 
 
 def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] = None,
                     max_shard_size: Union[int, str] = "5GB") -> Path:
     """Write ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
-    ``family``: a key of ``FAMILIES`` (``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``gpt2``,
-    ``nemotron_h``); default the family the model was loaded as, else inferred from the config (see ``infer_family``). Weights above
+    ``family``: a key of ``FAMILIES`` (``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``qwen2_moe``,
+    ``qwen3_moe``, ``gpt2``, ``nemotron_h``); default the family the model was loaded as, else inferred from the config (see ``infer_family``). Weights above
     ``max_shard_size`` (bytes or '5GB'-style) are split into shards with an index json. The
     directory is written to a temporary sibling and renamed into place; other files already in
     ``out_dir`` (tokenizer, generation config) are kept.

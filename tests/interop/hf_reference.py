@@ -26,6 +26,18 @@ CASES: dict[str, tuple[str, dict]] = {
                                           max_window_layers=0)),
     "mixtral_moe": ("MixtralConfig", dict(_ROPE_COMMON, num_local_experts=4, num_experts_per_tok=2,
                                           sliding_window=None, rms_norm_eps=1e-6)),
+    # Qwen2-MoE: q/k/v bias, softmax router, gated shared expert, every layer sparse.
+    "qwen2_moe_shared": ("Qwen2MoeConfig", dict(_ROPE_COMMON, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=48, shared_expert_intermediate_size=80)),
+    # Every 2nd layer sparse (layers 1, 3: moe_first_k_dense=1, moe_layer_freq=2), renormalized top-k, tied.
+    "qwen2_moe_sparse_step": ("Qwen2MoeConfig", dict(_ROPE_COMMON, num_hidden_layers=4, num_experts=6,
+                                                     num_experts_per_tok=2, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=40, decoder_sparse_step=2,
+                                                     norm_topk_prob=True, tie_word_embeddings=True)),
+    # Qwen3-MoE: per-head q/k norm, head_dim != hidden/heads, first layer dense (mlp_only_layers).
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_ROPE_COMMON, num_hidden_layers=3, head_dim=32, num_experts=8,
+                                         num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
+                                         mlp_only_layers=[0])),
     "gpt2_tied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
                                      activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
     # Hybrid: Mamba-2, attention (no rotary), Mamba-2, squared-ReLU MLP; SEQ=16 spans two scan chunks.

@@ -20,6 +20,11 @@ SCRATCH = {
     "llama": dict(_BASE, num_query_groups=2, tie_embeddings=True),
     "mistral": dict(_BASE, num_query_groups=1, sliding_window=5),
     "qwen2": dict(_BASE, num_query_groups=2, add_qkv_bias=True, sliding_window=7),
+    "qwen2_moe": dict(_BASE, num_query_groups=2, add_qkv_bias=True, num_experts=4, moe_top_k=2,
+                      moe_ffn_hidden_size=32, moe_shared_expert_hidden_size=48, moe_shared_expert_gate=True,
+                      moe_router_norm_topk=False, moe_first_k_dense=1),
+    "qwen3_moe": dict(_BASE, num_layers=3, num_query_groups=2, kv_channels=32, qk_norm=True, num_experts=4,
+                      moe_top_k=2, moe_ffn_hidden_size=32, moe_layer_freq=2, sliding_window=6),
     "gpt2": dict(_BASE, position_embedding="learned", normalization="LayerNorm", activation="gelu_tanh",
                  add_qkv_bias=True, add_bias_linear=True, tie_embeddings=True),
 }

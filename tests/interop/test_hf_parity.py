@@ -33,12 +33,16 @@ PLAN = [
     ("qwen2_bias", "30KB", None),
     ("qwen2_sliding", None, None),
     ("mixtral_moe", "60KB", None),
+    ("qwen2_moe_shared", "60KB", None),
+    ("qwen2_moe_sparse_step", None, "40KB"),
+    ("qwen3_moe", None, None),
     ("gpt2_tied", "25KB", "25KB"),
     ("nemotron_h_hybrid", "30KB", None),
 ]
 EXPECTED_FAMILY = {"llama_gqa": "llama", "llama_bias_tied": "llama", "mistral_sliding": "mistral",
                    "qwen2_bias": "qwen2", "qwen2_sliding": "qwen2", "mixtral_moe": "mixtral",
-                   "gpt2_tied": "gpt2", "nemotron_h_hybrid": "nemotron_h"}
+                   "gpt2_tied": "gpt2", "nemotron_h_hybrid": "nemotron_h", "qwen2_moe_shared": "qwen2_moe",
+                   "qwen2_moe_sparse_step": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
 
 
 def _save_hf(model, path, shard):
@@ -68,6 +72,12 @@ def test_roundtrip_parity(tmp_path, case, hf_shard, our_shard):
         assert ours.config.sliding_window == 6
     if case == "mixtral_moe":
         assert (ours.config.num_experts, ours.config.moe_top_k) == (4, 2)
+    if case.startswith("qwen2_moe"):
+        assert ours.config.moe_shared_expert_gate and ours.config.add_qkv_bias
+    if case == "qwen2_moe_sparse_step":
+        assert (ours.config.moe_first_k_dense, ours.config.moe_layer_freq) == (1, 2)
+    if case == "qwen3_moe":
+        assert ours.config.qk_norm and ours.config.kv_channels == 32 and ours.config.moe_first_k_dense == 1
 
     # Forward parity.
     ids = sample_ids(seed=2)
@@ -85,7 +95,7 @@ def test_roundtrip_parity(tmp_path, case, hf_shard, our_shard):
     assert torch.count_nonzero(our_grad[VOCAB:]) == 0, "padding rows must get no gradient"
 
     # Export: every tensor bit-identical to what HF wrote, under the same names, loadable by HF.
-    # (Files, not state_dict: Mixtral's in-memory experts are fused, its files are not.)
+    # (Files, not state_dict: Mixtral's and Qwen-MoE's in-memory experts are fused, their files are not.)
     hf.save_pretrained(ours, dst, max_shard_size=our_shard or "5GB")
     assert (dst / "model.safetensors.index.json").exists() == (our_shard is not None)
     exported, hf_written = read_safetensors_dir(dst), read_safetensors_dir(src)

@@ -40,6 +40,7 @@ class LlamaAdapter(CausalLMAdapter):
     activations = (GATED_ACT,)
     guess_rank = 100  # the fallback: any other decoder reads like Llama
     moe = False       # whether its MLPs are experts
+    qk_norm = False   # whether its attention may RMS-normalize q and k per head (self_attn.{q,k}_norm)
 
     # ------------------------------------------------------------------ hooks the variants override
     def biases(self, hf: dict) -> tuple[bool, bool]:
@@ -72,8 +73,9 @@ class LlamaAdapter(CausalLMAdapter):
         """Family keys beyond the shared ones."""
         out.update(attention_bias=c.add_qkv_bias, mlp_bias=c.add_bias_linear)
 
-    def mlp_rules(self, c: TransformerConfig, ours: str, hf: str) -> list[Rule]:
-        """The MLP of layer ``ours`` (``decoder.layers.i.``) <-> HF layer ``hf`` (``model.layers.i.``)."""
+    def mlp_rules(self, c: TransformerConfig, ours: str, hf: str, layer: int) -> list[Rule]:
+        """The MLP of layer ``ours`` (``decoder.layers.i.``, i = ``layer``) <-> HF layer ``hf``
+        (``model.layers.i.``)."""
         rules = [Rule(f"{ours}mlp.linear_fc1.weight", (f"{hf}mlp.gate_proj.weight", f"{hf}mlp.up_proj.weight"),
                       *gate_up()),
                  *same([(f"{ours}mlp.linear_fc2.weight", f"{hf}mlp.down_proj.weight")])]
@@ -125,7 +127,7 @@ class LlamaAdapter(CausalLMAdapter):
         return fields
 
     def check_exportable(self, c: TransformerConfig) -> None:
-        self.check_plain_decoder(c, moe=self.moe)
+        self.check_plain_decoder(c, moe=self.moe, qk_norm=self.qk_norm)
         self.check_fields(c, [("normalization", "RMSNorm"), ("position_embedding", "rope"), ("rotary_percent", 1.0)]
                           + self.export_checks(c))
         self.activation_to_hf(GATED_ACT, c.activation, "activation")
@@ -157,7 +159,9 @@ class LlamaAdapter(CausalLMAdapter):
                                   tuple(f"{att}{p}_proj.bias" for p in "qkv"), *config_qkv(c)))
             if c.add_bias_linear:
                 rules += same([(f"{ours}self_attention.linear_proj.bias", f"{att}o_proj.bias")])
-            rules += self.mlp_rules(c, ours, hf)
+            if c.qk_norm:
+                rules += same([(f"{ours}self_attention.{n}_norm.weight", f"{att}{n}_norm.weight") for n in "qk"])
+            rules += self.mlp_rules(c, ours, hf, i)
         rules += same([("decoder.final_norm.weight", f"{prefix}norm.weight")])
         return rules + output_rules(c)
 

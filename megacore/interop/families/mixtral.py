@@ -3,8 +3,8 @@
 config.json <-> TransformerConfig as Mistral (``megacore.interop.families.mistral``), plus
 ``num_local_experts`` <-> ``model.num_experts``, ``num_experts_per_tok`` <-> ``model.moe_top_k``,
 and ``router_aux_loss_coef`` <-> ``model.moe_aux_loss_coeff`` when ``output_router_logits`` is set
-(transformers adds the balancing loss only then; else 0). Export needs renormalized top-k router
-weights and experts of ``ffn_hidden_size``.
+(transformers adds the balancing loss only then; else 0). Export needs renormalized top-k softmax
+router weights, experts of ``ffn_hidden_size`` in every layer and no shared expert.
 
 Weights per layer (``model.layers.i.block_sparse_moe.``), instead of Llama's MLP:
 
@@ -40,13 +40,15 @@ class MixtralAdapter(MistralAdapter):
             self.cannot("moe_router_norm_topk", False, "renormalized top-k router weights")
         if c.moe_ffn_size != c.ffn_size:
             self.cannot("moe_ffn_hidden_size", c.moe_ffn_hidden_size, "experts of ffn_hidden_size")
+        self.check_softmax_router(c)
+        self.check_fields(c, [("moe_first_k_dense", 0), ("moe_layer_freq", 1), ("moe_shared_expert_hidden_size", None)])
 
     def write_extra(self, c: TransformerConfig, out: dict) -> None:
         super().write_extra(c, out)
         out.update(num_local_experts=c.num_experts, num_experts_per_tok=c.moe_top_k,
                    router_aux_loss_coef=c.moe_aux_loss_coeff, output_router_logits=c.moe_aux_loss_coeff > 0)
 
-    def mlp_rules(self, c: TransformerConfig, ours: str, hf: str) -> list[Rule]:
+    def mlp_rules(self, c: TransformerConfig, ours: str, hf: str, layer: int) -> list[Rule]:
         moe, e = f"{hf}block_sparse_moe.", c.num_experts
         return [*same([(f"{ours}mlp.router.weight", f"{moe}gate.weight")]),
                 Rule(f"{ours}mlp.experts.linear_fc1",
