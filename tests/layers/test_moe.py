@@ -117,17 +117,24 @@ def test_moe_config_errors():
         MoELayer(_config(add_bias_linear=True))
 
 
-def test_full_recompute_of_moe_layers_gives_identical_gradients():
-    """Recomputation re-runs the router on the same input: same routing, same gradients (aux included)."""
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recompute_of_moe_layers_gives_identical_gradients(granularity):
+    """Full recomputation re-runs the router on the same input: same routing, same gradients (aux
+    included). Selective ``mlp_act`` recomputes the routed and shared experts' activation."""
     from megacore.config import RecomputeConfig
 
     base = dict(num_layers=2, hidden_size=H, num_attention_heads=2, ffn_hidden_size=F, vocab_size=40, seq_length=8,
-                num_experts=4, moe_top_k=2, moe_aux_loss_coeff=0.2)
+                num_experts=4, moe_top_k=2, moe_aux_loss_coeff=0.2, moe_shared_expert_hidden_size=8,
+                moe_shared_expert_gate=True)
     ids = torch.randint(0, 40, (3, 8), generator=torch.Generator().manual_seed(6))
     grads = []
-    for granularity in (None, "full"):
+    for setting in (None, granularity):
         model = GPTModel(TransformerConfig(**base), seed=5)
-        model.configure_recompute(RecomputeConfig(granularity=granularity))
+        model.configure_recompute(RecomputeConfig(granularity=setting, modules=["mlp_act"])
+                                  if setting == "selective" else RecomputeConfig(granularity=setting))
+        if setting == "selective":
+            assert model.decoder.layers["0"].mlp.experts.recompute_activation
+            assert model.decoder.layers["0"].mlp.shared_expert.recompute_activation
         model(ids, labels=ids).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         means = [layer.mlp.pop_aux_mean() for layer in model.decoder.layers.values()]

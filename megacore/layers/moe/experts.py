@@ -33,6 +33,7 @@ from torch import nn
 
 from megacore.config import TransformerConfig
 from megacore.layers.mlp import mlp_activation
+from megacore.layers.rng import checkpoint
 from megacore.layers.moe.grouped_gemm import grouped_linear, grouped_linear_reference, grouped_mm_available
 from megacore.sharding import mark_init
 
@@ -53,6 +54,8 @@ class Experts(nn.Module):
         # ``dispatch(experts, x_sorted, counts_per_expert)`` -> the expert outputs in the same order
         # (rows past counts_per_expert.sum(), the dropped assignments, may hold anything).
         self.dispatch: Optional[Callable] = None
+        # Selective recomputation (recompute.modules=[mlp_act]): keep fc1's output only.
+        self.recompute_activation = False
 
     # ------------------------------------------------------------------ the GEMMs
     def use_grouped(self, x: torch.Tensor) -> bool:
@@ -71,7 +74,11 @@ class Experts(nn.Module):
         their outputs in the same order; rows past ``ends[-1]`` come out unspecified."""
         linear = grouped_linear if self.use_grouped(x_sorted) else grouped_linear_reference
         up = linear(x_sorted, self.linear_fc1, ends)
-        return linear(mlp_activation(up, self.activation, self.gated), self.linear_fc2, ends)
+        if self.recompute_activation and self.training and torch.is_grad_enabled():
+            act = checkpoint(mlp_activation, up, self.activation, self.gated)
+        else:
+            act = mlp_activation(up, self.activation, self.gated)
+        return linear(act, self.linear_fc2, ends)
 
     def run_sorted(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``compute`` with the per-expert counts given on the host (the exchange of expert

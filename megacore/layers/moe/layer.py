@@ -94,6 +94,17 @@ class MoELayer(nn.Module):
         self.aux_accumulator.zero_()
         return mean
 
+    @property
+    def recompute_activation(self) -> bool:
+        """Selective recomputation of the MLP activation, for the routed and the shared experts."""
+        return self.experts.recompute_activation
+
+    @recompute_activation.setter
+    def recompute_activation(self, value: bool) -> None:
+        self.experts.recompute_activation = value
+        if self.shared_expert is not None:
+            self.shared_expert.recompute_activation = value
+
     def reset_buffers(self) -> None:
         """Zero the accumulator (``megacore.models.init.materialize`` calls this after allocating)."""
         with torch.no_grad():
