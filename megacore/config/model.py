@@ -107,6 +107,21 @@ class TransformerConfig:
     # How the experts' GEMMs run: "auto" (grouped GEMM, torch._grouped_mm, where the build and dtype
     # allow, else "reference"), "grouped_mm", or "reference" (one expert after another).
     moe_experts_backend: str = "auto"
+    # Multi-latent attention (DeepSeek-V2/V3; megacore.layers.mla): queries through an optional
+    # low-rank q_lora_rank bottleneck, keys and values from one joint kv_lora_rank latent; each
+    # head's query/key is a qk_nope_head_dim part without position plus a qk_rope_head_dim rotary
+    # part (the rotary key shared by all heads); values have v_head_dim. Softmax scale:
+    # 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times DeepSeek's YaRN mscale² under yarn scaling.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None       # null: a full-rank query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # Multi-token prediction (DeepSeek-V3; megacore.layers.mtp): this many extra depths, depth k
+    # predicting token t+1+k; their mean loss is added with weight mtp_loss_weight.
+    mtp_num_layers: int = 0
+    mtp_loss_weight: float = 0.1
     # Hybrid stacks (Megatron / NemotronH convention): one character per layer, each layer one
     # pre-norm residual block: 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (or MoE when
     # num_experts is set). null: every layer is attention + MLP (a plain transformer).
@@ -233,9 +248,36 @@ class TransformerConfig:
             if self.moe_aux_loss_coeff < 0:
                 _fail("model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "must be >= 0", "use e.g. 0.01, or 0 for none")
             self._validate_moe()
+        if self.multi_latent_attention:
+            self._validate_mla()
+        if not isinstance(self.mtp_num_layers, int) or self.mtp_num_layers < 0:
+            _fail("model.mtp_num_layers", self.mtp_num_layers, "must be an integer >= 0", "use 0 (off) or e.g. 1")
+        if self.mtp_loss_weight < 0:
+            _fail("model.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0", "use e.g. 0.1 (DeepSeek-V3: 0.3, then 0.1)")
         if self.layer_pattern is not None:
             self._validate_hybrid()
         return self
+
+    def _validate_mla(self) -> None:
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v <= 0:
+                _fail(f"model.{key}", v, "must be a positive integer", "use DeepSeek's values, e.g. kv_lora_rank=512, "
+                      "qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            _fail("model.q_lora_rank", self.q_lora_rank, "must be a positive integer", "use e.g. 1536, or null")
+        if self.qk_rope_head_dim % 2:
+            _fail("model.qk_rope_head_dim", self.qk_rope_head_dim, "is odd, so rotary pairs cannot be formed",
+                  "use an even size, e.g. 64")
+        if self.position_embedding != "rope":
+            _fail("model.position_embedding", self.position_embedding, "must be 'rope' with multi_latent_attention "
+                  "(its decoupled key part is rotary)", "set model.position_embedding=rope")
+        if self.num_query_groups is not None and self.num_query_groups != self.num_attention_heads:
+            _fail("model.num_query_groups", self.num_query_groups, "does not apply to multi_latent_attention (every "
+                  "head has its own key and value, made from the shared latent)", "set model.num_query_groups=null")
+        if self.add_qkv_bias or self.qk_norm or self.sliding_window is not None:
+            _fail("model.multi_latent_attention", True, "has no qkv bias, qk_norm or sliding window",
+                  "set model.add_qkv_bias=false, model.qk_norm=false, model.sliding_window=null")
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Whether layer ``layer_number`` (global, 0-based) has an MoE block rather than a dense MLP."""
