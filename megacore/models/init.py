@@ -61,7 +61,8 @@ def _default_kind(name: str, param: torch.Tensor) -> str:
 def materialize(model: nn.Module, config: TransformerConfig, seed: int,
                 device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
                 fill: bool = True) -> nn.Module:
-    """Allocate (if on meta) and fill every parameter of ``model`` deterministically; returns it.
+    """Allocate (if on meta) and fill every parameter of ``model`` deterministically (and reset the
+    buffers of modules with a ``reset_buffers`` method); returns it.
 
     ``device``/``dtype`` default to the parameters' current ones (meta parameters go to CPU).
     ``fill=False`` only allocates (the values are left as they are: a checkpoint is loaded next).
@@ -97,4 +98,7 @@ def materialize(model: nn.Module, config: TransformerConfig, seed: int,
         if tuple(local.shape) != tuple(param.shape):
             raise RuntimeError(f"shard of {global_name} has shape {tuple(local.shape)}, parameter has {tuple(param.shape)}")
         param.copy_(local)
+    for module in model.modules():  # buffers that start from a fixed value (e.g. the MoE router's expert bias)
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
     return model

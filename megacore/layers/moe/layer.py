@@ -74,6 +74,7 @@ class MoELayer(nn.Module):
                 value = routing.balance_loss.detach()
                 self._aux_sum = value if self._aux_sum is None else self._aux_sum + value
                 self._aux_count += 1
+                self.router.record_step(routing)  # the step's expert load: megacore.training.moe
             loss = None
             if self.aux_loss_coeff > 0:
                 loss = self.aux_loss_coeff * routing.balance_loss
