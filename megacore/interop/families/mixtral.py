@@ -40,6 +40,10 @@ class MixtralAdapter(MistralAdapter):
             self.cannot("moe_router_norm_topk", False, "renormalized top-k router weights")
         if c.moe_ffn_size != c.ffn_size:
             self.cannot("moe_ffn_hidden_size", c.moe_ffn_hidden_size, "experts of ffn_hidden_size")
+        # Mixtral's router: plain softmax top-k over all experts, no bias, scaling or capacity.
+        self.check_fields(c, [("moe_router_score", "softmax"), ("moe_router_bias_update_rate", 0.0),
+                              ("moe_router_num_groups", None), ("moe_routed_scaling_factor", 1.0),
+                              ("moe_capacity_factor", None)])
 
     def write_extra(self, c: TransformerConfig, out: dict) -> None:
         super().write_extra(c, out)

@@ -6,7 +6,7 @@ the per-token expert probabilities the loss pushes toward even load:
 
     softmax scores:  p = softmax(logits)                (the router's own probabilities)
     sigmoid scores:  p = s / Σ_e s,  s = sigmoid(logits)  (normalized per token, as DeepSeek-V3's
-                                                          sequence-wise loss does, eq. 19-20)
+                                                          sequence-wise balance loss does)
 
 **Load-balancing loss** (Switch Transformer; Mixtral trains with it)::
 
@@ -32,7 +32,7 @@ E/(k·T) instead of 1/T, i.e. ``aux / k``: the factor k goes into ``moe_aux_loss
   every rank mean_r P^r is the P of all ranks' tokens: the objective is the micro-batch loss of the
   tokens of all ranks together, whatever the data-parallel size.
 
-**Router z-loss** (ST-MoE, eq. 5), on the router logits [T, E] in fp32 at least::
+**Router z-loss** (ST-MoE), on the router logits [T, E] in fp32 at least::
 
     z = mean_t (logsumexp_e logits[t, e])²
 
@@ -41,7 +41,7 @@ It keeps the logits small, where the softmax (and bf16) stays accurate.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -90,7 +90,7 @@ def global_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k:
     return num_experts * (counts_G / tokens_G * probs_TE.mean(dim=0)).sum()
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> Optional[torch.Tensor]:
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean_t (logsumexp_e logits[t, e])² (a scalar; 0 for no tokens)."""
     if logits_TE.shape[0] == 0:
         return logits_TE.sum() * 0.0
