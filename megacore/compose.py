@@ -169,8 +169,29 @@ def llava_chunk(cfg: RunConfig, chunk: torch.nn.Module, device, dtype: torch.dty
     return llava.train()
 
 
+def _route_over_data_parallel(cfg: RunConfig, state: ParallelState, chunk: torch.nn.Module) -> None:
+    """``model.moe_aux_loss_type="global_batch"``: hand each router the sum of its expert counts
+    over the data-parallel (and context-parallel) ranks (``TopKRouter.reduce_counts``)."""
+    if cfg.model.num_experts is None or cfg.model.moe_aux_loss_type != "global_batch" or state.dp_cp_size == 1:
+        return
+    from megacore.distributed.comm import comm_device
+    from megacore.layers.moe import TopKRouter
+
+    group = state.dp_cp_group
+
+    def reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+        summed = counts.to(comm_device(counts.device), copy=True)
+        dist.all_reduce(summed, group=group)
+        return summed.to(counts.device)
+
+    for module in chunk.modules():
+        if isinstance(module, TopKRouter):
+            module.reduce_counts = reduce_counts
+
+
 def _wrap_data_parallel(cfg: RunConfig, state: ParallelState, chunk: torch.nn.Module, dtype: torch.dtype):
     p = cfg.parallel
+    _route_over_data_parallel(cfg, state, chunk)
     if p.fsdp:
         if not dist.is_initialized():
             raise ConfigError("parallel.fsdp=true needs torch.distributed; launch with --nproc N or torchrun")

@@ -75,6 +75,11 @@ class StepInfo:
         return self
 
     @property
+    def skipped_flag(self):
+        """``skipped`` as it stands, without reading it: a bool, or a 0-dim device tensor."""
+        return self._skipped
+
+    @property
     def skipped(self) -> bool:
         return self.resolve()._skipped
 

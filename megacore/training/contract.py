@@ -64,6 +64,7 @@ class StepResult:
     loss_scale: Optional[float] = None
     moe_aux_loss: Optional[float] = None  # MoE load-balancing loss, mean over layers and micro-batches
     loss_spike: bool = False  # the loss-spike check vetoed the step (see megacore.training.divergence)
+    moe_metrics: Optional[dict] = None  # expert load and z-loss keys (megacore.training.moe.end_moe_step)
 
 
 class StopFlag:

@@ -17,8 +17,8 @@ class PendingStep:
     ``k + 1`` is queued (``Trainer._loop``), with one device->host copy (:meth:`resolve`) of
     everything the step produced: the loss and the ranks' stop votes (one all-reduce), the
     labelled-token count (a device tensor when it was all-reduced over data parallelism), the
-    optimizer's grad norm and skip flag (``StepInfo``) and, with the loss-spike check on, its
-    verdict (``spike``). A step made from an already-read ``StepResult`` (:meth:`of`) is ``ready``.
+    optimizer's grad norm and skip flag (``StepInfo``), with the loss-spike check on its verdict
+    (``spike``), and for an MoE model the expert-load metrics (``moe_metrics``). A step made from an already-read ``StepResult`` (:meth:`of`) is ``ready``.
     """
 
     def __init__(self, index: int, loss_votes=None, tokens=None, info=None, scale: float = 1.0,
@@ -36,6 +36,7 @@ class PendingStep:
         self.aux_denominator: Optional[int] = None  # loss_votes[2] / this = the MoE balance loss
         self.spike = None               # loss above the spike threshold: 0-dim tensor (unread) or None
         self.spike_threshold: Optional[float] = None  # that threshold (a host number), for the log
+        self.moe_metrics: Optional[dict] = None  # name -> device scalar (megacore.training.moe.end_moe_step)
 
     @classmethod
     def of(cls, index: int, result: StepResult) -> "PendingStep":
@@ -51,14 +52,18 @@ class PendingStep:
         if self.result is None:
             info = self.info
             aux = [self.loss_votes[2]] if self.aux_denominator else []
+            moe = self.moe_metrics or {}
             values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens,
-                                   0.0 if self.spike is None else self.spike, *aux,
+                                   0.0 if self.spike is None else self.spike, *aux, *moe.values(),
                                    *info.pending()])
             loss_sum, self.votes, tokens, spike = values[:4]
             moe_aux = values[4] / self.aux_denominator if aux else None
-            info.resolve(values[4 + len(aux):])
+            start = 4 + len(aux)
+            moe_metrics = dict(zip(moe, values[start:start + len(moe)])) or None
+            info.resolve(values[start + len(moe):])
             self.result = StepResult(loss=loss_sum / self.scale,
                                      grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
                                      tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale,
-                                     moe_aux_loss=moe_aux, loss_spike=bool(spike))
+                                     moe_aux_loss=moe_aux, loss_spike=bool(spike),
+                                     moe_metrics=moe_metrics)
         return self.result

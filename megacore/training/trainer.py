@@ -49,7 +49,7 @@ from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
-from megacore.training.moe import aux_loss_sum, moe_layers, num_moe_layers
+from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
 from megacore.sharding import peek_meta
@@ -296,6 +296,7 @@ class Trainer:
             info = self.optimizer.step(skip=skip)
         pending = PendingStep(step, loss_votes, num_tokens, info, scale)
         pending.spike, pending.spike_threshold = spike, threshold
+        pending.moe_metrics = end_moe_step(self.moe_layers, self.cfg.model, info.skipped_flag, comm_device(self.device))
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
             pending.aux_denominator = num_moe_layers(self.cfg.model) * self.dp_size
         return pending
@@ -599,6 +600,7 @@ class Trainer:
             record["host_queue_s"] = host_s
         if r.moe_aux_loss is not None:
             record["moe_aux_loss"] = r.moe_aux_loss
+        record.update(r.moe_metrics or {})  # expert load (and z-loss): megacore.training.moe.end_moe_step
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
         # A skipped step is always printed: the console shows every step the run did not learn from.

@@ -128,6 +128,9 @@ def test_export_refuses_what_hf_cannot_represent(tmp_path):
         hf.save_pretrained(GPTModel(TransformerConfig(**small)), tmp_path / "b", family="gpt2")
     with pytest.raises(ConfigError, match="family='bert'"):
         hf.save_pretrained(GPTModel(TransformerConfig(**small)), tmp_path / "c", family="bert")
+    with pytest.raises(ConfigError, match="moe_router_score"):  # Mixtral's router is softmax top-k only
+        hf.save_pretrained(GPTModel(TransformerConfig(**small, num_experts=4, moe_router_score="sigmoid")),
+                           tmp_path / "e", family="mixtral")
     stage = GPTModel(TransformerConfig(**small), pre_process=False)
     with pytest.raises(ValueError, match="pipeline stage"):
         hf.save_pretrained(stage, tmp_path / "d")

@@ -134,13 +134,20 @@ def test_auto_backend_picks_grouped_mm_where_it_can():
 
 
 @needs_grouped
-def test_compiled_moe_layer_is_one_graph_without_recompiles():
-    """bf16 MoE layer (with the balance loss attached and logged) under torch.compile(fullgraph=True):
-    several training forwards and pops of the logged mean compile once and match eager."""
+@pytest.mark.parametrize("router", [
+    dict(moe_aux_loss_coeff=0.01),
+    dict(moe_router_score="sigmoid", moe_router_bias_update_rate=1e-3, moe_router_num_groups=5, moe_router_group_topk=2,
+         moe_routed_scaling_factor=2.5, moe_z_loss_coeff=1e-3, moe_aux_loss_coeff=1e-4, moe_aux_loss_type="sequence",
+         moe_shared_expert_hidden_size=16),
+], ids=["softmax", "deepseek"])
+def test_compiled_moe_layer_is_one_graph_without_recompiles(router):
+    """bf16 MoE layer (with the balance loss attached and logged, the step's load recorded) under
+    torch.compile(fullgraph=True): several training forwards and pops of the logged means compile
+    once and match eager."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    cfg = _config(moe_aux_loss_coeff=0.01)
+    cfg = _config(**router)
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     with torch.no_grad():
@@ -156,8 +163,12 @@ def test_compiled_moe_layer_is_one_graph_without_recompiles():
         out.float().square().sum().backward()
         if i % 2:
             compiled_mean = layer.pop_aux_mean()
+            compiled_load, _ = layer.router.pop_step()
     assert counters["stats"]["unique_graphs"] == 1
     eager = layer(x)
     eager_mean = layer.pop_aux_mean()
+    eager_load, _ = layer.router.pop_step()
     torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
     torch.testing.assert_close(compiled_mean, eager_mean)
+    torch.testing.assert_close(compiled_load, eager_load)
+    assert eager_load.sum().item() == x.shape[0] * x.shape[1] * cfg.moe_top_k

@@ -47,6 +47,7 @@ class Experts(nn.Module):
         self.activation = config.activation
         self.gated = config.gated_mlp
         self.backend = config.moe_experts_backend
+        self.may_drop = config.moe_capacity_factor is not None  # the router may drop assignments
         self.linear_fc1 = mark_init(nn.Parameter(torch.empty(e, 2 * f if self.gated else f, h)), "normal")
         self.linear_fc2 = mark_init(nn.Parameter(torch.empty(e, h, f)), "scaled_normal")
         self.num_experts = e      # in the whole model; this rank may hold a slice (expert parallelism)
@@ -98,6 +99,9 @@ class Experts(nn.Module):
         counts = torch.zeros(e + 1, dtype=torch.int64, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))[:e]                       # index e: dropped, not counted
         x_sorted = hidden_TH.unsqueeze(1).expand(tokens, k, hidden_TH.shape[-1]).reshape(tokens * k, -1)[order]
+        kept = torch.arange(tokens * k, device=flat.device) < counts.sum()
+        if self.may_drop:  # the GEMMs leave rows past the last group unwritten, their input gradient too:
+            x_sorted = torch.where(kept.unsqueeze(-1), x_sorted, 0)  # this where gives those rows a zero one
         if self.dispatch is not None:
             y_sorted = self.dispatch(self, x_sorted, counts)
         elif capacity is not None:
@@ -105,7 +109,6 @@ class Experts(nn.Module):
         else:
             y_sorted = self.compute(x_sorted, counts.cumsum(0).to(torch.int32))
         # Rows past the last group are dropped assignments: zero, whatever the GEMM left there.
-        kept = torch.arange(tokens * k, device=flat.device) < counts.sum()
         y_sorted = torch.where(kept.unsqueeze(-1), y_sorted, 0)
         y_TKH = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(tokens, k, -1)
         return (y_TKH * weights_TK.to(y_TKH.dtype).unsqueeze(-1)).sum(dim=1)

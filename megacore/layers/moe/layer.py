@@ -75,6 +75,7 @@ class MoELayer(nn.Module):
             if self.record_aux:
                 acc = self.aux_accumulator
                 acc.add_(torch.stack([routing.balance_loss.detach().to(acc.dtype), acc.new_ones(())]))
+                self.router.record_step(routing)  # the step's expert load: megacore.training.moe
             loss = None
             if self.aux_loss_coeff > 0:
                 loss = self.aux_loss_coeff * routing.balance_loss
