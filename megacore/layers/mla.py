@@ -87,7 +87,7 @@ class MultiLatentAttention(nn.Module):
     kv_cache=None)`` -> [B, S, hidden]; ``rotary`` are (cos, sin) tables of rotary dim qk_rope_head_dim.
 
     Attributes a caller may set: ``absorb`` (decode with the absorbed up-projections; with a KV cache
-    only), ``recompute_up_proj`` (selective recomputation ``mla_up_proj``), ``pad_v_to_qk``.
+    only; ``set_absorbed_decode(model)`` sets it on every layer), ``recompute_up_proj`` (selective recomputation ``mla_up_proj``), ``pad_v_to_qk``.
     The number of heads is read from ``linear_kv_up_proj``'s rows, so a head-split shard runs as is.
     """
 
@@ -201,3 +201,13 @@ class MultiLatentAttention(nn.Module):
         k = torch.cat([c_all, k_rope_all], dim=-1)                   # [B, T, 1, r+dr], one shared head
         out_latent = self.core_attention(q, k, c_all, mask)          # [B, S, H, r]
         return torch.einsum("bshr,hvr->bshv", out_latent, w_uv)
+
+
+def set_absorbed_decode(model: nn.Module, absorb: bool = True) -> int:
+    """Make every multi-latent attention module of ``model`` decode with the absorbed up-projections
+    (``absorb=True``) or rebuild keys and values from the cached latents (``False``, the default of a
+    new module); returns how many modules it set. Only forwards with a KV cache are affected."""
+    modules = [m for m in model.modules() if isinstance(m, MultiLatentAttention)]
+    for m in modules:
+        m.absorb = absorb
+    return len(modules)

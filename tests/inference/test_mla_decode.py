@@ -10,7 +10,7 @@ import torch
 from megacore.config import TransformerConfig
 from megacore.inference import KVCache
 from megacore.inference.sampling import generate
-from megacore.layers.mla import MultiLatentAttention
+from megacore.layers.mla import set_absorbed_decode
 from megacore.models import GPTModel
 
 BASE = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, seq_length=24, ffn_hidden_size=48,
@@ -26,10 +26,7 @@ VARIANTS = {
 
 def _model(absorb: bool, **extra):
     model = GPTModel(TransformerConfig(**BASE, **extra), seed=3).eval()
-    attentions = [m for m in model.modules() if isinstance(m, MultiLatentAttention)]
-    assert len(attentions) == BASE["num_layers"]
-    for attn in attentions:
-        attn.absorb = absorb
+    assert set_absorbed_decode(model, absorb) == BASE["num_layers"]
     return model
 
 
