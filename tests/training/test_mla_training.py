@@ -1,5 +1,5 @@
 """``megacore train`` with multi-latent attention on CPU (in this process, a few steps): the run finishes
-with finite losses, also with the up-projections recomputed; tensor and context parallelism are
+with finite losses, also with the up-projections recomputed, and PP2 follows it; tensor and context parallelism are
 refused by the support table with the field, the value and the fix."""
 
 from __future__ import annotations
@@ -48,3 +48,15 @@ def test_unknown_recompute_module_names_the_choices():
     cfg = load_run_config(CONFIG, MLA + ["recompute.granularity=selective", "recompute.modules=[mla_up]"])
     with pytest.raises(ConfigError, match="mla_up_proj"):
         cfg.validate(world_size=1)
+
+
+def test_pipeline_parallel_mla_reproduces_the_single_process_losses(tmp_path):
+    """PP2 (one MLA layer per stage, built and initialized by global name; two micro-batches of one
+    sample for the 1F1B schedule) follows the one-process run."""
+    from tests.training.test_train_cli import losses, train_tiny
+
+    single = losses(train_tiny(tmp_path, "single", MLA))
+    pp2 = losses(train_tiny(tmp_path, "pp2", [*MLA, "parallel.pipeline=2", "train.micro_batch_size=1"], nproc=2))
+    assert len(single) == len(pp2) == 3
+    worst = max(abs(a - b) / abs(b) for a, b in zip(pp2, single))
+    assert worst < 1e-5, (pp2, single)
