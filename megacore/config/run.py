@@ -285,7 +285,8 @@ class PrecisionConfig:
 @dataclass
 class RecomputeConfig:
     """``granularity``: null (off), ``full`` (whole layers; every ``every``-th layer) or
-    ``selective`` (the listed ``modules``: ``core_attn``, ``mlp_act``)."""
+    ``selective`` (the listed ``modules``: ``core_attn``, ``mlp_act``, ``mla_up_proj``: multi-latent
+    attention's up-projections with its attention)."""
 
     granularity: Optional[str] = None
     every: int = 1
@@ -296,9 +297,10 @@ class RecomputeConfig:
             _fail("recompute.granularity", self.granularity, "is not known", "use null, 'full' or 'selective'")
         if self.every < 1:
             _fail("recompute.every", self.every, "must be >= 1", "use 1 to recompute every layer")
-        bad = [m for m in self.modules if m not in ("core_attn", "mlp_act")]
+        bad = [m for m in self.modules if m not in ("core_attn", "mlp_act", "mla_up_proj")]
         if bad:
-            _fail("recompute.modules", self.modules, f"contains unknown modules {bad}", "use 'core_attn' and/or 'mlp_act'")
+            _fail("recompute.modules", self.modules, f"contains unknown modules {bad}",
+                  "use 'core_attn', 'mlp_act' and/or 'mla_up_proj'")
         return self
 
 

@@ -127,6 +127,9 @@ _FEATURES = [
             _key("model.layer_pattern", lambda f: f.model.layer_pattern), implies=("hybrid",)),
     Feature("llava", "LLaVA (`vision.enabled`)", lambda f: f.vision.enabled,
             _key("vision.enabled", lambda f: f.vision.enabled)),
+    Feature("mla", "multi-latent attention (`model.multi_latent_attention`)",
+            lambda f: f.model.multi_latent_attention,
+            _key("model.multi_latent_attention", lambda f: f.model.multi_latent_attention)),
     # other features
     Feature("copy_engine", "`parallel.tp_comm_overlap=copy_engine`", lambda f: f.tp_comm_overlap == "copy_engine",
             _key("parallel.tp_comm_overlap", lambda f: f.tp_comm_overlap)),
@@ -157,7 +160,7 @@ _FEATURES = [
 FEATURES: dict[str, Feature] = {feature.key: feature for feature in _FEATURES}
 MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert",
                "distributed_optimizer", "fsdp", "fp8", "fp16")
-MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava")
+MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava", "mla")
 
 
 # -------------------------------------------------------------------------------- the rule kinds
@@ -401,6 +404,11 @@ RULES: list = [
                 "set device=cuda on such a GPU, or precision.fp8=null"),
     Unsupported("fp8", "copy_engine", "fp8", "it does not cover FP8 linears (their matmuls are not split around the "
                 "transfers)", "set parallel.tp_comm_overlap=off with precision.fp8, or precision.fp8=null"),
+    # -- multi-latent attention x layouts
+    Unsupported("mla", "tensor", "mla", "multi-latent attention has no tensor-parallel plan yet (its down-"
+                "projections and latent norms are not split by heads)", "set parallel.tensor=1"),
+    Unsupported("mla", "context", "mla", "multi-latent attention has no context-parallel path yet",
+                "set parallel.context=1"),
     # -- sizes that must divide (after the combinations: "not supported" says more than a size that does not fit)
     Check("mesh", "`parallel.tensor` x `pipeline` x `context` divides the world size", _world_divisible),
     Check("mesh", "`parallel.expert` divides the ranks of a pipeline stage (world size / `parallel.pipeline`)",

@@ -6,7 +6,10 @@
 
 Each attention layer stores the keys and values of every position it has seen (after QK-norm and
 rotary, i.e. exactly what its attention reads) in preallocated [B, max_length, G, D] buffers, G
-the layer's KV heads. A Mamba layer of a hybrid stack keeps its recurrent state instead (its last
+the layer's KV heads. A multi-latent attention layer (``megacore.layers.mla``) stores its compressed
+latent (normed, [kv_lora_rank]) and rotary key ([qk_rope_head_dim]) per position instead, the same
+two-tensor ``update`` with its own shapes, and rebuilds (or absorbs) the per-head keys and values
+from them. A Mamba layer of a hybrid stack keeps its recurrent state instead (its last
 conv inputs and the SSM state, ``megacore.layers.mamba.MambaState``), a fixed size per sequence. A forward with ``kv_cache`` feeds only the NEW tokens: their positions
 continue from ``cache.length``; each layer appends their k/v and attends over everything cached
 (causal, and within ``sliding_window`` when the model has one); ``cache.length`` advances by the
@@ -91,12 +94,15 @@ class KVCache:
 
     def update(self, layer_number: int, k_BSGD: torch.Tensor, v_BSGD: torch.Tensor):
         """Write the new tokens' k/v at positions ``length..length+S`` of layer ``layer_number``;
-        return the layer's keys and values for positions ``0..length+S``."""
-        b, s, g, d = k_BSGD.shape
+        return the layer's keys and values for positions ``0..length+S``.
+
+        The two tensors are whatever per-position state the layer's attention keeps, each [B, S, ...]
+        with its own trailing shape (a multi-latent attention layer passes its normed latent
+        [B, S, 1, kv_lora_rank] and rotary key [B, S, 1, qk_rope_head_dim]); buffers are made on first use."""
+        s = k_BSGD.shape[1]
         if layer_number not in self._k:
-            shape = (self.batch, self.max_length, g, d)
-            self._k[layer_number] = torch.empty(shape, device=k_BSGD.device, dtype=k_BSGD.dtype)
-            self._v[layer_number] = torch.empty(shape, device=v_BSGD.device, dtype=v_BSGD.dtype)
+            self._k[layer_number] = k_BSGD.new_empty((self.batch, self.max_length, *k_BSGD.shape[2:]))
+            self._v[layer_number] = v_BSGD.new_empty((self.batch, self.max_length, *v_BSGD.shape[2:]))
         k_all, v_all = self._k[layer_number], self._v[layer_number]
         end = self.length + s
         k_all[:, self.length:end] = k_BSGD

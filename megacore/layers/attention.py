@@ -23,7 +23,7 @@ from megacore.layers.rng import checkpoint
 from megacore.config import TransformerConfig
 from megacore.layers.norm import RMSNorm
 from megacore.sharding import mark_init
-from megacore.layers.rotary import apply_rotary
+from megacore.layers.rotary import apply_rotary, yarn_mscale
 
 
 def causal_mask(q_positions: torch.Tensor, k_positions: torch.Tensor, sliding_window=None) -> torch.Tensor:
@@ -109,15 +109,32 @@ def attention_sdpa(q_BSHD, k_BSGD, v_BSGD, mask, scale, dropout_p=0.0, training=
 ATTENTION_BACKENDS = {"reference": attention_reference, "sdpa": attention_sdpa}
 
 
+def default_softmax_scale(config: TransformerConfig) -> float:
+    """The softmax scale of the attention scores: ``attention_softmax_scale`` when set, else 1/√head_dim,
+    and under multi-latent attention 1/√(qk_nope_head_dim + qk_rope_head_dim) multiplied, with YaRN
+    scaling and a non-zero ``rotary_mscale_all_dim``, by yarn_mscale(factor, mscale_all_dim)² (as
+    DeepSeek-V2/V3 compute it; ``megacore.layers.mla``)."""
+    if config.attention_softmax_scale:
+        return config.attention_softmax_scale
+    if not config.multi_latent_attention:
+        return 1.0 / math.sqrt(config.head_dim)
+    scale = 1.0 / math.sqrt(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    if config.rotary_scaling == "yarn" and config.rotary_mscale_all_dim:
+        m = yarn_mscale(config.rotary_scaling_factor, config.rotary_mscale_all_dim)
+        scale *= m * m
+    return scale
+
+
 class CoreAttention(nn.Module):
-    """softmax(QKᵀ/√d)V over local heads. q [B,S,Hq,D], k/v [B,S,Hkv,D] -> [B,S,Hq,D]."""
+    """softmax(QKᵀ·scale)V over local heads. q [B,S,Hq,Dqk], k [B,S,Hkv,Dqk], v [B,S,Hkv,Dv] ->
+    [B,S,Hq,Dv]; Dv may differ from Dqk (multi-latent attention), in both backends."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
         backend = config.attention_backend
         self.backend = "sdpa" if backend == "auto" else backend
         self.dropout_p = config.attention_dropout
-        self.scale = config.attention_softmax_scale or 1.0 / math.sqrt(config.head_dim)
+        self.scale = default_softmax_scale(config)
         # Dropout inside a TP-split region must differ across TP ranks; parallelize() swaps this for
         # the RNG tracker's tensor-parallel fork.
         self.rng_context = contextlib.nullcontext

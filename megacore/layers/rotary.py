@@ -36,8 +36,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: fl
     return torch.where(in_band, interpolated, out)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context stretched ``scale`` times: 0.1·mscale·ln(scale) + 1."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+_yarn_mscale = yarn_mscale
 
 
 def _yarn_inv_freq(dim: int, base: float, factor: float, orig_len: int, beta_fast: float, beta_slow: float):
@@ -61,9 +65,15 @@ def _yarn_inv_freq(dim: int, base: float, factor: float, orig_len: int, beta_fas
     return inv / factor * (1 - extrapolate_weight) + inv * extrapolate_weight
 
 
+def rotary_dim_of(config: TransformerConfig) -> int:
+    """Channels rotated per head: ``qk_rope_head_dim`` (the decoupled rotary part of each query and
+    key) under multi-latent attention, else ``config.rotary_dim``."""
+    return config.qk_rope_head_dim if config.multi_latent_attention else config.rotary_dim
+
+
 def rotary_inv_freq(config: TransformerConfig) -> tuple[torch.Tensor, float]:
     """Return (inv_freq [rotary_dim/2] fp64, attention scaling applied to cos/sin)."""
-    dim, base = config.rotary_dim, config.rotary_base
+    dim, base = rotary_dim_of(config), config.rotary_base
     kind, factor = config.rotary_scaling, config.rotary_scaling_factor
     if kind is None:
         return _base_inv_freq(dim, base), 1.0
@@ -88,7 +98,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.rotary_dim = config.rotary_dim
+        self.rotary_dim = rotary_dim_of(config)
         inv_freq, self.attention_scaling = rotary_inv_freq(config)
         self._inv_freq_cpu = inv_freq.float()
         self._cache: dict = {}

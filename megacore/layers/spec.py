@@ -7,7 +7,9 @@ norm or MLP) without forking the model::
                                            # (``moe=`` likewise replaces the MoE block)
     model = GPTModel(config, layer_spec=spec)
 
-Each entry is a callable ``(config) -> nn.Module``; the norms are ``(config, dim) -> nn.Module``.
+Each entry is a callable ``(config) -> nn.Module``; the norms are ``(config, dim) -> nn.Module``,
+``self_attention`` is ``(config, core_attention_cls) -> nn.Module`` (by default ``SelfAttention``, or
+``MultiLatentAttention`` when ``model.multi_latent_attention``).
 Keep the attribute names of the default modules (``linear_qkv``, ``linear_fc1``, ...) if you want
 tensor parallelism and Hugging Face interop to recognise your replacement's weights.
 """
@@ -24,6 +26,16 @@ from megacore.layers.mlp import MLP
 from megacore.layers.norm import build_norm
 
 
+def build_self_attention(config, core_attention_cls=CoreAttention) -> nn.Module:
+    """The attention block: ``MultiLatentAttention`` when ``config.multi_latent_attention``, else
+    ``SelfAttention`` (fused grouped QKV); both with ``core_attention_cls`` as their core."""
+    if config.multi_latent_attention:
+        from megacore.layers.mla import MultiLatentAttention
+
+        return MultiLatentAttention(config, core_attention_cls)
+    return SelfAttention(config, core_attention_cls)
+
+
 def build_moe(config) -> nn.Module:
     from megacore.layers.moe import MoELayer
 
@@ -33,7 +45,7 @@ def build_moe(config) -> nn.Module:
 @dataclass
 class LayerSpec:
     input_norm: Callable = build_norm
-    self_attention: Callable = SelfAttention
+    self_attention: Callable = build_self_attention   # (config, core_attention_cls) -> nn.Module
     core_attention: Callable = CoreAttention
     pre_mlp_norm: Callable = build_norm
     mlp: Callable = MLP          # the dense feed-forward block

@@ -83,14 +83,18 @@ class TransformerBlock(nn.Module):
         self.full_recompute_layers: set[int] = set()
 
     def configure_recompute(self, recompute: RecomputeConfig) -> None:
-        """Full: checkpoint every ``every``-th layer whole. Selective: only core attention and/or the
-        MLP activation, the activations that are large and cheap to recompute."""
+        """Full: checkpoint every ``every``-th layer whole. Selective: only core attention, the MLP
+        activation and/or multi-latent attention's up-projections (with its attention), the
+        activations that are large and cheap to recompute."""
         self.full_recompute_layers = set()
         selective = recompute.granularity == "selective"
         for layer in self.layers.values():
-            core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+            attention = getattr(layer, "self_attention", None)
+            core = getattr(attention, "core_attention", None)
             if core is not None and hasattr(core, "recompute"):
                 core.recompute = selective and "core_attn" in recompute.modules
+            if hasattr(attention, "recompute_up_proj"):
+                attention.recompute_up_proj = selective and "mla_up_proj" in recompute.modules
             if hasattr(getattr(layer, "mlp", None), "recompute_activation"):
                 layer.mlp.recompute_activation = selective and "mlp_act" in recompute.modules
             if recompute.granularity == "full" and layer.layer_number % recompute.every == 0:

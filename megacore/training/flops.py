@@ -5,6 +5,8 @@ the input embedding table; the output layer counts even when tied), L layers, h 
 sequence length (causal attention counted once per pair). Recomputation is not counted. In an MoE
 layer N counts the parameters a token meets: the router, its ``moe_top_k`` experts and the shared expert. In a hybrid
 stack (``model.layer_pattern``) each layer counts its own kind: attention, MLP or Mamba projections.
+Multi-latent attention counts its low-rank projections (``mla_attention_params``) and its own
+attention term (see ``flops_per_token``).
 A LLaVA model adds its image FLOPs per token (``vision_flops_per_token``).
 """
 
@@ -15,9 +17,22 @@ from megacore.config import TransformerConfig, VisionConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
+def mla_attention_params(cfg: TransformerConfig) -> int:
+    """Matmul parameters of one multi-latent attention block: the query projection (down, up; or the
+    full-rank one), the joint key/value down-projection (latent and rotary key), the key/value
+    up-projection and the output projection (the latent norms are no matmuls)."""
+    h, heads, r = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    query = h * heads * qk if cfg.q_lora_rank is None else h * cfg.q_lora_rank + cfg.q_lora_rank * heads * qk
+    kv = h * (r + cfg.qk_rope_head_dim) + r * heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return query + kv + heads * cfg.v_head_dim * h
+
+
 def matmul_params(cfg: TransformerConfig) -> int:
     h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
     attention = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_attention_heads * hd * h
+    if cfg.multi_latent_attention:
+        attention = mla_attention_params(cfg)
     per_width = 3 if cfg.gated_mlp else 2
     dense_mlp = h * f * per_width
     moe_mlp = 0
@@ -37,10 +52,16 @@ def matmul_params(cfg: TransformerConfig) -> int:
 
 def flops_per_token(cfg: TransformerConfig, seq_length: int | None = None) -> float:
     """6·N + 6·L·h·s with L the layers that attend; a Mamba layer's scan is not counted (its
-    projections are, in N), which understates a hybrid model's FLOPs a little."""
+    projections are, in N), which understates a hybrid model's FLOPs a little. Under multi-latent
+    attention a layer's attention term is 3·s·H·((dn+dr) + dv) instead of 6·h·s: q·k over the
+    dn+dr query/key channels and p·v over the dv value channels of each of the H heads."""
     s = seq_length or cfg.seq_length
     attending = sum(k in "T*" for k in cfg.layer_kinds)
-    return 6.0 * matmul_params(cfg) + 6.0 * attending * cfg.hidden_size * s
+    per_layer = 6.0 * cfg.hidden_size * s
+    if cfg.multi_latent_attention:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        per_layer = 3.0 * s * cfg.num_attention_heads * (qk + cfg.v_head_dim)
+    return 6.0 * matmul_params(cfg) + attending * per_layer
 
 
 def vision_flops_per_token(v: VisionConfig, text_hidden: int, seq_length: int) -> float:
