@@ -8,6 +8,15 @@ one after the other; the table at the end compares tokens/s, model TFLOP/s (DESI
     python benchmarks/bench_train_step.py --variants baseline_bf16_compile,megacore_compile
     python benchmarks/bench_train_step.py --device cpu --layers 2 --hidden 128 --heads 4 --kv-heads 4 \\
         --ffn 256 --vocab 1000 --seq 64 --mbs 2 --steps 2 --warmup 1     # CPU smoke run
+    python benchmarks/bench_train_step.py --layers 8 --experts 8 --topk 2 --moe-ffn 2816 --accum 4 \\
+        --variants baseline_bf16_compile,megacore_compile               # MoE, 8 experts top-2
+    python benchmarks/bench_train_step.py --variants megacore_compile --model-args \\
+        model.multi_latent_attention=true,model.kv_lora_rank=512         # multi-latent attention
+
+With ``--experts`` the plain baseline's MLPs become a grouped-GEMM MoE (``baseline_moe.py``) and
+megacore's become MoE layers (``model.num_experts``); FLOPs count the active parameters.
+``--model-args`` sets more megacore model fields (and counts them in the FLOPs); the plain
+baseline ignores it.
 
 Variants:
   baseline_bf16_eager / _compile   plain model (benchmarks/baseline_llama.py), bf16 params, fused AdamW
@@ -98,7 +107,7 @@ def main() -> int:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     config = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "mbs",
                                          "accum", "steps", "warmup", "device", "experts", "topk", "moe_ffn",
-                                         "moe_args")}
+                                         "model_args")}
     rows = []
 
     def write_out():  # after every variant, so a stage killed by a timeout keeps what it measured

@@ -40,8 +40,9 @@ def add_model_args(p: argparse.ArgumentParser, seq: int = 2048, mbs: int = 4) ->
     p.add_argument("--experts", type=int, default=None, help="MoE: experts per layer (default: dense MLPs)")
     p.add_argument("--topk", type=int, default=2, help="MoE: experts per token")
     p.add_argument("--moe-ffn", type=int, default=None, help="MoE: expert width (default: --ffn)")
-    p.add_argument("--moe-args", default="", help="MoE: more megacore model overrides, comma-separated "
-                                                  "(e.g. model.moe_aux_loss_coeff=0.01)")
+    p.add_argument("--model-args", default="", help="more megacore model fields, comma-separated, for megacore's "
+                                                    "variants and the FLOPs count (e.g. model.moe_aux_loss_coeff=0.01,"
+                                                    "model.multi_latent_attention=true)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on cuda, "
                                                            "eager on cpu)")
 
@@ -53,7 +54,20 @@ def transformer_config(a):
         num_layers=a.layers, hidden_size=a.hidden, num_attention_heads=a.heads, num_query_groups=a.kv_heads,
         ffn_hidden_size=a.ffn, vocab_size=a.vocab, seq_length=a.seq, vocab_padding_multiple=128,
         num_experts=getattr(a, "experts", None), moe_top_k=getattr(a, "topk", 2),
-        moe_ffn_hidden_size=getattr(a, "moe_ffn", None))
+        moe_ffn_hidden_size=getattr(a, "moe_ffn", None), **model_args(a))
+
+
+def model_args(a) -> dict:
+    """``--model-args`` as TransformerConfig fields (values parsed as YAML: 512, true, null, ...)."""
+    import yaml
+
+    out = {}
+    for item in filter(None, getattr(a, "model_args", "").split(",")):
+        key, _, value = item.partition("=")
+        if not key.startswith("model."):
+            raise SystemExit(f"--model-args: {item!r} is not a model.<field>=<value> override")
+        out[key[len("model."):]] = yaml.safe_load(value)
+    return out
 
 
 def flops_per_token(a) -> float:
@@ -126,7 +140,7 @@ def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | No
     if getattr(a, "experts", None):
         overrides += [f"model.num_experts={a.experts}", f"model.moe_top_k={a.topk}",
                       f"model.moe_ffn_hidden_size={a.moe_ffn or a.ffn}"]
-        overrides += [o for o in a.moe_args.split(",") if o]
+    overrides += [o for o in a.model_args.split(",") if o]
     if recompute:
         granularity, _, modules = recompute.partition(":")
         overrides.append(f"recompute.granularity={granularity}")
