@@ -48,7 +48,8 @@ times any loss scale) and adds Σ_j weight_j · CE_k(j - k) to ``loss_accumulato
 trainer pops it (``pop_losses``) after the step's backward: entry k-1 is then depth k's term
 S_k / N, so ``mtp_loss`` = mean over depths = L_MTP / mtp_loss_weight, and
 ``loss + mtp_loss_weight * mtp_loss`` is the objective that was backpropagated. Forwards without
-a backward (evaluation, a pipeline schedule's shape-inference pass) record nothing.
+a backward (evaluation) record nothing, nor does a pipeline schedule's shape-inference pass
+(``record_loss`` off: ``megacore.pipeline.stage_module``).
 
 Generation never runs the depths (``GPTModel`` only calls ``attach`` when a loss with gradients
 is computed).
@@ -150,6 +151,7 @@ class MultiTokenPrediction(nn.Module):
             param_meta(self.embedding.weight).global_name = EMBEDDING_NAME
         # Σ over the backwards since the last pop of each depth's objective term (see the module doc).
         self.register_buffer("loss_accumulator", torch.zeros(self.num_depths), persistent=False)
+        self.record_loss = True  # False while a forward's loss must not be logged (a schedule's dry run)
 
     def depth_losses(self, model, hidden_BSH: torch.Tensor, input_ids_BS: torch.Tensor, labels_BS: torch.Tensor,
                      word_embeddings: nn.Module, rotary=None, mask=None) -> torch.Tensor:
@@ -173,7 +175,7 @@ class MultiTokenPrediction(nn.Module):
         """``token_loss_BS`` (the main per-token loss, returned unchanged) carrying the MTP loss's
         gradient (``AttachMTPLoss``)."""
         ce = self.depth_losses(model, hidden_BSH, input_ids_BS, labels_BS, word_embeddings, rotary, mask)
-        acc = self.loss_accumulator if self.training else None
+        acc = self.loss_accumulator if self.training and self.record_loss else None
         return AttachMTPLoss.apply(token_loss_BS, ce, self.loss_weight / self.num_depths, acc)
 
     def pop_losses(self) -> torch.Tensor:

@@ -70,13 +70,21 @@ class PipelineChunk(nn.Module):
 
 @contextlib.contextmanager
 def _moe_aux_paused(model: nn.Module):
+    """The placeholder pass logs nothing: no MoE balance loss, no multi-token-prediction loss (whose
+    backward that pass runs too)."""
     from megacore.layers.moe import MoELayer
+    from megacore.layers.mtp import MultiTokenPrediction
 
     layers = [mod for mod in model.modules() if isinstance(mod, MoELayer)]
+    blocks = [mod for mod in model.modules() if isinstance(mod, MultiTokenPrediction)]
     for layer in layers:
         layer.record_aux = False
+    for block in blocks:
+        block.record_loss = False
     try:
         yield
     finally:
         for layer in layers:
             layer.record_aux = True
+        for block in blocks:
+            block.record_loss = True
