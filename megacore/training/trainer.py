@@ -285,6 +285,8 @@ class Trainer:
                                      embedding_group=self.state.embedding_group)
         stop_vote = 1.0 if self.stop.requested else 0.0
         aux = aux_loss_sum(self.moe_layers, self.device)
+        if aux is None and num_moe_layers(self.cfg.model):  # a stage without MoE layers adds 0 to the same sum
+            aux = torch.zeros((), device=self.device)
         mtp = self._mtp_terms()
         # The global loss is summed before the optimizer step, so the divergence policy can veto
         # the step on the device (a non-finite loss, a spike): megacore.training.divergence.

@@ -87,3 +87,30 @@ def test_unsupported_layouts_are_refused(extra, words):
     cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", MTP + extra)
     with pytest.raises(ConfigError, match=words):
         cfg.validate(world_size=2)
+
+
+MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_first_k_dense=1", "model.moe_aux_loss_coeff=0.05",
+       "model.moe_router_bias_update_rate=0.001", "model.moe_router_score=sigmoid"]
+
+
+def test_moe_depth_trains_and_counts_in_the_moe_metrics(tmp_path):
+    """An MoE model's MTP layer is an MoE layer (global number 2 >= moe_first_k_dense=1): its balance
+    loss is averaged with the decoder's one MoE layer, its load has its own row of the step table."""
+    from megacore.training.moe import num_moe_layers
+
+    moe = MOE
+    records = _run_in_process(tmp_path, "moe", moe)
+    cfg = load_run_config(f"{ROOT}/configs/tiny_cpu.yaml", MTP + moe)
+    assert num_moe_layers(cfg.model) == 3  # decoder layer 1, MTP layers 2 and 3
+    assert len(records) == 5
+    for r in records:
+        assert 1.0 < r["moe_aux_loss"] < 4.0 and r["moe_load_cv"] >= 0.0 and r["mtp_loss"] > 0, r
+
+
+def test_moe_pp2_reproduces_single_process(tmp_path):
+    """PP2 of that model: stage 0 holds only the dense layer 0 (it adds a zero balance-loss sum to the
+    step's all-reduce), stage 1 the MoE layer 1 and both MoE depths."""
+    single = read_metrics(train_tiny(tmp_path, "single", MTP + MOE))
+    pp2 = read_metrics(train_tiny(tmp_path, "pp2", MTP + MOE + ["parallel.pipeline=2"], nproc=2))
+    for key, tol in (("loss", 1e-5), ("mtp_loss", 1e-5), ("moe_aux_loss", 1e-5), ("grad_norm", 1e-4)):
+        assert _close([r[key] for r in pp2 if "loss" in r], [r[key] for r in single if "loss" in r], tol), key
