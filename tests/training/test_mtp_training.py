@@ -114,3 +114,18 @@ def test_moe_pp2_reproduces_single_process(tmp_path):
     pp2 = read_metrics(train_tiny(tmp_path, "pp2", MTP + MOE + ["parallel.pipeline=2"], nproc=2))
     for key, tol in (("loss", 1e-5), ("mtp_loss", 1e-5), ("moe_aux_loss", 1e-5), ("grad_norm", 1e-4)):
         assert _close([r[key] for r in pp2 if "loss" in r], [r[key] for r in single if "loss" in r], tol), key
+
+
+def test_pp2_checkpoint_resumes_on_one_process(tmp_path, reference):
+    """Saved at PP2 (untied: the last stage's copy of the table is saved once, under the embedding's
+    name), resumed on one process: steps 4-5 follow the single-process curve."""
+    ckpt = str(tmp_path / "ckpt")
+    base = [*MTP, "model.tie_embeddings=false"]
+    train_tiny(tmp_path, "pp2_save", [*base, "parallel.pipeline=2", f"checkpoint.dir={ckpt}", "checkpoint.interval=3"],
+               nproc=2)
+    resumed = [r for r in read_metrics(train_tiny(tmp_path, "resumed", [*base, f"checkpoint.load={ckpt}/iter_0000003"]))
+               if "loss" in r]
+    assert [r["step"] for r in resumed] == [4, 5]
+    want = [r for r in read_metrics(reference["false"]) if "loss" in r][3:]
+    assert _close([r["loss"] for r in resumed], [r["loss"] for r in want], 1e-5)
+    assert _close([r["mtp_loss"] for r in resumed], [r["mtp_loss"] for r in want], 1e-5)
