@@ -104,7 +104,10 @@ def test_mtp_objective_matches_hand_built(reduction):
     # The reported loss is the main LM loss, bit for bit what the model without MTP returns.
     no_mtp = GPTModel(_config(mtp_num_layers=0), seed=0).double()
     no_mtp.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
-    assert torch.equal(loss.detach(), no_mtp(ids, labels=labels, loss_mask=loss_mask).detach()) or reduction == "none"
+    if reduction == "mean":
+        assert torch.equal(loss.detach(), no_mtp(ids, labels=labels, loss_mask=loss_mask).detach())
+    else:
+        assert torch.equal(token_loss.detach(), no_mtp(ids, labels=labels, reduction="none").detach())
     torch.testing.assert_close(loss, main, rtol=1e-12, atol=1e-12)
     loss.backward()
     for (name, p), g in zip(model.named_parameters(), want):
@@ -186,7 +189,13 @@ def test_generation_ignores_the_depths():
         assert torch.equal(model(prompt), plain(prompt))
 
 
-def test_mtp_block_without_depths_is_refused_by_nothing_but_config():
+def test_config_validation_and_embedding_copy():
     with pytest.raises(Exception, match="mtp_num_layers"):
         _config(mtp_num_layers=-1).validate()
     assert MultiTokenPrediction(_config(mtp_num_layers=1)).embedding is None
+    # A last pipeline stage without the embedding holds a copy of the table under the embedding's name,
+    # initialized like it; with tied embeddings that copy is the output weight.
+    full = GPTModel(_config(mtp_num_layers=1, tie_embeddings=True), seed=2)
+    last = GPTModel(_config(mtp_num_layers=1, tie_embeddings=True), seed=2, pre_process=False, layer_numbers=[1])
+    assert last.output_layer is None and last.output_weight() is last.mtp.embedding.weight
+    assert torch.equal(last.mtp.embedding.weight, full.embedding.word_embeddings.weight)
