@@ -130,6 +130,8 @@ _FEATURES = [
     Feature("mla", "multi-latent attention (`model.multi_latent_attention`)",
             lambda f: f.model.multi_latent_attention,
             _key("model.multi_latent_attention", lambda f: f.model.multi_latent_attention)),
+    Feature("mtp", "multi-token prediction (`model.mtp_num_layers` > 0)", lambda f: f.model.mtp_num_layers > 0,
+            _key("model.mtp_num_layers", lambda f: f.model.mtp_num_layers)),
     # other features
     Feature("copy_engine", "`parallel.tp_comm_overlap=copy_engine`", lambda f: f.tp_comm_overlap == "copy_engine",
             _key("parallel.tp_comm_overlap", lambda f: f.tp_comm_overlap)),
@@ -160,7 +162,7 @@ _FEATURES = [
 FEATURES: dict[str, Feature] = {feature.key: feature for feature in _FEATURES}
 MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert",
                "distributed_optimizer", "fsdp", "fp8", "fp16")
-MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava", "mla")
+MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava", "mla", "mtp")
 
 
 # -------------------------------------------------------------------------------- the rule kinds
@@ -386,6 +388,14 @@ RULES: list = [
     Unsupported("llava", "fp8", "llava", "the vision tower and projector have no fp8 path", "set precision.fp8=null"),
     Unsupported("llava", "text_only_data", "llava", "that source has no images: only data.source=mock (synthetic "
                 "images and text) feeds a LLaVA model so far", "set data.source=mock"),
+    Unsupported("mtp", "mtp", "hybrid", "an MTP depth is one attention + MLP layer after a plain transformer stack",
+                "set model.mtp_num_layers=0 or model.layer_pattern=null"),
+    Unsupported("mtp", "mtp", "llava", "the MTP depths would embed the image placeholder tokens",
+                "set model.mtp_num_layers=0"),
+    Unsupported("mtp", "context", "mtp", "each depth shifts the tokens and labels along the sequence, which context "
+                "parallelism splits over ranks", "set parallel.context=1"),
+    Unsupported("mtp", "fsdp", "mtp", "multi-token prediction has not been validated with FSDP2",
+                "use parallel.distributed_optimizer=true"),
     # -- layouts x features
     Unsupported("context", "context", "fsdp", "FSDP2 is not wired to the context-parallel gradient reduction",
                 "use parallel.distributed_optimizer=true with context parallelism"),

@@ -55,7 +55,7 @@ class GPTModel(nn.Module):
             mark_init(self.output_layer.weight, "normal")
         # A tied last pipeline stage without the embedding holds its own copy of the table, kept equal
         # to the first stage's by summing their gradients (megacore.pipeline).
-        if post_process and config.tie_embeddings and not pre_process:
+        if post_process and config.tie_embeddings and not pre_process and not config.mtp_num_layers:
             self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
             mark_init(self.output_layer.weight, "normal")
             param_meta(self.output_layer.weight).global_name = "embedding.word_embeddings.weight"
@@ -65,6 +65,14 @@ class GPTModel(nn.Module):
         # Tokens of the residual stream are split over this many ranks (sequence parallelism; the
         # TP plan sets it): a later pipeline stage's hidden states then hold S / this many tokens.
         self.sequence_parallel_size = 1
+        # Multi-token prediction depths (megacore.layers.mtp) live with the output head. A last pipeline
+        # stage without the embedding holds its own copy of the table for them (with tied embeddings
+        # that copy is the output weight too), kept equal to the first stage's like a tied copy.
+        self.mtp = None
+        if post_process and config.mtp_num_layers > 0:
+            from megacore.layers.mtp import MultiTokenPrediction
+
+            self.mtp = MultiTokenPrediction(config, layer_spec, own_embedding=not pre_process)
         if not self.decoder.layers or next(self.parameters()).device.type != "meta":
             from megacore.models.init import materialize
 
@@ -77,7 +85,11 @@ class GPTModel(nn.Module):
     def output_weight(self) -> torch.Tensor:
         if self.output_layer is not None:
             return self.output_layer.weight
-        return self.embedding.word_embeddings.weight
+        return self.word_embeddings().weight
+
+    def word_embeddings(self) -> nn.Module:
+        """The token-embedding table's module: the embedding's, or the MTP block's copy on a last stage."""
+        return self.embedding.word_embeddings if self.embedding is not None else self.mtp.embedding
 
     def output_logits(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         """Logits over the padded vocab (a vocab shard under TP)."""
@@ -147,7 +159,16 @@ class GPTModel(nn.Module):
             return hidden_BSH
         if labels is None:
             return self.full_logits(hidden_BSH)
+        if self.mtp is not None and torch.is_grad_enabled():
+            return self._loss_with_mtp(hidden_BSH, input_ids, labels, loss_mask, reduction, rotary, mask)
         return self.compute_loss(hidden_BSH, labels, loss_mask, reduction)
+
+    def _loss_with_mtp(self, hidden_BSH, input_ids, labels, loss_mask, reduction, rotary, mask):
+        """The main loss (its value unchanged) carrying the multi-token-prediction loss's gradient."""
+        token_loss = self.compute_token_loss(hidden_BSH, labels)
+        token_loss = self.mtp.attach(self, token_loss, hidden_BSH, input_ids, labels, self.word_embeddings(),
+                                     rotary, mask)
+        return self.reduce_loss(token_loss, labels, loss_mask, reduction)
 
     @property
     def supports_kv_cache(self) -> bool:

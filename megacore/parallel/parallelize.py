@@ -299,28 +299,39 @@ class Replicate(Style):
 def tp_plan(config: TransformerConfig, sequence_parallel: bool = False) -> dict[str, Style]:
     """The declared tensor(/sequence)-parallel plan of a GPTModel (patterns that match nothing, e.g.
     ``q_norm`` without QK-norm, are skipped)."""
-    layer = "decoder.layers.*"
-    plan: dict[str, Style] = {
-        "embedding.word_embeddings": VocabEmbedding(),
-        f"{layer}.self_attention.linear_qkv": ColwiseQKV(),
-        f"{layer}.self_attention.q_norm": ReplicatedPartialGrad(),
-        f"{layer}.self_attention.k_norm": ReplicatedPartialGrad(),
-        f"{layer}.self_attention.core_attention": TPRandom(),
-        f"{layer}.self_attention.linear_proj": Rowwise(),
-        f"{layer}.mlp.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
-        f"{layer}.mlp.linear_fc2": Rowwise(),
-        f"{layer}.mixer": MambaSplit(),  # hybrid stacks' Mamba layers
-        "output_layer": VocabOutput(),
-    }
+    # The decoder's layers, and each multi-token-prediction depth's layer (megacore.layers.mtp).
+    layers = ("decoder.layers.*", "mtp.layers.*.layer")
+    plan: dict[str, Style] = {"embedding.word_embeddings": VocabEmbedding(), "output_layer": VocabOutput()}
+    for layer in layers:
+        plan.update({
+            f"{layer}.self_attention.linear_qkv": ColwiseQKV(),
+            f"{layer}.self_attention.q_norm": ReplicatedPartialGrad(),
+            f"{layer}.self_attention.k_norm": ReplicatedPartialGrad(),
+            f"{layer}.self_attention.core_attention": TPRandom(),
+            f"{layer}.self_attention.linear_proj": Rowwise(),
+            f"{layer}.mlp.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
+            f"{layer}.mlp.linear_fc2": Rowwise(),
+            f"{layer}.mixer": MambaSplit(),  # hybrid stacks' Mamba layers
+        })
+    # MTP: a last stage's copy of the table is split like the embedding; each depth's eh_proj is
+    # replicated (without SP every rank computes it whole; under SP on its token shard, so its
+    # gradient is a partial sum over TP).
+    plan["mtp.embedding"] = VocabEmbedding()
+    plan["mtp.layers.*.eh_proj"] = ReplicatedPartialGrad() if sequence_parallel else Replicate()
     if sequence_parallel:
         plan.update({
             "embedding.position_embeddings": SequenceParallelPositions(),
             "embedding.dropout": ForkedDropout(),
-            f"{layer}.input_norm": SequenceParallelNorm(),
-            f"{layer}.pre_mlp_norm": SequenceParallelNorm(),
-            f"{layer}.hidden_dropout": ForkedDropout(),
             "decoder.final_norm": SequenceParallelNorm(),
         })
+        for layer in layers:
+            plan.update({
+                f"{layer}.input_norm": SequenceParallelNorm(),
+                f"{layer}.pre_mlp_norm": SequenceParallelNorm(),
+                f"{layer}.hidden_dropout": ForkedDropout(),
+            })
+        for norm in ("enorm", "hnorm", "final_norm"):
+            plan[f"mtp.layers.*.{norm}"] = SequenceParallelNorm()
     else:
         plan["embedding.position_embeddings"] = Replicate()
     return plan

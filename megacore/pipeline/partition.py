@@ -114,9 +114,12 @@ def check_num_microbatches(schedule: str, num_microbatches: int, pp_size: int, v
 
 
 def _mark_tied_duplicate(model) -> None:
-    """Flag the last stage's copy of a tied embedding so grad-norm code counts the table once."""
-    if model.output_layer is not None and peek_meta(model.output_layer.weight).global_name:
-        param_meta(model.output_layer.weight).shared_duplicate = True
+    """Flag the last stage's copy of the embedding table (tied output, or the MTP depths' copy) so
+    grad-norm code and the parameter count see the table once."""
+    mtp = getattr(model, "mtp", None)
+    for copy in (model.output_layer, getattr(mtp, "embedding", None)):
+        if copy is not None and peek_meta(copy.weight).global_name:
+            param_meta(copy.weight).shared_duplicate = True
 
 
 def build_stage_modules(config: TransformerConfig, pp_rank: int, pp_size: int, vp_size: int = 1, seed: int = 0,

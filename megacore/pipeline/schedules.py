@@ -284,6 +284,8 @@ def forward_backward(chunks: Sequence[nn.Module], micro_batches: Sequence[dict],
         kwargs["microbatch_index"] = torch.arange(len(micro_batches), device=kwargs["labels"].device)
     target = torch.cat([_loss_mask(mb) for mb in micro_batches], dim=0)
     tokens = cat("tokens")
+    if any(getattr(unwrap(c), "mtp", None) is not None for c in chunks):  # the MTP depths embed the tokens
+        kwargs["input_ids"] = tokens
     losses: list[torch.Tensor] = []
     first = any(s.is_first for s in runner.stages)
     args = (tokens,) if first else ()

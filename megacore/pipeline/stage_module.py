@@ -11,7 +11,8 @@ where ``hidden_BSH`` is ``[B, S, H]`` (``[B, S/tp, H]`` under sequence paralleli
 ``token_loss_BS`` is the per-token loss, 0 where ``labels == -100``. The schedule's ``loss_fn`` then
 applies the loss mask and the global token count (see ``megacore.pipeline.schedules``). ``kw`` is
 ``position_ids`` / ``attention_mask`` (needed by every chunk: rotary and masks live in each layer),
-for LLaVA ``pixel_values`` (used by the first chunk, a LlavaModel around the first GPT stage), and,
+for LLaVA ``pixel_values`` (used by the first chunk, a LlavaModel around the first GPT stage), for a
+last chunk with multi-token prediction ``input_ids`` (the tokens, which its depths embed shifted), and,
 while an ``InFlightTracker`` is attached, ``microbatch_index`` (a [1] tensor naming the micro-batch).
 """
 
@@ -43,9 +44,10 @@ class PipelineChunk(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 microbatch_index: Optional[torch.Tensor] = None,
-                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pixel_values: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = self.model
-        input_ids, hidden = (x, None) if m.pre_process else (None, x)
+        # input_ids on a later stage: the tokens, for a last stage's multi-token prediction depths.
+        input_ids, hidden = (x, None) if m.pre_process else (input_ids, x)
         kwargs = dict(position_ids=position_ids, attention_mask=attention_mask)
         if hasattr(m, "vision_tower"):  # LLaVA's first stage: the images enter here
             kwargs["pixel_values"] = pixel_values
@@ -68,13 +70,21 @@ class PipelineChunk(nn.Module):
 
 @contextlib.contextmanager
 def _moe_aux_paused(model: nn.Module):
+    """The placeholder pass logs nothing: no MoE balance loss, no multi-token-prediction loss (whose
+    backward that pass runs too)."""
     from megacore.layers.moe import MoELayer
+    from megacore.layers.mtp import MultiTokenPrediction
 
     layers = [mod for mod in model.modules() if isinstance(mod, MoELayer)]
+    blocks = [mod for mod in model.modules() if isinstance(mod, MultiTokenPrediction)]
     for layer in layers:
         layer.record_aux = False
+    for block in blocks:
+        block.record_loss = False
     try:
         yield
     finally:
         for layer in layers:
             layer.record_aux = True
+        for block in blocks:
+            block.record_loss = True

@@ -8,6 +8,10 @@ The gradient of the shared table is the SUM of both uses, so after backward the 
 gradients are all-reduced (SUM) over the embedding group (first + last rank of each pipeline
 group); identical gradients and identical optimizer states keep the copies identical forever.
 
+Multi-token prediction (``model.mtp_num_layers``) uses the table on the last stage too, tied or not:
+there the MTP block holds the copy (``mtp.embedding``, same global name; with tied embeddings it is
+also the output weight and no ``output_layer`` copy exists), summed with the first stage's the same way.
+
 Under TP both copies are sharded the same way over the vocab, and the embedding group pairs ranks
 with the same TP coordinate, so the shards line up element for element.
 """
@@ -38,13 +42,16 @@ def tied_embedding_params(chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
     out = []
     for chunk in chunks:
         model = unwrap(chunk)
-        if not getattr(model.config, "tie_embeddings", False):
+        config = model.config
+        # The last stage's multi-token-prediction depths embed tokens too (megacore.layers.mtp).
+        if not (getattr(config, "tie_embeddings", False) or getattr(config, "mtp_num_layers", 0)):
             continue
         if model.pre_process and model.embedding is not None:
             out.append(model.embedding.word_embeddings.weight)
-        out_w = model.output_layer.weight if model.output_layer is not None else None
-        if out_w is not None and peek_meta(out_w).global_name == TIED_NAME:
-            out.append(out_w)
+        mtp = getattr(model, "mtp", None)
+        for copy in (model.output_layer, getattr(mtp, "embedding", None)):
+            if copy is not None and peek_meta(copy.weight).global_name == TIED_NAME:
+                out.append(copy.weight)
     return out
 
 

@@ -21,7 +21,8 @@ import torch
 
 def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bool = False,
                   backend: str = "inductor") -> torch.nn.Module:
-    """Compile every transformer layer and the loss head of a GPTModel in place; returns the model.
+    """Compile every transformer layer (the multi-token-prediction depths' too) and the loss head of a
+    GPTModel in place; returns the model.
     A LlavaModel: its language model, and its vision tower's layers."""
     if hasattr(model, "language_model"):
         compile_model(model.language_model, mode, fullgraph, backend)
@@ -30,6 +31,8 @@ def compile_model(model: torch.nn.Module, mode: str | None = None, fullgraph: bo
         return model
     for layer in model.decoder.layers.values():
         layer.compile(mode=mode, fullgraph=fullgraph, backend=backend)
+    for depth in (model.mtp.layers if getattr(model, "mtp", None) is not None else ()):
+        depth.layer.compile(mode=mode, fullgraph=fullgraph, backend=backend)  # multi-token prediction
     if getattr(model, "post_process", False):
         model.compute_loss = torch.compile(model.compute_loss, mode=mode, fullgraph=fullgraph, backend=backend)
     return model

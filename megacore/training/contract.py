@@ -65,6 +65,8 @@ class StepResult:
     moe_aux_loss: Optional[float] = None  # MoE load-balancing loss, mean over layers and micro-batches
     loss_spike: bool = False  # the loss-spike check vetoed the step (see megacore.training.divergence)
     moe_metrics: Optional[dict] = None  # expert load and z-loss keys (megacore.training.moe.end_moe_step)
+    # Multi-token prediction: each depth's unweighted term of the objective (megacore.layers.mtp)
+    mtp_losses: Optional[list] = None
 
 
 class StopFlag:

@@ -14,8 +14,10 @@ from torch import nn
 
 def num_moe_layers(model_cfg) -> int:
     """MoE layers in the whole model: the layers with an MLP (a plain layer 'T', or '-' in a hybrid
-    ``layer_pattern``) that ``is_moe_layer`` picks (``moe_first_k_dense``, ``moe_layer_freq``)."""
-    return sum(kind in "T-" and model_cfg.is_moe_layer(i) for i, kind in enumerate(model_cfg.layer_kinds))
+    ``layer_pattern``) that ``is_moe_layer`` picks (``moe_first_k_dense``, ``moe_layer_freq``), and the
+    multi-token-prediction layers it picks (global numbers ``num_layers + k - 1``, megacore.layers.mtp)."""
+    kinds = model_cfg.layer_kinds + "T" * model_cfg.mtp_num_layers
+    return sum(kind in "T-" and model_cfg.is_moe_layer(i) for i, kind in enumerate(kinds))
 
 
 def moe_layers(chunks) -> list[nn.Module]:
@@ -50,7 +52,7 @@ def end_moe_step(layers, model_cfg, skipped=False, device=None) -> Optional[dict
     """After the optimizer step: sum the step's expert load over all ranks, move the expert biases,
     and return the load metrics (device scalars, unread; None for a dense model).
 
-    Every rank fills a [num_layers, E + 2] table (zeros for the layers it does not hold): row l =
+    Every rank fills a [num_layers (+ MTP layers), E + 2] table (zeros for the layers it does not hold): row l =
     MoE layer l's mean tokens per expert per forward this step, then its mean z-loss, then 1. ONE
     all-reduce over all ranks (no host read; every rank calls it, even a pipeline stage without MoE
     layers) sums it, so each row holds its layer's load summed over every rank of its pipeline stage
@@ -75,7 +77,7 @@ def end_moe_step(layers, model_cfg, skipped=False, device=None) -> Optional[dict
     rows = [(getattr(layer, "step_row", i), layer.router) for i, layer in enumerate(layers)]
     if device is None:
         device = rows[0][1].weight.device if rows else torch.device("cpu")
-    table = torch.zeros(model_cfg.num_layers, num_experts + 2, dtype=torch.float64, device=device)
+    table = torch.zeros(model_cfg.num_layers + model_cfg.mtp_num_layers, num_experts + 2, dtype=torch.float64, device=device)
     for row, router in rows:
         load, z = router.pop_step()
         if load is None:

@@ -18,7 +18,7 @@ class PendingStep:
     everything the step produced: the loss and the ranks' stop votes (one all-reduce), the
     labelled-token count (a device tensor when it was all-reduced over data parallelism), the
     optimizer's grad norm and skip flag (``StepInfo``), with the loss-spike check on its verdict
-    (``spike``), and for an MoE model the expert-load metrics (``moe_metrics``). A step made from an already-read ``StepResult`` (:meth:`of`) is ``ready``.
+    (``spike``), and for an MoE model the expert-load metrics (``moe_metrics``), and with multi-token prediction each depth's loss term. A step made from an already-read ``StepResult`` (:meth:`of`) is ``ready``.
     """
 
     def __init__(self, index: int, loss_votes=None, tokens=None, info=None, scale: float = 1.0,
@@ -37,6 +37,7 @@ class PendingStep:
         self.spike = None               # loss above the spike threshold: 0-dim tensor (unread) or None
         self.spike_threshold: Optional[float] = None  # that threshold (a host number), for the log
         self.moe_metrics: Optional[dict] = None  # name -> device scalar (megacore.training.moe.end_moe_step)
+        self.mtp_depths = 0  # the last this many entries of loss_votes: each MTP depth's term x scale
 
     @classmethod
     def of(cls, index: int, result: StepResult) -> "PendingStep":
@@ -53,9 +54,12 @@ class PendingStep:
             info = self.info
             aux = [self.loss_votes[2]] if self.aux_denominator else []
             moe = self.moe_metrics or {}
+            mtp = list(self.loss_votes[len(self.loss_votes) - self.mtp_depths:].unbind()) if self.mtp_depths else []
             values = read_scalars([self.loss_votes[0], self.loss_votes[1], self.tokens,
                                    0.0 if self.spike is None else self.spike, *aux, *moe.values(),
-                                   *info.pending()])
+                                   *info.pending(), *mtp])
+            mtp_losses = [v / self.scale for v in values[len(values) - len(mtp):]] if mtp else None
+            values = values[:len(values) - len(mtp)]
             loss_sum, self.votes, tokens, spike = values[:4]
             moe_aux = values[4] / self.aux_denominator if aux else None
             start = 4 + len(aux)
@@ -65,5 +69,5 @@ class PendingStep:
                                      grad_norm=float("nan") if info.grad_norm is None else float(info.grad_norm),
                                      tokens=int(tokens), skipped=info.skipped, loss_scale=info.loss_scale,
                                      moe_aux_loss=moe_aux, loss_spike=bool(spike),
-                                     moe_metrics=moe_metrics)
+                                     moe_metrics=moe_metrics, mtp_losses=mtp_losses)
         return self.result

@@ -285,9 +285,12 @@ class Trainer:
                                      embedding_group=self.state.embedding_group)
         stop_vote = 1.0 if self.stop.requested else 0.0
         aux = aux_loss_sum(self.moe_layers, self.device)
+        if aux is None and num_moe_layers(self.cfg.model):  # a stage without MoE layers adds 0 to the same sum
+            aux = torch.zeros((), device=self.device)
+        mtp = self._mtp_terms()
         # The global loss is summed before the optimizer step, so the divergence policy can veto
         # the step on the device (a non-finite loss, a spike): megacore.training.divergence.
-        loss_votes = self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else []))
+        loss_votes = self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else []), *mtp)
         threshold = self.guard.spike_threshold(step)
         skip, spike = self.guard.veto(loss_votes[0] / scale, threshold)
         if self.cfg.parallel.fsdp:  # torch's AdamW cannot skip: a non-finite step stops the run (_finish_step)
@@ -299,7 +302,25 @@ class Trainer:
         pending.moe_metrics = end_moe_step(self.moe_layers, self.cfg.model, info.skipped_flag, comm_device(self.device))
         if aux is not None:  # the world sum counts every MoE layer once per DP replica
             pending.aux_denominator = num_moe_layers(self.cfg.model) * self.dp_size
+        pending.mtp_depths = len(mtp)
         return pending
+
+    def _mtp_terms(self) -> list:
+        """Multi-token prediction: each depth's term of this step's objective (scaled by the loss scale,
+        like the loss; ``megacore.layers.mtp``), as device scalars riding in the loss all-reduce
+        (zeros on ranks without the MTP block, and on TP ranks other than 0, which hold the same
+        value); [] without MTP."""
+        from megacore.layers.mtp import pop_mtp_losses
+        from megacore.pipeline.tied import unwrap
+
+        depths = self.cfg.model.mtp_num_layers
+        if not depths:
+            return []
+        found = [t for t in (pop_mtp_losses(unwrap(c)) for c in self.chunks) if t is not None]
+        terms = found[0] if found else torch.zeros(depths, device=self.device)
+        if self.world_size > 1 and self.state.tp_rank != 0:
+            terms = torch.zeros_like(terms)
+        return list(terms.unbind())
 
     def _fp8_weight_cache(self, num_micro: int):
         """With fp8 and several micro-batches per step: quantize every weight once for the whole
@@ -600,6 +621,10 @@ class Trainer:
             record["host_queue_s"] = host_s
         if r.moe_aux_loss is not None:
             record["moe_aux_loss"] = r.moe_aux_loss
+        if r.mtp_losses:  # megacore.layers.mtp: loss + mtp_loss_weight * mtp_loss is the objective
+            record["mtp_loss"] = sum(r.mtp_losses) / len(r.mtp_losses)
+            if len(r.mtp_losses) > 1:
+                record.update({f"mtp_loss_{k}": v for k, v in enumerate(r.mtp_losses, start=1)})
         record.update(r.moe_metrics or {})  # expert load (and z-loss): megacore.training.moe.end_moe_step
         if r.loss_scale is not None:
             record["loss_scale"] = r.loss_scale
