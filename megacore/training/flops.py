@@ -47,16 +47,19 @@ def matmul_params(cfg: TransformerConfig) -> int:
     for i, kind in enumerate(cfg.layer_kinds):
         mlp = moe_mlp if cfg.is_moe_layer(i) else dense_mlp
         total += {"T": attention + mlp, "*": attention, "-": mlp, "M": mamba}[kind]
+    for k in range(cfg.mtp_num_layers):  # each MTP depth: eh_proj (2h -> h), one layer, the shared output head
+        mlp = moe_mlp if cfg.is_moe_layer(cfg.num_layers + k) else dense_mlp
+        total += 2 * h * h + attention + mlp + h * cfg.vocab_size
     return total
 
 
 def flops_per_token(cfg: TransformerConfig, seq_length: int | None = None) -> float:
-    """6·N + 6·L·h·s with L the layers that attend; a Mamba layer's scan is not counted (its
+    """6·N + 6·L·h·s with L the layers that attend (the MTP depths' included); a Mamba layer's scan is not counted (its
     projections are, in N), which understates a hybrid model's FLOPs a little. Under multi-latent
     attention a layer's attention term is 3·s·H·((dn+dr) + dv) instead of 6·h·s: q·k over the
     dn+dr query/key channels and p·v over the dv value channels of each of the H heads."""
     s = seq_length or cfg.seq_length
-    attending = sum(k in "T*" for k in cfg.layer_kinds)
+    attending = sum(k in "T*" for k in cfg.layer_kinds) + cfg.mtp_num_layers
     per_layer = 6.0 * cfg.hidden_size * s
     if cfg.multi_latent_attention:
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim

@@ -199,3 +199,33 @@ def test_config_validation_and_embedding_copy():
     last = GPTModel(_config(mtp_num_layers=1, tie_embeddings=True), seed=2, pre_process=False, layer_numbers=[1])
     assert last.output_layer is None and last.output_weight() is last.mtp.embedding.weight
     assert torch.equal(last.mtp.embedding.weight, full.embedding.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_flops_count_the_mtp_depths(moe):
+    """N of the FLOPs formula equals the matmul parameters a token meets, MTP depths included (their
+    eh_proj, layer and the shared output head, counted once per depth), checked against torch's FLOP
+    count of a forward and backward (its plain attention computes every pair: twice the causal term)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megacore.config import TransformerConfig
+    from megacore.models import GPTModel
+    from megacore.training.flops import flops_per_token, matmul_params
+
+    # top_k = E: every expert sees every token; the reference experts run F.linear, which the counter knows
+    extra = dict(num_experts=4, moe_top_k=4, moe_first_k_dense=1, moe_experts_backend="reference") if moe else {}
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, vocab_size=64,
+                            vocab_padding_multiple=64, seq_length=8, mtp_num_layers=2, attention_backend="reference",
+                            **extra).validate()
+    model = GPTModel(cfg, seed=0)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() >= 2 and "word_embeddings" not in name and "mtp.embedding" not in name)
+    head = cfg.hidden_size * cfg.vocab_size
+    assert matmul_params(cfg) == n + cfg.mtp_num_layers * head  # the head's weight, used once more per depth
+    ids = torch.randint(0, 64, (2, cfg.seq_length))
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).backward()
+    attention = 6.0 * cfg.hidden_size * cfg.seq_length
+    layers = cfg.num_layers + cfg.mtp_num_layers
+    assert flops_per_token(cfg) == 6.0 * matmul_params(cfg) + layers * attention
+    assert counter.get_total_flops() == (6.0 * matmul_params(cfg) + 2 * layers * attention) * ids.numel()
