@@ -53,7 +53,7 @@ def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, e
 
 
 @pytest.mark.parametrize("overrides,words", [
-    (["parallel.tensor=2"], "parallel.tensor=2"),
+    (["parallel.tensor=2", "parallel.expert=2"], "parallel.sequence_parallel=true"),
     (["parallel.expert=3"], "not divisible by parallel.expert=3"),
     (["parallel.expert=2", "model.num_experts=null"], "model.num_experts"),
 ])

@@ -53,6 +53,10 @@ class Experts(nn.Module):
         # ``dispatch(experts, x_sorted, counts_per_expert)`` -> the expert outputs in the same order
         # (rows past counts_per_expert.sum(), the dropped assignments, may hold anything).
         self.dispatch: Optional[Callable] = None
+        # Expert tensor parallelism hands in ``tensor_split``: this rank holds a slice of every
+        # expert's hidden units, ``enter(x)`` before fc1 and ``exit(y)`` after fc2 (the partial
+        # outputs summed over the ranks sharing the experts).
+        self.tensor_split = None
 
     # ------------------------------------------------------------------ the GEMMs
     def use_grouped(self, x: torch.Tensor) -> bool:
@@ -70,8 +74,10 @@ class Experts(nn.Module):
         """Rows sorted by local expert, expert e owning rows up to ``ends[e]`` (int32, device) ->
         their outputs in the same order; rows past ``ends[-1]`` come out unspecified."""
         linear = grouped_linear if self.use_grouped(x_sorted) else grouped_linear_reference
-        up = linear(x_sorted, self.linear_fc1, ends)
-        return linear(mlp_activation(up, self.activation, self.gated), self.linear_fc2, ends)
+        split = self.tensor_split
+        up = linear(x_sorted if split is None else split.enter(x_sorted), self.linear_fc1, ends)
+        y = linear(mlp_activation(up, self.activation, self.gated), self.linear_fc2, ends)
+        return y if split is None else split.exit(y)
 
     def run_sorted(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``compute`` with the per-expert counts given on the host (the exchange of expert

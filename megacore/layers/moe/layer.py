@@ -7,6 +7,21 @@ losses add up to the mean over the global batch: the trainer sets it to
 1 / (micro-batches per step × data-parallel ranks) with :func:`set_aux_loss_scale`; a plain
 ``model(ids, labels=...).backward()`` uses 1. Training forwards add up their aux values for
 :meth:`MoELayer.pop_aux_mean` (what the trainer logs as ``moe_aux_loss``).
+
+Two strategies are handed in by the parallel code (``megacore.parallel.moe_parallel``); the layer
+runs as on one device without them:
+
+* ``token_shard``: when this rank holds only a shard of the micro-batch's tokens (sequence or context
+  parallelism), the router still sees the whole micro-batch: ``token_shard.gather`` brings the
+  ``g = token_shard.size`` ranks' tokens together in one-device order (backward: the sum of the ranks'
+  partial gradients, reduce-scattered), every one of them routes it identically, and
+  ``token_shard.local`` keeps this rank's rows of the decision for its own experts' pass. The routing
+  and the balance loss are then those of one device; each of the g ranks attaches ``1/g`` of the
+  balance loss, so the sum of their gradients counts it once. (``experts_in`` / ``experts_out``:
+  which tokens the experts run here, when that is more than this rank's own: identities otherwise.)
+* ``aux_log_share``: the fraction of the balance-loss value this rank reports, so that summing the
+  reports over all ranks (the trainer does) counts every layer once per data-parallel replica:
+  ``1 / (ranks computing the same routing)``.
 """
 
 from __future__ import annotations
@@ -58,12 +73,23 @@ class MoELayer(nn.Module):
         self.aux_loss_scale = 1.0
         self._aux_sum, self._aux_count = None, 0
         self.record_aux = True  # False while a forward's balance loss must not be logged
+        self.token_shard = None  # see the module docstring (parallel code hands these in)
+        self.aux_log_share = 1.0
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         shape = hidden_BSH.shape
         tokens = hidden_BSH.reshape(-1, shape[-1])
-        routing = self.router(hidden_BSH)
-        out = self.experts(tokens, routing.weights_TK, routing.experts_TK, routing.capacity).view(shape)
+        shard = self.token_shard
+        if shard is None:
+            routing = self.router(hidden_BSH)
+            out = self.experts(tokens, routing.weights_TK, routing.experts_TK, routing.capacity).view(shape)
+        else:  # route the whole micro-batch, keep the rows of the tokens run here (module docstring)
+            mine = shard.experts_in(hidden_BSH)
+            routing = self.router(shard.gather(mine))
+            weights_TK = shard.local(routing.weights_TK, mine.shape[0])
+            experts_TK = shard.local(routing.experts_TK, mine.shape[0])
+            out = self.experts(mine.reshape(-1, shape[-1]), weights_TK, experts_TK, routing.capacity)
+            out = shard.experts_out(out.view(mine.shape))
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden_BSH)
             if self.shared_expert_gate is not None:
@@ -71,7 +97,7 @@ class MoELayer(nn.Module):
             out = out + shared
         if self.training and torch.is_grad_enabled():
             if self.record_aux:
-                value = routing.balance_loss.detach()
+                value = routing.balance_loss.detach() * self.aux_log_share
                 self._aux_sum = value if self._aux_sum is None else self._aux_sum + value
                 self._aux_count += 1
             loss = None
@@ -81,12 +107,13 @@ class MoELayer(nn.Module):
                 z = self.z_loss_coeff * routing.z_loss
                 loss = z if loss is None else loss + z
             if loss is not None:
-                out = AttachAuxLoss.apply(out, loss, self.aux_loss_scale)
+                share = 1.0 if shard is None else 1.0 / shard.size
+                out = AttachAuxLoss.apply(out, loss, self.aux_loss_scale * share)
         return out
 
     def pop_aux_mean(self):
         """Mean load-balancing loss of the training forwards since the last call (a device tensor;
-        None if there were none), and start over. A recomputed forward repeats its value, so the
+        None if there were none; times ``aux_log_share``), and start over. A recomputed forward repeats its value, so the
         mean is the same with or without activation recomputation."""
         mean = None if self._aux_sum is None else self._aux_sum / self._aux_count
         self._aux_sum, self._aux_count = None, 0
