@@ -87,7 +87,7 @@ def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_gra
     """Steps 1-4 (see the module doc)."""
     p = cfg.parallel
     if layout_mismatches(state, p.mesh_sizes()):
-        sizes = {axis: p.mesh_sizes()[axis] for axis in ("pipeline", "tensor", "context", "expert")}
+        sizes = {axis: p.mesh_sizes()[axis] for axis in ("pipeline", "tensor", "context", "expert", "expert_tensor")}
         asked = ", ".join(f"parallel.{axis}={size}" for axis, size in sizes.items())
         got = ", ".join(f"{axis}={state.size(AXIS_GROUPS[axis])}" for axis in sizes)
         raise ConfigError(f"{asked} but the process groups have {got}; build the groups from the same section: "
