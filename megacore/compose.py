@@ -8,11 +8,13 @@ from the parallel side. This module alone turns it into the run; the trainer, th
    (``megacore.pipeline.partition.build_stage_modules``);
 2. **TP / SP**: the declared plan swaps the linears, embeddings and the loss head for their
    tensor-parallel versions (``megacore.parallel.parallelize``);
-3. **EP**: each rank keeps its slice of every MoE layer's experts and is handed the all-to-all
-   exchange (``megacore.parallel.expert_parallel``);
+3. **EP**: each rank keeps its slice of every MoE layer's experts and is handed the exchange
+   (all-to-all or all-gather: ``parallel.expert_dispatcher``); **ETP** splits each expert's hidden
+   units over the expert-tensor-parallel group (``megacore.parallel.expert_parallel``);
    then every local shard is materialized as the slice of the one-device model's tensor (``seed``);
 4. **CP**: core attention wrapped to gather K/V, the context-parallel mask
-   (``megacore.parallel.context_parallel``); TP batch chunks; LLaVA around the language model;
+   (``megacore.parallel.context_parallel``), MoE layers routing the whole micro-batch
+   (``megacore.parallel.moe_parallel``); TP batch chunks; LLaVA around the language model;
 5. **FP8 / comm overlap**: GEMM strategies handed to the linears (``megacore.precision.fp8``,
    ``megacore.parallel.sp_overlap``);
 6. **recompute** (``model.configure_recompute``);
@@ -40,7 +42,8 @@ from megacore.optim import DistributedOptimizer, MixedPrecisionOptimizer, weight
 from megacore.parallel import parallelize, parallelize_llava, sp_overlap
 from megacore.parallel.batch_chunks import apply_batch_chunks
 from megacore.parallel.context_parallel import apply_context_parallel
-from megacore.parallel.expert_parallel import apply_expert_parallel
+from megacore.parallel.expert_parallel import apply_expert_parallel, apply_expert_tensor_parallel
+from megacore.parallel.moe_parallel import apply_moe_context_parallel
 from megacore.parallel.topology import AXIS_GROUPS, ParallelState, get_state, layout_mismatches
 from megacore.pipeline.partition import build_stage_modules
 from megacore.precision.fp8 import apply_fp8
@@ -84,7 +87,7 @@ def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_gra
     """Steps 1-4 (see the module doc)."""
     p = cfg.parallel
     if layout_mismatches(state, p.mesh_sizes()):
-        sizes = {axis: p.mesh_sizes()[axis] for axis in ("pipeline", "tensor", "context", "expert")}
+        sizes = {axis: p.mesh_sizes()[axis] for axis in ("pipeline", "tensor", "context", "expert", "expert_tensor")}
         asked = ", ".join(f"parallel.{axis}={size}" for axis, size in sizes.items())
         got = ", ".join(f"{axis}={state.size(AXIS_GROUPS[axis])}" for axis in sizes)
         raise ConfigError(f"{asked} but the process groups have {got}; build the groups from the same section: "
@@ -95,10 +98,13 @@ def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_gra
         if state.tp_size > 1:                                                                   # 2. TP / SP
             parallelize(chunk, state, sequence_parallel=p.sequence_parallel, grad_sync=tp_grad_sync)
         if state.ep_size > 1:                                                                   # 3. EP
-            apply_expert_parallel(chunk, state.ep_group, state.ep_rank, state.ep_size)
+            apply_expert_parallel(chunk, state.ep_group, state.ep_rank, state.ep_size, p.expert_dispatcher)
+        if state.etp_size > 1:                                                                  # 3. ETP
+            apply_expert_tensor_parallel(chunk, state.etp_group, state.etp_rank, state.etp_size)
         materialize(chunk, cfg.model, cfg.train.seed, device=device, dtype=dtype)
         if state.cp_size > 1:                                                                   # 4. CP
             apply_context_parallel(chunk, state.cp_group)
+            apply_moe_context_parallel(chunk, state.cp_group, state.cp_rank, state.cp_size)
         if p.tp_batch_chunks > 1:
             apply_batch_chunks(chunk, p.tp_batch_chunks)
         chunk.train()
@@ -223,5 +229,6 @@ def build_optimizer(cfg: RunConfig, chunks: list, state: Optional[ParallelState]
     opt = kind(chunks, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                weight_decay=t.weight_decay, clip_grad=t.clip_grad, loss_scaler=scaler,
                master_weights=pr.master_weights, model_parallel_groups=groups, tp_group=state.tp_group,
-               expert_parallel_group=state.ep_group if state.ep_size > 1 else None)
+               expert_parallel_group=state.ep_group if state.ep_size > 1 else None,
+               expert_tp_group=state.etp_group if state.ep_size > 1 and state.etp_size > 1 else None)
     return opt, scaler

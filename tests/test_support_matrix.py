@@ -57,9 +57,19 @@ REFUSED = [
     (["parallel.context=2", "parallel.fsdp=true"], 2, ["parallel.context=2", "parallel.fsdp=True"]),
     (["parallel.context=2", "data.reset_position_ids=true"], 2, ["data.reset_position_ids=True", "global positions"]),
     (["model.num_experts=4", "parallel.expert=2", "parallel.fsdp=true"], 2, ["parallel.expert=2", "parallel.fsdp"]),
-    (["model.num_experts=4", "parallel.context=2"], 2, ["parallel.context=2", "model.num_experts=4",
-                                                        "set parallel.context=1"]),
-    (["model.num_experts=4", "parallel.tensor=2"], 2, ["parallel.tensor=2", "MoE", "set parallel.tensor=1"]),
+    (["model.num_experts=4", "parallel.tensor=2", "parallel.expert=2"], 4,
+     ["parallel.expert=2", "parallel.sequence_parallel=true", "once per rank"]),
+    (["model.num_experts=4", "parallel.tensor=4", "parallel.expert_tensor=2"], 4,
+     ["parallel.expert_tensor=2 needs parallel.expert_tensor = parallel.tensor"]),
+    (["parallel.tensor=2", "parallel.expert_tensor=2"], 2, ["parallel.expert_tensor=2", "model.num_experts=None"]),
+    (["model.num_experts=4", "model.moe_ffn_hidden_size=30", "parallel.tensor=4", "parallel.expert_tensor=4"], 4,
+     ["model.moe_ffn_hidden_size=30 is not divisible by parallel.expert_tensor=4"]),
+    (["model.num_experts=4", "model.moe_shared_expert_hidden_size=30", "parallel.tensor=4"], 4,
+     ["model.moe_shared_expert_hidden_size=30 is not divisible by parallel.tensor=4"]),
+    (["model.num_experts=4", "parallel.tensor=2", "parallel.tp_batch_chunks=2"], 2,
+     ["parallel.tp_batch_chunks=2", "model.num_experts=4", "whole micro-batch"]),
+    (["model.num_experts=4", "parallel.expert=2", "parallel.expert_dispatcher=ring"], 2,
+     ["parallel.expert_dispatcher='ring'", "all_gather"]),
     (["parallel.expert=2"], 2, ["parallel.expert=2", "model.num_experts=None"]),
     (["model.num_experts=6", "parallel.expert=4"], 8, ["model.num_experts=6 is not divisible by parallel.expert=4"]),
     (["model.num_experts=4", "parallel.expert=4"], 2, ["parallel.expert=4", "2 ranks of a pipeline stage"]),
@@ -128,7 +138,8 @@ def test_rules_a_caller_cannot_answer_are_skipped():
 
 def test_matrix_cells():
     assert _cell("pipeline", "moe") == "yes"
-    assert _cell("tensor", "moe").startswith("no (R")
+    assert _cell("tensor", "moe") == _cell("context", "moe") == _cell("expert_tensor", "moe") == "yes"
+    assert _cell("expert_tensor", "dense").startswith("no (R")
     assert _cell("sequence_parallel", "moe") == _cell("tensor", "moe")   # SP implies TP
     assert _cell("context", "mamba") == _cell("context", "hybrid")        # Mamba layers make a hybrid stack
     assert _cell("expert", "dense").startswith("no") and _cell("expert", "moe") == "yes"

@@ -254,6 +254,10 @@ def tp_layout_segments(tensor, local_shape: Shape) -> list[Segment]:
         g_off[dim], l_off[dim], shape[dim] = int(start), local, int(length)
         segments.append(Segment(tuple(g_off), tuple(l_off), tuple(shape)))
         local += int(length)
+    expert_slice = peek_meta(tensor).expert_slice
+    if expert_slice is not None and dim != 0:  # an expert-parallel slice of the stack, split by ETP within
+        segments = [Segment((s.global_offsets[0] + expert_slice[0], *s.global_offsets[1:]), s.local_offsets, s.shape)
+                    for s in segments]
     return segments
 
 

@@ -33,6 +33,13 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     context: int = 1
     expert: int = 1
+    # Expert tensor parallelism: each expert's hidden units split over this many ranks of the TP group
+    # (1, or parallel.tensor); the routed experts are replicated over TP when 1.
+    expert_tensor: int = 1
+    # How tokens reach their experts' ranks under expert parallelism (megacore.parallel.expert_parallel):
+    # "all_to_all" (each row travels to its expert's rank and back) or "all_gather" (every rank gathers
+    # every row and computes its experts' rows; P times the traffic, simpler: for 2-4 ranks).
+    expert_dispatcher: str = "all_to_all"
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     fsdp: bool = False
@@ -81,6 +88,9 @@ class ParallelConfig:
                 or not math.isfinite(self.timeout_s) or self.timeout_s <= 0):
             _fail("parallel.timeout_s", self.timeout_s, "must be a positive number of seconds",
                   "use e.g. 1800 (30 minutes; the time a rank may wait for the others in a collective)")
+        if self.expert_dispatcher not in ("all_to_all", "all_gather"):
+            _fail("parallel.expert_dispatcher", self.expert_dispatcher, "is not known",
+                  "use 'all_to_all' or 'all_gather' (gathers every token on every expert-parallel rank)")
         if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
             _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
                   "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")
@@ -95,6 +105,7 @@ class ParallelConfig:
         ``megacore.parallel.initialize`` (the one place the config becomes process groups; an axis
         added here reaches the mesh without touching the caller)."""
         return {"tensor": self.tensor, "pipeline": self.pipeline, "context": self.context, "expert": self.expert,
+                "expert_tensor": self.expert_tensor,
                 "virtual_pipeline": self.virtual_pipeline if (self.virtual_pipeline or 1) > 1 else None}
 
 

@@ -63,7 +63,7 @@ def facts_of_parallel(p, world_size: Optional[int] = None) -> Facts:
     """The facts of a ``ParallelConfig`` (and the world size, when known)."""
     world = {} if world_size is None else {"world_size": world_size}
     return Facts(**world, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
-                 context=p.context, expert=p.expert, expert_tensor=1, sequence_parallel=p.sequence_parallel,
+                 context=p.context, expert=p.expert, expert_tensor=p.expert_tensor, sequence_parallel=p.sequence_parallel,
                  distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp, pipeline_layers=p.pipeline_layers,
                  tp_comm_overlap=p.tp_comm_overlap, tp_batch_chunks=p.tp_batch_chunks)
 
@@ -108,6 +108,8 @@ _FEATURES = [
             _key("parallel.context", lambda f: f.context)),
     Feature("expert", "expert parallel (`parallel.expert` > 1)", lambda f: f.expert > 1,
             _key("parallel.expert", lambda f: f.expert)),
+    Feature("expert_tensor", "expert tensor parallel (`parallel.expert_tensor` > 1)", lambda f: f.expert_tensor > 1,
+            _key("parallel.expert_tensor", lambda f: f.expert_tensor)),
     Feature("distributed_optimizer", "distributed optimizer (`parallel.distributed_optimizer`)",
             lambda f: f.distributed_optimizer,
             _key("parallel.distributed_optimizer", lambda f: f.distributed_optimizer)),
@@ -160,7 +162,7 @@ _FEATURES = [
             _key("compile_mode", lambda f: f.compile_mode)),
 ]
 FEATURES: dict[str, Feature] = {feature.key: feature for feature in _FEATURES}
-MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert",
+MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor",
                "distributed_optimizer", "fsdp", "fp8", "fp16")
 MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava", "mla", "mtp")
 
@@ -304,6 +306,15 @@ def _mamba_split(f: Facts) -> Optional[str]:
             "divides both")
 
 
+def _shared_expert_split(f: Facts) -> Optional[str]:
+    m, t = f.model, f.tensor
+    width = m.moe_shared_expert_hidden_size
+    if m.num_experts is None or width is None or width % t == 0:
+        return None
+    return (f"model.moe_shared_expert_hidden_size={width} is not divisible by parallel.tensor={t}; the shared expert "
+            "splits over the tensor-parallel ranks like the dense MLP: choose a width that is a multiple of it")
+
+
 def _pipeline_split(f: Facts) -> Optional[str]:
     pp, vp, layers = f.pipeline, f.virtual_pipeline or 1, f.num_layers
     n_blocks = pp * vp
@@ -368,10 +379,22 @@ RULES: list = [
     # -- model kinds x layouts and features
     Unsupported("moe", "expert", "dense", "it splits MoE experts over ranks, but the model has none",
                 "set model.num_experts or parallel.expert=1"),
-    Unsupported("moe", "tensor", "moe", "MoE layers have no tensor-parallel plan yet (MoE trains with data, pipeline "
-                "and expert parallelism)", "set parallel.tensor=1"),
-    Unsupported("moe", "context", "moe", "MoE layers have no context-parallel path yet (MoE trains with data, "
-                "pipeline and expert parallelism)", "set parallel.context=1"),
+    Unsupported("moe", "expert_tensor", "dense", "it splits MoE experts over ranks, but the model has none",
+                "set model.num_experts or parallel.expert_tensor=1"),
+    Requires("moe", "expert_tensor", "parallel.expert_tensor = parallel.tensor",
+             lambda f: f.model.num_experts is None or f.expert_tensor == f.tensor,  # the mesh alone allows any
+             "set parallel.expert_tensor to parallel.tensor, or 1",
+             reason="an expert is split over the ranks of a tensor-parallel group, which route the same tokens"),
+    Unsupported("moe", "expert_tensor", "fsdp", "FSDP2 would shard the split experts a second time",
+                "use parallel.distributed_optimizer=true"),
+    Requires("moe", "expert", "parallel.sequence_parallel=true or expert_tensor = tensor when parallel.tensor > 1",
+             lambda f: f.tensor == 1 or f.sequence_parallel or f.expert_tensor == f.tensor,
+             "set parallel.sequence_parallel=true (or parallel.expert_tensor=parallel.tensor), or parallel.tensor=1 "
+             "or parallel.expert=1",
+             reason="without it the tensor-parallel ranks hold the same tokens and would send each one to its "
+             "experts once per rank"),
+    Unsupported("moe", "tp_batch_chunks", "moe", "an MoE layer routes (and balances) a whole micro-batch, not "
+                "groups of its sequences", "set parallel.tp_batch_chunks=1"),
     Unsupported("moe", "fp8", "moe", "precision.fp8 converts dense linears only; MoE expert weights have no fp8 path "
                 "yet", "set precision.fp8=null"),
     Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
@@ -385,6 +408,8 @@ RULES: list = [
                 "set parallel.context=1"),
     Unsupported("llava", "expert", "llava", "LLaVA trains with data, tensor and pipeline parallelism",
                 "set parallel.expert=1"),
+    Unsupported("llava", "expert_tensor", "llava", "LLaVA trains with data, tensor and pipeline parallelism",
+                "set parallel.expert_tensor=1"),
     Unsupported("llava", "fp8", "llava", "the vision tower and projector have no fp8 path", "set precision.fp8=null"),
     Unsupported("llava", "text_only_data", "llava", "that source has no images: only data.source=mock (synthetic "
                 "images and text) feeds a LLaVA model so far", "set data.source=mock"),
@@ -421,7 +446,7 @@ RULES: list = [
                 "set parallel.context=1"),
     # -- sizes that must divide (after the combinations: "not supported" says more than a size that does not fit)
     Check("mesh", "`parallel.tensor` x `pipeline` x `context` divides the world size", _world_divisible),
-    Check("mesh", "`parallel.expert` divides the ranks of a pipeline stage (world size / `parallel.pipeline`)",
+    Check("mesh", "`parallel.expert` x `expert_tensor` divides the ranks of a pipeline stage (world size / `parallel.pipeline`)",
           _expert_fold),
     Divisible("tensor", "model.num_attention_heads", lambda f: f.model.num_attention_heads, "parallel.tensor",
               lambda f: f.tensor, "choose a tensor-parallel size that divides the number of heads"),
@@ -438,6 +463,11 @@ RULES: list = [
     Divisible("context", "model.seq_length", lambda f: f.model.seq_length, "2*parallel.context",
               lambda f: 2 * f.context, "choose a sequence length that is a multiple of twice the context-parallel "
               "size", when="context"),
+    Check("tensor", "`model.moe_shared_expert_hidden_size` divisible by `parallel.tensor` (the shared expert "
+          "splits like the dense MLP)", _shared_expert_split),
+    Divisible("moe", "model.moe_ffn_hidden_size", lambda f: f.model.moe_ffn_size, "parallel.expert_tensor",
+              lambda f: f.expert_tensor, "choose an expert width that is a multiple of the expert-tensor-parallel size",
+              when="expert_tensor"),
     Divisible("moe", "model.num_experts", lambda f: f.model.num_experts, "parallel.expert", lambda f: f.expert,
               "choose an expert-parallel size that divides the number of experts", when="expert"),
     Check("pipeline", "the pipeline stages (x virtual stages) fit `model.num_layers`, and `parallel.pipeline_layers` "

@@ -73,8 +73,8 @@ class DistributedOptimizer(MixedPrecisionOptimizer):
         sets: dict[tuple, tuple[list[Fragment], list[ProcessGroup]]] = {}
         owner = {id(p): buf for _, buf in self._buffers() for p in buf.params}
         for _, buf in self._buffers():
-            extra = [self.expert_parallel_group] if key(buf)[1] else []
-            sets.setdefault(key(buf), ([], list(self.model_parallel_groups) + [buf.dp_group] + extra))
+            model_parallel = self._expert_norm_groups() if key(buf)[1] else list(self.model_parallel_groups)
+            sets.setdefault(key(buf), ([], model_parallel + [buf.dp_group]))
         for f in self.fragments:
             sets[key(owner[id(f.param)])][0].append(f)
         return list(sets.values())

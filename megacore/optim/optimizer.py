@@ -134,6 +134,11 @@ class MixedPrecisionOptimizer:
         tp_group, is_tp_replicated: count TP-replicated params once in the norm (TP rank 0).
         expert_parallel_group: the EP group when MoE experts are split over ranks: each rank holds
             other experts, so their part of the grad norm is summed over it as well.
+        expert_tp_group: the expert-tensor-parallel group when experts are split by hidden units as
+            well. With expert parallelism the expert part of the norm is summed over the expert
+            model-parallel groups (EP, ETP, and those of ``model_parallel_groups`` other than
+            ``tp_group``) and counted on every rank that holds it: the EP group may lie inside
+            the TP group, whose ranks then hold different experts.
         fused / foreach: AdamW implementation (default: fused when the masters are on CUDA).
     """
 
@@ -146,7 +151,7 @@ class MixedPrecisionOptimizer:
                  is_tp_replicated: Callable[[torch.Tensor], bool] = default_is_tp_replicated,
                  no_weight_decay: Callable[[str, torch.Tensor], bool] = default_no_weight_decay,
                  fused: Optional[bool] = None, foreach: Optional[bool] = None,
-                 expert_parallel_group: ProcessGroup = None):
+                 expert_parallel_group: ProcessGroup = None, expert_tp_group: ProcessGroup = None):
         if clip_grad < 0:
             raise ValueError(f"clip_grad={clip_grad} must be >= 0 (0 disables clipping)")
         from megacore.distributed.ddp import DistributedDataParallel
@@ -164,7 +169,7 @@ class MixedPrecisionOptimizer:
                              "with use_distributed_optimizer=False for MixedPrecisionOptimizer")
         self.clip_grad, self.loss_scaler, self.master_weights = clip_grad, loss_scaler, master_weights
         self.model_parallel_groups = tuple(model_parallel_groups)
-        self.expert_parallel_group = expert_parallel_group
+        self.expert_parallel_group, self.expert_tp_group = expert_parallel_group, expert_tp_group
         self.tp_group, self.is_tp_replicated = tp_group, is_tp_replicated
         self.no_weight_decay = no_weight_decay
         self._num_steps = 0                              # steps applied, as far as the host knows
@@ -269,8 +274,21 @@ class MixedPrecisionOptimizer:
 
         dense = [f for f in self.fragments if not is_expert_param(f.param)]
         expert = [f for f in self.fragments if is_expert_param(f.param)]
-        return [(dense, list(self.model_parallel_groups)),
-                (expert, list(self.model_parallel_groups) + [self.expert_parallel_group])]
+        return [(dense, list(self.model_parallel_groups)), (expert, self._expert_norm_groups())]
+
+    def _expert_norm_groups(self) -> list[ProcessGroup]:
+        """What split experts' norm is summed over: PP (the model-parallel groups but TP), EP, ETP."""
+        groups = [g for g in self.model_parallel_groups if g is not self.tp_group] + [self.expert_parallel_group]
+        return groups + ([self.expert_tp_group] if self.expert_tp_group is not None else [])
+
+    def _norm_tp_group(self, param) -> ProcessGroup:
+        """The TP group ``counted_grads`` counts ``param`` over: split experts are held by every
+        rank that counts them (ETP shards are described by their layout)."""
+        if self.expert_parallel_group is None:
+            return self.tp_group
+        from megacore.distributed.ddp import is_expert_param
+
+        return self.expert_tp_group if is_expert_param(param) else self.tp_group
 
     # ------------------------------------------------------------------ step
     def _prepare_grads(self) -> list[torch.Tensor]:
@@ -292,7 +310,8 @@ class MixedPrecisionOptimizer:
             # Each fragment is the flat range [start, end) of its param: counted_grads keeps the
             # parts this rank owns (TP-replicated params on TP rank 0, replicated rows on their owner).
             grads = [g for f in frags
-                     for g in counted_grads(f.param, f.master.grad, f.start, self.tp_group, self.is_tp_replicated)]
+                     for g in counted_grads(f.param, f.master.grad, f.start, self._norm_tp_group(f.param),
+                                            self.is_tp_replicated)]
             part = local_norm_power(grads, 2.0, device)
             if active_groups(groups):
                 part = all_reduce_over(part.to(comm_device(device)), groups).to(device)

@@ -24,6 +24,10 @@ TPForkedDropout        dropout on sequence shards draws from the tensor-parallel
 TPRandom               core attention dropout (local heads) draws from the tensor-parallel stream
 MambaSplit             a Mamba-2 mixer split by heads and B/C groups (in_proj column-parallel by its
                        five parts, conv and per-head parameters split, out_proj row-parallel)
+MoERouted              an MoE layer's router and routed experts, replicated over TP; under SP the
+                       layer routes the gathered micro-batch and their gradients are TP-summed
+                       (``megacore.parallel.moe_parallel``); a dense MLP at that path is left alone
+SequenceParallelReplicated  a replicated module running on sequence shards (the shared-expert gate)
 Replicate              declared replicated, nothing to do (silences the coverage check)
 =====================  ==========================================================================
 
@@ -51,7 +55,9 @@ from megacore.config import ConfigError, TransformerConfig
 from megacore.config.support import Facts, check
 import megacore.parallel.tensor_parallel as TPL
 from megacore.layers.mamba import MambaMixer
+from megacore.layers.moe import MoELayer
 from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
+from megacore.parallel.moe_parallel import moe_sequence_parallel
 from megacore.parallel.rng import TP_STREAM, fork, get_rng_tracker
 from megacore.parallel.topology import ParallelState, get_state
 from megacore.parallel.vocab_parallel import VocabParallelOutputHead
@@ -65,6 +71,8 @@ class TPContext:
     rank: int
     sequence_parallel: bool
     grad_sync: str
+    expert: int = 1  # the expert-parallel size (its own plan runs after this one)
+    expert_tensor: int = 1  # the expert-tensor-parallel size (1, or the TP size)
 
 
 def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -135,7 +143,8 @@ class ColwiseGated(Colwise):
             raise ConfigError(f"{name}: gated fc1 has an odd number of rows {module.out_features}")
         half = module.out_features // 2
         if half % ctx.size != 0:
-            raise ConfigError(f"model.ffn_hidden_size={half} is not divisible by parallel.tensor={ctx.size}; "
+            field = "moe_shared_expert_hidden_size" if ".shared_expert." in name else "ffn_hidden_size"
+            raise ConfigError(f"model.{field}={half} is not divisible by parallel.tensor={ctx.size}; "
                               "choose an ffn size that is a multiple of the tensor-parallel size")
         return TPL.TPLayout.fused(0, [half, half], ctx.size)
 
@@ -222,6 +231,36 @@ class SequenceParallelNorm(ReplicatedPartialGrad):
         for _, p in module.named_parameters(recurse=False):
             param_meta(p).sequence_parallel = True
         return super().apply(name, module, parent, ctx)
+
+
+class SequenceParallelReplicated(SequenceParallelNorm):
+    """Any replicated module that runs on sequence shards (the MoE shared-expert gate)."""
+
+
+class MoERouted(Style):
+    """The router and routed experts of an MoE layer (expert-tensor-parallel size 1): replicated
+    over TP. Without SP every TP rank routes the same tokens and runs the whole layer: nothing to
+    do but report ``1/t`` of the balance loss. With expert tensor parallelism (the experts split
+    over TP by ``apply_expert_tensor_parallel``) the experts run the TP group's tokens, gathered
+    under SP, and routing stays replicated. Under SP the layer routes the micro-batch gathered
+    over TP and runs its own tokens through the experts (``megacore.parallel.moe_parallel``), so the
+    router's gradient, and the experts' when expert parallelism does not split them (their
+    expert-data-parallel reduction spans TP otherwise), are sequence-parallel partial sums."""
+
+    def apply(self, name, module, parent, ctx):
+        if not isinstance(module, MoELayer):
+            return None  # a dense MLP: its linears have plan entries of their own
+        module.aux_log_share /= ctx.size
+        if ctx.sequence_parallel:
+            split = ctx.expert_tensor > 1  # the experts run the TP group's tokens: routing is replicated
+            moe_sequence_parallel(module, ctx.group, ctx.size, experts_split=split)
+            partial_sums = [] if split else [(module.router, "weight")]
+            if ctx.expert == 1 and not split:
+                partial_sums += [(module.experts, "linear_fc1"), (module.experts, "linear_fc2")]
+            for owner, pname in partial_sums:
+                param_meta(getattr(owner, pname)).sequence_parallel = True
+                mark_tp_grad_sum(owner, pname, ALL, ctx.group, ctx.grad_sync)
+        return None
 
 
 class SequenceParallelPositions(Style):
@@ -312,6 +351,10 @@ def tp_plan(config: TransformerConfig, sequence_parallel: bool = False) -> dict[
             f"{layer}.mlp.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
             f"{layer}.mlp.linear_fc2": Rowwise(),
             f"{layer}.mixer": MambaSplit(),  # hybrid stacks' Mamba layers
+            f"{layer}.mlp": MoERouted(),  # MoE layers (dense MLPs: the two entries above)
+            f"{layer}.mlp.shared_expert.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
+            f"{layer}.mlp.shared_expert.linear_fc2": Rowwise(),
+            f"{layer}.mlp.shared_expert_gate": SequenceParallelReplicated() if sequence_parallel else Replicate(),
         })
     # MTP: a last stage's copy of the table is split like the embedding; each depth's eh_proj is
     # replicated (without SP every rank computes it whole; under SP on its token shard, so its
@@ -375,7 +418,8 @@ def parallelize(model: nn.Module, state: Optional[ParallelState] = None, sequenc
     if needs_stream and TP_STREAM not in get_rng_tracker().names():
         raise ConfigError("dropout in tensor-parallel regions needs the RNG tracker: call "
                           "megacore.parallel.model_parallel_seed(seed) before parallelize()")
-    ctx = TPContext(config, state.tp_group, t, state.tp_rank, sequence_parallel, grad_sync)
+    ctx = TPContext(config, state.tp_group, t, state.tp_rank, sequence_parallel, grad_sync, state.ep_size,
+                    state.etp_size)
     plan = tp_plan(config, sequence_parallel) if plan is None else plan
     covered: set[str] = set()
     for pattern, style in plan.items():

@@ -178,7 +178,7 @@ def test_recompute_replays_tp_dropout_in_model(tp2_world):
     (dict(ffn_hidden_size=30), 4, False, ["ffn_hidden_size=30", "tensor=4"]),
     (dict(vocab_padding_multiple=6), 4, False, ["vocab_padding_multiple=6", "tensor=4"]),
     (dict(), 1, True, ["sequence_parallel", "tensor > 1"]),
-    (dict(num_experts=4), 2, False, ["num_experts=4", "tensor=1"]),
+    (dict(num_experts=4, moe_shared_expert_hidden_size=30), 4, False, ["moe_shared_expert_hidden_size=30", "tensor=4"]),
 ])
 def test_check_tp_config(extra, tensor, sp, words):
     cfg = TransformerConfig(**{**BASE, **extra})

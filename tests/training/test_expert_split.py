@@ -81,8 +81,9 @@ def test_ep2_rank_holds_its_half_of_the_experts(tmp_path, one_process):
 
 
 def test_mesh_sizes_name_every_axis():
-    p = ParallelConfig(tensor=2, pipeline=3, context=4, expert=5, virtual_pipeline=2)
-    assert p.mesh_sizes() == {"tensor": 2, "pipeline": 3, "context": 4, "expert": 5, "virtual_pipeline": 2}
+    p = ParallelConfig(tensor=2, pipeline=3, context=4, expert=5, expert_tensor=2, virtual_pipeline=2)
+    assert p.mesh_sizes() == {"tensor": 2, "pipeline": 3, "context": 4, "expert": 5, "expert_tensor": 2,
+                              "virtual_pipeline": 2}
     assert ParallelConfig(virtual_pipeline=1).mesh_sizes()["virtual_pipeline"] is None
 
 

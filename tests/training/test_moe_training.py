@@ -1,7 +1,8 @@
-"""``megacore train`` with MoE layers on CPU: the loss falls, and data-, pipeline- and
-expert-parallel runs (DP2 with the distributed optimizer, PP2, EP2 with either optimizer) reproduce
-the single-process curve, load-balancing loss included (its per-micro-batch scale must make every
-layout optimize the same objective); checkpoints reshard between those layouts."""
+"""``megacore train`` with MoE layers on CPU: the loss falls, and data-, pipeline-, expert-, tensor-
+and context-parallel runs (DP2 with the distributed optimizer, PP2, EP2 with either optimizer, TP2
+with sequence parallelism, CP2, PP2 x DP2 x EP2 with the all-gather dispatcher) reproduce the single-process curve, grad norm and logged load-balancing loss included
+(its per-micro-batch scale must make every layout optimize the same objective); checkpoints reshard
+between those layouts (one process -> EP2, -> EP2 x ETP2 x TP2, and EP2 -> one process)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,18 @@ def test_moe_training_learns(reference):
     assert all(1.0 < r["moe_aux_loss"] < 4.0 for r in records), records
 
 
-@pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
-                                        ("pp2", ["parallel.pipeline=2"]),
-                                        ("ep2", ["parallel.expert=2"]),
-                                        ("ep2_distopt", ["parallel.expert=2", "parallel.distributed_optimizer=true"])])
-def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
-    log = _train(tmp_path, name, extra, nproc=2)
+@pytest.mark.parametrize("name,extra,nproc", [
+    ("dp2_distopt", ["parallel.distributed_optimizer=true"], 2),
+    ("pp2", ["parallel.pipeline=2"], 2),
+    ("ep2", ["parallel.expert=2"], 2),
+    ("ep2_distopt", ["parallel.expert=2", "parallel.distributed_optimizer=true"], 2),
+    ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"], 2),
+    ("cp2", ["parallel.context=2"], 2),
+    ("pp2_dp2_ep2_all_gather", ["parallel.pipeline=2", "parallel.expert=2", "parallel.expert_dispatcher=all_gather",
+                                "parallel.distributed_optimizer=true"], 4),
+])
+def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra, nproc):
+    log = _train(tmp_path, name, extra, nproc=nproc)
     got, want = losses(log), losses(reference)
     assert len(got) == len(want) == 12
     worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
@@ -53,7 +60,7 @@ def test_moe_layouts_reproduce_single_process_curve(tmp_path, reference, name, e
 
 
 @pytest.mark.parametrize("overrides,words", [
-    (["parallel.tensor=2"], "parallel.tensor=2"),
+    (["parallel.tensor=2", "parallel.expert=2"], "parallel.sequence_parallel=true"),
     (["parallel.expert=3"], "not divisible by parallel.expert=3"),
     (["parallel.expert=2", "model.num_experts=null"], "model.num_experts"),
 ])
@@ -68,13 +75,26 @@ def test_moe_unsupported_layouts_are_clear_errors(overrides, words):
         _check_supported(cfg)
 
 
-def test_moe_checkpoint_resumes_at_another_layout(tmp_path, reference):
-    """A single-process MoE checkpoint (step 6) resumes under DP2 with the distributed optimizer: the
-    stacked expert weights and their Adam moments reshard, and steps 7..12 follow the reference."""
+@pytest.fixture(scope="module")
+def single_checkpoint(tmp_path_factory):
+    """A single-process MoE checkpoint at step 6 (of the reference's 12 steps: same LR schedule)."""
+    tmp_path = tmp_path_factory.mktemp("moe_ckpt")
     ckpt = str(tmp_path / "ckpt")
-    _train(tmp_path, "saving", [f"checkpoint.dir={ckpt}", "checkpoint.interval=6"])  # same LR schedule
-    resumed = _train(tmp_path, "resumed", [f"checkpoint.load={ckpt}/iter_0000006",
-                                           "parallel.distributed_optimizer=true"], nproc=2)
+    _train(tmp_path, "saving", [f"checkpoint.dir={ckpt}", "checkpoint.interval=6"])
+    return f"{ckpt}/iter_0000006"
+
+
+@pytest.mark.parametrize("name,extra,nproc", [
+    ("dp2_distopt", ["parallel.distributed_optimizer=true"], 2),
+    ("ep2", ["parallel.expert=2"], 2),
+    ("tp2_ep2_etp2_sp", ["parallel.tensor=2", "parallel.expert=2", "parallel.expert_tensor=2",
+                         "parallel.sequence_parallel=true", "parallel.distributed_optimizer=true"], 4),
+])
+def test_moe_checkpoint_resumes_at_another_layout(tmp_path, reference, single_checkpoint, name, extra, nproc):
+    """The single-process checkpoint resumes in another layout: the stacked expert weights (split
+    over EP by experts, over ETP by hidden units) and their Adam moments reshard, and steps 7..12
+    follow the reference."""
+    resumed = _train(tmp_path, f"resumed_{name}", [f"checkpoint.load={single_checkpoint}", *extra], nproc=nproc)
     records = [r for r in read_metrics(resumed) if "loss" in r]
     assert [r["step"] for r in records] == list(range(7, 13))
     want = losses(reference)[6:]

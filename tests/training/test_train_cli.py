@@ -207,9 +207,11 @@ def test_unsupported_layout_is_a_clear_error(data):
     out = run_cli(["train", "configs/tiny_cpu.yaml", "parallel.expert=2"], data["env"])
     assert out.returncode == 2
     assert "parallel.expert=2" in out.stderr and "model.num_experts" in out.stderr  # no experts to split
-    out = run_cli(["train", "configs/tiny_cpu.yaml", "model.num_experts=4", "parallel.tensor=2"], data["env"])
+    out = run_cli(["train", "configs/tiny_cpu.yaml", "model.num_experts=4", "parallel.tensor=2", "parallel.expert=2"],
+                  data["env"])
     assert out.returncode == 2
-    assert "MoE" in out.stderr and "parallel.tensor=2" in out.stderr and "Traceback" not in out.stderr
+    assert "parallel.expert=2" in out.stderr and "sequence_parallel=true" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_message(monkeypatch, tmp_path):

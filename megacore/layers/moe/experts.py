@@ -57,6 +57,10 @@ class Experts(nn.Module):
         self.dispatch: Optional[Callable] = None
         # Selective recomputation (recompute.modules=[mlp_act]): keep fc1's output only.
         self.recompute_activation = False
+        # Expert tensor parallelism hands in ``tensor_split``: this rank holds a slice of every
+        # expert's hidden units, ``enter(x)`` before fc1 and ``exit(y)`` after fc2 (the partial
+        # outputs summed over the ranks sharing the experts).
+        self.tensor_split = None
 
     # ------------------------------------------------------------------ the GEMMs
     def use_grouped(self, x: torch.Tensor) -> bool:
@@ -74,12 +78,14 @@ class Experts(nn.Module):
         """Rows sorted by local expert, expert e owning rows up to ``ends[e]`` (int32, device) ->
         their outputs in the same order; rows past ``ends[-1]`` come out unspecified."""
         linear = grouped_linear if self.use_grouped(x_sorted) else grouped_linear_reference
-        up = linear(x_sorted, self.linear_fc1, ends)
+        split = self.tensor_split
+        up = linear(x_sorted if split is None else split.enter(x_sorted), self.linear_fc1, ends)
         if self.recompute_activation and self.training and torch.is_grad_enabled():
             act = checkpoint(mlp_activation, up, self.activation, self.gated)
         else:
             act = mlp_activation(up, self.activation, self.gated)
-        return linear(act, self.linear_fc2, ends)
+        y = linear(act, self.linear_fc2, ends)
+        return y if split is None else split.exit(y)
 
     def run_sorted(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``compute`` with the per-expert counts given on the host (the exchange of expert
