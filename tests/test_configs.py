@@ -19,6 +19,8 @@ RUNNABLE = {
     "llama_8b_8gpu.yaml": (8, 2),
     "mixtral_moe.yaml": (8, 8),
     "llava_tiny_cpu.yaml": (1, 1),
+    "deepseek_v3_tiny_cpu.yaml": (1, 1),
+    "deepseek_v2_lite_16b.yaml": (8, 8),
 }
 
 
@@ -66,6 +68,32 @@ def test_moe_config_passes_the_trainer_checks():
     cfg = load_run_config(str(CONFIGS / "mixtral_moe.yaml")).validate(8)
     assert (cfg.model.num_experts, cfg.model.moe_top_k, cfg.parallel.expert) == (8, 2, 8)
     _check_supported(cfg)  # what megacore train checks first
+
+
+def test_deepseek_configs_match_their_shapes():
+    from megacore.config.support import check_supported as _check_supported
+
+    tiny = load_run_config(str(CONFIGS / "deepseek_v3_tiny_cpu.yaml")).validate(1)
+    m = tiny.model
+    assert m.multi_latent_attention and m.q_lora_rank is not None and m.moe_first_k_dense >= 1
+    assert m.moe_shared_expert_hidden_size and m.moe_router_score == "sigmoid" and m.moe_router_num_groups
+    assert m.moe_router_bias_update_rate > 0 and m.moe_aux_loss_type == "sequence" and m.moe_aux_loss_coeff > 0
+    assert m.mtp_num_layers == 0 and tiny.device == "cpu"
+
+    cfg = load_run_config(str(CONFIGS / "deepseek_v2_lite_16b.yaml")).validate(8)
+    m, p = cfg.model, cfg.parallel
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim,
+            m.qk_rope_head_dim, m.v_head_dim) == (27, 2048, 16, None, 512, 128, 64, 128)
+    assert (m.num_experts, m.moe_top_k, m.moe_ffn_hidden_size, m.moe_shared_expert_hidden_size,
+            m.moe_first_k_dense, m.ffn_hidden_size, m.vocab_size) == (64, 6, 1408, 2 * 1408, 1, 10944, 102400)
+    assert (p.tensor, p.pipeline, p.context, p.expert, p.data_parallel_size(8)) == (1, 1, 1, 8, 8)
+    assert p.distributed_optimizer
+    _check_supported(cfg, 8)
+    # it is the shape the HF family exports (DeepseekV3ForCausalLM, q_lora_rank null)
+    from megacore.interop import hf
+
+    out = hf.config_to_hf(m, "deepseek_v3")
+    assert (out["n_routed_experts"], out["n_shared_experts"], out["q_lora_rank"]) == (64, 2, None)
 
 
 def test_gpu_configs_also_validate_with_a_cpu_override():
