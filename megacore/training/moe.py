@@ -88,7 +88,7 @@ def end_moe_step(layers, model_cfg, skipped=False, device=None) -> Optional[dict
         dist.all_reduce(table)
     loads = table[:, :num_experts]
     for row, router in rows:
-        if router.expert_bias is None or router.bias_update_rate == 0:  # no bias, or one kept as loaded
+        if router.expert_bias is None:
             continue
         load = loads[row]
         delta = router.bias_update_rate * torch.sign(load.mean() - load)
