@@ -292,6 +292,7 @@ def test_cli_convert_round_trip(tmp_path):
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0, "mscale_all_dim": 1.0}),
      "mscale_all_dim"),
     (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]}), "dequantize it"),
 ])
 def test_import_refusals(extra, match):
     with pytest.raises(ConfigError, match=match):
@@ -321,6 +322,7 @@ _SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=10
     ("deepseek_v3", dict(norm_epsilon=1e-5), "norm_epsilon"),
     ("deepseek_v3", dict(num_experts=None), "num_experts"),
     ("deepseek_v3", dict(attention_softmax_scale=0.3), "attention_softmax_scale"),
+    ("deepseek_v3", dict(moe_router_num_groups=4, moe_router_group_topk=2), "moe_router_num_groups"),
     ("deepseek_v3", dict(multi_latent_attention=False, q_lora_rank=None), "multi_latent_attention"),
     ("llama", dict(num_experts=None), "multi_latent_attention"),
     ("qwen3_moe", dict(qk_norm=False), "multi_latent_attention"),

@@ -178,6 +178,10 @@ class DeepseekV3Adapter(LlamaAdapter):
         hidden = int(self.require(hf, "hidden_size"))
         heads = int(self.require(hf, "num_attention_heads"))
         layers = int(self.require(hf, "num_hidden_layers"))
+        if hf.get("quantization_config"):
+            raise ConfigError(f"quantization_config={hf['quantization_config']!r}: a quantized checkpoint (DeepSeek-V3's "
+                              "own release is FP8 with per-block scales) cannot be loaded as is; dequantize it to "
+                              "bf16 first")
         kv_heads = hf.get("num_key_value_heads")
         if kv_heads is not None and int(kv_heads) != heads:
             raise ConfigError(f"num_key_value_heads={kv_heads} differs from num_attention_heads={heads}: transformers' "
@@ -277,6 +281,9 @@ class DeepseekV3Adapter(LlamaAdapter):
         if shared is None or shared % c.moe_ffn_size:
             self.cannot("moe_shared_expert_hidden_size", shared,
                         f"n_shared_experts * moe_ffn_hidden_size ({c.moe_ffn_size}) in every MoE layer")
+        if c.moe_router_num_groups is not None and c.num_experts // c.moe_router_num_groups < 2:
+            self.cannot("moe_router_num_groups", c.moe_router_num_groups, "at least 2 experts per group "
+                        "(transformers scores a group by its two best experts)")
         if c.rotary_scaling not in (None, "yarn") and c.rotary_mscale_all_dim:
             self.cannot("rotary_mscale_all_dim", c.rotary_mscale_all_dim, "0 unless rotary_scaling='yarn'")
 
