@@ -86,6 +86,10 @@ class TransformerConfig:
     # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores for the
     # top-k choice only, moved by this rate after each step toward even load (e.g. 0.001; 0: off).
     moe_router_bias_update_rate: float = 0.0
+    # Whether the routers hold that per-expert bias (an fp32 buffer, ``expert_bias``) even when training
+    # does not move it: a DeepSeek-V3 checkpoint carries one (HF ``e_score_correction_bias``) that
+    # routing needs. The bias exists when this is set or the update rate is > 0 (see has_expert_bias).
+    moe_router_expert_bias: bool = False
     moe_router_num_groups: Optional[int] = None   # group-limited routing: experts in this many groups,
     moe_router_group_topk: Optional[int] = None   # of which the best this many are eligible per token
     moe_routed_scaling_factor: float = 1.0        # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
@@ -166,6 +170,12 @@ class TransformerConfig:
     @property
     def moe_ffn_size(self) -> int:
         return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_size
+
+    @property
+    def has_expert_bias(self) -> bool:
+        """Whether the MoE routers hold ``expert_bias``: kept (``moe_router_expert_bias``) or trained
+        (``moe_router_bias_update_rate`` > 0, which needs it)."""
+        return bool(self.moe_router_expert_bias) or self.moe_router_bias_update_rate > 0
 
     @property
     def gated_mlp(self) -> bool:
@@ -297,6 +307,9 @@ class TransformerConfig:
         for key in ("moe_router_bias_update_rate", "moe_z_loss_coeff"):
             if getattr(self, key) < 0:
                 _fail(f"model.{key}", getattr(self, key), "must be >= 0", "use 0 to turn it off")
+        if not isinstance(self.moe_router_expert_bias, bool):
+            _fail("model.moe_router_expert_bias", self.moe_router_expert_bias, "must be true or false",
+                  "use true to keep a per-expert routing bias (implied by moe_router_bias_update_rate > 0)")
         if self.moe_routed_scaling_factor <= 0:
             _fail("model.moe_routed_scaling_factor", self.moe_routed_scaling_factor, "must be positive", "use 1.0")
         groups, top = self.moe_router_num_groups, self.moe_router_group_topk

@@ -18,7 +18,7 @@ names and shapes, copying, writing) has no per-family branches:
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.interop.hf_activations import ActivationNames
@@ -92,20 +92,37 @@ class CausalLMAdapter(FamilyAdapter):
         """Every parameter of ``GPTModel(c)`` <-> its HF tensors, base model names under ``prefix``."""
         raise NotImplementedError
 
+    def weight_rules_for(self, hf_config: Optional[dict], c: TransformerConfig, prefix: str) -> list[Rule]:
+        """``weight_rules`` for the checkpoint of ``hf_config`` (the config.json read, or the one the
+        model was loaded from on export; None for a model built in megacore). A family whose tensor
+        layout depends on a config.json key beyond TransformerConfig reads it here (DeepSeek-V3's
+        ``rope_interleave``)."""
+        return self.weight_rules(c, prefix)
+
     def is_ignorable(self, name: str, c: TransformerConfig) -> bool:
         """Checkpoint tensors with nothing megacore needs: cached rotary tables and a tied
         ``lm_head.weight`` that some checkpoints store anyway."""
         return name.endswith("rotary_emb.inv_freq") or (c.tie_embeddings and name == "lm_head.weight")
 
+    def ignorable_in(self, hf_config: dict, c: TransformerConfig) -> Callable[[str], bool]:
+        """``is_ignorable`` for the checkpoint of ``hf_config`` (a family whose checkpoints carry modules
+        transformers does not run, counted in config.json, widens it: DeepSeek-V3's MTP layers)."""
+        return lambda name: self.is_ignorable(name, c)
+
     def reads_like(self, c: TransformerConfig) -> bool:
         """Whether a model built in megacore looks like this family (for ``infer_family``)."""
         return False
 
-    def check_plain_decoder(self, c: TransformerConfig, moe: bool = False, qk_norm: bool = False) -> None:
+    def check_plain_decoder(self, c: TransformerConfig, moe: bool = False, qk_norm: bool = False,
+                            mla: bool = False) -> None:
         """The transformer decoders of HF: no hybrid stack, plain norm weights, no q/k norm unless
-        ``qk_norm`` (per-head RMSNorm, as megacore's), and dense MLPs unless ``moe``."""
+        ``qk_norm`` (per-head RMSNorm, as megacore's), dense MLPs unless ``moe``, and q/k/v attention
+        unless ``mla`` (multi-latent attention, DeepSeek)."""
         if c.num_experts is not None and not moe:
             self.cannot("num_experts", c.num_experts, "dense MLPs")
+        if c.multi_latent_attention != mla:
+            self.cannot("multi_latent_attention", c.multi_latent_attention,
+                        "multi-latent attention" if mla else "q/k/v attention (multi-latent attention: deepseek_v3)")
         if c.layer_pattern is not None:
             self.cannot("layer_pattern", c.layer_pattern, "attention+MLP layers only (no hybrid stacks)")
         if c.qk_norm and not qk_norm:
@@ -118,4 +135,5 @@ class CausalLMAdapter(FamilyAdapter):
         bias, no group-limited choice, no scaling of the routed weights. (Capacity, z-loss and the
         kind of balancing loss shape training only; a dropless HF model runs the same weights.)"""
         self.check_fields(c, [("moe_router_score", "softmax"), ("moe_router_bias_update_rate", 0.0),
-                              ("moe_router_num_groups", None), ("moe_routed_scaling_factor", 1.0)])
+                              ("moe_router_expert_bias", False), ("moe_router_num_groups", None),
+                              ("moe_routed_scaling_factor", 1.0)])

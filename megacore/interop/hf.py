@@ -1,5 +1,6 @@
 """Hugging Face import/export for ``GPTModel``: every causal-LM family of
-``megacore/interop/families/`` (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, GPT-2, NemotronH).
+``megacore/interop/families/`` (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3,
+GPT-2, NemotronH).
 
     model = load_pretrained("path/to/hf_model")            # config.json + safetensors -> GPTModel
     save_pretrained(model, "path/to/out")                   # -> config.json + model.safetensors
@@ -42,6 +43,7 @@ from megacore.interop.hf_transfer import (  # noqa: F401  (build_empty: re-expor
     copy_weights,
     default_dtype,
     rules_to_hf,
+    weight_tensors,
 )
 from megacore.models.gpt import GPTModel
 
@@ -100,8 +102,8 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     except ConfigError as e:
         raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     with CheckpointReader(hf_dir) as reader:
-        rules = adapter.weight_rules(config, checkpoint_prefix(adapter.base_prefix, reader.keys()))
-        check_tensor_names(reader, rules, hf_dir, adapter.name, lambda n: adapter.is_ignorable(n, config))
+        rules = adapter.weight_rules_for(hf_cfg, config, checkpoint_prefix(adapter.base_prefix, reader.keys()))
+        check_tensor_names(reader, rules, hf_dir, adapter.name, adapter.ignorable_in(hf_cfg, config))
         if dtype is None:
             dtype = default_dtype(hf_cfg, reader, [n for r in rules for n in r.hf], hf_dir)
         model = build_empty(config, dtype, torch.device(device if device is not None else "cpu"))
@@ -133,7 +135,8 @@ def hf_state_dict(model: nn.Module, family: Optional[str] = None) -> dict[str, t
     adapter = registry.causal_lm_adapter(family or getattr(model, "hf_family", None) or infer_family(model.config))
     adapter.check_exportable(model.config)
     _check_complete(model)
-    params, rules = dict(model.named_parameters()), adapter.weight_rules(model.config, adapter.base_prefix)
+    base = getattr(model, "hf_config", None) if getattr(model, "hf_family", None) == adapter.name else None
+    params, rules = weight_tensors(model), adapter.weight_rules_for(base, model.config, adapter.base_prefix)
     unmapped = sorted(set(params) - {r.ours for r in rules})
     if unmapped:  # a parameter the family has no tensor for would be silently lost
         raise ConfigError(f"cannot export to Hugging Face {adapter.name}: it has no tensor for the parameter(s) "
@@ -146,7 +149,7 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] =
     """Write ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
     ``family``: a key of ``FAMILIES`` (``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``qwen2_moe``,
-    ``qwen3_moe``, ``gpt2``, ``nemotron_h``); default the family the model was loaded as, else inferred from the config (see ``infer_family``). Weights above
+    ``qwen3_moe``, ``deepseek_v3``, ``gpt2``, ``nemotron_h``); default the family the model was loaded as, else inferred from the config (see ``infer_family``). Weights above
     ``max_shard_size`` (bytes or '5GB'-style) are split into shards with an index json. The
     directory is written to a temporary sibling and renamed into place; other files already in
     ``out_dir`` (tokenizer, generation config) are kept.

@@ -37,7 +37,9 @@ POSITIVE_INT_KEYS = ("hidden_size", "n_embd", "num_attention_heads", "n_head", "
                      "num_key_value_heads", "head_dim", "intermediate_size", "n_inner", "vocab_size",
                      "max_position_embeddings", "n_positions", "num_local_experts", "num_experts_per_tok",
                      "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
-                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size")
+                     "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel", "chunk_size",
+                     "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "q_lora_rank", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def check_hf_numbers(hf_config: dict) -> None:
@@ -95,8 +97,9 @@ def config_from_hf(hf_config: dict, **overrides: Any) -> TransformerConfig:
 
 
 def infer_family(config: TransformerConfig) -> str:
-    """Guess the HF family of a model built from scratch, most specific first: a layer pattern ->
-    nemotron_h, learned positions + LayerNorm -> gpt2, MoE with q/k norm -> qwen3_moe, MoE with a
+    """Guess the HF family of a model built from scratch, most specific first: multi-latent attention
+    -> deepseek_v3, a layer pattern -> nemotron_h, learned positions + LayerNorm -> gpt2, MoE with q/k
+    norm -> qwen3_moe, MoE with a
     shared expert -> qwen2_moe, other MoE -> mixtral, q/k/v bias -> qwen2,
     sliding window -> mistral, else llama (each family's ``reads_like`` and ``guess_rank``)."""
     return registry.guess_adapter(config).name

@@ -38,7 +38,20 @@ def build_empty(config: TransformerConfig, dtype: torch.dtype, device: torch.dev
         model.rotary = RotaryEmbedding(config)
     model.to(dtype)  # free on meta
     _to_empty_keep_attrs(model, device)
+    for module in model.modules():  # allocated, not initialized: zero the buffers (MoE accumulators, expert bias)
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
     return model
+
+
+def weight_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What rules may name: every parameter, and the persistent buffers a checkpoint carries (the MoE
+    routers' ``expert_bias``)."""
+    persistent = {f"{prefix}.{n}" if prefix else n
+                  for prefix, module in model.named_modules() for n in module._buffers
+                  if n not in module._non_persistent_buffers_set}
+    buffers = {n: b for n, b in model.named_buffers() if n in persistent}
+    return {**buffers, **dict(model.named_parameters())}
 
 
 def checkpoint_prefix(default: str, names: list[str]) -> str:
@@ -101,15 +114,17 @@ def _expected_hf_shapes(rule: Rule, our_shape: torch.Size) -> list[tuple[int, ..
 
 @torch.no_grad()
 def copy_weights(model: nn.Module, rules: list[Rule], reader: CheckpointReader, hf_dir: Path, what: str) -> None:
-    """Fill every parameter of ``model`` from the checkpoint through ``rules``, each HF tensor's shape
-    checked against the one the parameter implies before it is read."""
+    """Fill every parameter of ``model`` (and each persistent buffer a rule names) from the checkpoint
+    through ``rules``, each HF tensor's shape checked against the one the parameter implies before it
+    is read. A buffer keeps its own dtype (the fp32 expert bias of a bf16 model)."""
     params = dict(model.named_parameters())
     uncovered = sorted(set(params) - {r.ours for r in rules})
     if uncovered:
         raise RuntimeError(f"internal error: the {what} mapping leaves megacore parameters unset: {uncovered}")
     check_floating(reader, [n for r in rules for n in r.hf], hf_dir)
+    targets = weight_tensors(model)
     for rule in rules:
-        param = params[rule.ours]
+        param = targets[rule.ours]
         for name, shape in zip(rule.hf, _expected_hf_shapes(rule, param.shape)):
             if reader.shape(name) != shape:
                 raise ValueError(f"tensor {name!r} in {hf_dir} has shape {reader.shape(name)}, but config.json "

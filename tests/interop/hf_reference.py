@@ -16,6 +16,14 @@ BATCH, SEQ = 2, 16
 _ROPE_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
+_DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                 topk_group=2, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128, num_nextn_predict_layers=0,
+                 routed_scaling_factor=2.5, norm_topk_prob=True)
+_DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                  "mscale": 0.8, "mscale_all_dim": 0.9, "beta_fast": 32.0, "beta_slow": 1.0}
+
 CASES: dict[str, tuple[str, dict]] = {
     "llama_gqa": ("LlamaConfig", dict(_ROPE_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
     "llama_bias_tied": ("LlamaConfig", dict(_ROPE_COMMON, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
@@ -38,6 +46,16 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(_ROPE_COMMON, num_hidden_layers=3, head_dim=32, num_experts=8,
                                          num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
                                          mlp_only_layers=[0])),
+    # DeepSeek-V3: multi-latent attention with the query bottleneck, interleaved-rope checkpoint, first layer
+    # dense, 8 sigmoid-routed experts in 4 groups (2 eligible), 2 shared experts, a nonzero score-correction
+    # bias (randomize_), routed weights renormalized and scaled.
+    "deepseek_v3": ("DeepseekV3Config", dict(_DEEPSEEK, q_lora_rank=24)),
+    # ... without the query bottleneck (q_proj), under YaRN with DeepSeek's mscale / mscale_all_dim, and
+    # with the half-rotation rope layout (rope_interleave=false), raw top-k weights, no group limit.
+    "deepseek_v3_yarn": ("DeepseekV3Config", dict(_DEEPSEEK, q_lora_rank=None, rope_interleave=False,
+                                                  norm_topk_prob=False, n_group=1, topk_group=1,
+                                                  n_shared_experts=1, routed_scaling_factor=1.5,
+                                                  rope_parameters=_DEEPSEEK_YARN)),
     "gpt2_tied": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32,
                                      activation_function="gelu_new", bos_token_id=0, eos_token_id=0)),
     # Hybrid: Mamba-2, attention (no rotary), Mamba-2, squared-ReLU MLP; SEQ=16 spans two scan chunks.
@@ -52,12 +70,16 @@ CASES: dict[str, tuple[str, dict]] = {
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Replace HF's init (norm weights 1, biases 0, std 0.02) by O(0.1) noise everywhere, so that
-    a wrong bias, norm or layout mapping changes the logits visibly."""
+    a wrong bias, norm or layout mapping changes the logits visibly (DeepSeek-V3's router bias, a
+    buffer, too)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen)
         is_norm = p.dim() == 1 and ("norm" in name or ".ln_" in name) and name.endswith("weight")
         p.copy_(1.0 + 0.1 * noise if is_norm else 0.1 * noise)
+    for name, b in model.named_buffers():  # DeepSeek-V3's router bias: large enough to change choices
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen))
     return model
 
 

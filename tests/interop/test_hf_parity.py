@@ -36,13 +36,16 @@ PLAN = [
     ("qwen2_moe_shared", "60KB", None),
     ("qwen2_moe_sparse_step", None, "40KB"),
     ("qwen3_moe", None, None),
+    ("deepseek_v3", "60KB", None),
+    ("deepseek_v3_yarn", None, "50KB"),
     ("gpt2_tied", "25KB", "25KB"),
     ("nemotron_h_hybrid", "30KB", None),
 ]
 EXPECTED_FAMILY = {"llama_gqa": "llama", "llama_bias_tied": "llama", "mistral_sliding": "mistral",
                    "qwen2_bias": "qwen2", "qwen2_sliding": "qwen2", "mixtral_moe": "mixtral",
                    "gpt2_tied": "gpt2", "nemotron_h_hybrid": "nemotron_h", "qwen2_moe_shared": "qwen2_moe",
-                   "qwen2_moe_sparse_step": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+                   "qwen2_moe_sparse_step": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3",
+                   "deepseek_v3_yarn": "deepseek_v3"}
 
 
 def _save_hf(model, path, shard):
@@ -76,6 +79,12 @@ def test_roundtrip_parity(tmp_path, case, hf_shard, our_shard):
         assert ours.config.moe_shared_expert_gate and ours.config.add_qkv_bias
     if case == "qwen2_moe_sparse_step":
         assert (ours.config.moe_first_k_dense, ours.config.moe_layer_freq) == (1, 2)
+    if case.startswith("deepseek_v3"):
+        c = ours.config
+        assert c.multi_latent_attention and c.moe_router_score == "sigmoid" and c.moe_router_expert_bias
+        assert (c.moe_first_k_dense, c.moe_layer_freq, c.num_experts) == (1, 1, 8)
+        bias = ours.decoder.layers["1"].mlp.router.expert_bias
+        assert bias.dtype == torch.float32 and torch.equal(bias, ref.model.layers[1].mlp.gate.e_score_correction_bias)
     if case == "qwen3_moe":
         assert ours.config.qk_norm and ours.config.kv_channels == 32 and ours.config.moe_first_k_dense == 1
 

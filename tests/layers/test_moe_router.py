@@ -307,6 +307,25 @@ def test_expert_bias_is_a_persistent_fp32_buffer_zeroed_by_materialize():
     assert plain.expert_bias is None and "expert_bias" not in plain.state_dict()
 
 
+def test_expert_bias_kept_without_its_update():
+    """moe_router_expert_bias: the buffer exists (fp32, zero, in the state dict) with no update rate,
+    and the choice uses it; a rate > 0 implies it (has_expert_bias)."""
+    from megacore.config import ConfigError
+
+    kept = _config(moe_router_score="sigmoid", moe_router_expert_bias=True)
+    assert kept.has_expert_bias and kept.moe_router_bias_update_rate == 0
+    router = TopKRouter(kept)
+    assert router.expert_bias.dtype == torch.float32 and torch.equal(router.expert_bias, torch.zeros(E))
+    assert "expert_bias" in router.state_dict()
+    assert _config(moe_router_bias_update_rate=1e-3).has_expert_bias and not _config().has_expert_bias
+    bias = torch.zeros(E, dtype=torch.float64)
+    bias[E - 1] = 10.0  # every token's choice includes the last expert
+    routing = _router(kept, bias=bias)(_input())
+    assert (routing.experts_TK == E - 1).any(dim=-1).all()
+    with pytest.raises(ConfigError, match="moe_router_expert_bias"):
+        _config(moe_router_expert_bias="yes")
+
+
 def _moe_cfg(**kw):
     return TransformerConfig(num_layers=2, hidden_size=H, num_attention_heads=2, ffn_hidden_size=F, vocab_size=32,
                              seq_length=8, num_experts=4, **kw).validate()

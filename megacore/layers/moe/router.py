@@ -7,8 +7,8 @@ choices)::
     logits = x·Wᵀ                                        [T, E]
     s      = softmax(logits)          (moe_router_score="softmax": Mixtral, Qwen)
            | sigmoid(logits)          (moe_router_score="sigmoid": DeepSeek-V3, each expert on its own)
-    c      = s + b                    the choice score; b = ``expert_bias`` [E] (zeros; absent without
-                                      aux-loss-free balancing, moe_router_bias_update_rate = 0)
+    c      = s + b                    the choice score; b = ``expert_bias`` [E] (zeros at init; absent
+                                      unless moe_router_expert_bias or moe_router_bias_update_rate > 0)
     [group limit, below: c outside the token's best groups becomes -inf]
     experts = the k largest c per token                  [T, k]
     w       = s[experts]              the chosen s, not c: the bias only chooses
@@ -25,7 +25,8 @@ DeepSeek-V3 (8/4 = 2).
 **Aux-loss-free balancing** (DeepSeek-V3): after each optimizer step the trainer moves b by
 ``rate · sign(mean load - load_e)`` (``megacore.training.moe``): an overloaded expert's bias falls.
 The bias never reaches w, so it takes no gradient; it is a persistent fp32 buffer (checkpointed, and
-kept fp32 when the model is cast to bf16).
+kept fp32 when the model is cast to bf16). ``moe_router_expert_bias`` keeps it without moving it (an
+imported DeepSeek-V3 checkpoint's ``e_score_correction_bias``).
 
 **Capacity** (``moe_capacity_factor`` f; dropless when unset): each expert takes at most
 ``C = ceil(f · T · k / E)`` of this forward's assignments, those with the largest final weight w
@@ -109,7 +110,7 @@ class TopKRouter(nn.Module):
         self.pad_to_capacity = config.moe_pad_to_capacity
         self.bias_update_rate = config.moe_router_bias_update_rate
         self.weight = mark_init(nn.Parameter(torch.empty(config.num_experts, config.hidden_size)), "normal")
-        if self.bias_update_rate > 0:
+        if config.has_expert_bias:  # moe_router_expert_bias, or implied by a bias update rate > 0
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
