@@ -5,7 +5,9 @@ Rank ``r`` of an EP group of size ``P`` holds experts ``[r·E/P, (r+1)·E/P)``. 
 (token, slot) assignments, sorted by expert, are therefore sorted by destination rank too:
 
 1. counts: an all-to-all of the per-expert counts ``[P, E/P]`` tells each rank how many rows every
-   source sends to each of its experts (read on the host once: the split sizes);
+   source sends to each of its experts (read on the host once: the split sizes; with a fixed
+   capacity, ``model.moe_pad_to_capacity``, every split is known and nothing is read:
+   :func:`dispatch_padded_and_compute`);
 2. dispatch: an all-to-all of the sorted token rows, split by destination rank;
 3. the received rows are grouped by local expert (stable sort), each expert runs on its run, and
    the rows go back to arrival order;
@@ -108,6 +110,27 @@ def dispatch_and_compute(experts, x_sorted: torch.Tensor, counts_per_expert: tor
     if kept < rows:
         y_sorted = torch.cat([y_sorted, y_sorted.new_zeros((rows - kept, *y_sorted.shape[1:]))])
     return y_sorted
+
+
+def dispatch_padded_and_compute(experts, x_slots: torch.Tensor, capacity: int, group) -> torch.Tensor:
+    """The all-to-all exchange at a fixed capacity (``model.moe_pad_to_capacity``): no host read.
+
+    ``x_slots`` [E·C, H] holds every global expert's C slots in expert order (empty slots are zero
+    rows), so the rows for rank r are the contiguous block ``[r·E_l·C, (r+1)·E_l·C)`` (E_l = E/P)
+    and every split is E_l·C rows, known without exchanging counts. Arrivals are ordered
+    (source, local expert, slot); viewing them as [P, E_l, C] and swapping the first two axes groups
+    them by local expert, P·C rows each, for the grouped GEMMs; the reverse view and the reverse
+    all-to-all return every slot's output to its source, in the order it was sent."""
+    size = dist.get_world_size(group)
+    local = x_slots.shape[0] // (capacity * size)
+    split = [local * capacity] * size
+    x_recv = all_to_all(x_slots, split, split, group)
+    width = x_recv.shape[-1]
+    x_grouped = x_recv.view(size, local, capacity, width).transpose(0, 1).reshape(local * size * capacity, width)
+    ends = torch.arange(1, local + 1, device=x_recv.device, dtype=torch.int32) * (size * capacity)
+    y_grouped = experts.compute(x_grouped, ends)
+    y_recv = y_grouped.view(local, size, capacity, width).transpose(0, 1).reshape(size * local * capacity, width)
+    return all_to_all(y_recv, split, split, group)
 
 
 def _padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -253,4 +276,6 @@ def apply_expert_parallel(model: nn.Module, group, rank: int, size: int, dispatc
             setattr(module, name, part)
         exchange = dispatch_and_compute if dispatcher == "all_to_all" else gather_and_compute
         module.dispatch = partial(exchange, group=group)
+        if dispatcher == "all_to_all":
+            module.dispatch_padded = partial(dispatch_padded_and_compute, group=group)
     return model

@@ -38,12 +38,12 @@ def _data():
     return ids, torch.randint(0, 64, (BATCH, 16), generator=g)
 
 
-def _reference(dp: int):
+def _reference(dp: int, extra: dict):
     """One-device gradients, loss, grad norm and logged balance loss for DP slices of the batch."""
     from megacore.layers.moe import MoELayer, set_aux_loss_scale
     from megacore.models import GPTModel
 
-    ref = GPTModel(TransformerConfig(**MODEL), seed=7).train()
+    ref = GPTModel(TransformerConfig(**MODEL, **extra), seed=7).train()
     set_aux_loss_scale(ref, 1.0 / dp)
     ids, labels = _data()
     per = BATCH // dp
@@ -57,14 +57,14 @@ def _reference(dp: int):
     return loss.item(), grads, norm, aux
 
 
-def _layout(rank, world, parallel: dict) -> dict:
+def _layout(rank, world, parallel: dict, extra: dict) -> dict:
     import megacore.parallel as P
     from megacore.compose import build_optimizer, build_run_model
     from megacore.layers.moe import MoELayer, set_aux_loss_scale
     from megacore.parallel.context_parallel import split_sample_for_cp
     from megacore.sharding import peek_meta
 
-    cfg = RunConfig(model=TransformerConfig(**MODEL), parallel=ParallelConfig(**parallel),
+    cfg = RunConfig(model=TransformerConfig(**MODEL, **extra), parallel=ParallelConfig(**parallel),
                     train=TrainConfig(seed=7, lr=1e-3, clip_grad=0.0, global_batch_size=BATCH, micro_batch_size=1))
     cfg.validate(world_size=world)
     state = P.initialize(**cfg.parallel.mesh_sizes())
@@ -87,7 +87,7 @@ def _layout(rank, world, parallel: dict) -> dict:
         share = model(ids, labels=labels, reduction="sum", **kwargs) / (BATCH * 16)
         share.backward()
         info = opt.step()
-        want_loss, want_grads, want_norm, want_aux = _reference(dp)
+        want_loss, want_grads, want_norm, want_aux = _reference(dp, extra)
         counted = share.detach().double() if state.tp_rank == 0 else torch.zeros((), dtype=torch.float64)
         aux = sum(m.pop_aux_mean() for m in model.modules() if isinstance(m, MoELayer)).double()
         sums = torch.stack([counted, aux])
@@ -104,31 +104,54 @@ def _layout(rank, world, parallel: dict) -> dict:
 
 
 def _layouts(rank, world, layouts):
-    return {name: _layout(rank, world, parallel) for name, parallel in layouts}
+    return {name: _layout(rank, world, *settings) for name, *settings in layouts}
+
+
+def _no_count_exchange(rank, world, layouts):
+    """The layouts with the count-reading all-to-all exchange made to fail: a fixed capacity must
+    not need it."""
+    import megacore.parallel.expert_parallel as ep
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fixed-capacity path read the per-expert counts")
+
+    ep.dispatch_and_compute = refuse
+    return _layouts(rank, world, layouts)
 
 
 TWO = [
-    ("tp2", dict(tensor=2)),
-    ("tp2_sp", dict(tensor=2, sequence_parallel=True)),
-    ("cp2", dict(context=2)),
-    ("ep2", dict(expert=2)),
-    ("ep2_all_gather", dict(expert=2, expert_dispatcher="all_gather")),
-    ("etp2", dict(tensor=2, expert_tensor=2)),
-    ("etp2_sp", dict(tensor=2, expert_tensor=2, sequence_parallel=True)),
+    ("tp2", dict(tensor=2), {}),
+    ("tp2_sp", dict(tensor=2, sequence_parallel=True), {}),
+    ("cp2", dict(context=2), {}),
+    ("ep2", dict(expert=2), {}),
+    ("ep2_all_gather", dict(expert=2, expert_dispatcher="all_gather"), {}),
+    ("etp2", dict(tensor=2, expert_tensor=2), {}),
+    ("etp2_sp", dict(tensor=2, expert_tensor=2, sequence_parallel=True), {}),
 ]
 FOUR = [
-    ("ep2_tp2_sp", dict(tensor=2, expert=2, sequence_parallel=True)),
-    ("cp2_tp2_sp", dict(tensor=2, context=2, sequence_parallel=True)),
-    ("ep2_etp2", dict(tensor=2, expert=2, expert_tensor=2)),
-    ("cp2_ep2_all_gather", dict(context=2, expert=2, expert_dispatcher="all_gather")),
+    ("ep2_tp2_sp", dict(tensor=2, expert=2, sequence_parallel=True), {}),
+    ("cp2_tp2_sp", dict(tensor=2, context=2, sequence_parallel=True), {}),
+    ("ep2_etp2", dict(tensor=2, expert=2, expert_tensor=2), {}),
+    ("cp2_ep2_all_gather", dict(context=2, expert=2, expert_dispatcher="all_gather"), {}),
+]
+# A fixed capacity (0.75: some assignments are dropped), every expert padded to it: the exchange
+# needs no counts (each rank routes its own tokens, so the one-device reference does the same per
+# data-parallel slice).
+PADDED = [
+    ("ep2_padded", dict(expert=2), dict(moe_capacity_factor=0.75, moe_pad_to_capacity=True)),
 ]
 
 
 def test_moe_two_rank_layouts_match_one_device():
     results = run_distributed(_layouts, world_size=2, args=(TWO,), timeout_s=400)
-    assert results == [{name: {} for name, _ in TWO}] * 2, results
+    assert results == [{name: {} for name, *_ in TWO}] * 2, results
 
 
 def test_moe_four_rank_layouts_match_one_device():
     results = run_distributed(_layouts, world_size=4, args=(FOUR,), timeout_s=400)
-    assert results == [{name: {} for name, _ in FOUR}] * 4, results
+    assert results == [{name: {} for name, *_ in FOUR}] * 4, results
+
+
+def test_moe_fixed_capacity_expert_parallel_needs_no_count_exchange():
+    results = run_distributed(_no_count_exchange, world_size=2, args=(PADDED,), timeout_s=400)
+    assert results == [{name: {} for name, *_ in PADDED}] * 2, results

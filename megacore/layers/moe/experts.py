@@ -55,6 +55,9 @@ class Experts(nn.Module):
         # ``dispatch(experts, x_sorted, counts_per_expert)`` -> the expert outputs in the same order
         # (rows past counts_per_expert.sum(), the dropped assignments, may hold anything).
         self.dispatch: Optional[Callable] = None
+        # ... and, for a fixed capacity, ``dispatch_padded(experts, x_slots [E·C, H], C)``: every
+        # expert's C slots in expert order -> their outputs, exchanged without reading counts.
+        self.dispatch_padded: Optional[Callable] = None
         # Selective recomputation (recompute.modules=[mlp_act]): keep fc1's output only.
         self.recompute_activation = False
         # Expert tensor parallelism hands in ``tensor_split``: this rank holds a slice of every
@@ -108,10 +111,10 @@ class Experts(nn.Module):
         kept = torch.arange(tokens * k, device=flat.device) < counts.sum()
         if self.may_drop:  # the GEMMs leave rows past the last group unwritten, their input gradient too:
             x_sorted = torch.where(kept.unsqueeze(-1), x_sorted, 0)  # this where gives those rows a zero one
-        if self.dispatch is not None:
-            y_sorted = self.dispatch(self, x_sorted, counts)
-        elif capacity is not None:
+        if capacity is not None and (self.dispatch is None or self.dispatch_padded is not None):
             y_sorted = self._padded(x_sorted, flat[order], counts, capacity)
+        elif self.dispatch is not None:
+            y_sorted = self.dispatch(self, x_sorted, counts)
         else:
             y_sorted = self.compute(x_sorted, counts.cumsum(0).to(torch.int32))
         # Rows past the last group are dropped assignments: zero, whatever the GEMM left there.
@@ -130,5 +133,8 @@ class Experts(nn.Module):
         slot = torch.where(real, expert_or_0 * capacity + torch.arange(rows, device=x_sorted.device)
                            - starts[expert_or_0], e * capacity)
         padded = x_sorted.new_zeros((e * capacity + 1, x_sorted.shape[-1])).index_copy(0, slot, x_sorted)
+        if self.dispatch_padded is not None:  # expert parallelism: equal splits, no host read
+            y = self.dispatch_padded(self, padded[:e * capacity], capacity)
+            return torch.cat([y, y.new_zeros((1, y.shape[-1]))])[slot]
         ends = torch.arange(1, e + 1, device=x_sorted.device, dtype=torch.int32) * capacity
         return self.compute(padded, ends)[slot]
