@@ -109,6 +109,12 @@ class CausalLMAdapter(FamilyAdapter):
         transformers does not run, counted in config.json, widens it: DeepSeek-V3's MTP layers)."""
         return lambda name: self.is_ignorable(name, c)
 
+    def fields_from_checkpoint(self, hf_config: dict, c: TransformerConfig, names: list[str]) -> dict[str, Any]:
+        """TransformerConfig fields that depend on which tensors the checkpoint holds (``names``), to
+        replace those of ``c`` (the config.json mapping) unless the caller overrides them; default
+        none. DeepSeek-V3: no MTP depths when config.json counts some but no tensor of theirs is there."""
+        return {}
+
     def reads_like(self, c: TransformerConfig) -> bool:
         """Whether a model built in megacore looks like this family (for ``infer_family``)."""
         return False

@@ -87,7 +87,8 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     ``dtype``: parameter dtype; default the floating dtype config.json records, else the one the
     weights share (``megacore.interop.hf_transfer.default_dtype``). ``device``: default CPU.
     ``config_overrides``: TransformerConfig fields to set after mapping (``vocab_padding_multiple``,
-    ``attention_backend``, ``seq_length``, ...). The model remembers ``hf_family`` and
+    ``attention_backend``, ``seq_length``, ...; DeepSeek-V3's ``mtp_num_layers=0`` imports without the
+    checkpoint's multi-token-prediction modules). The model remembers ``hf_family`` and
     ``hf_config`` (the original dict) so ``save_pretrained`` writes the same family back.
 
     Raises ConfigError (naming config.json) for an unsupported architecture or setting, ValueError
@@ -102,6 +103,10 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     except ConfigError as e:
         raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     with CheckpointReader(hf_dir) as reader:
+        found = {k: v for k, v in adapter.fields_from_checkpoint(hf_cfg, config, list(reader.keys())).items()
+                 if k not in config_overrides}
+        if found:
+            config = config_from_hf(hf_cfg, **found, **config_overrides)
         rules = adapter.weight_rules_for(hf_cfg, config, checkpoint_prefix(adapter.base_prefix, reader.keys()))
         check_tensor_names(reader, rules, hf_dir, adapter.name, adapter.ignorable_in(hf_cfg, config))
         if dtype is None:

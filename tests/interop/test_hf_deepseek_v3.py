@@ -2,8 +2,9 @@
 ``deepseek_v3_yarn``: logits, loss and embedding gradient against transformers, bit-exact export): the
 score-correction bias really steers routing, config.json round-trips key for key, YaRN's mscale terms
 map to the same softmax scale and cos/sin factor both ways, greedy decoding (plain and absorbed MLA
-cache) reproduces transformers' generate, MTP tensors are skipped, the expert bias stays fp32 (in a
-bf16 load and while training moves it), and what the family cannot hold is refused."""
+cache) reproduces transformers' generate, the expert bias stays fp32 (in a bf16 load and while
+training moves it), and what the family cannot hold is refused. The MTP modules:
+tests/interop/test_hf_deepseek_v3_mtp.py."""
 
 from __future__ import annotations
 
@@ -171,41 +172,6 @@ def test_greedy_generation_matches_transformers(tmp_path, case, absorb):
     assert generate(ours, torch.tensor(prompt), 10)[len(prompt):].tolist() == expected
 
 
-# --------------------------------------------------------------------------------------- MTP
-def test_mtp_layers_of_the_checkpoint_are_skipped(tmp_path):
-    """A checkpoint with num_nextn_predict_layers=1 stores its MTP module as layer num_hidden_layers;
-    transformers' CausalLM does not run it, and megacore skips its tensors alike. A layer past the MTP
-    layers is still refused, and export writes no MTP tensors and num_nextn_predict_layers=0."""
-    from safetensors.torch import load_file, save_file
-
-    ref = build_hf("deepseek_v3", seed=6)
-    ref.save_pretrained(tmp_path / "hf")
-    path = tmp_path / "hf" / "model.safetensors"
-    tensors = load_file(str(path))
-    n = CASES["deepseek_v3"][1]["num_hidden_layers"]
-    mtp = {f"model.layers.{n}.{k}": v.clone() for k, v in
-           [("enorm.weight", torch.ones(64)), ("hnorm.weight", torch.ones(64)), ("eh_proj.weight", torch.ones(64, 128))]}
-    mtp.update({k.replace(f"layers.{n - 1}.", f"layers.{n}."): v.clone() for k, v in tensors.items()
-                if k.startswith(f"model.layers.{n - 1}.")})
-    save_file({**tensors, **mtp}, str(path), metadata={"format": "pt"})
-    cfg_path = tmp_path / "hf" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
-
-    ours = hf.load_pretrained(tmp_path / "hf")
-    assert ours.config.num_layers == n and ours.config.mtp_num_layers == 0
-    ids = sample_ids(seed=2)
-    assert (_logits(ours, ids) - ref(input_ids=ids).logits.detach()).abs().max() <= 1e-4
-    hf.save_pretrained(ours, tmp_path / "out")
-    exported = read_safetensors_dir(tmp_path / "out")
-    assert set(exported) == set(tensors)
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
-
-    cfg_path.write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
-    with pytest.raises(ValueError, match=rf"mapping does not use.*model\.layers\.{n}\."):
-        hf.load_pretrained(tmp_path / "hf")
-
-
 # --------------------------------------------------------------------------------------- the bias
 def test_bf16_load_keeps_the_bias_fp32_and_exact(tmp_path):
     ref = build_hf("deepseek_v3", seed=7)
@@ -334,12 +300,6 @@ def test_export_refuses_what_the_family_cannot_hold(tmp_path, family, fields, ma
     with pytest.raises(ConfigError, match=f"cannot export to Hugging Face {family}: model.{match}"):
         hf.save_pretrained(model, tmp_path / "out", family=family)
     assert not (tmp_path / "out").exists()
-
-
-def test_export_refuses_mtp_layers():
-    c = TransformerConfig(**_SMALL, mtp_num_layers=1).validate()
-    with pytest.raises(ConfigError, match="cannot export to Hugging Face deepseek_v3: model.mtp_num_layers"):
-        hf.config_to_hf(c, "deepseek_v3")
 
 
 def test_a_megacore_built_model_exports_and_transformers_runs_it(tmp_path):

@@ -36,11 +36,20 @@ config.json <-> TransformerConfig (transformers' ``DeepseekV3Config`` defaults f
 - no balancing loss: transformers' DeepSeek-V3 adds none, so import sets ``moe_aux_loss_coeff=0``
   (training settings of megacore such as the aux loss, z-loss or the bias update rate do not change
   the exported model);
-- multi-token prediction: ``num_nextn_predict_layers`` (transformers' ``num_mtp_layers``) counts MTP
-  modules stored as layers ``num_hidden_layers ...`` of the checkpoint; ``DeepseekV3ForCausalLM``
-  does not run them (it skips those tensors on load), and neither does this import: their tensors are
-  ignored. Export writes ``num_nextn_predict_layers=0`` (no MTP tensors are written) and refuses a
-  model with ``mtp_num_layers > 0``.
+- multi-token prediction (``megacore.layers.mtp``): ``num_nextn_predict_layers`` (transformers'
+  ``num_mtp_layers``) = D counts the MTP modules the checkpoint stores as layers
+  ``num_hidden_layers ... num_hidden_layers + D - 1``; import sets ``mtp_num_layers = D`` and loads
+  them into ``mtp.layers.<k-1>`` (weights below). ``DeepseekV3ForCausalLM`` does not run them (it
+  skips those tensors), nor does megacore outside training (generation never runs the depths), so
+  the main logits are transformers'. ``mtp_loss_weight`` has no key in config.json: megacore's
+  default (0.1) is kept; set it with an override. A config.json that counts D modules while the
+  checkpoint holds no tensor of any of them (what transformers' own ``save_pretrained`` writes:
+  its default D is 1 and its model has no MTP modules) imports with ``mtp_num_layers=0``. The
+  override ``mtp_num_layers=0`` (``load_pretrained(dir, mtp_num_layers=0)``) imports without the
+  depths (inference only), skipping their tensors; ``mtp_num_layers=d < D`` loads the first d.
+  Export writes ``num_nextn_predict_layers = mtp_num_layers`` and the depths' tensors. The depth's
+  decoder layer has the global index ``num_hidden_layers + k - 1`` >= ``first_k_dense_replace``,
+  so it is an MoE layer (as DeepSeek-V3's layer 61 is) and megacore's ``is_moe_layer`` agrees.
 
 YaRN (``rope_type="yarn"``). Transformers' DeepSeek-V3 multiplies the softmax scale 1/√(dn+dr) by
 mscale(factor, ``mscale_all_dim``)² whenever ``mscale_all_dim`` is non-zero, with
@@ -72,7 +81,20 @@ Weights (per layer ``model.layers.i.``; ``self_attn.`` names: ``megacore.layers.
     mlp.shared_experts.{gate_proj ; up_proj}.weight      <-> mlp.shared_expert.linear_fc1.weight
     mlp.shared_experts.down_proj.weight                  <-> mlp.shared_expert.linear_fc2.weight
 
-plus Llama's embedding, final norm and ``lm_head``.
+plus Llama's embedding, final norm and ``lm_head``. MTP module k (1..D) is checkpoint layer
+L = num_hidden_layers + k - 1 (``model.layers.L.``), megacore ``mtp.layers.<k-1>.``:
+
+    enorm / hnorm / eh_proj .weight                      <-> enorm / hnorm / eh_proj .weight
+    shared_head.norm.weight                              <-> final_norm.weight
+    input_layernorm, post_attention_layernorm, self_attn.*, mlp.*  <-> layer.* (as decoder layer L above)
+    embed_tokens.weight                                  <-> a copy of embedding.word_embeddings.weight
+    shared_head.head.weight                              <-> a copy of output_layer.weight (the embedding if tied)
+
+``eh_proj`` reads [enorm(embedding) ; hnorm(hidden)] in both (DeepSeek's reference inference code
+concatenates the normed embedding first, as ``megacore.layers.mtp.MTPDepth`` does), so it maps
+as it is. megacore shares the embedding and output head with the main model, so import requires
+each copy to equal the main tensor bit for bit (ValueError naming the copy otherwise) and export
+writes the shared tensor again under the copy's name.
 """
 
 from __future__ import annotations
@@ -86,7 +108,8 @@ import torch
 from megacore.config import ConfigError, TransformerConfig
 from megacore.interop.families.llama import GATED_ACT, LlamaAdapter
 from megacore.interop.hf_rope import ROPE_FIELDS, _rope_params, rope_fields, rope_parameters
-from megacore.interop.hf_weights import Rule, experts_gate_up, experts_stacked, gate_up, output_rules, same, vocab_rule
+from megacore.interop.hf_weights import (Rule, Tensors, experts_gate_up, experts_stacked, gate_up, same,
+                                         vocab_padded)
 from megacore.layers.mla import rope_deinterleave_index
 from megacore.layers.rotary import yarn_mscale
 
@@ -154,6 +177,27 @@ def deepseek_rope_fields(hf: dict) -> dict:
                           "transformers' DeepSeek-V3 then scales the attention softmax by it, which megacore does "
                           "only under YaRN scaling")
     return fields
+
+
+def shared_rule(ours: str, names: tuple[str, ...], c: TransformerConfig) -> Rule:
+    """A vocab table (``vocab_rule``) stored under ``names[0]`` and again, as copies, under the other
+    names (the MTP modules' ``embed_tokens`` / ``shared_head.head``). Import requires every copy to
+    equal ``names[0]`` bit for bit, since megacore keeps one shared tensor; export writes it under
+    every name."""
+    to_ours, to_hf = vocab_padded(c.padded_vocab_size, c.vocab_size)
+
+    def checked(ts: Tensors) -> torch.Tensor:
+        for name, copy in zip(names[1:], ts[1:]):
+            if copy.dtype != ts[0].dtype or not torch.equal(copy, ts[0]):
+                raise ValueError(f"tensor {name!r} differs from {names[0]!r}: megacore's multi-token prediction "
+                                 f"shares {ours} with the main model, so the checkpoint's copy must equal it bit "
+                                 "for bit (or import without the MTP modules: mtp_num_layers=0)")
+        return to_ours(ts[:1])
+
+    def copies(t: torch.Tensor) -> Tensors:
+        (main,) = to_hf(t)
+        return [main] + [main.clone() for _ in names[1:]]
+    return Rule(ours, names, checked, copies)
 
 
 class DeepseekV3Adapter(LlamaAdapter):
@@ -233,6 +277,7 @@ class DeepseekV3Adapter(LlamaAdapter):
             moe_router_expert_bias=True,
             moe_shared_expert_hidden_size=int(self.get(hf, "n_shared_experts")) * moe_ffn,
             moe_first_k_dense=first_k, moe_layer_freq=1, moe_aux_loss_coeff=0.0,
+            mtp_num_layers=self.num_mtp_layers(hf),
         )
         fields.update(deepseek_rope_fields(hf))
         if fields["rotary_percent"] != 1.0:
@@ -248,17 +293,35 @@ class DeepseekV3Adapter(LlamaAdapter):
     def num_mtp_layers(self, hf: dict) -> int:
         for key in ("num_nextn_predict_layers", "num_mtp_layers"):
             if hf.get(key) is not None:
-                return int(hf[key])
+                value = hf[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ConfigError(f"{key}={value!r} must be an integer >= 0 (the number of MTP modules)")
+                return value
         return 0
 
-    def ignorable_in(self, hf_config: dict, c: TransformerConfig) -> Callable[[str], bool]:
-        """Also the MTP modules' tensors: layers num_hidden_layers ... + num_nextn_predict_layers - 1."""
+    def mtp_layer_pattern(self) -> re.Pattern:
+        return re.compile(rf"^(?:{re.escape(self.base_prefix)})?layers\.(\d+)\.")
+
+    def fields_from_checkpoint(self, hf_config: dict, c: TransformerConfig, names: list[str]) -> dict[str, Any]:
+        """``mtp_num_layers=0`` when config.json counts MTP modules but the checkpoint holds no tensor
+        of any of them (transformers' ``save_pretrained`` writes its default of 1 with none)."""
         mtp = range(c.num_layers, c.num_layers + self.num_mtp_layers(hf_config))
-        pattern = re.compile(rf"^(?:{re.escape(self.base_prefix)})?layers\.(\d+)\.")
+        if not mtp:
+            return {}
+        pattern = self.mtp_layer_pattern()
+        held = any((m := pattern.match(n)) is not None and int(m.group(1)) in mtp for n in names)
+        return {} if held else {"mtp_num_layers": 0}
+
+    def ignorable_in(self, hf_config: dict, c: TransformerConfig) -> Callable[[str], bool]:
+        """Also the tensors of the MTP modules the model does not load: checkpoint layers
+        num_hidden_layers + mtp_num_layers ... num_hidden_layers + num_nextn_predict_layers - 1 (all
+        of them with the override ``mtp_num_layers=0``)."""
+        skipped = range(c.num_layers + c.mtp_num_layers, c.num_layers + self.num_mtp_layers(hf_config))
+        pattern = self.mtp_layer_pattern()
 
         def ignorable(name: str) -> bool:
             match = pattern.match(name)
-            return (match is not None and int(match.group(1)) in mtp) or self.is_ignorable(name, c)
+            return (match is not None and int(match.group(1)) in skipped) or self.is_ignorable(name, c)
         return ignorable
 
     # ------------------------------------------------------------------------------ export
@@ -269,7 +332,7 @@ class DeepseekV3Adapter(LlamaAdapter):
         self.check_fields(c, [("normalization", "RMSNorm"), ("position_embedding", "rope"), ("rotary_percent", 1.0),
                               ("norm_epsilon", LATENT_NORM_EPS), ("add_bias_linear", False),
                               ("moe_router_score", "sigmoid"), ("moe_layer_freq", 1),
-                              ("moe_shared_expert_gate", False), ("mtp_num_layers", 0)])
+                              ("moe_shared_expert_gate", False)])
         self.activation_to_hf(GATED_ACT, c.activation, "activation")
         if c.attention_softmax_scale is not None:
             self.cannot("attention_softmax_scale", c.attention_softmax_scale,
@@ -303,7 +366,7 @@ class DeepseekV3Adapter(LlamaAdapter):
                    n_group=1 if groups is None else groups,
                    topk_group=1 if groups is None else c.moe_router_group_topk,
                    first_k_dense_replace=c.moe_first_k_dense, rope_interleave=self.interleaved(base),
-                   num_nextn_predict_layers=0)
+                   num_nextn_predict_layers=c.mtp_num_layers)
         out.pop("num_mtp_layers", None)
         if "moe_layer_freq" in out:
             out["moe_layer_freq"] = 1
@@ -344,25 +407,42 @@ class DeepseekV3Adapter(LlamaAdapter):
     def rules(self, c: TransformerConfig, prefix: str, interleave: bool) -> list[Rule]:
         q_rows = rows_permuted(query_rows(c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, interleave))
         kv_rows = rows_permuted(kv_down_rows(c.kv_lora_rank, c.qk_rope_head_dim, interleave))
-        rules = [vocab_rule("embedding.word_embeddings.weight", f"{prefix}embed_tokens.weight", c)]
+        mtp = [f"{prefix}layers.{c.num_layers + j}." for j in range(c.mtp_num_layers)]
+        embed = (f"{prefix}embed_tokens.weight", *(f"{m}embed_tokens.weight" for m in mtp))
+        heads = tuple(f"{m}shared_head.head.weight" for m in mtp)
+        if c.tie_embeddings:  # the output head is the embedding: its MTP copies copy the embedding too
+            embed, heads = embed + heads, ()
+        rules = [shared_rule("embedding.word_embeddings.weight", embed, c)]
         for i in range(c.num_layers):
-            ours, hf = f"decoder.layers.{i}.", f"{prefix}layers.{i}."
-            mine, att = f"{ours}self_attention.", f"{hf}self_attn."
-            rules += same([(f"{ours}input_norm.weight", f"{hf}input_layernorm.weight"),
-                           (f"{ours}pre_mlp_norm.weight", f"{hf}post_attention_layernorm.weight")])
-            if c.q_lora_rank is None:
-                rules.append(Rule(f"{mine}linear_q_proj.weight", (f"{att}q_proj.weight",), *q_rows))
-            else:
-                rules += same([(f"{mine}linear_q_down_proj.weight", f"{att}q_a_proj.weight"),
-                               (f"{mine}q_layernorm.weight", f"{att}q_a_layernorm.weight")])
-                rules.append(Rule(f"{mine}linear_q_up_proj.weight", (f"{att}q_b_proj.weight",), *q_rows))
-            rules.append(Rule(f"{mine}linear_kv_down_proj.weight", (f"{att}kv_a_proj_with_mqa.weight",), *kv_rows))
-            rules += same([(f"{mine}kv_layernorm.weight", f"{att}kv_a_layernorm.weight"),
-                           (f"{mine}linear_kv_up_proj.weight", f"{att}kv_b_proj.weight"),
-                           (f"{mine}linear_proj.weight", f"{att}o_proj.weight")])
-            rules += self.mlp_rules(c, ours, hf, i)
+            rules += self.layer_rules(c, f"decoder.layers.{i}.", f"{prefix}layers.{i}.", i, q_rows, kv_rows)
         rules += same([("decoder.final_norm.weight", f"{prefix}norm.weight")])
-        return rules + output_rules(c)
+        if not c.tie_embeddings:
+            rules.append(shared_rule("output_layer.weight", ("lm_head.weight", *heads), c))
+        for j, hf in enumerate(mtp):
+            ours = f"mtp.layers.{j}."
+            rules += same([(f"{ours}enorm.weight", f"{hf}enorm.weight"), (f"{ours}hnorm.weight", f"{hf}hnorm.weight"),
+                           (f"{ours}eh_proj.weight", f"{hf}eh_proj.weight"),
+                           (f"{ours}final_norm.weight", f"{hf}shared_head.norm.weight")])
+            rules += self.layer_rules(c, f"{ours}layer.", hf, c.num_layers + j, q_rows, kv_rows)
+        return rules
+
+    def layer_rules(self, c: TransformerConfig, ours: str, hf: str, layer: int, q_rows: tuple, kv_rows: tuple
+                    ) -> list[Rule]:
+        """One decoder layer (global index ``layer``: a main layer or an MTP depth's) <-> its tensors."""
+        mine, att = f"{ours}self_attention.", f"{hf}self_attn."
+        rules = same([(f"{ours}input_norm.weight", f"{hf}input_layernorm.weight"),
+                      (f"{ours}pre_mlp_norm.weight", f"{hf}post_attention_layernorm.weight")])
+        if c.q_lora_rank is None:
+            rules.append(Rule(f"{mine}linear_q_proj.weight", (f"{att}q_proj.weight",), *q_rows))
+        else:
+            rules += same([(f"{mine}linear_q_down_proj.weight", f"{att}q_a_proj.weight"),
+                           (f"{mine}q_layernorm.weight", f"{att}q_a_layernorm.weight")])
+            rules.append(Rule(f"{mine}linear_q_up_proj.weight", (f"{att}q_b_proj.weight",), *q_rows))
+        rules.append(Rule(f"{mine}linear_kv_down_proj.weight", (f"{att}kv_a_proj_with_mqa.weight",), *kv_rows))
+        rules += same([(f"{mine}kv_layernorm.weight", f"{att}kv_a_layernorm.weight"),
+                       (f"{mine}linear_kv_up_proj.weight", f"{att}kv_b_proj.weight"),
+                       (f"{mine}linear_proj.weight", f"{att}o_proj.weight")])
+        return rules + self.mlp_rules(c, ours, hf, layer)
 
     def mlp_rules(self, c: TransformerConfig, ours: str, hf: str, layer: int) -> list[Rule]:
         if not c.is_moe_layer(layer):
