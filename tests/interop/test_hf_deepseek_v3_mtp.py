@@ -232,3 +232,18 @@ def test_a_megacore_model_with_mtp_exports_and_reloads_the_same(tmp_path):
     theirs = dict(back.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(theirs[name], p), name
+
+
+def test_cli_convert_round_trip_keeps_the_mtp_module(tmp_path):
+    """``megacore convert`` HF -> megacore checkpoint -> HF: the MTP tensors (copies included) come back."""
+    from megacore.cli import main as cli_main
+
+    _, tensors, cfg = _checkpoint(tmp_path / "hf", 1, seed=14)
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    assert cli_main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(ckpt)]) == 0
+    assert cli_main(["convert", "--from", "megacore", "--input", str(ckpt), "--output", str(back)]) == 0
+    exported = read_safetensors_dir(back)
+    assert sorted(exported) == sorted(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(exported[name], t), name
+    assert json.loads((back / "config.json").read_text()) == cfg
