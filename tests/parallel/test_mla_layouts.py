@@ -13,7 +13,9 @@ forward/backward of its share of the batch and one optimizer step. Checked again
 - the optimizer's global grad norm (every parameter element counted once, wherever it lives).
 
 Tolerance: 1e-5 relative for the loss and the norm, 1e-5 absolute relative to the largest element for
-gradients. The full-rank query projection (no q_lora_rank) runs in the TP2+SP layout too.
+gradients. The full-rank query projection (no q_lora_rank) and the recomputed up-projections
+(``recompute.modules: [mla_up_proj]``, whose recomputed region holds the latents' gathers) run under
+TP2(+SP) too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megacore.config import ParallelConfig, RunConfig, TrainConfig, TransformerConfig
+from megacore.config import ParallelConfig, RecomputeConfig, RunConfig, TrainConfig, TransformerConfig
 from tests.dist.harness import run_distributed
 
 TOL = 1e-5
@@ -57,7 +59,7 @@ def _reference(dp: int, extra: dict):
     return loss.item(), grads, norm
 
 
-def _layout(rank, world, parallel: dict, extra: dict) -> dict:
+def _layout(rank, world, parallel: dict, extra: dict, run: dict | None = None) -> dict:
     import megacore.parallel as P
     from megacore.compose import build_optimizer, build_run_model
     from megacore.layers.moe import set_aux_loss_scale
@@ -65,7 +67,8 @@ def _layout(rank, world, parallel: dict, extra: dict) -> dict:
     from megacore.sharding import peek_meta
 
     cfg = RunConfig(model=TransformerConfig(**{**MODEL, **extra}), parallel=ParallelConfig(**parallel),
-                    train=TrainConfig(seed=7, lr=1e-3, clip_grad=0.0, global_batch_size=BATCH, micro_batch_size=1))
+                    train=TrainConfig(seed=7, lr=1e-3, clip_grad=0.0, global_batch_size=BATCH, micro_batch_size=1),
+                    **(run or {}))
     cfg.validate(world_size=world)
     state = P.initialize(**cfg.parallel.mesh_sizes())
     P.model_parallel_seed(1)
@@ -141,6 +144,8 @@ TWO = [
     ("tp2_sp", dict(tensor=2, sequence_parallel=True), {}),
     ("tp2_sp_full_rank_q", dict(tensor=2, sequence_parallel=True), dict(q_lora_rank=None)),
     ("tp2_full_rank_q", dict(tensor=2), dict(q_lora_rank=None)),
+    ("tp2_sp_recompute_up_proj", dict(tensor=2, sequence_parallel=True), {},
+     dict(recompute=RecomputeConfig(granularity="selective", modules=["core_attn", "mla_up_proj"]))),
     ("cp2", dict(context=2), dict(mtp_num_layers=0)),
     ("pp2", dict(pipeline=2), {}),
 ]
