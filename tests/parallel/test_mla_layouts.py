@@ -13,7 +13,7 @@ forward/backward of its share of the batch and one optimizer step. Checked again
 - the optimizer's global grad norm (every parameter element counted once, wherever it lives).
 
 Tolerance: 1e-5 relative for the loss and the norm, 1e-5 absolute relative to the largest element for
-gradients. The full-rank query projection (no q_lora_rank) and the recomputed up-projections
+gradients. CP2 x TP2+SP runs on four ranks. The full-rank query projection (no q_lora_rank) and the recomputed up-projections
 (``recompute.modules: [mla_up_proj]``, whose recomputed region holds the latents' gathers) run under
 TP2(+SP) too.
 """
@@ -154,3 +154,11 @@ TWO = [
 def test_mla_two_rank_layouts_match_one_device():
     results = run_distributed(_layouts, world_size=2, args=(TWO,), timeout_s=400)
     assert results == [{name: {} for name, *_ in TWO}] * 2, results
+
+
+FOUR = [("cp2_tp2_sp", dict(tensor=2, context=2, sequence_parallel=True), dict(mtp_num_layers=0))]
+
+
+def test_mla_context_and_tensor_sequence_parallel_match_one_device():
+    results = run_distributed(_layouts, world_size=4, args=(FOUR,), timeout_s=400)
+    assert results == [{name: {} for name, *_ in FOUR}] * 4, results
