@@ -439,11 +439,6 @@ RULES: list = [
                 "set device=cuda on such a GPU, or precision.fp8=null"),
     Unsupported("fp8", "copy_engine", "fp8", "it does not cover FP8 linears (their matmuls are not split around the "
                 "transfers)", "set parallel.tp_comm_overlap=off with precision.fp8, or precision.fp8=null"),
-    # -- multi-latent attention x layouts
-    Unsupported("mla", "tensor", "mla", "multi-latent attention has no tensor-parallel plan yet (its down-"
-                "projections and latent norms are not split by heads)", "set parallel.tensor=1"),
-    Unsupported("mla", "context", "mla", "multi-latent attention has no context-parallel path yet",
-                "set parallel.context=1"),
     # -- sizes that must divide (after the combinations: "not supported" says more than a size that does not fit)
     Check("mesh", "`parallel.tensor` x `pipeline` x `context` divides the world size", _world_divisible),
     Check("mesh", "`parallel.expert` x `expert_tensor` divides the ranks of a pipeline stage (world size / `parallel.pipeline`)",

@@ -56,6 +56,28 @@ and Σ p·v_h = W_uv_h·(Σ p·c): the query moves into latent space ([W_uk_hᵀ
 r+dr channels), attention runs over the cached [c | rope(kr)] as one shared key head (MQA) with the
 same scale, values c, and W_uv_h maps each head's latent output back to dv.
 
+Tensor parallelism (``megacore.parallel.parallelize.tp_plan``). Heads split, latents replicated:
+``linear_q_proj`` / ``linear_q_up_proj`` and ``linear_kv_up_proj`` are column-parallel by whole heads
+(their rows are per head [q_nope_h; q_rope_h] and [k_nope_h; v_h], contiguous, so an even contiguous
+split of the rows is a split of the heads), ``linear_proj`` is row-parallel over the heads' dv
+columns. The down-projections ``linear_q_down_proj`` / ``linear_kv_down_proj`` and the norms
+``q_layernorm`` / ``kv_layernorm`` are replicated: the latents are small (rq, r+dr a token) and every
+rank's heads read all of them. The number of local heads follows from the (sharded) up-projections'
+rows. The rotary key kr joins every local head without passing through a split linear, so the plan
+sets ``rope_key_to_heads``: without SP ``copy_to_tp`` (forward identity, backward all-reduce of the
+per-head-partial gradient; the latents' gradients are all-reduced by the column-parallel
+up-projections' own input ``copy_to_tp``), so every replicated parameter's gradient is whole on every
+rank. Under sequence parallelism the down-projections and norms run on this rank's token shard (only
+the small latents are gathered, by the column-parallel up-projections, and kr by
+``rope_key_to_heads`` = ``gather_from_sp``; backward reduce-scatter), so their gradients are partial
+sums over the token shards, summed over TP (``SequenceParallelReplicated``). Without ``q_lora_rank``
+``linear_q_proj`` gathers the hidden states itself. The KV cache and decoding stay one-device.
+
+Context parallelism (``megacore.parallel.context_parallel``) wraps ``core_attention`` as for
+``SelfAttention``: the per-head keys (after rotary) and values built here are all-gathered over the
+CP group. Gathering the normed latent and rotated key (r+dr channels a token instead of H·(dn+dr+dv))
+and up-projecting after the gather would move less data; the per-head gather is the simpler form.
+
 Recomputation: ``core_attention.recompute`` (``recompute.modules: [core_attn]``) recomputes the
 attention alone; ``recompute_up_proj`` (``[mla_up_proj]``) keeps only the low-rank latents and
 recomputes norms, up-projections, rotary and attention in backward, so the per-head q, k and v
@@ -88,7 +110,9 @@ class MultiLatentAttention(nn.Module):
 
     Attributes a caller may set: ``absorb`` (decode with the absorbed up-projections; with a KV cache
     only; ``set_absorbed_decode(model)`` sets it on every layer), ``recompute_up_proj`` (selective recomputation ``mla_up_proj``), ``pad_v_to_qk``.
-    The number of heads is read from ``linear_kv_up_proj``'s rows, so a head-split shard runs as is.
+    The number of heads is read from ``linear_kv_up_proj``'s rows, so a head-split shard runs as is;
+    ``rope_key_to_heads`` (set by the tensor-parallel plan, see the module doc) maps the shared rotary
+    key [B, S, 1, dr] before it joins the local heads.
     """
 
     def __init__(self, config: TransformerConfig, core_attention_cls=CoreAttention):
@@ -122,6 +146,7 @@ class MultiLatentAttention(nn.Module):
         self.absorb = False
         self.recompute_up_proj = False
         self.pad_v_to_qk = False
+        self.rope_key_to_heads = None
 
     # ------------------------------------------------------------------------------ pieces
     def _query_input(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
@@ -180,6 +205,8 @@ class MultiLatentAttention(nn.Module):
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
         q_in = self._query_input(hidden_BSH)
         c, k_rope = self._latents(hidden_BSH)
+        if self.rope_key_to_heads is not None:
+            k_rope = self.rope_key_to_heads(k_rope)
         if kv_cache is not None:
             out_BSHD = self._forward_cached(q_in, c, k_rope, rotary, mask, kv_cache)
         elif self.recompute_up_proj and self.training and torch.is_grad_enabled():

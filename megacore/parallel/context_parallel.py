@@ -20,6 +20,11 @@ model's ``attention_mask`` module). This is the all-gather form of CP: K/V memor
 activations of the rest of the layer are O(S/c)), and one all-gather per layer per direction; ring
 attention, which streams K/V blocks instead, is not implemented.
 
+Multi-latent attention (``megacore.layers.mla``) is wrapped the same way: the per-head keys (the
+shared rotary key already rotated and joined to each head) and values it builds from its latents are
+gathered (the simplest correct form; gathering the small latents and up-projecting after the gather
+would move less).
+
 Everything else is token-wise, so it needs nothing. The loss is each rank's share of the global
 mean: its tokens' loss sum divided by the labelled tokens of the whole global batch, which the
 trainer sums over DP×CP. Gradients are summed over DP×CP by DDP, whose group is ``dp_cp``. RoPE
@@ -36,6 +41,7 @@ import torch
 from torch import nn
 
 from megacore.layers.attention import AttentionMask, SelfAttention, causal_mask
+from megacore.layers.mla import MultiLatentAttention
 from megacore.parallel import collectives as C
 
 
@@ -119,7 +125,7 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
     if C.group_size(group) == 1:
         return model
     for name, module in list(model.named_modules()):
-        if isinstance(module, SelfAttention) and not isinstance(module.core_attention, ContextParallelAttention):
+        if isinstance(module, (SelfAttention, MultiLatentAttention)) and not isinstance(module.core_attention, ContextParallelAttention):
             module.core_attention = ContextParallelAttention(module.core_attention, group)
         elif isinstance(module, AttentionMask):
             parent_name, _, child = name.rpartition(".")

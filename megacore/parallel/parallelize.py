@@ -29,7 +29,18 @@ MoERouted              an MoE layer's router and routed experts, replicated over
                        (``megacore.parallel.moe_parallel``); a dense MLP at that path is left alone
 SequenceParallelReplicated  a replicated module running on sequence shards (the shared-expert gate)
 Replicate              declared replicated, nothing to do (silences the coverage check)
+MLASharedKey           a multi-latent attention's shared rotary key entering its local heads:
+                       ``copy_to_tp`` (all-reduce of its gradient), or under SP gathered over the
+                       tokens like the latents (``megacore.layers.mla``); other attentions: nothing
 =====================  ==========================================================================
+
+Multi-latent attention (``megacore.layers.mla``): heads split, latents replicated. The query
+up-projection (or the full-rank ``linear_q_proj``) and ``linear_kv_up_proj`` are column-parallel by
+whole heads (contiguous per-head rows), ``linear_proj`` row-parallel; the down-projections and the
+latent norms are replicated (the latents are small and every rank's heads need all of them). Without
+SP they see the whole sequence and get whole gradients (the up-projections all-reduce the latents'
+gradients, ``MLASharedKey`` the rotary key's); under SP they run on the token shard, the
+up-projections gather the latents, and their gradients are TP-summed (``SequenceParallelReplicated``).
 
 The loss head: the model's ``output_head`` becomes a ``VocabParallelOutputHead``
 (``megacore.parallel.vocab_parallel``): the vocab-parallel cross entropy over this rank's vocab
@@ -54,7 +65,9 @@ from torch import nn
 from megacore.config import ConfigError, TransformerConfig
 from megacore.config.support import Facts, check
 import megacore.parallel.tensor_parallel as TPL
+from megacore.parallel import collectives as C
 from megacore.layers.mamba import MambaMixer
+from megacore.layers.mla import MultiLatentAttention
 from megacore.layers.moe import MoELayer
 from megacore.parallel.grad_sync import ALL, REPLICAS, mark_tp_grad_sum
 from megacore.parallel.moe_parallel import moe_sequence_parallel
@@ -329,6 +342,20 @@ def _split_param(module: nn.Module, pname: str, old: nn.Parameter, layout, rank:
     setattr(module, pname, new)
 
 
+class MLASharedKey(Style):
+    """On a ``MultiLatentAttention``: set ``rope_key_to_heads`` (see the plan's doc); a
+    ``SelfAttention`` at the same path is left alone."""
+
+    def apply(self, name, module, parent, ctx):
+        if not isinstance(module, MultiLatentAttention):
+            return None
+        if ctx.sequence_parallel:
+            module.rope_key_to_heads = partial(C.gather_from_sp, group=ctx.group)
+        else:
+            module.rope_key_to_heads = partial(C.copy_to_tp, group=ctx.group)
+        return None
+
+
 class Replicate(Style):
     def apply(self, name, module, parent, ctx):
         return None
@@ -348,6 +375,13 @@ def tp_plan(config: TransformerConfig, sequence_parallel: bool = False) -> dict[
             f"{layer}.self_attention.k_norm": ReplicatedPartialGrad(),
             f"{layer}.self_attention.core_attention": TPRandom(),
             f"{layer}.self_attention.linear_proj": Rowwise(),
+            # multi-latent attention: heads split, down-projections and latent norms replicated
+            f"{layer}.self_attention": MLASharedKey(),
+            f"{layer}.self_attention.linear_q_proj": Colwise(),
+            f"{layer}.self_attention.linear_q_up_proj": Colwise(),
+            f"{layer}.self_attention.linear_kv_up_proj": Colwise(),
+            **{f"{layer}.self_attention.{latent}": SequenceParallelReplicated() if sequence_parallel else Replicate()
+               for latent in ("linear_q_down_proj", "linear_kv_down_proj", "q_layernorm", "kv_layernorm")},
             f"{layer}.mlp.linear_fc1": ColwiseGated() if config.gated_mlp else Colwise(),
             f"{layer}.mlp.linear_fc2": Rowwise(),
             f"{layer}.mixer": MambaSplit(),  # hybrid stacks' Mamba layers

@@ -1,6 +1,6 @@
 """``megacore train`` with multi-latent attention on CPU (in this process, a few steps): the run finishes
-with finite losses, also with the up-projections recomputed, and PP2 follows it; tensor and context parallelism are
-refused by the support table with the field, the value and the fix."""
+with finite losses, also with the up-projections recomputed, and PP2, TP2 with sequence parallelism and CP2 follow
+the one-process run."""
 
 from __future__ import annotations
 
@@ -32,18 +32,6 @@ def test_train_cli_runs_mla(tmp_path, extra):
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
 
 
-@pytest.mark.parametrize("layout, words", [
-    (["parallel.tensor=2"], ["parallel.tensor=2", "model.multi_latent_attention=True", "set parallel.tensor=1"]),
-    (["parallel.context=2"], ["parallel.context=2", "model.multi_latent_attention=True", "set parallel.context=1"]),
-])
-def test_tensor_and_context_parallel_mla_are_refused(layout, words):
-    cfg = load_run_config(CONFIG, MLA + layout)
-    with pytest.raises(ConfigError) as err:
-        cfg.validate(world_size=2)
-    for word in words:
-        assert word in str(err.value), str(err.value)
-
-
 def test_unknown_recompute_module_names_the_choices():
     cfg = load_run_config(CONFIG, MLA + ["recompute.granularity=selective", "recompute.modules=[mla_up]"])
     with pytest.raises(ConfigError, match="mla_up_proj"):
@@ -60,3 +48,17 @@ def test_pipeline_parallel_mla_reproduces_the_single_process_losses(tmp_path):
     assert len(single) == len(pp2) == 3
     worst = max(abs(a - b) / abs(b) for a, b in zip(pp2, single))
     assert worst < 1e-5, (pp2, single)
+
+
+def test_tensor_sequence_and_context_parallel_mla_reproduce_the_single_process_losses(tmp_path):
+    """TP2 + SP (one head per rank, the latents gathered over the token shards) and CP2 (keys and
+    values gathered over the load-balanced split) follow the one-process run."""
+    from tests.training.test_train_cli import losses, train_tiny
+
+    single = losses(train_tiny(tmp_path, "single", MLA))
+    for name, layout in (("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+                         ("cp2", ["parallel.context=2"])):
+        curve = losses(train_tiny(tmp_path, name, [*MLA, *layout], nproc=2))
+        assert len(curve) == len(single) == 3, (name, curve)
+        worst = max(abs(a - b) / abs(b) for a, b in zip(curve, single))
+        assert worst < 1e-5, (name, curve, single)
