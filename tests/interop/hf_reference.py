@@ -122,3 +122,20 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
         assert not set(part) & set(out), f"tensor stored twice in {path}"
         out.update(part)
     return out
+
+
+def assert_cli_convert_round_trip(case: str, tmp_path: Path, seed: int = 8) -> None:
+    """``megacore convert`` HF -> megacore checkpoint -> HF gives back every tensor and config.json key."""
+    import json
+
+    from megacore.cli import main as cli_main
+
+    build_hf(case, seed=seed).save_pretrained(tmp_path / "hf")
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    assert cli_main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(ckpt)]) == 0
+    assert cli_main(["convert", "--from", "megacore", "--input", str(ckpt), "--output", str(back)]) == 0
+    original, exported = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(back)
+    assert sorted(exported) == sorted(original)
+    for name, t in original.items():
+        assert torch.equal(exported[name], t), name
+    assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, VOCAB, build_hf, read_safetensors_dir, sample_ids, transformers
+from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, VOCAB, build_hf, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -233,17 +233,7 @@ def test_a_kept_bias_does_not_move_in_training(tmp_path):
 def test_cli_convert_round_trip(tmp_path):
     """``megacore convert`` HF -> megacore checkpoint -> HF: every tensor (the fp32 router bias, a buffer,
     included) and config.json key back as they were."""
-    from megacore.cli import main as cli_main
-
-    build_hf("deepseek_v3", seed=8).save_pretrained(tmp_path / "hf")
-    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
-    assert cli_main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(ckpt)]) == 0
-    assert cli_main(["convert", "--from", "megacore", "--input", str(ckpt), "--output", str(back)]) == 0
-    original, exported = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(back)
-    assert sorted(exported) == sorted(original)
-    for name, t in original.items():
-        assert torch.equal(exported[name], t), name
-    assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert_cli_convert_round_trip("deepseek_v3", tmp_path)
 
 
 # --------------------------------------------------------------------------------------- refusals

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, build_hf, read_safetensors_dir, sample_ids, transformers
+from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, build_hf, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -201,17 +201,7 @@ def test_sliding_window_round_trips_through_transformers(tmp_path):
 @pytest.mark.parametrize("case", ["qwen2_moe_sparse_step", "qwen3_moe"])
 def test_cli_convert_round_trip(tmp_path, case):
     """``megacore convert`` HF -> megacore checkpoint -> HF: every tensor and config.json key back as they were."""
-    from megacore.cli import main as cli_main
-
-    build_hf(case, seed=8).save_pretrained(tmp_path / "hf")
-    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
-    assert cli_main(["convert", "--from", "hf", "--input", str(tmp_path / "hf"), "--output", str(ckpt)]) == 0
-    assert cli_main(["convert", "--from", "megacore", "--input", str(ckpt), "--output", str(back)]) == 0
-    original, exported = read_safetensors_dir(tmp_path / "hf"), read_safetensors_dir(back)
-    assert sorted(exported) == sorted(original)
-    for name, t in original.items():
-        assert torch.equal(exported[name], t), name
-    assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert_cli_convert_round_trip(case, tmp_path)
 
 
 def test_export_refuses_a_parameter_no_hf_tensor_holds(tmp_path):

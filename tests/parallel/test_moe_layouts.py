@@ -17,12 +17,12 @@ relative for the loss and the norm, 1e-5 absolute (relative to the largest eleme
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megacore.config import ParallelConfig, RunConfig, TrainConfig, TransformerConfig
 from tests.dist.harness import run_distributed
+from tests.parallel.rank_batch import rank_batch
 
 TOL = 1e-5
 MODEL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
@@ -61,7 +61,6 @@ def _layout(rank, world, parallel: dict, extra: dict) -> dict:
     import megacore.parallel as P
     from megacore.compose import build_optimizer, build_run_model
     from megacore.layers.moe import MoELayer, set_aux_loss_scale
-    from megacore.parallel.context_parallel import split_sample_for_cp
     from megacore.sharding import peek_meta
 
     cfg = RunConfig(model=TransformerConfig(**MODEL, **extra), parallel=ParallelConfig(**parallel),
@@ -72,18 +71,10 @@ def _layout(rank, world, parallel: dict, extra: dict) -> dict:
     try:
         (model,) = build_run_model(cfg, state, device="cpu", dtype=torch.float32)
         opt, _ = build_optimizer(cfg, [model], state)
-        dp, cp = state.dp_size, state.cp_size
+        dp = state.dp_size
         set_aux_loss_scale(model, 1.0 / dp)
         ids, labels = _data()
-        per = BATCH // dp
-        ids, labels = ids[state.dp_rank * per:(state.dp_rank + 1) * per], labels[state.dp_rank * per:(state.dp_rank + 1) * per]
-        kwargs = {}
-        if cp > 1:
-            local = [split_sample_for_cp({"tokens": ids[b].numpy(), "labels": labels[b].numpy()}, cp, state.cp_rank)
-                     for b in range(per)]
-            ids, labels, positions = (torch.from_numpy(np.stack([s[k] for s in local]))
-                                      for k in ("tokens", "labels", "position_ids"))
-            kwargs["position_ids"] = positions
+        ids, labels, kwargs = rank_batch(ids, labels, state)
         share = model(ids, labels=labels, reduction="sum", **kwargs) / (BATCH * 16)
         share.backward()
         info = opt.step()
