@@ -139,3 +139,15 @@ def assert_cli_convert_round_trip(case: str, tmp_path: Path, seed: int = 8) -> N
     for name, t in original.items():
         assert torch.equal(exported[name], t), name
     assert json.loads((back / "config.json").read_text()) == json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def assert_config_round_trip(case: str, tmp_path: Path, seed: int = 3) -> None:
+    """HF -> megacore -> HF writes back config.json key for key."""
+    import json
+
+    from megacore.interop import hf
+
+    build_hf(case, seed=seed).save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(hf.load_pretrained(tmp_path / "hf"), tmp_path / "out")
+    original = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == original

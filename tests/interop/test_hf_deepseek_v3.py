@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, VOCAB, build_hf, sample_ids, transformers
+from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, assert_config_round_trip, VOCAB, build_hf, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -35,11 +35,7 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("case", DS_CASES)
 def test_config_json_round_trips_key_for_key(tmp_path, case):
-    build_hf(case, seed=3).save_pretrained(tmp_path / "hf")
-    hf.save_pretrained(hf.load_pretrained(tmp_path / "hf"), tmp_path / "out")
-    original = json.loads((tmp_path / "hf" / "config.json").read_text())
-    exported = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert exported == original
+    assert_config_round_trip(case, tmp_path)
 
 
 @pytest.mark.parametrize("case", DS_CASES)

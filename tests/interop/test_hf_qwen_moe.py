@@ -4,12 +4,11 @@ reproduces transformers' generate, and what the families cannot hold is refused.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, build_hf, sample_ids, transformers
+from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, assert_config_round_trip, build_hf, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -24,11 +23,7 @@ _HF_BASE = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermedi
 
 @pytest.mark.parametrize("case", QWEN_CASES)
 def test_config_json_round_trips_key_for_key(tmp_path, case):
-    build_hf(case, seed=3).save_pretrained(tmp_path / "hf")
-    hf.save_pretrained(hf.load_pretrained(tmp_path / "hf"), tmp_path / "out")
-    original = json.loads((tmp_path / "hf" / "config.json").read_text())
-    exported = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert exported == original
+    assert_config_round_trip(case, tmp_path)
 
 
 @pytest.mark.parametrize("family,num_layers,step,mlp_only,want", [
