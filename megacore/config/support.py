@@ -399,8 +399,6 @@ RULES: list = [
                 "yet", "set precision.fp8=null"),
     Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
                 "use parallel.distributed_optimizer=true"),
-    Unsupported("hybrid", "context", "hybrid", "a hybrid stack trains with data, pipeline and tensor parallelism (a "
-                "Mamba scan would need its state passed between the ranks' sequence chunks)", "set parallel.context=1"),
     Unsupported("hybrid", "fp8", "mamba", "fp8 has not been validated with Mamba layers", "set precision.fp8=null"),
     Unsupported("hybrid", "reset_attention_mask", "mamba", "it masks attention per document, but a Mamba layer's "
                 "scan carries its state across documents", "set data.reset_attention_mask=false"),

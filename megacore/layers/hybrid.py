@@ -47,7 +47,8 @@ class MambaLayer(_SingleMixerLayer):
         if kv_cache is not None:  # incremental decoding: the mask is the cache's causal one, which the
             # scan already is; the layer's recurrent state lives in the cache
             return self.mixer(normed_BSH, state=kv_cache.mamba_state(self.mixer.conv1d.kernel_size[0]))
-        if mask is not None:
+        if mask is not None and self.mixer.context_parallel is None:  # (under CP: the CP causal mask,
+            # which the state-passing scan follows; document masks are refused for Mamba layers)
             raise NotImplementedError("Mamba layers scan every position in order: padding or document masks "
                                       "(data.reset_attention_mask, attention_mask) are not supported with them")
         return self.mixer(normed_BSH)

@@ -18,6 +18,12 @@ one to one.
 ``ssd_chunked`` evaluates the recurrence in chunks of ``mamba_chunk_size`` positions: inside a
 chunk as a masked (attention-like) matrix product, across chunks through the carried state, one
 small loop over the chunks. ``ssd_reference`` is the step-by-step recurrence (tests).
+
+``MambaMixer.context_parallel``: None, or a sequence strategy handed in by the parallel code when
+the local sequence is this rank's share of a context-parallel split
+(``megacore.parallel.mamba_context_parallel``): its ``conv(xbc [B, C, S], weight, bias)`` replaces
+the causal conv and its ``scan(x, dt, A, B, C, chunk_size, D)`` the SSD scan, each continuing the
+recurrence from the positions other ranks hold.
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ class MambaMixer(nn.Module):
         mark_init(self.dt_bias, "mamba_dt_bias")
         mark_init(self.conv1d.weight, "conv_uniform")
         mark_init(self.conv1d.bias, "conv_uniform")
+        self.context_parallel = None  # see the module docstring (parallel code hands it in)
 
     def forward(self, hidden_BSH: torch.Tensor, state: "MambaState | None" = None) -> torch.Tensor:
         """``state``: the recurrent state of the positions before these (incremental decoding); it is
@@ -144,7 +151,13 @@ class MambaMixer(nn.Module):
         projected = self.in_proj(hidden_BSH)
         b, s = projected.shape[:2]  # under sequence parallelism in_proj gathered the full sequence
         z, xbc, dt = projected.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
-        if state is None:
+        cp = self.context_parallel
+        if cp is not None and state is not None:
+            raise ValueError("a context-parallel Mamba mixer has no incremental decoding; decode with a whole "
+                             "one-device model")
+        if cp is not None:
+            xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
+        elif state is None:
             xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
         else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
             window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
@@ -155,10 +168,13 @@ class MambaMixer(nn.Module):
         x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
         A = -torch.exp(self.A_log.float())
-        y, final = ssd_chunked(x.reshape(b, s, self.num_heads, self.head_dim), dt, A,
-                               B.reshape(b, s, self.num_groups, self.state_dim),
-                               C.reshape(b, s, self.num_groups, self.state_dim), self.chunk_size, D=self.D,
-                               initial_state=None if state is None else state.ssm)
+        x = x.reshape(b, s, self.num_heads, self.head_dim)
+        B, C = B.reshape(b, s, self.num_groups, self.state_dim), C.reshape(b, s, self.num_groups, self.state_dim)
+        if cp is not None:
+            y = cp.scan(x, dt, A, B, C, self.chunk_size, D=self.D)
+        else:
+            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
+                                   initial_state=None if state is None else state.ssm)
         if state is not None:
             state.ssm = final.detach()
         y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)

@@ -25,7 +25,9 @@ shared rotary key already rotated and joined to each head) and values it builds 
 gathered (the simplest correct form; gathering the small latents and up-projecting after the gather
 would move less).
 
-Everything else is token-wise, so it needs nothing. The loss is each rank's share of the global
+Mamba-2 mixers (hybrid stacks) scan along the sequence: ``apply_context_parallel`` hands each one
+the state-passing strategy of ``megacore.parallel.mamba_context_parallel`` (conv halo and chunk
+states exchanged over the CP group; exact). Everything else is token-wise, so it needs nothing. The loss is each rank's share of the global
 mean: its tokens' loss sum divided by the labelled tokens of the whole global batch, which the
 trainer sums over DP×CP. Gradients are summed over DP×CP by DDP, whose group is ``dp_cp``. RoPE
 and learned positions use ``position_ids``: the global positions of the local tokens, set by
@@ -43,6 +45,7 @@ from torch import nn
 from megacore.layers.attention import AttentionMask, SelfAttention, causal_mask
 from megacore.layers.mla import MultiLatentAttention
 from megacore.parallel import collectives as C
+from megacore.parallel.mamba_context_parallel import apply_mamba_context_parallel
 
 
 def cp_token_index(seq_len: int, cp_size: int, cp_rank: int) -> np.ndarray:
@@ -119,9 +122,9 @@ class ContextParallelMask(nn.Module):
 
 def apply_context_parallel(model: nn.Module, group) -> nn.Module:
     """Make ``model`` (a GPTModel or pipeline stage; TP may already be applied) context-parallel over
-    ``group``: every core attention is wrapped to gather K/V over it, and the attention mask becomes
-    the CP mask. The model must then be called with ``position_ids`` (the global positions of its
-    tokens)."""
+    ``group``: every core attention is wrapped to gather K/V over it, the attention mask becomes the
+    CP mask, and every Mamba mixer passes its state between the ranks' chunks. The model must then be
+    called with ``position_ids`` (the global positions of its tokens)."""
     if C.group_size(group) == 1:
         return model
     for name, module in list(model.named_modules()):
@@ -131,4 +134,5 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, ContextParallelMask(group, module.sliding_window))
+    apply_mamba_context_parallel(model, group)
     return model

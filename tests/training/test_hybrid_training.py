@@ -1,6 +1,7 @@
 """``megacore train`` with a hybrid stack (Mamba-2, attention and MLP layers) on CPU: the loss falls,
-DP2 (distributed optimizer), PP2 and TP2 with sequence parallelism reproduce the single-process
-curve, and the layouts this version cannot run are refused with errors that name the keys."""
+DP2 (distributed optimizer), PP2, TP2 with sequence parallelism and CP2 (Mamba states passed between
+the ranks' chunks) reproduce the single-process curve, and the layouts this version cannot run are
+refused with errors that name the keys."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def test_hybrid_training_learns(reference):
 
 @pytest.mark.parametrize("name,extra", [("dp2_distopt", ["parallel.distributed_optimizer=true"]),
                                         ("pp2", ["parallel.pipeline=2"]),
-                                        ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"])])
+                                        ("tp2_sp", ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
+                                        ("cp2", ["parallel.context=2"])])
 def test_hybrid_layouts_reproduce_single_process_curve(tmp_path, reference, name, extra):
     log = _train(tmp_path, name, extra, nproc=2)
     got, want = losses(log), losses(reference)
@@ -56,7 +58,6 @@ def test_hybrid_moe_balance_loss_is_averaged_over_its_moe_layers(tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["parallel.context=2"], "parallel.context=2"),
     (["data.reset_attention_mask=true"], "data.reset_attention_mask"),
     (["model.sliding_window=8"], "model.sliding_window"),
 ])
