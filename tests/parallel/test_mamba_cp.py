@@ -4,7 +4,7 @@
   the pieces' incoming states from the chunk-level recurrence, and the correction added, equals the
   step-by-step recurrence (``ssd_reference``) on the whole sequence, values and gradients (fp64).
 - A hybrid stack "M*M-" built the trainer's way (``compose.build_run_model`` + ``build_optimizer``)
-  under CP2, CP2×TP2+SP and CP4 equals the one-process model on the same global batch (fp32): the
+  under CP2 (also with full recomputation), CP2×TP2+SP, CP2×DP2 and CP4 equals the one-process model on the same global batch (fp32): the
   loss, every gradient this rank holds (its ``ParamMeta.shard`` of the one-device gradient) and the
   optimizer's grad norm, within 1e-5 relative (gradients: relative to the largest element). The
   attention layers keep the all-gather CP path in the same model.
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megacore.config import ParallelConfig, RunConfig, TrainConfig, TransformerConfig
+from megacore.config import ParallelConfig, RecomputeConfig, RunConfig, TrainConfig, TransformerConfig
 from megacore.layers.mamba import ssd_chunked, ssd_reference
 from megacore.parallel.mamba_context_parallel import add_incoming_state, chunk_log_decay, incoming_states
 from tests.dist.harness import run_distributed
@@ -82,7 +82,7 @@ def _reference(model_cfg):
     return loss.item(), grads, norm
 
 
-def _layout(rank, world, parallel: dict, extra: dict) -> dict:
+def _layout(rank, world, parallel: dict, extra: dict, recompute: dict | None = None) -> dict:
     import megacore.parallel as P
     from megacore.compose import build_optimizer, build_run_model
     from megacore.layers.mamba import MambaMixer
@@ -90,7 +90,8 @@ def _layout(rank, world, parallel: dict, extra: dict) -> dict:
 
     model_cfg = {**MODEL, **extra}
     cfg = RunConfig(model=TransformerConfig(**model_cfg), parallel=ParallelConfig(**parallel),
-                    train=TrainConfig(seed=7, lr=1e-3, clip_grad=0.0, global_batch_size=BATCH, micro_batch_size=1))
+                    train=TrainConfig(seed=7, lr=1e-3, clip_grad=0.0, global_batch_size=BATCH, micro_batch_size=1),
+                    recompute=RecomputeConfig(**(recompute or {})))
     cfg.validate(world_size=world)
     state = P.initialize(**cfg.parallel.mesh_sizes())
     P.model_parallel_seed(1)
@@ -132,11 +133,13 @@ def _check(results, layouts, world):
 
 
 def test_mamba_cp2_matches_one_device():
-    layouts = [("cp2", dict(context=2), {})]
+    layouts = [("cp2", dict(context=2), {}),
+               ("cp2_full_recompute", dict(context=2), {}, dict(granularity="full"))]
     _check(run_distributed(_layouts, world_size=2, args=(layouts,), timeout_s=400), layouts, 2)
 
 
 def test_mamba_cp_four_rank_layouts_match_one_device():
     layouts = [("cp2_tp2_sp", dict(tensor=2, context=2, sequence_parallel=True), {}),
+               ("cp2_dp2", dict(context=2), {}),
                ("cp4", dict(context=4), dict(seq_length=32))]  # chunks of 4 >= the conv's look-back of 3
     _check(run_distributed(_layouts, world_size=4, args=(layouts,), timeout_s=400), layouts, 4)
