@@ -306,6 +306,15 @@ def _mamba_split(f: Facts) -> Optional[str]:
             "divides both")
 
 
+def _mamba_cp_chunk(f: Facts) -> Optional[str]:
+    m, c = f.model, f.context
+    if c == 1 or "M" not in m.layer_kinds or m.seq_length // (2 * c) >= m.mamba_conv_kernel - 1:
+        return None
+    return (f"a context-parallel chunk of model.seq_length={m.seq_length} / (2*parallel.context={2 * c}) positions is "
+            f"shorter than the Mamba conv's look-back of model.mamba_conv_kernel-1={m.mamba_conv_kernel - 1}; choose a "
+            "longer sequence or a smaller context-parallel size")
+
+
 def _shared_expert_split(f: Facts) -> Optional[str]:
     m, t = f.model, f.tensor
     width = m.moe_shared_expert_hidden_size
@@ -446,6 +455,8 @@ RULES: list = [
     Check("tensor", "`model.num_query_groups` and `parallel.tensor` divide one way or the other (KV groups split or "
           "replicated)", _kv_heads),
     Check("tensor", "Mamba heads and `model.mamba_num_groups` divisible by `parallel.tensor`", _mamba_split),
+    Check("context", "with Mamba layers, a context-parallel chunk (`model.seq_length` / (2 x `parallel.context`)) "
+          "holds at least `model.mamba_conv_kernel` - 1 positions", _mamba_cp_chunk),
     Divisible("tensor", "model.ffn_hidden_size", lambda f: f.model.ffn_size, "parallel.tensor", lambda f: f.tensor,
               "choose an ffn size that is a multiple of the tensor-parallel size"),
     Divisible("tensor", "model.vocab_padding_multiple", lambda f: f.model.vocab_padding_multiple, "parallel.tensor",

@@ -8,6 +8,7 @@
   loss, every gradient this rank holds (its ``ParamMeta.shard`` of the one-device gradient) and the
   optimizer's grad norm, within 1e-5 relative (gradients: relative to the largest element). The
   attention layers keep the all-gather CP path in the same model.
+- A CP chunk shorter than the conv's look-back is refused by the support table.
 """
 
 from __future__ import annotations
@@ -143,3 +144,15 @@ def test_mamba_cp_four_rank_layouts_match_one_device():
                ("cp2_dp2", dict(context=2), {}),
                ("cp4", dict(context=4), dict(seq_length=32))]  # chunks of 4 >= the conv's look-back of 3
     _check(run_distributed(_layouts, world_size=4, args=(layouts,), timeout_s=400), layouts, 4)
+
+
+def test_chunk_shorter_than_the_conv_look_back_is_refused():
+    from megacore.config import ConfigError
+    from megacore.config.support import check_supported
+
+    cfg = RunConfig(model=TransformerConfig(**MODEL), parallel=ParallelConfig(context=4),
+                    train=TrainConfig(global_batch_size=BATCH, micro_batch_size=1))
+    with pytest.raises(ConfigError, match="mamba_conv_kernel-1=3"):  # chunks of 16 / 8 = 2 positions
+        check_supported(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="mamba_conv_kernel-1=3"):  # RunConfig.validate runs the table
+        cfg.validate(world_size=4)
