@@ -151,3 +151,14 @@ def assert_config_round_trip(case: str, tmp_path: Path, seed: int = 3) -> None:
     hf.save_pretrained(hf.load_pretrained(tmp_path / "hf"), tmp_path / "out")
     original = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == original
+
+
+def build_sharp_hf(case: str, seed: int, factor: float = 3.0):
+    """``build_hf`` with every matrix scaled by ``factor``: sharper logits than ``randomize_``'s, so
+    that greedy decoding is not degenerate (generation-parity tests)."""
+    model = build_hf(case, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(factor)
+    return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.interop.hf_reference import CASES, assert_cli_convert_round_trip, assert_config_round_trip, build_hf, sample_ids, transformers
+from tests.interop.hf_reference import CASES, build_sharp_hf, assert_cli_convert_round_trip, assert_config_round_trip, build_hf, sample_ids, transformers
 
 from megacore.config import ConfigError, TransformerConfig
 from megacore.inference.sampling import generate
@@ -111,11 +111,7 @@ def test_qwen3_expert_count_under_either_key():
 @pytest.mark.parametrize("case", ["qwen2_moe_sparse_step", "qwen3_moe"])
 def test_greedy_generation_matches_transformers(tmp_path, case):
     """MoE, dense and shared-expert layers in the KV-cache decode path decode HF's tokens."""
-    ref = build_hf(case, seed=5)
-    with torch.no_grad():  # sharper logits than randomize_'s, so that greedy decoding is not degenerate
-        for name, p in ref.named_parameters():
-            if p.dim() > 1:
-                p.mul_(3.0)
+    ref = build_sharp_hf(case, seed=5)
     ref.save_pretrained(tmp_path)
     ours = hf.load_pretrained(tmp_path)
     prompt = [5, 17, 42, 8, 99, 3]

@@ -185,3 +185,15 @@ def mlp(x_BSH: torch.Tensor, w1, w2, activation: str, b1=None, b2=None) -> torch
         a = PLAIN_ACTIVATIONS[activation](h)
     y = a @ w2.double().T
     return y if b2 is None else y + b2.double()
+
+
+def random_moe_layer(cfg, seed: int = 0):
+    """An fp64 ``MoELayer`` of ``cfg`` with every parameter drawn N(0, 0.5²) from ``seed``."""
+    from megacore.layers.moe import MoELayer
+
+    layer = MoELayer(cfg).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+    return layer

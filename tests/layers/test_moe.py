@@ -5,6 +5,7 @@ against its one-hot definition, and the attached aux-loss gradient against addin
 import pytest
 import torch
 
+
 from megacore.config import TransformerConfig
 from megacore.layers.moe import MoELayer, load_balancing_loss, set_aux_loss_scale
 from megacore.models import GPTModel
@@ -20,12 +21,7 @@ def _config(**kw):
 
 
 def _layer(cfg, seed=0):
-    layer = MoELayer(cfg).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return layer
+    return ref.random_moe_layer(cfg, seed)
 
 
 def _per_token_reference(layer: MoELayer, x_TH: torch.Tensor, top_k: int, norm_topk: bool, activation: str):

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+
 from megacore.config import TransformerConfig
 from megacore.layers.moe import MoELayer, Routing, TopKRouter
 from megacore.layers.moe.router import drop_over_capacity
@@ -222,12 +223,7 @@ def test_capacity_drop_hand_case():
 
 
 def _layer(cfg, seed=0):
-    layer = MoELayer(cfg).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-    return layer
+    return ref.random_moe_layer(cfg, seed)
 
 
 def _layer_reference(layer, x_BSH, cfg):
