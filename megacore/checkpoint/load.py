@@ -32,7 +32,7 @@ from megacore.checkpoint.sharded import (MASTER_STATE, MODEL_PREFIX, OPTIM_PREFI
                                          finish_param_sync)
 
 # Config fields that change nothing stored in a checkpoint: they may differ between save and load.
-RUNTIME_CONFIG_FIELDS = frozenset({"attention_dropout", "hidden_dropout", "attention_backend"})
+RUNTIME_CONFIG_FIELDS = frozenset({"attention_dropout", "hidden_dropout", "attention_backend", "from_hf"})
 MAX_LISTED = 8
 
 

@@ -32,21 +32,24 @@ from megacore.config.vision import VisionConfig
 from megacore.config.support import check_supported
 from megacore.config.run import (
     COMPILE_MODES,
+    CONTEXT_MODES,
     TP_COMM_OVERLAP_MODES,
     CheckpointConfig,
     DataConfig,
     LogConfig,
     ParallelConfig,
     PrecisionConfig,
+    ProfileConfig,
     RecomputeConfig,
     RunConfig,
     TrainConfig,
+    WandbConfig,
 )
 from megacore.config.loading import apply_override, from_dict, load_run_config
 
 __all__ = [
-    "ACTIVATIONS", "ATTENTION_BACKENDS", "COMPILE_MODES", "LAYER_KINDS", "NORMALIZATIONS", "POSITION_EMBEDDINGS",
+    "ACTIVATIONS", "ATTENTION_BACKENDS", "COMPILE_MODES", "CONTEXT_MODES", "LAYER_KINDS", "NORMALIZATIONS", "POSITION_EMBEDDINGS",
     "ROTARY_SCALINGS", "TP_COMM_OVERLAP_MODES", "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig",
-    "ParallelConfig", "PrecisionConfig", "RecomputeConfig", "RunConfig", "TrainConfig", "TransformerConfig",
-    "VisionConfig", "apply_override", "check_supported", "from_dict", "load_run_config",
+    "ParallelConfig", "PrecisionConfig", "ProfileConfig", "RecomputeConfig", "RunConfig", "TrainConfig", "TransformerConfig",
+    "VisionConfig", "WandbConfig", "apply_override", "check_supported", "from_dict", "load_run_config",
 ]

@@ -137,6 +137,10 @@ class TransformerConfig:
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128             # SSD chunk length (speed only; results do not depend on it)
     mamba_dt_clamp_min: float = 0.0         # lower clamp of the time step (NemotronH: its time_step_min)
+    # A Hugging Face model directory (config.json + safetensors): the model's shape and weights come
+    # from it (megacore.interop); a model.* override that contradicts it is an error. null: build
+    # the model from the model.* keys and initialize it randomly.
+    from_hf: Optional[str] = None
 
     # ------------------------------------------------------------------ derived
     @property

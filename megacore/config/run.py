@@ -21,6 +21,7 @@ from megacore.config.support import check, check_supported, facts_of_parallel
 from megacore.config.vision import VisionConfig
 
 TP_COMM_OVERLAP_MODES = ("off", "schedule", "reorder", "symm_mem", "copy_engine")
+CONTEXT_MODES = ("allgather", "ring", "a2a", "a2a+ring")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -60,6 +61,13 @@ class ParallelConfig:
     # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
     # the groups are independent, so one group's collectives can run while another computes.
     tp_batch_chunks: int = 1
+    # How attention layers exchange keys/values across the context-parallel ranks
+    # (megacore.parallel.context_parallel): "allgather" (every rank gathers the whole K/V),
+    # "ring" (K/V blocks passed around the ring, overlapped with the attention of the block in hand),
+    # "a2a" (all-to-all: heads scattered, sequence gathered; heads divisible by parallel.context) or
+    # "a2a+ring" (a2a inside groups of parallel.context_a2a_size ranks, ring across the groups).
+    context_mode: str = "allgather"
+    context_a2a_size: Optional[int] = None
     # Seconds a collective may wait for the other ranks (NCCL and gloo, every process group): a rank
     # that stalls or dies ends the job within this time, with a message naming the rank and step.
     # Generous by default: rank 0 may build the data index or write a checkpoint while others wait.
@@ -91,6 +99,12 @@ class ParallelConfig:
         if self.expert_dispatcher not in ("all_to_all", "all_gather"):
             _fail("parallel.expert_dispatcher", self.expert_dispatcher, "is not known",
                   "use 'all_to_all' or 'all_gather' (gathers every token on every expert-parallel rank)")
+        if self.context_mode not in CONTEXT_MODES:
+            _fail("parallel.context_mode", self.context_mode, "is not known", f"use one of {list(CONTEXT_MODES)}")
+        if self.context_a2a_size is not None and (not isinstance(self.context_a2a_size, int)
+                                                  or self.context_a2a_size < 1):
+            _fail("parallel.context_a2a_size", self.context_a2a_size, "must be a positive integer",
+                  "use a divisor of parallel.context, e.g. 2, or null")
         if self.pipeline_schedule not in ("1f1b", "interleaved", "gpipe", "zero_bubble"):
             _fail("parallel.pipeline_schedule", self.pipeline_schedule, "is not known",
                   "use one of ['1f1b', 'interleaved', 'gpipe', 'zero_bubble']")
@@ -251,6 +265,11 @@ class CheckpointConfig:
     async_save: bool = False
     keep_last: int = 3
     save_on_exit: bool = True
+    # Export the model as a Hugging Face directory (config.json with the source model's token ids,
+    # generation_config.json, safetensors, tokenizer when known) here at the end of training;
+    # null: no export. save_hf_at_each_save: also export at every checkpoint save (overwriting).
+    save_hf: Optional[str] = None
+    save_hf_at_each_save: bool = False
 
     def validate(self) -> "CheckpointConfig":
         if self.interval < 0:
@@ -316,14 +335,55 @@ class RecomputeConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging from rank 0 (needs ``pip install wandb``); off while ``project`` is null."""
+
+    project: Optional[str] = None
+    name: Optional[str] = None
+    entity: Optional[str] = None
+    offline: bool = False   # write the run files under log.dir without contacting the server
+
+
+@dataclass
 class LogConfig:
     dir: str = "runs/demo"
     interval: int = 1
     tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> "LogConfig":
         if self.interval < 1:
             _fail("log.interval", self.interval, "must be >= 1", "use 1 to log every step")
+        return self
+
+
+@dataclass
+class ProfileConfig:
+    """The PyTorch profiler over steps ``start_step..end_step`` (a Chrome trace per rank under
+    ``<log.dir>/profile``), and CUDA memory history (``memory_snapshot``: dumped under ``log.dir``
+    at the end and on out-of-memory)."""
+
+    start_step: Optional[int] = None   # first profiled step (1-based); null: no profiler
+    end_step: Optional[int] = None     # last profiled step (inclusive); null: start_step only
+    ranks: Optional[list] = None       # ranks that profile; null: every rank
+    record_shapes: bool = False
+    with_stack: bool = False
+    memory_snapshot: bool = False
+    memory_snapshot_max_entries: int = 100000
+
+    def validate(self) -> "ProfileConfig":
+        if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 1):
+            _fail("profile.start_step", self.start_step, "must be a step number >= 1", "use e.g. 5, or null")
+        if self.end_step is not None:
+            if self.start_step is None:
+                _fail("profile.end_step", self.end_step, "is set but profile.start_step is null",
+                      "set profile.start_step too")
+            if self.end_step < self.start_step:
+                _fail("profile.end_step", self.end_step, f"is before profile.start_step={self.start_step}",
+                      "use an end_step >= start_step")
+        if self.memory_snapshot_max_entries < 1:
+            _fail("profile.memory_snapshot_max_entries", self.memory_snapshot_max_entries, "must be >= 1",
+                  "use e.g. 100000")
         return self
 
 
@@ -338,6 +398,7 @@ class RunConfig:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     device: str = "cpu"
     compile: bool = False
     # torch.compile mode of the layer and loss-head graphs: null (inductor's default),
@@ -354,6 +415,7 @@ class RunConfig:
         self.precision.validate()
         self.recompute.validate()
         self.log.validate()
+        self.profile.validate()
         if self.vision.enabled:
             self.vision.validate().check_text(self.model)
         if self.device not in ("cpu", "cuda", "auto"):

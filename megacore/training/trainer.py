@@ -449,7 +449,11 @@ class Trainer:
         try:
             self.setup()
             result = self._loop()
-            if self.world_size > 1:  # no rank tears its groups down while a peer may still be using them
+            if self.world_size > 1:
+                # The last step's parameter all-gather (distributed optimizer) may still be in flight:
+                # a gloo worker thread that still holds it when the groups are destroyed aborts the
+                # process at exit. Then no rank tears its groups down while a peer may still use them.
+                self._finish_pending_collectives()
                 dist.barrier()
             return result
         except RuntimeError as e:
@@ -471,6 +475,13 @@ class Trainer:
 
                 release_cuda_graphs(self.cfg, self.device)
                 parallel.destroy()
+
+    def _finish_pending_collectives(self) -> None:
+        from megacore.distributed import DistributedDataParallel
+
+        for chunk in self.chunks:
+            if isinstance(chunk, DistributedDataParallel):
+                chunk.finish_param_sync()
 
     def _loop(self) -> dict:
         """Run steps until ``train.iters`` or an agreed stop request.
