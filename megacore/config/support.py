@@ -404,8 +404,6 @@ RULES: list = [
              "experts once per rank"),
     Unsupported("moe", "tp_batch_chunks", "moe", "an MoE layer routes (and balances) a whole micro-batch, not "
                 "groups of its sequences", "set parallel.tp_batch_chunks=1"),
-    Unsupported("moe", "fp8", "moe", "precision.fp8 converts dense linears only; MoE expert weights have no fp8 path "
-                "yet", "set precision.fp8=null"),
     Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
                 "use parallel.distributed_optimizer=true"),
     Unsupported("hybrid", "fp8", "mamba", "fp8 has not been validated with Mamba layers", "set precision.fp8=null"),

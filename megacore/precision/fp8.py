@@ -337,7 +337,9 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip: Iterable[str] 
 
     Plain ``nn.Linear`` modules become ``Float8Linear`` (class switch: parameters, names, hooks and
     init markers stay); layers that take a GEMM strategy (a ``matmul`` attribute that is still
-    ``F.linear``: the tensor-parallel linears) are handed an ``Fp8Matmul``. Modules whose name (or any component of it) is in ``skip`` stay as they
+    ``F.linear``: the tensor-parallel linears) are handed an ``Fp8Matmul``; the routed experts of MoE
+    layers (a ``grouped_matmul`` slot) an ``Fp8GroupedMatmul`` (``megacore.precision.fp8_grouped``:
+    rowwise scales, fp8 forward and input gradient). Modules whose name (or any component of it) is in ``skip`` stay as they
     are: by default the output layer, whose logits are the most precision-sensitive GEMM. Other
     subclasses of ``nn.Linear`` are left alone. Call it after ``megacore.parallel.parallelize``
     (which replaces linears by TP layers) and before ``torch.compile``, DDP or FSDP wrap the model,
@@ -356,6 +358,11 @@ def apply_fp8(model: nn.Module, recipe: str = "tensorwise", skip: Iterable[str] 
             converted += 1
         elif getattr(module, "matmul", None) is F.linear:
             module.matmul = Fp8Matmul()
+            converted += 1
+        elif hasattr(module, "grouped_matmul") and module.grouped_matmul is None:  # routed experts
+            from megacore.precision.fp8_grouped import Fp8GroupedMatmul
+
+            module.grouped_matmul = Fp8GroupedMatmul()
             converted += 1
     return converted
 

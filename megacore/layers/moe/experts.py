@@ -64,6 +64,9 @@ class Experts(nn.Module):
         # expert's hidden units, ``enter(x)`` before fc1 and ``exit(y)`` after fc2 (the partial
         # outputs summed over the ranks sharing the experts).
         self.tensor_split = None
+        # A faster grouped GEMM handed in from outside (``megacore.precision.fp8_grouped`` under
+        # precision.fp8): ``grouped_matmul(x, weight, ends)`` -> y, or None where it cannot run.
+        self.grouped_matmul: Optional[Callable] = None
 
     # ------------------------------------------------------------------ the GEMMs
     def use_grouped(self, x: torch.Tensor) -> bool:
@@ -80,15 +83,22 @@ class Experts(nn.Module):
     def compute(self, x_sorted: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Rows sorted by local expert, expert e owning rows up to ``ends[e]`` (int32, device) ->
         their outputs in the same order; rows past ``ends[-1]`` come out unspecified."""
-        linear = grouped_linear if self.use_grouped(x_sorted) else grouped_linear_reference
         split = self.tensor_split
-        up = linear(x_sorted if split is None else split.enter(x_sorted), self.linear_fc1, ends)
+        up = self._linear(x_sorted if split is None else split.enter(x_sorted), self.linear_fc1, ends)
         if self.recompute_activation and self.training and torch.is_grad_enabled():
             act = checkpoint(mlp_activation, up, self.activation, self.gated)
         else:
             act = mlp_activation(up, self.activation, self.gated)
-        y = linear(act, self.linear_fc2, ends)
+        y = self._linear(act, self.linear_fc2, ends)
         return y if split is None else split.exit(y)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        if self.grouped_matmul is not None:
+            y = self.grouped_matmul(x, weight, ends)
+            if y is not None:
+                return y
+        linear = grouped_linear if self.use_grouped(x) else grouped_linear_reference
+        return linear(x, weight, ends)
 
     def run_sorted(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``compute`` with the per-expert counts given on the host (the exchange of expert
