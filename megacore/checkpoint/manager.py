@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from megacore.checkpoint import comm
-from megacore.checkpoint.directory import LATEST, resolve_load_path
+from megacore.checkpoint.directory import LATEST, list_checkpoints, resolve_load_path
 from megacore.checkpoint.errors import CheckpointError
 from megacore.checkpoint.load import LoadResult, load_checkpoint, read_index
 from megacore.checkpoint.lock import DirectoryInUse, DirectoryLock
@@ -127,7 +127,12 @@ class CheckpointManager:
             if path is None:
                 self.log(f"no checkpoint in {root} yet: starting from step 0")
             return path
-        return resolve_load_path(root or None, os.path.expanduser(str(load)), self.log)
+        path = resolve_load_path(root or None, os.path.expanduser(str(load)), self.log)
+        own = list_checkpoints(root) if root else []
+        if own and not _same_dir(os.path.dirname(os.path.normpath(path)), root):
+            self.log(f"loading checkpoint.load={load} although checkpoint.dir={root} holds checkpoints up to step "
+                     f"{own[-1][0]}; to continue from those instead, set checkpoint.load=latest")
+        return path
 
     def _load(self, model_chunks, optimizer, scaler, strict: bool) -> Optional[LoadResult]:
         path = self.load_path()

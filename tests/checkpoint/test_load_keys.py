@@ -4,6 +4,7 @@ checkpoint in ``checkpoint.dir`` (nothing there yet: step 0); a path loads that 
 is an error. The reference for every load: the weights saved at that step."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -65,6 +66,12 @@ def test_a_path_loads_that_checkpoint(saved, tmp_path):
     _loaded(result, params, weights, 2)
     result, params = _resume(tmp_path, load="2", dir=str(root))  # a step of checkpoint.dir
     _loaded(result, params, weights, 2)
+    # An explicit path wins over checkpoint.dir's own checkpoints, and the log says how to continue those.
+    shutil.copytree(root, tmp_path / "copy")
+    logs = []
+    result, params = _resume(tmp_path, logs, load=str(tmp_path / "copy" / "iter_0000002"), dir=str(root))
+    _loaded(result, params, weights, 2)
+    assert any("holds checkpoints up to step 4" in m and "checkpoint.load=latest" in m for m in logs), logs
 
 
 def test_nothing_to_load(saved, tmp_path):
