@@ -137,7 +137,8 @@ def resolve_load_path(directory: str, which: "str | int | None" = "latest",
 
     ``which``: ``"latest"`` (or None) follows ``directory/latest``; an int or ``"iter_0000123"`` names a
     step under ``directory``; any other string is a path (an ``iter_*`` directory, or a checkpoint
-    root whose ``latest`` is followed). Raises CheckpointError for an incomplete or missing target.
+    root whose ``latest`` is followed). Raises CheckpointError for an incomplete or missing target,
+    and for a named root that holds no complete checkpoint (only ``"latest"`` may find nothing).
     A ``latest`` that is missing or unreadable falls back to the newest complete checkpoint, with a
     message through ``log`` (a warning when None); None only when no complete checkpoint exists.
     """
@@ -169,8 +170,13 @@ def resolve_load_path(directory: str, which: "str | int | None" = "latest",
     path = which if os.path.isabs(which) or directory is None or os.path.exists(which) else os.path.join(directory, which)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist; pass a directory written by megacore.checkpoint")
-    if os.path.isfile(os.path.join(path, LATEST)) and not _ITER_RE.match(os.path.basename(os.path.normpath(path))):
-        return resolve_load_path(path, LATEST, log)
+    if not os.path.basename(os.path.normpath(path)).startswith("iter_") and not os.path.isfile(os.path.join(path, COMPLETE)):
+        # A checkpoint root (a run's checkpoint.dir): its latest, or the newest complete one.
+        found = resolve_load_path(path, LATEST, log)
+        if found is None:
+            raise CheckpointError(f"checkpoint {path} holds no complete checkpoint (no iter_* directory with a COMPLETE "
+                                  "marker); point it at an iter_* directory or a checkpoint.dir written by megacore")
+        return found
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         root = os.path.dirname(os.path.normpath(path))
         complete = [os.path.basename(p) for _, p in list_checkpoints(root)]

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from megacore.checkpoint import comm
-from megacore.checkpoint.directory import resolve_load_path
+from megacore.checkpoint.directory import LATEST, list_checkpoints, resolve_load_path
 from megacore.checkpoint.errors import CheckpointError
 from megacore.checkpoint.load import LoadResult, load_checkpoint, read_index
 from megacore.checkpoint.lock import DirectoryInUse, DirectoryLock
@@ -41,6 +41,13 @@ from megacore.checkpoint.save import (SaveHandle, poll_pending, prepare_snapshot
                                       wait_for_pending)
 from megacore.checkpoint.sharded import OPTIM_PREFIX
 from megacore.config import CheckpointConfig
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    except (OSError, ValueError):
+        return False
 
 
 class CheckpointManager:
@@ -79,7 +86,8 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------- resume
     def resume(self, model_chunks, optimizer=None, scaler=None, strict: bool = True) -> Optional[LoadResult]:
-        """Load ``checkpoint.load`` (or, when unset, the latest checkpoint in ``checkpoint.dir``).
+        """Load ``checkpoint.load`` (or, when unset or ``latest``, the latest checkpoint in
+        ``checkpoint.dir``; :meth:`load_path`).
 
         Returns None when there is nothing to resume from. A model-only checkpoint (e.g. from
         ``megacore convert --from hf``) loads the weights and leaves the optimizer fresh.
@@ -98,14 +106,37 @@ class CheckpointManager:
             self.log(f"checkpoint snapshot buffers: {stats.alloc_bytes / 2**30:.2f} GiB of "
                      f"{'pinned' if stats.pinned else 'pageable'} host memory in {stats.alloc_s:.2f}s")
 
+    def load_path(self) -> Optional[str]:
+        """The checkpoint a resume loads, or None to start from step 0 (see ``checkpoint.load``):
+
+        - ``load`` unset or ``latest``: the latest complete checkpoint in ``checkpoint.dir``; None when
+          it holds none yet (as Megatron-LM does: one command serves the first launch and every
+          restart). ``latest`` without ``checkpoint.dir`` is an error.
+        - ``load`` the same directory as ``checkpoint.dir`` (Megatron's ``--load`` = ``--save``): the same.
+        - any other ``load``: that checkpoint: an ``iter_*`` directory, a checkpoint root (its latest),
+          or an ``iter_*`` name / step number under ``checkpoint.dir``. It must exist and be complete.
+        """
+        load, root = self.cfg.load, self.cfg.dir
+        if load is None or load == LATEST or (root and _same_dir(str(load), root)):
+            if not root:
+                if load == LATEST:
+                    raise CheckpointError("checkpoint.load=latest resumes from checkpoint.dir, which is not set; set "
+                                          "checkpoint.dir=PATH, or checkpoint.load=PATH of the checkpoint to load")
+                return None
+            path = resolve_load_path(root, LATEST, self.log)
+            if path is None:
+                self.log(f"no checkpoint in {root} yet: starting from step 0")
+            return path
+        path = resolve_load_path(root or None, os.path.expanduser(str(load)), self.log)
+        own = list_checkpoints(root) if root else []
+        if own and not _same_dir(os.path.dirname(os.path.normpath(path)), root):
+            self.log(f"loading checkpoint.load={load} although checkpoint.dir={root} holds checkpoints up to step "
+                     f"{own[-1][0]}; to continue from those instead, set checkpoint.load=latest")
+        return path
+
     def _load(self, model_chunks, optimizer, scaler, strict: bool) -> Optional[LoadResult]:
-        source = self.cfg.load or self.cfg.dir
-        if not source:
-            return None
-        path = resolve_load_path(source, "latest", self.log) if os.path.isdir(source) or self.cfg.load is None else \
-            resolve_load_path(None, source, self.log)
+        path = self.load_path()
         if path is None:
-            self.log(f"no checkpoint in {source} yet: starting from step 0")
             return None
         index = read_index(path)
         has_optim = any(k.startswith(OPTIM_PREFIX) for k in index["tensors"])

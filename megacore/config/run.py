@@ -278,6 +278,9 @@ class CheckpointConfig:
             _fail("checkpoint.dir", self.dir, "is not set but checkpoint.interval > 0", "set checkpoint.dir=PATH")
         if self.keep_last < 1:
             _fail("checkpoint.keep_last", self.keep_last, "must be >= 1", "keep at least one checkpoint")
+        if self.load == "latest" and not self.dir:
+            _fail("checkpoint.load", self.load, "resumes from checkpoint.dir, which is not set",
+                  "set checkpoint.dir=PATH, or checkpoint.load=PATH of the checkpoint to load")
         return self
 
 

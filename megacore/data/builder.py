@@ -6,9 +6,14 @@
   or, when that is unset or ``bpe``, a byte-level BPE of ``data.tokenizer_vocab_size`` trained on
   the corpus. Tokenizer and ``.bin``/``.idx`` are built once into the cache directory.
 - ``mock``: ``MockGPTDataset`` (deterministic synthetic tokens; no tokenizer).
-- ``indexed``: ``data.paths`` of ``.bin``/``.idx`` prefixes, blended by ``data.weights`` (default:
-  proportional to each dataset's tokens in the split). The tokenizer is ``data.tokenizer``, else
-  the ``PREFIX.tokenizer.json`` that ``megacore preprocess`` writes beside a trained-on-the-fly BPE.
+- ``indexed``: ``data.paths`` of ``.bin``/``.idx`` pairs, each spelled as its prefix or as its
+  ``.bin`` or ``.idx`` file, blended by ``data.weights`` (default: proportional to each dataset's
+  tokens in the split). The tokenizer is ``data.tokenizer``, else the ``PREFIX.tokenizer.json``
+  that ``megacore preprocess`` writes beside a trained-on-the-fly BPE (found from any spelling of
+  the path; paths beside different tokenizers are an error). Before any sample is built, the
+  largest token id of every file is checked against ``model.vocab_size``
+  (``megacore.data.vocab_check``): a file made with a bigger vocabulary stops the run at its start,
+  named, with the fix.
 
 Every returned dataset is indexed by GLOBAL sample index: the training loop reads samples
 ``[step·G, (step+1)·G)`` and each data-parallel rank takes its slice, so the batch stream is the
@@ -29,9 +34,10 @@ from megacore.data.blended import BlendedDataset, blend_counts, split_document_r
 from megacore.data.cache import build_lock, default_cache_dir, ensure_dir, stable_hash
 from megacore.data.corpus import corpus_fingerprint, default_corpus
 from megacore.data.gpt_dataset import GPTDataset
-from megacore.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, optimal_dtype
+from megacore.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, data_prefix, optimal_dtype
 from megacore.data.mock import MockGPTDataset
-from megacore.data.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer, train_bpe
+from megacore.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+from megacore.data.vocab_check import vocab_problem
 
 Log = Optional[Callable[[str], None]]
 SPLIT_NAMES = ("train", "valid", "test")
@@ -54,15 +60,36 @@ def build_tokenizer(data_cfg: DataConfig, cache_dir=None, log: Log = None) -> Op
     if spec is not None:
         try:
             return load_tokenizer(spec)
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, ImportError) as e:
             raise ConfigError(f"data.tokenizer={spec!r}: {e}") from None
     if data_cfg.source == "indexed" and data_cfg.paths:
-        beside = Path(f"{data_cfg.paths[0]}.tokenizer.json")
-        if beside.is_file():
-            if log:
-                log(f"using the tokenizer found beside the data: {beside}")
-            return HFTokenizer(beside)
+        return _tokenizer_beside(data_cfg.paths, log)
     return None
+
+
+def _tokenizer_beside(paths: list, log: Log) -> Optional[Tokenizer]:
+    """The ``PREFIX.tokenizer.json`` beside the data (``megacore preprocess --tokenizer bpe``), found
+    from any spelling of each path; None when there is none."""
+    found: dict[str, tuple[Path, Tokenizer]] = {}
+    for p in paths:
+        beside = Path(f"{data_prefix(p)}.tokenizer.json")
+        if beside.is_file():
+            try:
+                tok = HFTokenizer(beside)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.paths: the tokenizer beside {p} cannot be read: {e}") from None
+            found.setdefault(tok.fingerprint(), (beside, tok))
+    if len(found) > 1:
+        names = [str(b) for b, _ in found.values()]
+        raise ConfigError(f"data.paths were preprocessed with different tokenizers ({', '.join(names)}): their ids mean "
+                          "different things; preprocess every input with one tokenizer (e.g. --tokenizer "
+                          f"{names[0]}) and set data.tokenizer to it")
+    if not found:
+        return None
+    beside, tok = next(iter(found.values()))
+    if log:
+        log(f"using the tokenizer found beside the data: {beside}")
+    return tok
 
 
 def tokenizer_vocab_size(data_cfg: DataConfig, cache_dir=None, log: Log = None) -> Optional[int]:
@@ -72,11 +99,7 @@ def tokenizer_vocab_size(data_cfg: DataConfig, cache_dir=None, log: Log = None) 
 
 
 def _tokenizer_fingerprint(tok: Tokenizer) -> str:
-    if isinstance(tok, HFTokenizer):
-        return stable_hash("hf", tok.to_json(), tok.eod)
-    if isinstance(tok, SentencePieceTokenizer):
-        return stable_hash("sp", Path(tok.name).read_bytes(), tok.eod)
-    return stable_hash(type(tok).__name__, repr(tok))
+    return tok.fingerprint()
 
 
 def build_default_corpus(tokenizer: Tokenizer, cache_dir: Path, log: Log = None) -> IndexedDataset:
@@ -133,9 +156,13 @@ def build_datasets(data_cfg: DataConfig, seq_length: int, vocab_size: int, seed:
         if not data_cfg.paths:
             raise ConfigError("data.source='indexed' needs data.paths: .bin/.idx prefixes from `megacore preprocess`")
         try:
-            corpora = [IndexedDataset(p) for p in data_cfg.paths]
+            corpora = [IndexedDataset(data_prefix(p)) for p in data_cfg.paths]
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.paths: {e}") from None
+        for c in corpora:
+            problem = vocab_problem(c, vocab_size, cache, log, tokenizer=tokenizer.name if tokenizer else None)
+            if problem:
+                raise ConfigError(f"data.paths: {problem}")
         weights = data_cfg.weights
     else:
         raise ConfigError(f"data.source={data_cfg.source!r} is not known; use one of ['default', 'mock', 'indexed']")

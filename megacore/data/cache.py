@@ -60,10 +60,32 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``);
+    elsewhere by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_path_for(final: Path) -> Path:
-    """A unique temporary file next to ``final`` (same filesystem, so os.replace is atomic)."""
+    """A unique temporary file next to ``final`` (same filesystem, so os.replace is atomic).
+
+    ``mkstemp`` creates it 0600; it gets the mode a plain ``open`` would give (0666 under the
+    umask, 0644 with the usual 022), so the file renamed into place is readable like any other
+    output, e.g. by the other users of a shared data folder."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=str(final.parent))
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(name)
 
 

@@ -66,9 +66,14 @@ def data_file_path(prefix: Union[str, Path]) -> Path:
     return Path(f"{prefix}.bin")
 
 
-def _strip_suffix(path_prefix: Union[str, Path]) -> str:
-    p = str(path_prefix)
+def data_prefix(path: Union[str, Path]) -> str:
+    """The path prefix of a ``.bin``/``.idx`` pair from either spelling: ``x``, ``x.bin`` and ``x.idx``
+    all name ``x`` (so ``data.paths``, ``--output-prefix`` and blended lists accept any of them)."""
+    p = str(Path(path).expanduser()) if str(path).startswith("~") else str(path)
     return p[:-4] if p.endswith((".bin", ".idx")) else p
+
+
+_strip_suffix = data_prefix
 
 
 class IndexedDataset:
@@ -200,6 +205,10 @@ class IndexedDataset:
             return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
         tokens = np.concatenate([self.get(i) for i in range(first, last)])
         return tokens[offset:offset + length]
+
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the ``.bin`` file as one memory-mapped 1-D array (nothing is read until used)."""
+        return np.frombuffer(self._bin, dtype=self.dtype, count=self._bin.size // self.dtype.itemsize)
 
     # Pickle by path (DataLoader workers, spawn): re-map the files instead of copying their contents.
     def __getstate__(self) -> dict:

@@ -1,15 +1,22 @@
 """``megacore preprocess``: text -> Megatron ``.bin``/``.idx`` (one sequence per document).
 
-    megacore preprocess --input data.jsonl[.gz] [--json-key text] --output-prefix out/data \\
-        --tokenizer (tokenizer.json | sp.model | bpe) [--vocab-size 4096] [--workers 4] [--append-eod]
+    megacore preprocess --input INPUT [--text-key text] --output-prefix out/data \\
+        --tokenizer (tokenizer.json | sp.model | rank.tiktoken | tiktoken:NAME | bpe) [--vocab-size 4096] \\
+        [--workers 4] [--append-eod]
 
-Input: ``.jsonl`` (one JSON object per line; the document is ``obj[json_key]``; blank lines are
-skipped) or ``.txt`` (documents separated by one or more blank lines), optionally gzipped, in
-UTF-8 (a byte that is not is an error naming the file and line). An input without a single
-non-empty document is an error, and nothing is written.
+INPUT is a ``.jsonl`` file (one JSON object per line; the document is ``obj[text_key]``; blank
+lines are skipped), a ``.txt`` file (documents separated by one or more blank lines), either
+optionally gzipped, in UTF-8 (a byte that is not is an error naming the file and line); a
+``.parquet`` file or a folder of them (the ``text_key`` column, one row a document; needs
+pyarrow); or a Hugging Face ``datasets`` folder written by ``Dataset.save_to_disk`` (needs
+datasets). The same texts give byte-identical ``.bin``/``.idx`` through every input kind
+(``megacore.data.inputs``). An input without a single non-empty document is an error, and nothing
+is written. ``--output-prefix`` may be spelled ``out/data``, ``out/data.bin`` or ``out/data.idx``.
 ``--tokenizer bpe`` trains a byte-level BPE on the input first (cached by content hash under the
 megacore cache directory) and writes it to ``PREFIX.tokenizer.json`` so training can use it
-(``data.source=indexed`` finds it beside the data automatically).
+(``data.source=indexed`` finds it beside the data automatically). Beside the data goes
+``PREFIX.meta.json``: the smallest and largest token id and the tokenizer, which a training run
+checks against ``model.vocab_size`` before its first step (``megacore.data.vocab_check``).
 
 Tokenization runs on ``--workers`` processes: a multiprocessing pool maps over chunks of documents
 and results are consumed in input order, so the output does not depend on the worker count. Unlike
@@ -17,18 +24,15 @@ and results are consumed in input order, so the output does not depend on the wo
 flight, and a chunk closes early once it holds ``CHUNK_CHARS`` characters, so memory stays flat on
 inputs of any size. A long document is tokenized in pieces of about ``PIECE_CHARS`` characters
 (``encode_long``), cut only before a space that starts a word, where the pre-tokenizers of byte-level
-BPE (GPT-2/Llama-3 style) and SentencePiece split anyway: the ids equal those of one call, while
-the tokenizer's per-token bookkeeping (~150 bytes a character) stays bounded: a 22 MB line needs
-tens of MB beyond the line itself instead of gigabytes.
+BPE (GPT-2/Llama-3 style), tiktoken and SentencePiece split anyway: the ids equal those of one call,
+while the tokenizer's per-token bookkeeping (~150 bytes a character) stays bounded: a 22 MB line
+needs tens of MB beyond the line itself instead of gigabytes.
 A progress line (documents, tokens, documents/s) goes to stderr every few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
-import json
 import multiprocessing as mp
 import os
 import re
@@ -41,80 +45,14 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megacore.data.cache import default_cache_dir
-from megacore.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from megacore.data.indexed_dataset import IndexedDatasetBuilder, data_prefix, optimal_dtype
+from megacore.data.inputs import input_kind, parse_document, read_documents, read_raw
 from megacore.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+from megacore.data.vocab_check import write_meta
 
 Chunk = list[tuple[int, str]]  # (line number, raw line or text)
 PIECE_CHARS = 1 << 18   # a longer document is tokenized in pieces of about this many characters
 CHUNK_CHARS = 1 << 23   # a chunk of documents sent to a worker closes once it holds this many characters
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape decodes them
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    """UTF-8 text with universal newlines; an undecodable byte becomes a lone surrogate (found per
-    line by ``read_raw``, so the error can name the line)."""
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="surrogateescape")
-    return open(path, encoding="utf-8", errors="surrogateescape")
-
-
-def _check_utf8(path: Path, no: int, line: str) -> str:
-    bad = _NOT_UTF8.search(line)
-    if bad is not None:
-        byte = ord(bad.group()) - 0xDC00
-        raise ValueError(f"{path}:{no}: not UTF-8 text (byte 0x{byte:02x} at character {bad.start() + 1}); "
-                         "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8")
-    return line
-
-
-def _input_kind(path: Path) -> str:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    if name.endswith((".jsonl", ".json")):
-        return "jsonl"
-    if name.endswith(".txt"):
-        return "txt"
-    raise ValueError(f"input {str(path)!r} is neither .jsonl nor .txt (optionally .gz); convert it to JSON lines "
-                     "with one {\"text\": ...} object per document")
-
-
-def read_raw(path: Path, kind: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, payload): a raw JSON line, or a blank-line-separated text document."""
-    with _open_text(path) as f:
-        if kind == "jsonl":
-            for no, line in enumerate(f, start=1):
-                if line.strip():
-                    yield no, _check_utf8(path, no, line)
-            return
-        para, start = [], 0
-        for no, line in enumerate(f, start=1):
-            if line.strip():
-                _check_utf8(path, no, line)
-                if not para:
-                    start = no
-                para.append(line)
-            elif para:
-                yield start, "".join(para).rstrip("\n")
-                para = []
-        if para:
-            yield start, "".join(para).rstrip("\n")
-
-
-def parse_document(path: str, kind: str, json_key: str, line_no: int, raw: str) -> str:
-    if kind == "txt":
-        return raw
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                         f"JSON object such as {{\"{json_key}\": \"...\"}}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-    if json_key not in obj:
-        raise ValueError(f"{path}:{line_no}: no key {json_key!r} (keys: {sorted(obj)[:10]}); pass --json-key NAME")
-    text = obj[json_key]
-    if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: {json_key!r} is a {type(text).__name__}, not a string")
-    return text
 
 
 def ordered_map(pool, fn, items: Iterator, window: int) -> Iterator:
@@ -177,15 +115,15 @@ def encode_long(tok: Tokenizer, text: str, piece_chars: int = PIECE_CHARS) -> li
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_path: str, path: str, kind: str, json_key: str, append_eod: bool, threads: bool) -> None:
+def _init_worker(tokenizer_path: str, path: str, kind: str, text_key: str, append_eod: bool, threads: bool) -> None:
     if not threads:  # one process per core already; the tokenizers thread pool would oversubscribe
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tok=load_tokenizer(tokenizer_path), path=path, kind=kind, json_key=json_key, append_eod=append_eod)
+    _WORKER.update(tok=load_tokenizer(tokenizer_path), path=path, kind=kind, text_key=text_key, append_eod=append_eod)
 
 
 def _encode_chunk(chunk: Chunk) -> list[np.ndarray]:
     w = _WORKER
-    texts = [parse_document(w["path"], w["kind"], w["json_key"], no, raw) for no, raw in chunk]
+    texts = [parse_document(w["path"], w["kind"], w["text_key"], no, raw) for no, raw in chunk]
     short = [t for t in texts if len(t) <= PIECE_CHARS]
     encoded = iter(w["tok"].encode_batch(short) if short else [])
     out = []
@@ -198,17 +136,17 @@ def _encode_chunk(chunk: Chunk) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ main side
-def _resolve_tokenizer(args, path: Path, kind: str) -> tuple[Tokenizer, str]:
-    """(tokenizer, path the workers load it from)."""
+def _resolve_tokenizer(args, path: Path, kind: str, prefix: str) -> tuple[Tokenizer, str]:
+    """(tokenizer, the spec the workers load it from)."""
     if args.tokenizer != "bpe":
         return load_tokenizer(args.tokenizer), args.tokenizer
-    texts = [parse_document(str(path), kind, args.json_key, no, raw) for no, raw in read_raw(path, kind)]
+    texts = list(read_documents(path, kind, args.text_key))
     if not any(texts):
         raise ValueError(f"input {str(path)!r} holds no non-empty document, so there is nothing to train a tokenizer "
-                         "on or to write; check the file and --json-key")
+                         "on or to write; check the file and --text-key")
     print(f"training a byte-level BPE (vocab {args.vocab_size}) on {len(texts)} documents", file=sys.stderr)
     tok = train_bpe(texts, args.vocab_size, cache_dir=default_cache_dir(None))
-    out = Path(f"{args.output_prefix}.tokenizer.json")
+    out = Path(f"{prefix}.tokenizer.json")
     tok.save(out)
     return HFTokenizer(out), str(out)
 
@@ -216,10 +154,16 @@ def _resolve_tokenizer(args, path: Path, kind: str) -> tuple[Tokenizer, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megacore preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="a .jsonl or .txt file (optionally .gz)")
-    p.add_argument("--json-key", default="text", help="JSON key holding the document text (default: text)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json, a sentencepiece .model, or 'bpe'")
+    p.add_argument("--input", required=True,
+                   help="a .jsonl or .txt file (optionally .gz), a .parquet file or a folder of them, or a "
+                        "Hugging Face datasets folder (Dataset.save_to_disk)")
+    p.add_argument("--text-key", "--json-key", dest="text_key", default="text",
+                   help="JSON key or column holding the document text (default: text)")
+    p.add_argument("--output-prefix", required=True,
+                   help="writes PREFIX.bin, PREFIX.idx and PREFIX.meta.json (PREFIX.bin or PREFIX.idx name the same)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json (or its folder), a sentencepiece .model, a .tiktoken rank file, "
+                        "tiktoken:NAME (e.g. tiktoken:cl100k_base), or 'bpe' to train one on the input")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the BPE trained with --tokenizer bpe")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
@@ -229,18 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     path = Path(args.input)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    if not path.exists():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist")
     if args.workers < 1 or args.chunk_size < 1:
         raise ValueError(f"--workers ({args.workers}) and --chunk-size ({args.chunk_size}) must be >= 1")
-    kind = _input_kind(path)
-    Path(args.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    tok, tok_path = _resolve_tokenizer(args, path, kind)
-    init_args = (tok_path, str(path), kind, args.json_key, args.append_eod, args.workers == 1)
-    chunks = _chunks(read_raw(path, kind), args.chunk_size)
+    kind = input_kind(path)
+    prefix = data_prefix(args.output_prefix)
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    tok, tok_path = _resolve_tokenizer(args, path, kind, prefix)
+    init_args = (tok_path, str(path), kind, args.text_key, args.append_eod, args.workers == 1)
+    chunks = _chunks(read_raw(path, kind, args.text_key), args.chunk_size)
     docs = tokens = skipped = 0
+    lo, hi = None, None
     start = last_report = time.time()
-    with IndexedDatasetBuilder(f"{args.output_prefix}.bin", dtype=optimal_dtype(tok.vocab_size)) as builder:
+    with IndexedDatasetBuilder(f"{prefix}.bin", dtype=optimal_dtype(tok.vocab_size)) as builder:
         pool: Optional[mp.pool.Pool] = None
         if args.workers > 1:
             # spawn, not fork: the parent may already run the tokenizers thread pool (BPE training)
@@ -258,6 +204,8 @@ def run(args: argparse.Namespace) -> dict:
                     builder.add_document(ids, [ids.size])
                     docs += 1
                     tokens += int(ids.size)
+                    a, b = int(ids.min()), int(ids.max())
+                    lo, hi = (a, b) if lo is None else (min(lo, a), max(hi, b))
                 now = time.time()
                 if now - last_report >= 2.0:
                     last_report = now
@@ -269,12 +217,14 @@ def run(args: argparse.Namespace) -> dict:
                 pool.join()
         if docs == 0:
             raise ValueError(f"input {str(path)!r} holds no non-empty document ({skipped} empty skipped); nothing "
-                             "was written: check the file and --json-key")
-        builder.finalize(f"{args.output_prefix}.idx")
+                             "was written: check the input and --text-key")
+        builder.finalize(f"{prefix}.idx")
+    write_meta(prefix, lo, hi, tok)
     elapsed = max(time.time() - start, 1e-9)
     print(f"preprocess: done, {docs} docs ({skipped} empty skipped), {tokens} tokens, {docs / elapsed:.0f} docs/s "
-          f"-> {args.output_prefix}.bin/.idx", file=sys.stderr, flush=True)
-    return {"documents": docs, "tokens": tokens, "skipped": skipped, "tokenizer": tok_path}
+          f"-> {prefix}.bin/.idx", file=sys.stderr, flush=True)
+    return {"documents": docs, "tokens": tokens, "skipped": skipped, "tokenizer": tok_path, "prefix": prefix,
+            "max_token_id": hi}
 
 
 def main(argv: list[str]) -> int:

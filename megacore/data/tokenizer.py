@@ -1,22 +1,28 @@
-"""One tokenizer interface, three backends.
+"""One tokenizer interface, four backends.
 
 Every tokenizer has ``encode(text) -> list[int]`` (no BOS/EOS added), ``encode_batch(texts)``,
-``decode(ids) -> str``, ``vocab_size`` (ids are in ``[0, vocab_size)``) and ``eod`` (the
-end-of-document id appended between documents).
+``decode(ids) -> str``, ``vocab_size`` (ids are in ``[0, vocab_size)``), ``eod`` (the
+end-of-document id appended between documents) and ``fingerprint()`` (a content hash for cache keys).
 
 - ``HFTokenizer(path)``: a Hugging Face ``tokenizer.json`` (the ``tokenizers`` library).
 - ``SentencePieceTokenizer(path)``: a sentencepiece ``.model`` (needs ``pip install sentencepiece``).
+- ``TiktokenTokenizer``: a tiktoken encoding (needs ``pip install tiktoken``), either named
+  (``tiktoken:cl100k_base``; tiktoken downloads its rank file once into ``$TIKTOKEN_CACHE_DIR``) or
+  a local BPE rank file ``*.tiktoken`` (lines ``<base64 token> <rank>``) with the cl100k
+  pre-tokenizer pattern and ``<|endoftext|>`` as the id after the last rank. Special-token
+  strings inside a text are encoded as ordinary text (tiktoken's ``encode_ordinary``).
 - ``train_bpe(texts, vocab_size, cache_dir)``: a byte-level BPE trained on the given texts with
   ``tokenizers``, cached as ``<cache_dir>/tokenizers/bpe-<hash>.json`` keyed by a hash of
   (texts, vocab size), so a second run loads it in milliseconds.
 
-``load_tokenizer(spec)`` picks the backend from a path (``.json`` file or a folder holding
-``tokenizer.json`` -> HF, ``.model`` -> sentencepiece).
+``load_tokenizer(spec)`` picks the backend from the spec: ``tiktoken:NAME`` or ``*.tiktoken`` ->
+tiktoken, ``*.model`` -> sentencepiece, ``*.json`` or a folder holding ``tokenizer.json`` -> HF.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -50,6 +56,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A hash of what decides the ids (for cache keys): same fingerprint, same encoding."""
+        return stable_hash(type(self).__name__, repr(self))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, eod={self.eod})"
@@ -126,6 +136,9 @@ class HFTokenizer(Tokenizer):
     def to_json(self) -> str:
         return self._tok.to_str()
 
+    def fingerprint(self) -> str:
+        return stable_hash("hf", self.to_json(), self._eod)
+
     def save(self, path: Union[str, Path]) -> None:
         atomic_write_bytes(Path(path), self.to_json().encode("utf-8"))
 
@@ -166,18 +179,129 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def fingerprint(self) -> str:
+        return stable_hash("sp", Path(self.name).read_bytes(), self._eod)
+
+
+# The pre-tokenizer of OpenAI's cl100k_base, used for a local ``.tiktoken`` rank file.
+TIKTOKEN_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
+                    r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+TIKTOKEN_PREFIX = "tiktoken:"
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE rank file: one ``<base64 token> <rank>`` per line (read directly, not through
+    tiktoken's loader, which caches by path and would serve a stale copy of an edited file)."""
+    import base64
+    import binascii
+
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{str(path)}:{no}: not a tiktoken rank line '<base64 token> <rank>': "
+                                 f"{line[:60]!r}") from None
+    if not ranks:
+        raise ValueError(f"tiktoken rank file {str(path)!r} is empty")
+    return ranks
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding: ``tiktoken:NAME`` (a named encoding) or a local ``.tiktoken`` rank file.
+
+    ``eod`` is ``<|endoftext|>`` (the encoding's ``eot_token``); a rank file gets it as the id after
+    its last rank. ``vocab_size`` is the largest id + 1 (tiktoken's ``n_vocab``).
+    """
+
+    def __init__(self, spec: Union[str, Path]):
+        try:
+            import tiktoken
+        except ImportError:
+            raise ImportError(f"the tokenizer {str(spec)!r} needs the tiktoken package: `pip install tiktoken` "
+                              "(or `pip install megacore[data]`)") from None
+        spec = str(spec)
+        if spec.startswith(TIKTOKEN_PREFIX):
+            name = spec[len(TIKTOKEN_PREFIX):]
+            if name not in tiktoken.list_encoding_names():
+                raise ValueError(f"tiktoken has no encoding {name!r}; known: {tiktoken.list_encoding_names()}")
+            try:
+                self._enc = tiktoken.get_encoding(name)
+            except Exception as e:  # network errors differ by transport; the fix is the same
+                raise ValueError(f"cannot load the tiktoken encoding {name!r} ({type(e).__name__}: {e}); it is "
+                                 "downloaded on first use: run once with network access (it is then cached in "
+                                 "$TIKTOKEN_CACHE_DIR), or pass a local .tiktoken rank file") from None
+            self._source = ("named", name)
+        else:
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"tiktoken rank file {spec!r} does not exist")
+            ranks = read_tiktoken_ranks(path)
+            self._enc = tiktoken.Encoding(name=path.stem, pat_str=TIKTOKEN_PATTERN, mergeable_ranks=ranks,
+                                          special_tokens={EOD_TOKEN: max(ranks.values()) + 1})
+            self._source = ("file", path)
+        self.name = spec
+        self._eod = int(self._enc.eot_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._enc.n_vocab)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts), num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def fingerprint(self) -> str:
+        kind, what = self._source
+        payload = what.read_bytes() if kind == "file" else what
+        return stable_hash("tiktoken", kind, payload, self._enc._pat_str, self._eod, self.vocab_size)
+
+
+_TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+=* [0-9]+\r?$")
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    """Whether ``path`` reads as a tiktoken rank file (first line ``<base64> <rank>``): Llama 3
+    ships one named ``tokenizer.model``, the suffix of sentencepiece's binary protobuf models."""
+    with open(path, "rb") as f:
+        first = f.readline(256)
+    return bool(_TIKTOKEN_LINE.match(first.rstrip(b"\n")))
+
 
 def load_tokenizer(spec: Union[str, Path]) -> Tokenizer:
-    """A tokenizer from a path: ``*.model`` -> sentencepiece, ``*.json`` or a folder -> Hugging Face."""
+    """A tokenizer from a spec (see the module doc): ``tiktoken:NAME``, ``*.tiktoken``, ``*.model``,
+    ``*.json`` or a folder holding ``tokenizer.json``."""
+    if str(spec).startswith(TIKTOKEN_PREFIX):
+        return TiktokenTokenizer(str(spec))
     path = Path(spec).expanduser()
+    if path.suffix == ".tiktoken":
+        return TiktokenTokenizer(path)
     if path.suffix == ".model":
+        if path.is_file() and _is_tiktoken_file(path):
+            raise ValueError(f"{str(spec)!r} is a tiktoken BPE rank file, not a sentencepiece model (Llama 3 ships "
+                             "one as tokenizer.model): use the tokenizer.json of the same model folder, or rename "
+                             "it to .tiktoken (its special tokens are then not those of the model)")
         return SentencePieceTokenizer(path)
     if path.suffix == ".json" or path.is_dir():
         return HFTokenizer(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {str(spec)!r} does not exist; give a tokenizer.json, a folder holding one, "
-                                "a sentencepiece .model, or 'bpe' to train one")
-    raise ValueError(f"tokenizer {str(spec)!r} is neither a .json (Hugging Face) nor a .model (sentencepiece) file")
+                                "a sentencepiece .model, a .tiktoken rank file, tiktoken:NAME, or 'bpe' to train one")
+    raise ValueError(f"tokenizer {str(spec)!r} is not a .json (Hugging Face), a .model (sentencepiece) or a "
+                     ".tiktoken file, nor tiktoken:NAME")
 
 
 def bpe_cache_path(texts: Sequence[str], vocab_size: int, cache_dir: Union[str, Path]) -> Path:

@@ -101,5 +101,5 @@ def test_errors_name_the_problem(tmp_path, tokenizer_json, capsys):
     other = tmp_path / "data.csv"
     other.write_text("a,b\n")
     assert main(["--input", str(other)] + base) == 1
-    assert "neither .jsonl nor .txt" in capsys.readouterr().err
+    assert "is none of .jsonl, .txt" in capsys.readouterr().err
     assert main(["--input", str(bad)]) == 2  # argparse: missing required options
