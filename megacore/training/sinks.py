@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Protocol
 
 from megacore.config import ConfigError
@@ -131,7 +132,8 @@ class WandbSink:
 
     def close(self) -> None:
         if self._run is not None:
-            self._run.finish()
+            # Closed while an exception propagates (the trainer's ``finally``): W&B marks the run failed.
+            self._run.finish(exit_code=1 if sys.exc_info()[0] is not None else 0)
             self._run = None
 
     def describe(self) -> str:

@@ -86,10 +86,11 @@ def _wandb_records(run_file: str) -> list:
 
 
 def _wandb_history_and_config(log_dir: str) -> tuple[dict[int, dict], dict]:
-    """``{step: {tag: value}}`` (rows logged at the same step merged) and the run's config."""
+    """``{step: {tag: value}}`` (rows logged at the same step merged) and the run's config (plus
+    ``_exit_code``: the exit code the run finished with, None if it did not finish)."""
     runs = glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(runs) == 1, runs
-    history, config = {}, {}
+    history, config = {}, {"_exit_code": None}
     for record in _wandb_records(runs[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -98,6 +99,8 @@ def _wandb_history_and_config(log_dir: str) -> tuple[dict[int, dict], dict]:
             history.setdefault(row["_step"], {}).update(row)
         elif kind == "run":
             config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+        elif kind == "exit":
+            config["_exit_code"] = record.exit.exit_code
     return history, config
 
 
@@ -140,7 +143,7 @@ def test_sinks_agree_and_each_rank_writes_its_trace(tmp_path):
             assert tb[tag][r["step"]] == pytest.approx(r[key], rel=1e-6)
             assert wb[r["step"]][tag] == pytest.approx(r[key], rel=1e-12)
     assert wb_config["train"]["iters"] == 5 and wb_config["log"]["wandb"]["name"] == "tracking"
-    assert wb_config["profile"]["start_step"] == 2
+    assert wb_config["profile"]["start_step"] == 2 and wb_config["_exit_code"] == 0
 
     for rank in (0, 1):
         trace = log_dir / "profile" / f"trace_rank{rank}_steps2-3.json"
@@ -200,6 +203,25 @@ def test_wandb_that_cannot_start_is_a_config_error(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="wandb login.*log.wandb.offline=true"):
         sinks.open_sinks(_cfg(tmp_path, ["log.wandb.project=p"]), None)
     assert opened and opened[0]._file is None
+
+
+def test_wandb_run_closed_by_a_failing_run_is_marked_failed(tmp_path, monkeypatch):
+    """The trainer closes its sinks in a ``finally``: while an error propagates, the W&B run
+    finishes with exit code 1 (its records so far kept)."""
+    from megacore.training.sinks import WandbSink
+
+    for key, value in _wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    sink = WandbSink(str(tmp_path / "log"), "p", offline=True, config={"train": {"iters": 2}})
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            sink.write(1, {"step": 1, "loss": 2.5, "skip_reason": "text is left out"})
+            raise KeyboardInterrupt
+        finally:
+            sink.close()
+    history, config = _wandb_history_and_config(str(tmp_path / "log"))
+    assert history[1]["train/loss"] == 2.5 and "train/skip_reason" not in history[1]
+    assert config["train"] == {"iters": 2} and config["_exit_code"] == 1
 
 
 def test_memory_snapshot_without_cuda_is_a_config_error(tmp_path):
