@@ -28,9 +28,7 @@ every pipeline schedule unchanged.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import time
 from typing import Optional
 
@@ -47,6 +45,8 @@ from megacore.training.data_feed import DataFeed
 from megacore.training.divergence import DivergenceGuard
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
+from megacore.training.profiling import Profiler
+from megacore.training.sinks import open_sinks, require_sink_packages
 from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
@@ -66,21 +66,6 @@ def _check_device(cfg: RunConfig, device: torch.device) -> None:
             raise ConfigError(problem)
 
 
-def _truncate_metrics(log_dir: str, step: int) -> None:
-    """On resume from ``step``: drop records of later steps (a crashed run may have logged past its
-    last checkpoint), so ``metrics.jsonl`` reads as one uninterrupted run."""
-    path = os.path.join(log_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -94,12 +79,14 @@ class Trainer:
         self.active_step = 0  # 1-based step being queued; failure messages name it
         self.state = None
         self.checkpoints = None
+        self.profiler = Profiler(cfg.profile, cfg.log.dir, self.rank, self.device, self._info)
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
         cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
         _check_device(cfg, self.device)
+        require_sink_packages(cfg.log)  # a missing wandb/tensorboard fails here, before any work
         self._init_parallel()
         self._lock_checkpoint_dir()
         self.data = DataFeed(cfg, self.state, self.device, self.rank, self.world_size, self._info)
@@ -135,10 +122,9 @@ class Trainer:
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.data.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
-        if self.step > 0 and self.rank == 0:
-            _truncate_metrics(cfg.log.dir, self.step)
-        self.metrics = MetricsLogger(cfg.log.dir, enabled=self.rank == 0, tensorboard=cfg.log.tensorboard,
-                                     total_iters=cfg.train.iters, resume=self.step > 0)
+        sinks = open_sinks(cfg, self.step if self.step > 0 else None) if self.rank == 0 else []
+        self.metrics = MetricsLogger(sinks, enabled=self.rank == 0, total_iters=cfg.train.iters)
+        self._info(self.metrics.outputs(cfg.checkpoint.dir, self.profiler.output_dir))
 
     def _init_parallel(self) -> None:
         """The process groups of the whole ``parallel`` section, built in one call, then checked:
@@ -447,8 +433,9 @@ class Trainer:
     def run(self) -> dict:
         self.stop.install()
         try:
-            self.setup()
-            result = self._loop()
+            with self.profiler:  # a trace over profile.start_step..end_step; CUDA memory history
+                self.setup()
+                result = self._loop()
             if self.world_size > 1:
                 # The last step's parameter all-gather (distributed optimizer) may still be in flight:
                 # a gloo worker thread that still holds it when the groups are destroyed aborts the
@@ -518,7 +505,8 @@ class Trainer:
 
         while self.step < t.iters:
             try:
-                queued = self._queue_step(self.step)
+                with self.profiler.step(self.step + 1):
+                    queued = self._queue_step(self.step)
             except TrainingError:
                 if pending is not None:  # report the earlier step first (it may be the cause)
                     finish(pending)
@@ -549,6 +537,7 @@ class Trainer:
         wall = time.time() - start
         self._info(f"done: {self.step - start_step} steps in {wall:.1f}s, first loss {first_loss:.4f}, last loss "
                    f"{last_loss:.4f}" if first_loss is not None else "done: no steps run")
+        self._info(self.metrics.outputs(self.cfg.checkpoint.dir, self.profiler.output_dir))
         return {"steps": self.step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
                 "stopped_by_signal": stopped}
 
