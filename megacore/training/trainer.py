@@ -52,6 +52,7 @@ from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
+from megacore.training.run_dir import agree_run_dir, write_run_config
 from megacore.sharding import peek_meta
 
 
@@ -135,6 +136,10 @@ class Trainer:
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.data.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
+        # A new run never writes over an earlier one's record (megacore.training.run_dir).
+        cfg.log.dir = agree_run_dir(cfg.log.dir, self.step > 0, self.rank, self._info)
+        if self.rank == 0:
+            write_run_config(cfg, name, self.world_size, self.step)
         if self.step > 0 and self.rank == 0:
             _truncate_metrics(cfg.log.dir, self.step)
         self.metrics = MetricsLogger(cfg.log.dir, enabled=self.rank == 0, tensorboard=cfg.log.tensorboard,
