@@ -1,14 +1,15 @@
-"""The ``megacore`` command: ``train``, ``preprocess``, ``convert``, ``generate``.
+"""The ``megacore`` command: ``train``, ``config``, ``preprocess``, ``convert``, ``generate``.
 
+usage:
     megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N [--stop-grace-s S]]
+    megacore config CONFIG.yaml [dotted.key=value ...] [--nproc N]
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
     megacore generate --model HF_DIR_OR_CKPT --prompt "text"
+    megacore --version
 
-Exit status of ``megacore train``: 0 done (or stopped cleanly by a signal); 1 training failed on the
-way (the run diverged, the data ran out of labelled tokens); 2 the run cannot start or go on as
-configured: a bad config, an unreadable or mismatched checkpoint, unusable data (one line says what
-and how to fix it); 3 this rank stopped because another rank failed (that rank says why).
+`megacore train --help` lists every config key with its type, default and meaning; each command
+takes --help.
 """
 
 from __future__ import annotations
@@ -16,8 +17,38 @@ from __future__ import annotations
 import os
 import sys
 
-USAGE = __doc__
+USAGE = __doc__.split("\n", 2)[2]
 
+TRAIN_USAGE = """\
+usage: megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N [--stop-grace-s S]]
+
+Train the model CONFIG.yaml describes (examples: configs/*.yaml), with dotted.key=value overrides.
+The run writes <log.dir>/metrics.jsonl and <log.dir>/config.yaml: the resolved config, headed by
+the versions of megacore, torch and python and the GPU; `megacore train <log.dir>/config.yaml`
+runs it again. A run that does not resume a checkpoint, in a log.dir that holds an earlier run,
+writes to <log.dir>-2 (-3, ...) instead, and says so. `megacore config CONFIG.yaml [overrides]`
+prints the resolved config without training.
+
+  --nproc N          run N local processes (RANK/WORLD_SIZE as torchrun sets them; gloo on CPU,
+                     NCCL on GPUs); torchrun -m megacore.train ... works too
+  --stop-grace-s S   with --nproc: seconds the workers get to finish the step and save after
+                     SIGTERM or Ctrl-C (default 600)
+  -h, --help         this text and every config key
+
+Exit status: 0 done (or stopped cleanly by a signal); 1 training failed on the way (the run
+diverged, the data ran out of labelled tokens); 2 the run cannot start or go on as configured: a
+bad config, an unreadable or mismatched checkpoint, unusable data (one line says what and how to
+fix it); 3 this rank stopped because another rank failed (that rank says why).
+"""
+
+CONFIG_USAGE = """\
+usage: megacore config CONFIG.yaml [dotted.key=value ...] [--nproc N]
+
+Print the resolved config (the file, then the overrides; every key, validated, for a world of N
+processes with --nproc) as YAML that `megacore train` reads back to the same run. Values a run
+derives when it starts (model.vocab_size from the tokenizer) show as configured; the config.yaml a
+run writes into its log.dir holds them as used.
+"""
 
 def _launch_local(nproc: int, args: list[str], stop_grace_s: float) -> int:
     """Run ``megacore.train`` on ``nproc`` local processes (``megacore.launcher``: stop grace, failure
@@ -51,54 +82,84 @@ def _report(line: str) -> None:
     sys.stderr.flush()
 
 
+def _help(usage: str) -> str:
+    from megacore.config.help import render_keys
+
+    return usage + "\n" + render_keys()
+
+
+def _split_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """``--nproc``/``--stop-grace-s`` (either spelling) and ``-h``/``--help`` apart from the rest."""
+    opts, rest, i = {}, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--nproc", "--stop-grace-s"):
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: {a} needs a number, e.g. {a} {2 if a == '--nproc' else 600}")
+            opts[a] = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith(("--nproc=", "--stop-grace-s=")):
+            name, value = a.split("=", 1)
+            opts[name] = value
+        elif a in ("-h", "--help"):
+            opts["help"] = True
+        else:
+            rest.append(a)
+        i += 1
+    return opts, rest
+
+
+def _nproc(opts: dict) -> int | None:
+    nproc = opts.get("--nproc")
+    if nproc is None:
+        return None
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise SystemExit(f"error: --nproc {nproc!r} is not a positive integer")
+    return int(nproc)
+
+
+def _config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
+    config_path = rest[0] if rest and "=" not in rest[0] else None
+    return config_path, (rest[1:] if config_path else rest)
+
+
 def run_train(argv: list[str]) -> int:
+    try:
+        opts, rest = _split_args(argv)
+        nproc = _nproc(opts)
+    except SystemExit as e:
+        _report(str(e))
+        return 2
+    if opts.get("help"):
+        _print(_help(TRAIN_USAGE))
+        return 0
+    if not rest:  # a bare `megacore train` would train a default model nobody asked for
+        _report(TRAIN_USAGE.splitlines()[0] + "\nerror: give a config file (e.g. configs/tiny_cpu.yaml) or "
+                "key=value overrides; `megacore train --help` lists the options and every config key")
+        return 2
     from megacore.checkpoint.errors import CheckpointError
     from megacore.config import ConfigError, load_run_config
     from megacore.launcher import DEFAULT_STOP_GRACE_S, exit_with_launcher
     from megacore.training.contract import TrainingError
 
-    nproc = None
-    stop_grace = None
-    rest = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("--nproc", "--stop-grace-s"):
-            if i + 1 >= len(argv):
-                print(f"error: {a} needs a number, e.g. {a} {2 if a == '--nproc' else 600}", file=sys.stderr)
-                return 2
-            if a == "--nproc":
-                nproc = argv[i + 1]
-            else:
-                stop_grace = argv[i + 1]
-            i += 2
-            continue
-        if a.startswith("--nproc="):
-            nproc = a.split("=", 1)[1]
-        elif a.startswith("--stop-grace-s="):
-            stop_grace = a.split("=", 1)[1]
-        elif a in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        else:
-            rest.append(a)
-        i += 1
-    if nproc is not None:
-        if not nproc.isdigit() or int(nproc) < 1:
-            print(f"error: --nproc {nproc!r} is not a positive integer", file=sys.stderr)
+    config_path, overrides = _config_and_overrides(rest)
+    if nproc is not None and nproc > 1:
+        stop_grace = opts.get("--stop-grace-s")
+        try:
+            grace = DEFAULT_STOP_GRACE_S if stop_grace is None else float(stop_grace)
+        except ValueError:
+            grace = -1.0
+        if not grace >= 0 or grace == float("inf"):
+            _report(f"error: --stop-grace-s {stop_grace!r} is not a number of seconds >= 0")
             return 2
-        if int(nproc) > 1:
-            try:
-                grace = DEFAULT_STOP_GRACE_S if stop_grace is None else float(stop_grace)
-            except ValueError:
-                grace = -1.0
-            if not grace >= 0 or grace == float("inf"):
-                print(f"error: --stop-grace-s {stop_grace!r} is not a number of seconds >= 0", file=sys.stderr)
-                return 2
-            return _launch_local(int(nproc), rest, grace)
+        try:  # a config error is said once, here, instead of once per worker
+            load_run_config(config_path, overrides).validate(world_size=nproc)
+        except ConfigError as e:
+            _report(f"config error: {e}")
+            return 2
+        return _launch_local(nproc, rest, grace)
     exit_with_launcher()  # a worker of `--nproc`: stop when the launcher dies
-    config_path = rest[0] if rest and "=" not in rest[0] else None
-    overrides = rest[1:] if config_path else rest
     hang_dump_s = os.environ.get("MEGACORE_HANG_DUMP_S")
     if hang_dump_s:  # diagnosing a hang: every thread's Python stack to stderr after that many seconds
         import faulthandler
@@ -124,6 +185,15 @@ def run_train(argv: list[str]) -> int:
         return 1
     except PeerFailed:
         return 3
+    except OSError as e:  # a missing input file, or the file system refused (log.dir not writable, disk full)
+        what = f"cannot use {e.filename}: {e.strerror}; check the path and its permissions" if e.filename else e
+        _report(f"{_rank_prefix()}error: {what}")
+        return 2
+    except ValueError as e:
+        if not _raised_by_input_readers(e):
+            raise
+        _report(f"{_rank_prefix()}error: {e}")
+        return 2
     finally:
         import torch.distributed as dist
 
@@ -132,27 +202,111 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
+def _raised_by_input_readers(e: BaseException) -> bool:
+    """Whether ``e`` comes from the data or Hugging Face readers (``megacore.data``, ``megacore.interop``),
+    whose ValueErrors describe a bad input file and name it; anywhere else a ValueError is a bug,
+    and keeps its traceback."""
+    tb, module = e.__traceback__, ""
+    while tb is not None:
+        module, tb = tb.tb_frame.f_globals.get("__name__", ""), tb.tb_next
+    return module.startswith(("megacore.data", "megacore.interop"))
+
+
+def run_config(argv: list[str]) -> int:
+    """``megacore config CONFIG.yaml [overrides] [--nproc N]``: the resolved, validated config as YAML."""
+    from megacore.config import ConfigError, load_run_config
+    from megacore.config.loading import dump_run_config
+
+    try:
+        opts, rest = _split_args(argv)
+        nproc = _nproc(opts)
+    except SystemExit as e:
+        _report(str(e))
+        return 2
+    if opts.get("help"):
+        _print(_help(CONFIG_USAGE))
+        return 0
+    if not rest:
+        _report(CONFIG_USAGE.splitlines()[0] + "\nerror: give a config file (e.g. configs/tiny_cpu.yaml) or key=value "
+                "overrides; `megacore config --help` lists every config key")
+        return 2
+    config_path, overrides = _config_and_overrides(rest)
+    try:
+        cfg = load_run_config(config_path, overrides).validate(world_size=nproc)
+    except ConfigError as e:
+        _report(f"config error: {e}")
+        return 2
+    _print(dump_run_config(cfg))
+    return 0
+
+
+def version_text() -> str:
+    import platform
+
+    import torch
+
+    import megacore
+
+    return f"megacore {megacore.__version__} (torch {torch.__version__}, python {platform.python_version()})"
+
+
+def _print(text: str) -> None:
+    """``text`` to stdout; a reader that stops early (``| head``) ends the output, not with a traceback."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _one_line_errors(command: str, run, argv: list[str]) -> int:
+    """Run another command's ``main``; a library error it lets through (a bad config, checkpoint, data
+    or Hugging Face directory) ends as one line with exit status 2, like ``megacore train``'s."""
+    from megacore.checkpoint.errors import CheckpointError
+    from megacore.config import ConfigError
+
+    try:
+        return run(argv)
+    except (ConfigError, CheckpointError, OSError) as e:  # OSError: a file missing, unreadable or unwritable
+        _report(f"error: megacore {command}: {e}")
+        return 2
+    except ValueError as e:
+        if not _raised_by_input_readers(e):
+            raise
+        _report(f"error: megacore {command}: {e}")
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
+        if argv:
+            _print(USAGE)
+            return 0
+        _report(USAGE)
+        return 2
     command, rest = argv[0], argv[1:]
+    if command in ("--version", "-V", "version"):
+        _print(version_text())
+        return 0
     if command == "train":
         return run_train(rest)
+    if command == "config":
+        return run_config(rest)
     if command == "preprocess":
         from megacore.data.preprocess import main as preprocess_main
 
-        return preprocess_main(rest)
+        return _one_line_errors(command, preprocess_main, rest)
     if command == "convert":
         from megacore.checkpoint.convert import main as convert_main
 
-        return convert_main(rest)
+        return _one_line_errors(command, convert_main, rest)
     if command == "generate":
         from megacore.inference.generate import main as generate_main
 
-        return generate_main(rest)
-    print(f"error: unknown command {command!r}; use one of train, preprocess, convert, generate\n\n{USAGE}", file=sys.stderr)
+        return _one_line_errors(command, generate_main, rest)
+    _report(f"error: unknown command {command!r}; use one of train, config, preprocess, convert, generate, "
+            f"--version\n\n{USAGE}")
     return 2
 
 

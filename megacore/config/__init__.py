@@ -8,12 +8,15 @@ are errors that list the nearest valid names, so a typo never silently falls bac
 One concept per module, imported in this order (each only from the ones above it):
 
 * ``errors``  -- ``ConfigError``;
+* ``fields``  -- ``doc``: a field declared with its one-line documentation (``--help`` reads it);
 * ``model``   -- ``TransformerConfig`` (the ``model:`` section);
 * ``vision``  -- ``VisionConfig`` (the ``vision:`` section, the image side of LLaVA);
 * ``support`` -- the support matrix: which layouts, features and model kinds run together
   (``support_doc`` renders it as ``docs/support-matrix.md``);
 * ``run``     -- the run sections (``parallel``, ``train``, ``data`` ...) and ``RunConfig``;
-* ``loading`` -- ``load_run_config``: YAML and ``dotted.key=value`` overrides into a ``RunConfig``.
+* ``loading`` -- ``load_run_config``: YAML and ``dotted.key=value`` overrides into a ``RunConfig``,
+  and ``dump_run_config``, the YAML that reads back to the same ``RunConfig``;
+* ``help``    -- every key with its type, default and doc (``megacore train --help``).
 
 Every public name is re-exported here: ``from megacore.config import RunConfig``.
 """

@@ -14,7 +14,16 @@ import typing
 from typing import Any, Optional
 
 from megacore.config.errors import ConfigError
+from megacore.config.fields import walk_fields
 from megacore.config.run import RunConfig
+
+
+# Keys that once existed: a config that still sets one learns where the setting went (or that it is gone).
+RETIRED_KEYS = {
+    "train.log_interval": "use log.interval (how often the progress line prints; metrics.jsonl records every step)",
+    "data.num_workers": "remove it: nothing read it (the data is read in the training process, without loader "
+                        "workers)",
+}
 
 
 def _suggest(name: str, valid: list[str]) -> str:
@@ -22,6 +31,17 @@ def _suggest(name: str, valid: list[str]) -> str:
     if close:
         return f"did you mean {', '.join(close)}?"
     return f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _unknown_key(full: str, name: str, valid: list[str], where: str = "") -> ConfigError:
+    """The error for an unknown key ``full`` (its last part ``name``; ``valid``: the keys of its section)."""
+    if full in RETIRED_KEYS:
+        return ConfigError(f"unknown config key {full!r}; {RETIRED_KEYS[full]}")
+    hint = _suggest(name, valid)
+    elsewhere = [k for k, _, _ in walk_fields(RunConfig) if k.rsplit(".", 1)[-1] == name and k != full]
+    if elsewhere:  # the right key in the wrong section, e.g. train.dtype for precision.dtype
+        hint = f"{name} is a key of another section: did you mean {', '.join(elsewhere)}?"
+    return ConfigError(f"unknown config key {full!r}{where}; {hint} (`megacore train --help` lists every key)")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -85,7 +105,7 @@ def from_dict(cls, data: Optional[dict], prefix: str = ""):
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; {_suggest(key, names)}")
+            raise _unknown_key(full, key, names)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -104,7 +124,7 @@ def apply_override(cfg: Any, dotted: str, value: Any) -> None:
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
             where = ".".join(parts[:i]) or "top level"
-            raise ConfigError(f"unknown config key {dotted!r} ({part!r} is not a key of {where}); {_suggest(part, names)}")
+            raise _unknown_key(dotted, part, names, f" ({part!r} is not a key of {where})")
         if i == len(parts) - 1:
             tp = _type_hints(type(obj))[part]
             if dataclasses.is_dataclass(tp):
@@ -148,3 +168,12 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
         key, value = item.split("=", 1)
         apply_override(cfg, key.strip(), value)
     return cfg
+
+
+def dump_run_config(cfg: RunConfig, header: str = "") -> str:
+    """``cfg`` as the YAML that :func:`load_run_config` reads back to an equal ``RunConfig`` (every key,
+    in declaration order), after ``header`` (lines written as YAML comments)."""
+    import yaml
+
+    comment = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=1000)

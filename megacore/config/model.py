@@ -9,6 +9,7 @@ from typing import Optional
 
 from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
+from megacore.config.fields import doc
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu", "relu", "squared_relu")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
@@ -30,117 +31,121 @@ class TransformerConfig:
     ``hidden_size // num_attention_heads``). ``ffn_hidden_size`` defaults to ``4 * hidden_size``.
     """
 
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None
-    kv_channels: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    vocab_size: int = 1024
-    seq_length: int = 256
-    # Rows of the embedding/output tables are padded to a multiple of this (never changes the loss:
-    # padded logits are masked). Must be divisible by the tensor-parallel size.
-    vocab_padding_multiple: int = 128
+    num_layers: int = doc(2, "Transformer layers (with model.layer_pattern: blocks, one per character).")
+    hidden_size: int = doc(128, "Width of the residual stream (the embedding size).")
+    num_attention_heads: int = doc(4, "Query heads per attention layer.")
+    num_query_groups: Optional[int] = doc(None, "Key/value heads (GQA; 1: MQA); null: num_attention_heads (MHA).")
+    kv_channels: Optional[int] = doc(None, "Per-head dimension; null: hidden_size / num_attention_heads.")
+    ffn_hidden_size: Optional[int] = doc(None, "Hidden size of the MLP; null: 4 x hidden_size.")
+    vocab_size: int = doc(1024, "Tokens in the vocabulary (set from the tokenizer when the data has one).")
+    seq_length: int = doc(256, "Tokens per training sequence (and the largest position for learned embeddings).")
+    vocab_padding_multiple: int = doc(128, "Pad the embedding/output rows to a multiple of this (padded logits are "
+                                           "masked, the loss is unchanged); divisible by parallel.tensor.")
 
-    normalization: str = "RMSNorm"
-    norm_epsilon: float = 1e-5
-    layernorm_zero_centered_gamma: bool = False
-    activation: str = "swiglu"
+    normalization: str = doc("RMSNorm", "Norm layers: RMSNorm or LayerNorm.")
+    norm_epsilon: float = doc(1e-5, "Epsilon added to the variance in every norm (> 0).")
+    layernorm_zero_centered_gamma: bool = doc(False, "Norm weights are stored as (gamma - 1), initialized to 0.")
+    activation: str = doc("swiglu", "MLP activation: swiglu, geglu (gated), gelu, gelu_tanh, quick_gelu, relu or "
+                                    "squared_relu.")
 
-    position_embedding: str = "rope"
-    rotary_base: float = 10000.0
-    rotary_percent: float = 1.0
-    rotary_scaling: Optional[str] = None
-    rotary_scaling_factor: float = 1.0
-    rotary_original_max_positions: Optional[int] = None
-    rotary_low_freq_factor: float = 1.0   # llama3
-    rotary_high_freq_factor: float = 4.0  # llama3
-    rotary_beta_fast: float = 32.0        # yarn
-    rotary_beta_slow: float = 1.0         # yarn
-    rotary_mscale: float = 1.0            # yarn
-    rotary_mscale_all_dim: float = 0.0    # yarn
+    position_embedding: str = doc("rope", "Positions: rope (rotary), learned (a table of seq_length rows) or none.")
+    rotary_base: float = doc(10000.0, "RoPE base (theta) of the rotary frequencies.")
+    rotary_percent: float = doc(1.0, "Fraction (0-1] of each head's dimensions that rotate (partial RoPE).")
+    rotary_scaling: Optional[str] = doc(None, "RoPE context extension: llama3, yarn or linear; null: none.")
+    rotary_scaling_factor: float = doc(1.0, "Context extension factor of rotary_scaling (e.g. 8.0).")
+    rotary_original_max_positions: Optional[int] = doc(None, "Context length before the extension (needed by "
+                                                             "llama3 and yarn scaling, e.g. 8192).")
+    rotary_low_freq_factor: float = doc(1.0, "rotary_scaling=llama3: the low-frequency wavelength factor.")
+    rotary_high_freq_factor: float = doc(4.0, "rotary_scaling=llama3: the high-frequency wavelength factor.")
+    rotary_beta_fast: float = doc(32.0, "rotary_scaling=yarn: rotations above which a dimension is not "
+                                        "interpolated (beta_fast).")
+    rotary_beta_slow: float = doc(1.0, "rotary_scaling=yarn: rotations below which a dimension is fully "
+                                       "interpolated (beta_slow).")
+    rotary_mscale: float = doc(1.0, "rotary_scaling=yarn: the attention magnitude correction's mscale.")
+    rotary_mscale_all_dim: float = doc(0.0, "rotary_scaling=yarn: DeepSeek's mscale_all_dim (also scales the "
+                                            "softmax of multi-latent attention); 0: off.")
 
-    add_qkv_bias: bool = False
-    add_bias_linear: bool = False
-    qk_norm: bool = False
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    sliding_window: Optional[int] = None
-    attention_softmax_scale: Optional[float] = None
-    attention_backend: str = "auto"
+    add_qkv_bias: bool = doc(False, "Biases on the query/key/value projections (Qwen2).")
+    add_bias_linear: bool = doc(False, "Biases on every other linear layer (GPT-2).")
+    qk_norm: bool = doc(False, "RMS-normalize queries and keys per head before attention (Qwen3).")
+    attention_dropout: float = doc(0.0, "Dropout probability on the attention weights, in [0, 1).")
+    hidden_dropout: float = doc(0.0, "Dropout probability on each residual branch's output, in [0, 1).")
+    sliding_window: Optional[int] = doc(None, "A query attends only to the last this many positions (itself "
+                                              "included); null: the whole causal past.")
+    attention_softmax_scale: Optional[float] = doc(None, "Scale of the attention scores; null: 1/sqrt(head dim).")
+    attention_backend: str = doc("auto", "Attention kernel: auto (sdpa), sdpa (torch scaled_dot_product_attention) "
+                                         "or reference (plain torch).")
 
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    scaled_output_init: bool = True
+    tie_embeddings: bool = doc(False, "The output layer shares the input embedding's weights.")
+    init_std: float = doc(0.02, "Standard deviation of the normal weight initialization.")
+    scaled_output_init: bool = doc(True, "Initialize each residual branch's output projection with std init_std / "
+                                         "sqrt(2 x num_layers).")
 
-    # Mixture of experts (megacore.layers.moe): every layer's MLP becomes num_experts expert MLPs
-    # of moe_ffn_hidden_size (default ffn_hidden_size), each token sent to its moe_top_k experts.
-    num_experts: Optional[int] = None
-    moe_top_k: int = 2
-    moe_ffn_hidden_size: Optional[int] = None
-    moe_router_norm_topk: bool = True   # renormalize the top-k router probabilities to sum to 1 (Mixtral)
-    moe_aux_loss_coeff: float = 0.0     # weight of the load-balancing loss (e.g. 0.01; 0: off)
-    # Router (megacore.layers.moe.router; formulas there). Scores: "softmax" over all experts
-    # (Mixtral, Qwen) or "sigmoid" per expert (DeepSeek-V3).
-    moe_router_score: str = "softmax"
-    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores for the
-    # top-k choice only, moved by this rate after each step toward even load (e.g. 0.001; 0: off).
-    moe_router_bias_update_rate: float = 0.0
-    # Whether the routers hold that per-expert bias (an fp32 buffer, ``expert_bias``) even when training
-    # does not move it: a DeepSeek-V3 checkpoint carries one (HF ``e_score_correction_bias``) that
-    # routing needs. The bias exists when this is set or the update rate is > 0 (see has_expert_bias).
-    moe_router_expert_bias: bool = False
-    moe_router_num_groups: Optional[int] = None   # group-limited routing: experts in this many groups,
-    moe_router_group_topk: Optional[int] = None   # of which the best this many are eligible per token
-    moe_routed_scaling_factor: float = 1.0        # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
-    moe_z_loss_coeff: float = 0.0                 # router z-loss weight (ST-MoE; e.g. 1e-3; 0: off)
-    # Over which tokens the load-balancing loss counts expert load: "micro_batch" (the tokens of one
-    # forward), "sequence" (each sequence on its own, then averaged; DeepSeek-V3's sequence-wise
-    # loss) or "global_batch" (load summed over the data-parallel ranks of the step's micro-batch).
-    moe_aux_loss_type: str = "micro_batch"
-    # Capacity: at most ceil(capacity_factor * tokens * top_k / num_experts) assignments per expert
-    # and forward, the lowest-weighted overflow dropped; null: dropless (every assignment computed).
-    moe_capacity_factor: Optional[float] = None
-    moe_pad_to_capacity: bool = False   # with a capacity: every expert computes exactly its capacity rows
-    # Shared experts: an always-on MLP of this width beside the routed ones (DeepSeek: n_shared *
-    # moe_ffn_hidden_size; Qwen2-MoE: shared_expert_intermediate_size); null: none.
-    moe_shared_expert_hidden_size: Optional[int] = None
-    moe_shared_expert_gate: bool = False   # scale the shared expert by sigmoid(x·w) (Qwen2-MoE)
-    moe_first_k_dense: int = 0   # the first k layers keep a dense MLP (DeepSeek-V3: 3)
-    moe_layer_freq: int = 1      # after those, every n-th layer is MoE (layer i with (i - k) % n == 0)
-    # How the experts' GEMMs run: "auto" (grouped GEMM, torch._grouped_mm, where the build and dtype
-    # allow, else "reference"), "grouped_mm", or "reference" (one expert after another).
-    moe_experts_backend: str = "auto"
-    # Multi-latent attention (DeepSeek-V2/V3; megacore.layers.mla): queries through an optional
-    # low-rank q_lora_rank bottleneck, keys and values from one joint kv_lora_rank latent; each
-    # head's query/key is a qk_nope_head_dim part without position plus a qk_rope_head_dim rotary
-    # part (the rotary key shared by all heads); values have v_head_dim. Softmax scale:
-    # 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times DeepSeek's YaRN mscale² under yarn scaling.
-    multi_latent_attention: bool = False
-    q_lora_rank: Optional[int] = None       # null: a full-rank query projection (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    # Multi-token prediction (DeepSeek-V3; megacore.layers.mtp): this many extra depths, depth k
-    # predicting token t+1+k; their mean loss is added with weight mtp_loss_weight.
-    mtp_num_layers: int = 0
-    mtp_loss_weight: float = 0.1
-    # Hybrid stacks (Megatron / NemotronH convention): one character per layer, each layer one
-    # pre-norm residual block: 'M' Mamba-2 mixer, '*' self-attention, '-' MLP (or MoE when
-    # num_experts is set). null: every layer is attention + MLP (a plain transformer).
-    layer_pattern: Optional[str] = None
-    mamba_num_heads: Optional[int] = None   # default: 2 * hidden_size / mamba_head_dim (expand 2)
-    mamba_head_dim: int = 64
-    mamba_state_dim: int = 128
-    mamba_num_groups: int = 8               # B and C are shared by the heads of each group
-    mamba_conv_kernel: int = 4
-    mamba_chunk_size: int = 128             # SSD chunk length (speed only; results do not depend on it)
-    mamba_dt_clamp_min: float = 0.0         # lower clamp of the time step (NemotronH: its time_step_min)
-    # A Hugging Face model directory (config.json + safetensors): the model's shape and weights come
-    # from it (megacore.interop); a model.* override that contradicts it is an error. null: build
-    # the model from the model.* keys and initialize it randomly.
-    from_hf: Optional[str] = None
+    # Mixture of experts (megacore.layers.moe).
+    num_experts: Optional[int] = doc(None, "Mixture of experts: every MoE layer's MLP becomes this many expert MLPs "
+                                           "(>= 2); null: dense MLPs.")
+    moe_top_k: int = doc(2, "Experts each token is sent to.")
+    moe_ffn_hidden_size: Optional[int] = doc(None, "Hidden size of each expert MLP; null: ffn_hidden_size.")
+    moe_router_norm_topk: bool = doc(True, "Renormalize the top-k router probabilities to sum to 1 (Mixtral).")
+    moe_aux_loss_coeff: float = doc(0.0, "Weight of the load-balancing loss (e.g. 0.01); 0: off.")
+    moe_router_score: str = doc("softmax", "Router scores: softmax over all experts (Mixtral, Qwen) or sigmoid per "
+                                           "expert (DeepSeek-V3); formulas in megacore.layers.moe.router.")
+    moe_router_bias_update_rate: float = doc(0.0, "Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias "
+                                                  "for the top-k choice, moved by this rate after each step toward "
+                                                  "even load (e.g. 0.001); 0: off.")
+    moe_router_expert_bias: bool = doc(False, "Keep that per-expert bias (expert_bias) even when training does not "
+                                              "move it: a DeepSeek-V3 checkpoint carries one (HF "
+                                              "e_score_correction_bias) that routing needs.")
+    moe_router_num_groups: Optional[int] = doc(None, "Group-limited routing: the experts form this many groups "
+                                                     "(dividing num_experts); null: off.")
+    moe_router_group_topk: Optional[int] = doc(None, "Group-limited routing: the best this many groups are "
+                                                     "eligible per token.")
+    moe_routed_scaling_factor: float = doc(1.0, "Multiplies the routed experts' weights (DeepSeek-V3: 2.5).")
+    moe_z_loss_coeff: float = doc(0.0, "Router z-loss weight (ST-MoE; e.g. 1e-3); 0: off.")
+    moe_aux_loss_type: str = doc("micro_batch", "Over which tokens the load-balancing loss counts expert load: "
+                                                "micro_batch (one forward), sequence (each sequence, then averaged; "
+                                                "DeepSeek-V3) or global_batch (summed over data-parallel ranks).")
+    moe_capacity_factor: Optional[float] = doc(None, "At most ceil(factor x tokens x top_k / num_experts) "
+                                                     "assignments per expert and forward, the lowest-weighted "
+                                                     "overflow dropped; null: dropless.")
+    moe_pad_to_capacity: bool = doc(False, "With a capacity: every expert computes exactly its capacity rows.")
+    moe_shared_expert_hidden_size: Optional[int] = doc(None, "An always-on shared expert MLP of this width beside "
+                                                             "the routed ones (DeepSeek, Qwen2-MoE); null: none.")
+    moe_shared_expert_gate: bool = doc(False, "Scale the shared expert by sigmoid(x.w) (Qwen2-MoE).")
+    moe_first_k_dense: int = doc(0, "The first k layers keep a dense MLP (DeepSeek-V3: 3).")
+    moe_layer_freq: int = doc(1, "After those, every n-th layer is MoE (layer i with (i - k) % n == 0).")
+    moe_experts_backend: str = doc("auto", "Expert GEMMs: auto (grouped_mm where the build and dtype allow, else "
+                                           "reference), grouped_mm (torch._grouped_mm) or reference (one expert "
+                                           "after another).")
+    # Multi-latent attention (DeepSeek-V2/V3; megacore.layers.mla): each head's query/key is a
+    # qk_nope_head_dim part without position plus a qk_rope_head_dim rotary part (the rotary key
+    # shared by all heads). Softmax scale: 1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times
+    # DeepSeek's YaRN mscale² under yarn scaling.
+    multi_latent_attention: bool = doc(False, "Multi-latent attention (DeepSeek-V2/V3): keys and values from one "
+                                              "low-rank joint latent.")
+    q_lora_rank: Optional[int] = doc(None, "MLA: rank of the query bottleneck; null: a full-rank query projection "
+                                           "(DeepSeek-V2-Lite).")
+    kv_lora_rank: int = doc(512, "MLA: rank of the joint key/value latent.")
+    qk_nope_head_dim: int = doc(128, "MLA: per-head query/key dimensions without position.")
+    qk_rope_head_dim: int = doc(64, "MLA: per-head rotary query/key dimensions (even).")
+    v_head_dim: int = doc(128, "MLA: per-head value dimension.")
+    mtp_num_layers: int = doc(0, "Multi-token prediction (DeepSeek-V3): extra depths, depth k predicting token "
+                                 "t+1+k; 0: off.")
+    mtp_loss_weight: float = doc(0.1, "Weight of the mean multi-token-prediction loss added to the objective.")
+    layer_pattern: Optional[str] = doc(None, "Hybrid stack, one character per layer: M Mamba-2 mixer, * "
+                                             "self-attention, - MLP (MoE with num_experts); null: every layer is "
+                                             "attention + MLP.")
+    mamba_num_heads: Optional[int] = doc(None, "Mamba heads; null: 2 x hidden_size / mamba_head_dim (expand 2).")
+    mamba_head_dim: int = doc(64, "Mamba head dimension.")
+    mamba_state_dim: int = doc(128, "Mamba SSM state size per head.")
+    mamba_num_groups: int = doc(8, "Mamba groups: B and C are shared by the heads of each group (divides the "
+                                   "heads).")
+    mamba_conv_kernel: int = doc(4, "Width of Mamba's depthwise causal convolution.")
+    mamba_chunk_size: int = doc(128, "SSD chunk length (speed only; results do not depend on it).")
+    mamba_dt_clamp_min: float = doc(0.0, "Lower clamp of the Mamba time step (NemotronH's time_step_min); 0: none.")
+    from_hf: Optional[str] = doc(None, "A Hugging Face model directory (config.json + safetensors): the model's "
+                                       "shape and weights come from it; a model.* override that contradicts it is "
+                                       "an error. null: build from the model.* keys, randomly initialized.")
 
     # ------------------------------------------------------------------ derived
     @property

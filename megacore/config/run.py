@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
+from megacore.config.fields import doc
 from megacore.config.model import TransformerConfig
 from megacore.config.support import check, check_supported, facts_of_parallel
 from megacore.config.vision import VisionConfig
@@ -29,49 +30,53 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotu
 class ParallelConfig:
     """Model-parallel layout. World size = pipeline * data * context * tensor (TP fastest-varying)."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: Optional[int] = None
-    context: int = 1
-    expert: int = 1
-    # Expert tensor parallelism: each expert's hidden units split over this many ranks of the TP group
-    # (1, or parallel.tensor); the routed experts are replicated over TP when 1.
-    expert_tensor: int = 1
-    # How tokens reach their experts' ranks under expert parallelism (megacore.parallel.expert_parallel):
-    # "all_to_all" (each row travels to its expert's rank and back) or "all_gather" (every rank gathers
-    # every row and computes its experts' rows; P times the traffic, simpler: for 2-4 ranks).
-    expert_dispatcher: str = "all_to_all"
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    fsdp: bool = False
-    pipeline_layers: Optional[list] = None
-    pipeline_schedule: str = "1f1b"
-    ddp_bucket_size_mb: float = 25.0
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = True
-    grad_reduce_dtype: str = "fp32"   # dtype of data-parallel gradient reduction on the wire (fp32 | bf16)
-    # Overlap sequence-parallel communication with compute (needs sequence_parallel): "off";
-    # "copy_engine" (megacore.parallel.sp_overlap: each SP linear moves its tokens by peer-to-peer
-    # copies over symmetric memory while it multiplies the local part; eager or compiled, CUDA graphs
-    # included; on CPU/gloo the same ops run the plain collectives). Inductor passes, compile=true on
-    # CUDA only: "schedule" (its overlap scheduler starts each collective early and waits late);
-    # "reorder" (its older reordering passes); "symm_mem" (its micro-pipelined async TP). The
-    # inductor passes measured slower on 2 H100s: see docs/parallelism-tp.md.
-    tp_comm_overlap: str = "off"
-    # Split each micro-batch into this many groups of whole sequences inside every transformer layer:
-    # the groups are independent, so one group's collectives can run while another computes.
-    tp_batch_chunks: int = 1
-    # How attention layers exchange keys/values across the context-parallel ranks
-    # (megacore.parallel.context_parallel): "allgather" (every rank gathers the whole K/V),
-    # "ring" (K/V blocks passed around the ring, overlapped with the attention of the block in hand),
-    # "a2a" (all-to-all: heads scattered, sequence gathered; heads divisible by parallel.context) or
-    # "a2a+ring" (a2a inside groups of parallel.context_a2a_size ranks, ring across the groups).
-    context_mode: str = "allgather"
-    context_a2a_size: Optional[int] = None
-    # Seconds a collective may wait for the other ranks (NCCL and gloo, every process group): a rank
-    # that stalls or dies ends the job within this time, with a message naming the rank and step.
-    # Generous by default: rank 0 may build the data index or write a checkpoint while others wait.
-    timeout_s: float = 1800.0
+    tensor: int = doc(1, "Tensor-parallel size: ranks that split each layer's weights (neighbouring ranks).")
+    pipeline: int = doc(1, "Pipeline-parallel size: stages the layers are cut into.")
+    virtual_pipeline: Optional[int] = doc(None, "Model chunks per pipeline stage (interleaved schedule); "
+                                                "null: one chunk per stage.")
+    context: int = doc(1, "Context-parallel size: ranks that each hold part of every sequence.")
+    expert: int = doc(1, "Expert-parallel size: ranks the routed experts of a MoE layer are spread over.")
+    expert_tensor: int = doc(1, "Expert tensor parallelism: ranks of the TP group that split each expert's hidden "
+                                "units (1 or parallel.tensor); 1 replicates the routed experts over TP.")
+    expert_dispatcher: str = doc("all_to_all", "How tokens reach their experts' ranks under expert parallelism: "
+                                 "all_to_all (each row travels to its expert's rank and back) or all_gather (every "
+                                 "rank gathers every row; P times the traffic, simpler: for 2-4 ranks).")
+    sequence_parallel: bool = doc(False, "Split the activations outside attention/MLP along the sequence over the "
+                                         "TP ranks (needs parallel.tensor > 1).")
+    distributed_optimizer: bool = doc(False, "Shard the optimizer state and master weights over data-parallel "
+                                             "ranks (ZeRO-1/2).")
+    fsdp: bool = doc(False, "Shard parameters, gradients and optimizer state over data-parallel ranks (FSDP2).")
+    pipeline_layers: Optional[list] = doc(None, "Layers per pipeline block, in model order (pipeline x "
+                                                "virtual_pipeline counts summing to model.num_layers); null: an "
+                                                "even split.")
+    pipeline_schedule: str = doc("1f1b", "Pipeline schedule: 1f1b, interleaved (needs virtual_pipeline), gpipe or "
+                                         "zero_bubble.")
+    ddp_bucket_size_mb: float = doc(25.0, "Size in MB of the gradient buckets reduced over data parallelism "
+                                          "(larger: fewer, bigger collectives).")
+    overlap_grad_reduce: bool = doc(True, "Reduce each gradient bucket during backward, as soon as it is full.")
+    overlap_param_gather: bool = doc(True, "Distributed optimizer: all-gather the updated parameters bucket by "
+                                           "bucket, overlapped with the next forward.")
+    grad_reduce_dtype: str = doc("fp32", "dtype of the data-parallel gradient reduction on the wire: fp32 (exact "
+                                         "sums) or bf16 (half the traffic).")
+    tp_comm_overlap: str = doc("off", "Overlap sequence-parallel communication with compute (needs "
+                               "sequence_parallel): off; copy_engine (each SP linear moves its tokens by peer-to-peer "
+                               "copies over symmetric memory while it multiplies the local part; eager or compiled, "
+                               "CUDA graphs included; plain collectives on CPU/gloo). Inductor passes, compile=true "
+                               "on CUDA only: schedule (its overlap scheduler), reorder (its older reordering passes), "
+                               "symm_mem (its micro-pipelined async TP); measured slower on 2 H100s "
+                               "(docs/parallelism-tp.md).")
+    tp_batch_chunks: int = doc(1, "Split each micro-batch into this many groups of whole sequences inside every "
+                                  "layer, so one group's collectives run while another computes; 1: off.")
+    context_mode: str = doc("allgather", "How attention exchanges keys/values across context-parallel ranks: "
+                            "allgather (every rank gathers the whole K/V), ring (K/V blocks passed around the ring, "
+                            "overlapped with attention), a2a (all-to-all: heads scattered, sequence gathered; heads "
+                            "divisible by parallel.context) or a2a+ring (a2a inside groups of context_a2a_size "
+                            "ranks, ring across them).")
+    context_a2a_size: Optional[int] = doc(None, "With context_mode=a2a+ring: ranks per all-to-all group (a divisor "
+                                                "of parallel.context).")
+    timeout_s: float = doc(1800.0, "Seconds a collective may wait for the other ranks (every NCCL/gloo group): a "
+                                   "rank that stalls or dies ends the job within this time, naming the rank and "
+                                   "step. Generous: rank 0 may build the data index or save while others wait.")
 
     def validate(self, world_size: Optional[int] = None) -> "ParallelConfig":
         """Each key's own values here; which sizes and features go together (and with the world
@@ -125,32 +130,33 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = 200
-    global_batch_size: int = 8
-    micro_batch_size: int = 8
-    seed: int = 1234
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 20
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: Optional[int] = None
-    wsd_decay_fraction: float = 0.2
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    eval_interval: int = 0
-    eval_iters: int = 10
-    log_interval: int = 1
-    # Divergence policy (megacore.training.divergence). A step whose loss or grad norm is not finite,
-    # or whose loss exceeds loss_spike_factor x the mean loss of the loss_spike_window applied steps
-    # before it, is skipped (weights and optimizer state untouched) and logged in metrics.jsonl with
-    # skipped=true and a skip_reason. max_skipped_steps skips in a row stop the run with an error
-    # (exit 1); null: never stop (the skips are still logged).
-    max_skipped_steps: Optional[int] = 3
-    loss_spike_factor: Optional[float] = None  # e.g. 3.0 (must be > 1); null: no loss-spike check
-    loss_spike_window: int = 20                # applied steps whose mean loss a spike is measured against
+    iters: int = doc(200, "Optimizer steps to train (a resumed run continues up to this step).")
+    global_batch_size: int = doc(8, "Sequences per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = doc(8, "Sequences per forward/backward pass on one rank; global_batch_size / "
+                                   "(micro_batch_size x data-parallel size) micro-batches accumulate per step.")
+    seed: int = doc(1234, "Seed of the weights, dropout and data order (the same seed gives the same model and "
+                          "batches in every parallel layout).")
+    lr: float = doc(1e-3, "Peak learning rate, reached after warmup_iters.")
+    min_lr: float = doc(1e-4, "Learning rate at the end of the decay (0 <= min_lr <= lr).")
+    warmup_iters: int = doc(20, "Steps of linear warmup from 0 to lr.")
+    lr_decay_style: str = doc("cosine", "Learning-rate decay after warmup: cosine, linear, wsd (warmup-stable-decay: "
+                                        "constant, then decay over the last wsd_decay_fraction) or constant.")
+    lr_decay_iters: Optional[int] = doc(None, "Step at which the decay reaches min_lr; null: train.iters.")
+    wsd_decay_fraction: float = doc(0.2, "lr_decay_style=wsd: fraction (0-1) of the decay steps spent decaying.")
+    weight_decay: float = doc(0.1, "AdamW decoupled weight decay (matrices only; not biases or norms); 0: none.")
+    adam_beta1: float = doc(0.9, "AdamW beta1, in [0, 1).")
+    adam_beta2: float = doc(0.95, "AdamW beta2, in [0, 1).")
+    adam_eps: float = doc(1e-8, "AdamW epsilon (> 0).")
+    clip_grad: float = doc(1.0, "Clip the global gradient norm to this value; 0: no clipping.")
+    eval_interval: int = doc(0, "Evaluate on the validation split every this many steps; 0: never.")
+    eval_iters: int = doc(10, "Validation batches (of global_batch_size) per evaluation.")
+    max_skipped_steps: Optional[int] = doc(3, "Divergence policy: a step whose loss or grad norm is not finite (or "
+                                              "a loss spike) is skipped and logged with skipped=true; this many "
+                                              "skips in a row stop the run (exit 1); null: never stop.")
+    loss_spike_factor: Optional[float] = doc(None, "Skip a step whose loss exceeds this multiple (> 1, e.g. 3.0) of "
+                                                   "the mean loss of the last loss_spike_window applied steps; null: "
+                                                   "no loss-spike check.")
+    loss_spike_window: int = doc(20, "Applied steps whose mean loss a spike is measured against.")
 
     def validate(self) -> "TrainConfig":
         check_finite("train", self)
@@ -192,8 +198,6 @@ class TrainConfig:
         if self.eval_iters < 0 or (self.eval_interval > 0 and self.eval_iters < 1):
             _fail("train.eval_iters", self.eval_iters, "must be >= 1 when train.eval_interval > 0",
                   "use e.g. 10, or train.eval_interval=0 to disable evaluation")
-        if self.log_interval < 1:
-            _fail("train.log_interval", self.log_interval, "must be >= 1", "use 1")
         if self.max_skipped_steps is not None and self.max_skipped_steps < 1:
             _fail("train.max_skipped_steps", self.max_skipped_steps, "must be >= 1",
                   "use e.g. 3, or null to never stop on skipped steps")
@@ -210,17 +214,25 @@ class DataConfig:
     """``source``: ``default`` (the embedded corpus), ``mock`` (deterministic synthetic tokens) or
     ``indexed`` (``paths``: Megatron .bin/.idx prefixes, with optional ``weights``)."""
 
-    source: str = "default"
-    paths: Optional[list] = None
-    weights: Optional[list] = None
-    split: str = "969,30,1"
-    tokenizer: Optional[str] = None
-    tokenizer_vocab_size: int = 4096
-    cache_dir: Optional[str] = None
-    eod_mask_loss: bool = False
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    num_workers: int = 0
+    source: str = doc("default", "Training data: default (the embedded corpus, Python stdlib docstrings), mock "
+                                 "(deterministic synthetic tokens) or indexed (data.paths).")
+    paths: Optional[list] = doc(None, "data.source=indexed: .bin/.idx path prefixes written by `megacore preprocess` "
+                                      "(or Megatron-LM), e.g. [data/web, data/code].")
+    weights: Optional[list] = doc(None, "Blend weights, one per entry of data.paths (normalized); null: in "
+                                        "proportion to each dataset's tokens.")
+    split: str = doc("969,30,1", "train,valid,test proportions of the documents (Megatron style).")
+    tokenizer: Optional[str] = doc(None, "A Hugging Face tokenizer.json (or its folder), a sentencepiece .model, or "
+                                         "bpe (train a byte-level BPE on the default corpus); null: the default "
+                                         "corpus's BPE, or the PREFIX.tokenizer.json beside indexed data.")
+    tokenizer_vocab_size: int = doc(4096, "Vocabulary size of a BPE trained on the fly (data.tokenizer=bpe or null "
+                                          "with source=default).")
+    cache_dir: Optional[str] = doc(None, "Where tokenizers, tokenized corpora and sample indices are cached; null: "
+                                         "$MEGACORE_CACHE, else ~/.cache/megacore.")
+    eod_mask_loss: bool = doc(False, "Do not train the prediction that follows an end-of-document token (across a "
+                                     "document boundary).")
+    reset_position_ids: bool = doc(False, "Restart position ids at 0 after each end-of-document token.")
+    reset_attention_mask: bool = doc(False, "Attend only within each document of a packed sequence (a per-sample "
+                                            "attention mask).")
 
     def validate(self) -> "DataConfig":
         check_finite("data", self)
@@ -241,8 +253,6 @@ class DataConfig:
         if nums is None or len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
             _fail("data.split", self.split, "must be three finite non-negative numbers 'train,valid,test'",
                   "use e.g. '969,30,1'")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            _fail("data.num_workers", self.num_workers, "must be >= 0", "use 0")
         if not isinstance(self.tokenizer_vocab_size, int) or self.tokenizer_vocab_size < 1:
             _fail("data.tokenizer_vocab_size", self.tokenizer_vocab_size, "must be a positive integer", "use e.g. 4096")
         return self
@@ -259,17 +269,22 @@ def _finite_numbers(items) -> Optional[list[float]]:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None
-    interval: int = 0
-    load: Optional[str] = None
-    async_save: bool = False
-    keep_last: int = 3
-    save_on_exit: bool = True
-    # Export the model as a Hugging Face directory (config.json with the source model's token ids,
-    # generation_config.json, safetensors, tokenizer when known) here at the end of training;
-    # null: no export. save_hf_at_each_save: also export at every checkpoint save (overwriting).
-    save_hf: Optional[str] = None
-    save_hf_at_each_save: bool = False
+    dir: Optional[str] = doc(None, "Checkpoint directory: saves go here (iter_NNNNNNN folders and a latest file), "
+                                   "and a run resumes from its latest checkpoint; null: no checkpoints.")
+    interval: int = doc(0, "Save every this many steps; 0: only at the end (checkpoint.save_on_exit).")
+    load: Optional[str] = doc(None, "Checkpoint to start from: an iter_* folder or a checkpoint directory (its "
+                                    "latest); null: the latest in checkpoint.dir, if any.")
+    async_save: bool = doc(False, "Write periodic checkpoints in the background (training stalls only for the copy "
+                                  "to host memory).")
+    keep_last: int = doc(3, "Keep this many most recent checkpoints in checkpoint.dir (>= 1); older ones are "
+                            "deleted.")
+    save_on_exit: bool = doc(True, "Save a final checkpoint at the end of training and on SIGTERM/Ctrl-C (needs "
+                                   "checkpoint.dir).")
+    save_hf: Optional[str] = doc(None, "Export the model as a Hugging Face directory (config.json with the source "
+                                       "model's token ids, generation_config.json, safetensors, tokenizer when known) "
+                                       "here at the end of training; null: no export.")
+    save_hf_at_each_save: bool = doc(False, "Also export to checkpoint.save_hf at every checkpoint save "
+                                            "(overwriting).")
 
     def validate(self) -> "CheckpointConfig":
         if self.interval < 0:
@@ -289,13 +304,15 @@ class PrecisionConfig:
     """``dtype`` is the compute/parameter dtype. With bf16/fp16 the optimizer keeps fp32 master
     weights and gradients accumulate in fp32 unless ``master_weights=false``."""
 
-    dtype: str = "fp32"
-    master_weights: bool = True
-    fp8: Optional[str] = None
-    initial_loss_scale: float = 2.0 ** 16
-    loss_scale_window: int = 1000
-    min_loss_scale: float = 1.0
-    hysteresis: int = 2
+    dtype: str = doc("fp32", "Parameter and compute dtype: fp32, bf16 or fp16 (fp16 adds dynamic loss scaling).")
+    master_weights: bool = doc(True, "With bf16/fp16: keep fp32 master weights in the optimizer and accumulate "
+                                     "gradients in fp32.")
+    fp8: Optional[str] = doc(None, "FP8 GEMMs in the transformer layers (Hopper GPUs): tensorwise; null: off.")
+    initial_loss_scale: float = doc(2.0 ** 16, "fp16: the loss scale to start from.")
+    loss_scale_window: int = doc(1000, "fp16: overflow-free steps after which the loss scale doubles.")
+    min_loss_scale: float = doc(1.0, "fp16: the loss scale never backs off below this.")
+    hysteresis: int = doc(2, "fp16: overflows tolerated before the loss scale halves (1: back off on every "
+                             "overflow).")
 
     def validate(self) -> "PrecisionConfig":
         check_finite("precision", self)
@@ -321,9 +338,12 @@ class RecomputeConfig:
     ``selective`` (the listed ``modules``: ``core_attn``, ``mlp_act``, ``mla_up_proj``: multi-latent
     attention's up-projections with its attention)."""
 
-    granularity: Optional[str] = None
-    every: int = 1
-    modules: list = field(default_factory=lambda: ["core_attn"])
+    granularity: Optional[str] = doc(None, "Activation recomputation: full (whole layers), selective (the listed "
+                                           "recompute.modules) or null (off).")
+    every: int = doc(1, "granularity=full: recompute every n-th layer (1: every layer).")
+    modules: list = doc(text="granularity=selective: core_attn (attention), mlp_act (the MLP activation), "
+                             "mla_up_proj (multi-latent attention's up-projections, with its attention).",
+                        factory=lambda: ["core_attn"])
 
     def validate(self) -> "RecomputeConfig":
         if self.granularity not in (None, "full", "selective"):
@@ -341,18 +361,21 @@ class RecomputeConfig:
 class WandbConfig:
     """Weights & Biases logging from rank 0 (needs ``pip install wandb``); off while ``project`` is null."""
 
-    project: Optional[str] = None
-    name: Optional[str] = None
-    entity: Optional[str] = None
-    offline: bool = False   # write the run files under log.dir without contacting the server
+    project: Optional[str] = doc(None, "W&B project to log to; null: W&B off.")
+    name: Optional[str] = doc(None, "W&B run name; null: W&B chooses one.")
+    entity: Optional[str] = doc(None, "W&B entity (user or team); null: your default entity.")
+    offline: bool = doc(False, "Write the W&B run files under log.dir without contacting the server (sync later "
+                               "with `wandb sync`).")
 
 
 @dataclass
 class LogConfig:
-    dir: str = "runs/demo"
-    interval: int = 1
-    tensorboard: bool = False
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dir: str = doc("runs/demo", "Run directory: metrics.jsonl, config.yaml (the resolved config and versions), "
+                                "TensorBoard/W&B/profiler files. A new run in a used directory goes to DIR-2, DIR-3, "
+                                "...; a resumed run continues in it.")
+    interval: int = doc(1, "Print the progress line every this many steps (metrics.jsonl records every step).")
+    tensorboard: bool = doc(False, "Also write TensorBoard event files to log.dir (needs `pip install tensorboard`).")
+    wandb: WandbConfig = doc(text="Weights & Biases logging from rank 0.", factory=WandbConfig)
 
     def validate(self) -> "LogConfig":
         if self.interval < 1:
@@ -366,13 +389,14 @@ class ProfileConfig:
     ``<log.dir>/profile``), and CUDA memory history (``memory_snapshot``: dumped under ``log.dir``
     at the end and on out-of-memory)."""
 
-    start_step: Optional[int] = None   # first profiled step (1-based); null: no profiler
-    end_step: Optional[int] = None     # last profiled step (inclusive); null: start_step only
-    ranks: Optional[list] = None       # ranks that profile; null: every rank
-    record_shapes: bool = False
-    with_stack: bool = False
-    memory_snapshot: bool = False
-    memory_snapshot_max_entries: int = 100000
+    start_step: Optional[int] = doc(None, "First profiled step (1-based); null: no profiler.")
+    end_step: Optional[int] = doc(None, "Last profiled step (inclusive); null: start_step only.")
+    ranks: Optional[list] = doc(None, "Ranks that profile, e.g. [0]; null: every rank.")
+    record_shapes: bool = doc(False, "Record the input shapes of each operator in the trace.")
+    with_stack: bool = doc(False, "Record the Python stack of each operator in the trace (larger files).")
+    memory_snapshot: bool = doc(False, "Record the CUDA memory history and dump it under log.dir at the end and on "
+                                       "out-of-memory (view at pytorch.org/memory_viz).")
+    memory_snapshot_max_entries: int = doc(100000, "Allocation events the CUDA memory history keeps.")
 
     def validate(self) -> "ProfileConfig":
         if self.start_step is not None and (not isinstance(self.start_step, int) or self.start_step < 1):
@@ -392,22 +416,26 @@ class ProfileConfig:
 
 @dataclass
 class RunConfig:
-    model: TransformerConfig = field(default_factory=TransformerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    profile: ProfileConfig = field(default_factory=ProfileConfig)
-    device: str = "cpu"
-    compile: bool = False
-    # torch.compile mode of the layer and loss-head graphs: null (inductor's default),
-    # "reduce-overhead" (CUDA graphs: one launch per graph replay, for host-bound steps),
-    # "max-autotune" or "max-autotune-no-cudagraphs" (GEMM autotuning; slow first compile).
-    compile_mode: Optional[str] = None
+    model: TransformerConfig = doc(text="Shape and numerics of the decoder-only transformer.",
+                                   factory=TransformerConfig)
+    parallel: ParallelConfig = doc(text="Parallel layout: world size = pipeline x data x context x tensor.",
+                                   factory=ParallelConfig)
+    train: TrainConfig = doc(text="Steps, batch sizes, optimizer, learning-rate schedule, divergence policy.",
+                             factory=TrainConfig)
+    data: DataConfig = doc(text="Training data and tokenizer.", factory=DataConfig)
+    checkpoint: CheckpointConfig = doc(text="Saving, resuming and Hugging Face export.", factory=CheckpointConfig)
+    precision: PrecisionConfig = doc(text="Dtypes, master weights, fp16 loss scaling, FP8.", factory=PrecisionConfig)
+    recompute: RecomputeConfig = doc(text="Activation recomputation (trade compute for memory).",
+                                     factory=RecomputeConfig)
+    log: LogConfig = doc(text="Run directory, progress line, TensorBoard, Weights & Biases.", factory=LogConfig)
+    vision: VisionConfig = doc(text="The image side of a LLaVA model (off unless vision.enabled).",
+                               factory=VisionConfig)
+    profile: ProfileConfig = doc(text="PyTorch profiler traces and CUDA memory snapshots.", factory=ProfileConfig)
+    device: str = doc("cpu", "Where to train: cpu, cuda or auto (cuda when available).")
+    compile: bool = doc(False, "torch.compile the layers and the loss head.")
+    compile_mode: Optional[str] = doc(None, "torch.compile mode: null (inductor's default), reduce-overhead (CUDA "
+                                            "graphs, for host-bound steps), max-autotune or max-autotune-no-cudagraphs "
+                                            "(GEMM autotuning; slow first compile).")
 
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         self.model.validate()

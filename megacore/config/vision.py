@@ -7,6 +7,7 @@ from typing import Optional
 
 from megacore.config.errors import check_finite
 from megacore.config.errors import fail as _fail
+from megacore.config.fields import doc
 from megacore.config.model import ACTIVATIONS, TransformerConfig
 
 
@@ -16,21 +17,25 @@ class VisionConfig:
     which of its hidden states feeds the projector, and the token that marks image positions in the
     text. Off unless ``enabled``; ``model`` is then the language model."""
 
-    enabled: bool = False
-    image_size: int = 336
-    patch_size: int = 14
-    num_channels: int = 3
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_layers: int = 24
-    num_attention_heads: int = 16
-    norm_epsilon: float = 1e-5
-    activation: str = "quick_gelu"
-    image_token_id: Optional[int] = None    # a text token id reserved for image positions
-    feature_layer: int = -2                 # hidden state k = after k layers (0 = embeddings); negative from the end
-    feature_select: str = "default"         # "default" drops the class token, "full" keeps it
-    projector_activation: str = "gelu"      # gelu | gelu_tanh
-    freeze_tower: bool = True               # LLaVA trains the projector and the language model only
+    enabled: bool = doc(False, "Train a LLaVA model: this vision tower + projector in front of the model.* "
+                               "language model.")
+    image_size: int = doc(336, "Input image side in pixels (square; a multiple of patch_size).")
+    patch_size: int = doc(14, "Side in pixels of the square patches each image is cut into.")
+    num_channels: int = doc(3, "Image channels (3: RGB).")
+    hidden_size: int = doc(1024, "Width of the vision transformer.")
+    intermediate_size: int = doc(4096, "Hidden size of the vision transformer's MLP.")
+    num_layers: int = doc(24, "Vision transformer layers.")
+    num_attention_heads: int = doc(16, "Attention heads of the vision transformer (dividing hidden_size).")
+    norm_epsilon: float = doc(1e-5, "Epsilon of the vision transformer's LayerNorms.")
+    activation: str = doc("quick_gelu", "Vision MLP activation (non-gated): quick_gelu, gelu or gelu_tanh.")
+    image_token_id: Optional[int] = doc(None, "A text token id reserved for image positions (required when "
+                                              "enabled).")
+    feature_layer: int = doc(-2, "Hidden state that feeds the projector: k = after k layers (0 = embeddings); "
+                                 "negative counts from the end (-2: LLaVA-1.5).")
+    feature_select: str = doc("default", "default drops the class token, full keeps it.")
+    projector_activation: str = doc("gelu", "Activation between the projector's two linears: gelu or gelu_tanh.")
+    freeze_tower: bool = doc(True, "Do not train the vision tower (LLaVA trains the projector and the language "
+                                   "model only).")
 
     def validate(self) -> "VisionConfig":
         def fail(name, problem, fix):

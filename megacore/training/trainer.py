@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from typing import Optional
 
@@ -52,6 +53,7 @@ from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
 from megacore.training.pending_step import PendingStep
+from megacore.training.run_dir import agree_run_dir, write_run_config
 from megacore.sharding import peek_meta
 
 
@@ -122,6 +124,11 @@ class Trainer:
                    f"{'FSDP2' if p.fsdp else 'distributed (ZeRO-1/2)' if p.distributed_optimizer else 'replicated'}; "
                    f"{len(self.data.micro_slices())} micro-batches of {cfg.train.micro_batch_size} per step")
         self._resume()
+        # A new run never writes over an earlier one's record (megacore.training.run_dir).
+        cfg.log.dir = agree_run_dir(cfg.log.dir, self.step > 0, self.rank, self._info)
+        self.profiler.dir = os.path.join(cfg.log.dir, "profile")
+        if self.rank == 0:
+            write_run_config(cfg, name, self.world_size, self.step)
         sinks = open_sinks(cfg, self.step if self.step > 0 else None) if self.rank == 0 else []
         self.metrics = MetricsLogger(sinks, enabled=self.rank == 0, total_iters=cfg.train.iters)
         self._info(self.metrics.outputs(cfg.checkpoint.dir, self.profiler.output_dir))
