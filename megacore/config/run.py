@@ -216,12 +216,14 @@ class DataConfig:
 
     source: str = doc("default", "Training data: default (the embedded corpus, Python stdlib docstrings), mock "
                                  "(deterministic synthetic tokens) or indexed (data.paths).")
-    paths: Optional[list] = doc(None, "data.source=indexed: .bin/.idx path prefixes written by `megacore preprocess` "
-                                      "(or Megatron-LM), e.g. [data/web, data/code].")
+    paths: Optional[list] = doc(None, "data.source=indexed: datasets written by `megacore preprocess` (or "
+                                      "Megatron-LM), each as its prefix, PREFIX.bin or PREFIX.idx, e.g. "
+                                      "[data/web, data/code.bin].")
     weights: Optional[list] = doc(None, "Blend weights, one per entry of data.paths (normalized); null: in "
                                         "proportion to each dataset's tokens.")
     split: str = doc("969,30,1", "train,valid,test proportions of the documents (Megatron style).")
-    tokenizer: Optional[str] = doc(None, "A Hugging Face tokenizer.json (or its folder), a sentencepiece .model, or "
+    tokenizer: Optional[str] = doc(None, "A Hugging Face tokenizer.json (or its folder), a sentencepiece .model, a "
+                                         "tiktoken rank file (.tiktoken) or tiktoken:NAME, or "
                                          "bpe (train a byte-level BPE on the default corpus); null: the default "
                                          "corpus's BPE, or the PREFIX.tokenizer.json beside indexed data.")
     tokenizer_vocab_size: int = doc(4096, "Vocabulary size of a BPE trained on the fly (data.tokenizer=bpe or null "
@@ -272,8 +274,9 @@ class CheckpointConfig:
     dir: Optional[str] = doc(None, "Checkpoint directory: saves go here (iter_NNNNNNN folders and a latest file), "
                                    "and a run resumes from its latest checkpoint; null: no checkpoints.")
     interval: int = doc(0, "Save every this many steps; 0: only at the end (checkpoint.save_on_exit).")
-    load: Optional[str] = doc(None, "Checkpoint to start from: an iter_* folder or a checkpoint directory (its "
-                                    "latest); null: the latest in checkpoint.dir, if any.")
+    load: Optional[str] = doc(None, "Checkpoint to start from: an iter_* folder, a checkpoint directory (its "
+                                    "latest), iter_N or a step number in checkpoint.dir, or latest (the latest in "
+                                    "checkpoint.dir; a fresh start when there is none); null: as latest.")
     async_save: bool = doc(False, "Write periodic checkpoints in the background (training stalls only for the copy "
                                   "to host memory).")
     keep_last: int = doc(3, "Keep this many most recent checkpoints in checkpoint.dir (>= 1); older ones are "
