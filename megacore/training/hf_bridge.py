@@ -45,6 +45,7 @@ class HFBridge:
         self.hf_config: Optional[dict] = None
         self.family: Optional[str] = None
         self._solo = None  # a process group of rank 0 alone, for reading an export back
+        self.exported_step: Optional[int] = None
         if self.source is not None:
             self._resolve()
         if cfg.checkpoint.save_hf is not None:
@@ -127,7 +128,10 @@ class HFBridge:
         return self.cfg.checkpoint.save_hf is not None and self.cfg.checkpoint.save_hf_at_each_save
 
     def export(self, chunks, step: int, extra: dict) -> None:
-        """Write ``checkpoint.save_hf`` from the model of step ``step`` (collective, see the module doc)."""
+        """Write ``checkpoint.save_hf`` from the model of step ``step`` (collective, see the module doc);
+        nothing when that step is exported already (a save at the last step, then the end)."""
+        if step == self.exported_step:
+            return
         from megacore.checkpoint import comm
         from megacore.checkpoint.convert import megacore_to_hf
         from megacore.checkpoint.save import save_checkpoint
@@ -156,6 +160,7 @@ class HFBridge:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         comm.raise_if_any(error, f"exporting step {step} to {out}")
+        self.exported_step = step
         self.log(f"exported step {step} as a Hugging Face model: {out}")
 
 

@@ -223,3 +223,31 @@ def test_export_config_restores_the_sources_runtime_keys(tmp_path):
     restored = export_config(cfg.model, hf_cfg)
     assert (restored.seq_length, restored.attention_dropout, restored.vocab_padding_multiple) == (128, 0.0, 64)
     assert isinstance(restored, TransformerConfig)
+
+
+def test_save_hf_at_each_save_exports_after_every_checkpoint(tmp_path, monkeypatch):
+    from megacore.training.trainer import Trainer
+
+    _save("llama_gqa", tmp_path / "hf")
+    steps = []
+    original = HFBridge.export
+
+    def spy(self, chunks, step, extra):
+        original(self, chunks, step, extra)
+        steps.append((step, (tmp_path / "out").stat().st_ino))  # each export renames a new directory in
+
+    monkeypatch.setattr(HFBridge, "export", spy)
+    cfg = _run_config(tmp_path / "hf", ("model.seq_length", 16), ("train.iters", 4), ("train.global_batch_size", 2),
+                      ("train.micro_batch_size", 2), ("train.eval_interval", 0), ("checkpoint.dir", tmp_path / "ckpt"),
+                      ("checkpoint.interval", 2), ("checkpoint.save_hf", tmp_path / "out"),
+                      ("checkpoint.save_hf_at_each_save", True), ("log.dir", tmp_path / "log"))
+    Trainer(cfg).run()
+    # Once per save; the end does not write step 4 a second time.
+    assert [step for step, _ in steps] == [2, 4, 4] and steps[1][1] == steps[2][1] != steps[0][1]
+    exported = hf.load_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        before = hf.load_pretrained(tmp_path / "hf")
+        assert not torch.equal(exported.output_layer.weight, before.output_layer.weight)  # it trained
+    with pytest.raises(ConfigError, match="save_hf_at_each_save=true but no checkpoint is saved"):
+        HFBridge(_run_config(tmp_path / "hf", ("checkpoint.save_hf", tmp_path / "out"),
+                             ("checkpoint.save_hf_at_each_save", True)))
