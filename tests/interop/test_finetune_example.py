@@ -5,8 +5,8 @@ built here, then its Python snippet (transformers loads the export and generates
 Checked against independent references: the loss falls; transformers' logits of the export equal
 those of megacore's final checkpoint read by megacore's own loader (fp32, 1e-4); the export carries
 the source's token ids, generation config and tokenizer, with 0755/0644 modes under umask 022; a
-resumed run exports the checkpoint's weights, not the HF source's; a contradicting override is one
-line on the terminal."""
+run resumed at TP2 exports the checkpoint's weights (gathered from the shards), not the HF
+source's; a contradicting override is one line on the terminal."""
 
 from __future__ import annotations
 
@@ -71,6 +71,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MEGACORE_CACHE=str(cwd / "cache"))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    env["MEGACORE_BACKEND"] = "gloo"
     assert args[0] == "megacore"
     args = [a.replace("configs/", f"{ROOT}/configs/", 1) if a.startswith("configs/") else a for a in args[1:]]
     return subprocess.run([sys.executable, "-m", "megacore", *args], cwd=cwd, env=env, capture_output=True,
@@ -141,12 +142,15 @@ def test_the_docs_python_snippet_generates_from_the_export(example, monkeypatch,
     assert "def fibonacci(n):" in printed, printed
 
 
-def test_a_resumed_run_exports_the_checkpoint_not_the_hf_weights(example):
+def test_a_resumed_run_at_tp2_exports_the_checkpoint_not_the_hf_weights(example):
+    """Resumed from the final checkpoint on two tensor-parallel ranks: the checkpoint wins over
+    model.from_hf's weights, and the export gathers the TP shards back to exactly the same tensors."""
     root, train, _ = example
     again = [a.replace(OUT, "out/resumed") for a in train] + CI + [
-        "checkpoint.dir=null", "checkpoint.load=runs/finetune_hf/ckpt", "log.dir=runs/resumed"]
+        "checkpoint.dir=null", "checkpoint.load=runs/finetune_hf/ckpt", "log.dir=runs/resumed",
+        "parallel.tensor=2", "--nproc", "2"]
     log = _ok(_run(again, root))
-    assert "resumed from" in log and "nothing left to train" in log, log
+    assert "resumed from" in log and "nothing left to train" in log and "tensor 2" in log, log
     first, resumed, source = (read_safetensors_dir(root / d) for d in (OUT, "out/resumed", HF_DIR))
     assert sorted(first) == sorted(resumed)
     assert all(torch.equal(first[k], resumed[k]) for k in first)
