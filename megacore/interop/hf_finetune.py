@@ -71,8 +71,9 @@ def resolve_model(model_cfg: TransformerConfig, hf_dir: PathLike) -> Transformer
         if name not in RUNTIME_FIELDS:
             raise ConfigError(
                 f"model.{name}={user!r} contradicts model.from_hf={str(hf_dir)!r}, whose config.json gives "
-                f"{name}={getattr(source, name)!r}; the model's shape comes from the Hugging Face directory: drop "
-                f"model.{name} (only {', '.join(sorted(RUNTIME_FIELDS))} may be set on top of it)")
+                f"{name}={getattr(source, name)!r}; the model comes from the Hugging Face directory: drop "
+                f"model.{name} (only runtime keys such as seq_length, dropout or attention_backend may be set on "
+                "top of it; docs/finetune-hf.md lists them)")
         kept[name] = user
     if "seq_length" in kept:
         _check_seq_length(kept["seq_length"], source, hf_dir)

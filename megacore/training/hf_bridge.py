@@ -8,13 +8,14 @@
   or a shorter ``seq_length`` may be set on top). The composition root fills the weights from
   ``DIR``'s safetensors at whatever parallel layout the run has (``hf_finetune.load_weights``); a
   resumed run then loads its checkpoint over them, so a checkpoint always wins.
-- The tokenizer: when ``DIR`` holds a ``tokenizer.json`` and ``data.tokenizer`` is unset, it
-  becomes ``data.tokenizer`` (for ``data.source=default`` the embedded corpus is tokenized with
-  it; for ``indexed`` data it must be what ``megacore preprocess --tokenizer DIR`` used). A
-  ``data.tokenizer``, or a ``PREFIX.tokenizer.json`` beside indexed data, whose vocabulary differs
-  from ``DIR``'s is a ConfigError: the pretrained embeddings belong to ``DIR``'s token ids, and
-  other ids would train the model on garbage without any error. ``data.tokenizer=bpe`` (a fresh
-  BPE) is refused for the same reason.
+- The tokenizer: when ``DIR`` holds a ``tokenizer.json`` (else a sentencepiece ``tokenizer.model``)
+  and ``data.tokenizer`` is unset, it becomes ``data.tokenizer`` (``data.source=default`` tokenizes
+  the embedded corpus with it; ``indexed`` data must be what ``megacore preprocess --tokenizer
+  DIR`` wrote). A ``data.tokenizer``, or a ``PREFIX.tokenizer.json`` beside indexed data, whose
+  vocabulary differs from ``DIR``'s is a ConfigError: the pretrained embeddings belong to
+  ``DIR``'s token ids, and other ids would train the model on garbage without any error.
+  ``data.tokenizer=bpe`` (a fresh BPE) is refused for the same reason, and so is the embedded
+  corpus when ``DIR`` has no tokenizer.
 - ``checkpoint_extra()``: what every checkpoint of the run records about its source (``hf_family``,
   ``hf_config``, ``converted_from``), so ``megacore convert --from megacore`` and ``megacore
   generate`` know the family, the token ids and where the tokenizer is.
@@ -77,22 +78,28 @@ class HFBridge:
 
     def _resolve_tokenizer(self) -> None:
         data, src = self.cfg.data, Path(self.source)
-        if data.source == "mock" or not (src / "tokenizer.json").is_file():
+        if data.source == "mock":
             return
-        theirs = src / "tokenizer.json"
+        theirs = next((p for p in (src / "tokenizer.json", src / "tokenizer.model") if p.is_file()), None)
+        if theirs is None:
+            if data.tokenizer == "bpe" or (data.source == "default" and data.tokenizer is None):
+                raise ConfigError(f"model.from_hf={self.source!r} holds no tokenizer (tokenizer.json or tokenizer.model), "
+                                  "and a new BPE vocabulary would not be the one the model was trained on; set "
+                                  "data.tokenizer to the model's tokenizer")
+            return  # indexed data or a named tokenizer: trusted as the model's
         if data.tokenizer is None:
             beside = Path(f"{data.paths[0]}.tokenizer.json") if data.source == "indexed" and data.paths else None
             if beside is not None and beside.is_file() and not _same_vocabulary(beside, theirs):
                 raise ConfigError(f"data.paths[0]={data.paths[0]!r} was tokenized with {beside}, whose vocabulary is "
                                   f"not the one of model.from_hf={self.source!r}; preprocess the text again with "
                                   f"`megacore preprocess --tokenizer {self.source} ...`")
-            data.tokenizer = self.source
+            data.tokenizer = self.source if theirs.suffix == ".json" else str(theirs)
             self.log(f"data.tokenizer: the tokenizer of model.from_hf ({theirs})")
         elif data.tokenizer == "bpe":
             raise ConfigError(f"data.tokenizer='bpe' trains a new vocabulary, but model.from_hf={self.source!r} was "
-                              "trained on the ids of its own tokenizer.json; unset data.tokenizer to use it")
+                              f"trained on the ids of its own {theirs.name}; unset data.tokenizer to use it")
         elif not _same_vocabulary(Path(data.tokenizer), theirs):
-            raise ConfigError(f"data.tokenizer={data.tokenizer!r} has another vocabulary than the tokenizer.json of "
+            raise ConfigError(f"data.tokenizer={data.tokenizer!r} has another vocabulary than the {theirs.name} of "
                               f"model.from_hf={self.source!r}, whose token ids the model was trained on; unset "
                               "data.tokenizer (the data must then be preprocessed with that tokenizer)")
         size = _tokenizer_size(theirs)

@@ -112,6 +112,8 @@ def _tokenizer(path, words: list[str]):
 
 def test_the_hf_tokenizer_is_the_runs_and_another_vocabulary_is_refused(tmp_path):
     _save("llama_gqa", tmp_path / "hf")
+    with pytest.raises(ConfigError, match="holds no tokenizer .* a new BPE vocabulary"):
+        HFBridge(_run_config(tmp_path / "hf", source="default"))
     _tokenizer(tmp_path / "hf" / "tokenizer.json", ["a", "b", "c"])
     cfg = _run_config(tmp_path / "hf", source="default")
     HFBridge(cfg)
