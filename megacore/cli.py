@@ -168,7 +168,12 @@ def run_train(argv: list[str]) -> int:
     from megacore.training.contract import PeerFailed
 
     try:
-        cfg = load_run_config(config_path, overrides).validate()  # before any key is used (timeout_s below)
+        cfg = load_run_config(config_path, overrides)
+        if cfg.model.from_hf is not None:  # the model section comes from the HF directory: before validating it
+            from megacore.training.hf_bridge import HFBridge
+
+            HFBridge(cfg)
+        cfg.validate()  # before any key is used (timeout_s below)
         _init_distributed(cfg.parallel.timeout_s)
         from megacore.training.trainer import Trainer
 

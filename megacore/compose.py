@@ -11,7 +11,8 @@ from the parallel side. This module alone turns it into the run; the trainer, th
 3. **EP**: each rank keeps its slice of every MoE layer's experts and is handed the exchange
    (all-to-all or all-gather: ``parallel.expert_dispatcher``); **ETP** splits each expert's hidden
    units over the expert-tensor-parallel group (``megacore.parallel.expert_parallel``);
-   then every local shard is materialized as the slice of the one-device model's tensor (``seed``);
+   then every local shard is materialized as the slice of the one-device model's tensor (``seed``,
+   or with ``model.from_hf`` the Hugging Face weights: ``megacore.interop.hf_finetune``);
 4. **CP**: core attention wrapped to gather K/V, the context-parallel mask
    (``megacore.parallel.context_parallel``), MoE layers routing the whole micro-batch
    (``megacore.parallel.moe_parallel``); TP batch chunks; LLaVA around the language model;
@@ -101,7 +102,12 @@ def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_gra
             apply_expert_parallel(chunk, state.ep_group, state.ep_rank, state.ep_size, p.expert_dispatcher)
         if state.etp_size > 1:                                                                  # 3. ETP
             apply_expert_tensor_parallel(chunk, state.etp_group, state.etp_rank, state.etp_size)
-        materialize(chunk, cfg.model, cfg.train.seed, device=device, dtype=dtype)
+        hf_dir = cfg.model.from_hf
+        materialize(chunk, cfg.model, cfg.train.seed, device=device, dtype=dtype, fill=hf_dir is None)
+        if hf_dir is not None:                                                                  # 4. or HF weights
+            from megacore.interop.hf_finetune import load_weights
+
+            load_weights(chunk, hf_dir)
         if state.cp_size > 1:                                                                   # 4. CP
             apply_context_parallel(chunk, state.cp_group)
             apply_moe_context_parallel(chunk, state.cp_group, state.cp_rank, state.cp_size)

@@ -21,6 +21,7 @@ RUNNABLE = {
     "llava_tiny_cpu.yaml": (1, 1),
     "deepseek_v3_tiny_cpu.yaml": (1, 1),
     "deepseek_v2_lite_16b.yaml": (8, 8),
+    "finetune_hf_cpu.yaml": (1, 1),
 }
 
 

@@ -63,11 +63,18 @@ def hf_to_megacore(hf_dir: str, ckpt_dir: str, step: int = 0, dtype: Optional[st
         return save_checkpoint(ckpt_dir, step, model, extra=extra).path
 
 
-def megacore_to_hf(ckpt: str, out_dir: str, family: Optional[str] = None, dtype: Optional[str] = None) -> str:
-    """Read a megacore checkpoint (any layout) into one full model and export it as HF."""
+def megacore_to_hf(ckpt: str, out_dir: str, family: Optional[str] = None, dtype: Optional[str] = None,
+                   group=None) -> str:
+    """Read a megacore checkpoint (any layout) into one full model and export it as HF.
+
+    Reading is collective over ``group`` (default: the world, when torch.distributed is initialized):
+    a single rank of a running job passes a group of itself alone. A checkpoint of a fine-tuning
+    run (``model.from_hf``) exports with its source's config.json keys, generation config and
+    tokenizer files (``megacore.interop.hf.save_pretrained``'s ``source_dir``)."""
     from megacore.checkpoint.load import load_checkpoint
     from megacore.config import TransformerConfig
     from megacore.interop.hf import build_empty, save_pretrained
+    from megacore.interop.hf_finetune import export_config
 
     path = resolve_load_path(ckpt, "latest")
     if path is None:
@@ -78,17 +85,24 @@ def megacore_to_hf(ckpt: str, out_dir: str, family: Optional[str] = None, dtype:
         raise CheckpointError(f"checkpoint {path} records no model config, so the model cannot be rebuilt for export")
     names = {f.name for f in dataclasses.fields(TransformerConfig)}
     config = TransformerConfig(**{k: v for k, v in saved.items() if k in names})
-    model_keys = sorted(k for k in index["tensors"] if k.startswith("model/"))
-    torch_dtype = _torch_dtype(dtype) or dtype_from_name(index["tensors"][model_keys[0]]["dtype"])
+    tensors = index.get("tensors") if isinstance(index, dict) else None
+    model_keys = sorted(k for k in (tensors or {}) if k.startswith("model/"))
+    if not model_keys:
+        raise CheckpointError(f"checkpoint {path} holds no model weights (no 'model/...' tensors in its index.json)")
+    torch_dtype = _torch_dtype(dtype) or dtype_from_name(tensors[model_keys[0]]["dtype"])
     import torch
 
     model = build_empty(config, torch_dtype, torch.device("cpu"))
-    result = load_checkpoint(path, model, load_rng=False)
-    extra = result.extra or {}
+    result = load_checkpoint(path, model, load_optimizer=False, load_rng=False, group=group)
+    extra = result.extra if isinstance(result.extra, dict) else {}
     if extra.get("hf_family"):
         model.hf_family = extra["hf_family"]
         model.hf_config = extra.get("hf_config")
-    save_pretrained(model, out_dir, family=family)
+        if isinstance(model.hf_config, dict):  # a fine-tuning run's runtime keys are not the model's
+            model.config = export_config(model.config, model.hf_config)
+    source = extra.get("converted_from")
+    save_pretrained(model, out_dir, family=family,
+                    source_dir=source if isinstance(source, str) and os.path.isdir(source) else None)
     return out_dir
 
 
@@ -108,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _describe(e: Exception) -> str:
+    if isinstance(e, KeyError):
+        return f"a file read is missing the entry {e}; it is damaged or was not written by megacore / transformers"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e) or type(e).__name__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -115,8 +137,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             out = hf_to_megacore(args.input, args.output, step=args.step, dtype=args.dtype, force=args.force)
         else:
             out = megacore_to_hf(args.input, args.output, family=args.family, dtype=args.dtype)
-    except (CheckpointError, ValueError, FileNotFoundError, TypeError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+    except (CheckpointError, ValueError, OSError, TypeError, KeyError) as e:  # ConfigError is a ValueError
+        # A user's mistake (a wrong directory, a model that does not match, an unknown family, a
+        # damaged file): one line naming it, not a traceback.
+        print(f"error: {_describe(e)}", file=sys.stderr)
         return 2
     print(f"[megacore] wrote {out}")
     return 0

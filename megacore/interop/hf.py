@@ -34,7 +34,9 @@ from megacore.interop.hf_config import (  # noqa: F401  (re-exported API)
     detect_family,
     infer_family,
 )
-from megacore.config import ConfigError
+from megacore.config import ConfigError, TransformerConfig
+from megacore.interop.adapter import CausalLMAdapter
+from megacore.interop.hf_companions import GENERATION_CONFIG, write_companions
 from megacore.interop.hf_io import CheckpointReader, atomic_directory, read_json_file, write_safetensors
 from megacore.interop.hf_transfer import (  # noqa: F401  (build_empty: re-exported API)
     build_empty,
@@ -79,6 +81,32 @@ def _unwrap(model: nn.Module) -> GPTModel:
     return model
 
 
+def _mapped_config(hf_dir: Path, hf_cfg: dict, overrides: dict) -> tuple[CausalLMAdapter, TransformerConfig]:
+    """(adapter, validated TransformerConfig) of config.json with ``overrides``; ConfigError naming the file."""
+    try:
+        return adapter_of(hf_cfg), config_from_hf(hf_cfg, **overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
+
+
+def _with_checkpoint_fields(hf_cfg: dict, adapter: CausalLMAdapter, config: TransformerConfig,
+                            reader: CheckpointReader, overrides: dict) -> TransformerConfig:
+    """``config`` with the fields that depend on which tensors the checkpoint holds (unless overridden)."""
+    found = {k: v for k, v in adapter.fields_from_checkpoint(hf_cfg, config, list(reader.keys())).items()
+             if k not in overrides}
+    return config_from_hf(hf_cfg, **found, **overrides) if found else config
+
+
+def read_source(hf_dir: PathLike) -> tuple[dict, TransformerConfig]:
+    """(config.json dict, the TransformerConfig ``load_pretrained`` builds) of a HF directory,
+    reading the weight files' headers only; errors as ``load_pretrained``."""
+    hf_dir = Path(hf_dir)
+    hf_cfg = read_hf_config(hf_dir)
+    adapter, config = _mapped_config(hf_dir, hf_cfg, {})
+    with CheckpointReader(hf_dir) as reader:
+        return hf_cfg, _with_checkpoint_fields(hf_cfg, adapter, config, reader, {})
+
+
 @torch.no_grad()
 def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
                     device: Optional[Union[str, torch.device]] = None, **config_overrides: Any) -> GPTModel:
@@ -97,16 +125,9 @@ def load_pretrained(hf_dir: PathLike, dtype: Optional[torch.dtype] = None,
     """
     hf_dir = Path(hf_dir)
     hf_cfg = read_hf_config(hf_dir)
-    try:
-        adapter = adapter_of(hf_cfg)
-        config = config_from_hf(hf_cfg, **config_overrides)
-    except ConfigError as e:
-        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
+    adapter, config = _mapped_config(hf_dir, hf_cfg, config_overrides)
     with CheckpointReader(hf_dir) as reader:
-        found = {k: v for k, v in adapter.fields_from_checkpoint(hf_cfg, config, list(reader.keys())).items()
-                 if k not in config_overrides}
-        if found:
-            config = config_from_hf(hf_cfg, **found, **config_overrides)
+        config = _with_checkpoint_fields(hf_cfg, adapter, config, reader, config_overrides)
         rules = adapter.weight_rules_for(hf_cfg, config, checkpoint_prefix(adapter.base_prefix, reader.keys()))
         check_tensor_names(reader, rules, hf_dir, adapter.name, adapter.ignorable_in(hf_cfg, config))
         if dtype is None:
@@ -150,7 +171,7 @@ def hf_state_dict(model: nn.Module, family: Optional[str] = None) -> dict[str, t
 
 
 def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] = None,
-                    max_shard_size: Union[int, str] = "5GB") -> Path:
+                    max_shard_size: Union[int, str] = "5GB", source_dir: Optional[PathLike] = None) -> Path:
     """Write ``config.json`` + safetensors that ``transformers.AutoModelForCausalLM`` loads.
 
     ``family``: a key of ``FAMILIES`` (``llama``, ``mistral``, ``mixtral``, ``qwen2``, ``qwen2_moe``,
@@ -158,6 +179,10 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] =
     ``max_shard_size`` (bytes or '5GB'-style) are split into shards with an index json. The
     directory is written to a temporary sibling and renamed into place; other files already in
     ``out_dir`` (tokenizer, generation config) are kept.
+
+    ``source_dir``: the HF directory the model came from (a fine-tuning run's ``model.from_hf``):
+    its tokenizer files and ``generation_config.json`` are copied in (``hf_companions``). Without
+    it, a ``generation_config.json`` is made from the config's token ids unless ``out_dir`` has one.
     """
     model = _unwrap(model)
     family = registry.causal_lm_adapter(family or getattr(model, "hf_family", None) or infer_family(model.config)).name
@@ -170,4 +195,6 @@ def save_pretrained(model: nn.Module, out_dir: PathLike, family: Optional[str] =
             json.dump(hf_cfg, f, indent=2, sort_keys=True)
             f.write("\n")
         write_safetensors(tmp, tensors, max_shard_size)
+        if source_dir is not None or not (Path(out_dir) / GENERATION_CONFIG).exists():
+            write_companions(tmp, Path(source_dir) if source_dir is not None else None, hf_cfg)
     return Path(out_dir)

@@ -220,19 +220,54 @@ def _is_replaced(name: str) -> bool:
             or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", name) is not None)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src``'s bytes to ``dst`` as a new file with the umask's mode (0644 under umask 022),
+    whatever mode the source had (a download cache may hold 0600 files)."""
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o666 & ~current_umask())
+
+
+def _normal_modes(root: Path) -> None:
+    """Folders 0777 and files 0666 less the umask under ``root`` (0755 / 0644 under umask 022): the
+    temporary directory is private (0700) and safetensors writes its files 0600."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: Union[str, Path]) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``out_dir`` by rename.
 
     Files already in ``out_dir`` that the save does not supersede (tokenizer files, generation
     config, ...) are copied over first, so saving into an existing model directory keeps them.
-    On error the temporary directory is removed and ``out_dir`` is untouched.
+    On error the temporary directory is removed and ``out_dir`` is untouched. The directory gets
+    the umask's mode (0755 under umask 022), not the 0700 of a private temporary directory.
     """
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _normal_modes(tmp)
         if out.exists():
             if not out.is_dir():
                 raise NotADirectoryError(f"{out} exists and is not a directory; choose another output path")

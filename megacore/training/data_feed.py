@@ -64,7 +64,8 @@ class DataFeed:
 
         cfg, t = self.cfg, self.cfg.train
         self.tokenizer = build_tokenizer(cfg.data, log=self._info)
-        if self.tokenizer is not None and cfg.model.vocab_size != self.tokenizer.vocab_size:
+        # model.from_hf fixes the vocabulary (its weights): the tokenizer may use fewer ids, not change it.
+        if self.tokenizer is not None and cfg.model.vocab_size != self.tokenizer.vocab_size and not cfg.model.from_hf:
             self._info(f"model.vocab_size set to the tokenizer's {self.tokenizer.vocab_size}")
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.train_ds, self.valid_ds, _ = build_datasets(

@@ -73,6 +73,10 @@ class Trainer:
         self.cfg = cfg
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        from megacore.training.hf_bridge import HFBridge
+
+        # model.from_hf: the model section (and tokenizer) come from the HF directory, before any key is read.
+        self.hf = HFBridge(cfg, self._info)
         cfg.validate()  # before anything reads a key (precision.dtype, device); setup() adds the world size
         self.device = resolve_device(cfg)
         self.dtype = DTYPES[cfg.precision.dtype]
@@ -386,7 +390,8 @@ class Trainer:
         return bool(flag.item())
 
     def _extra(self) -> dict:
-        return {"consumed_samples": self.data.first_sample(self.step), "run_config": self.cfg.to_dict()}
+        return {"consumed_samples": self.data.first_sample(self.step), "run_config": self.cfg.to_dict(),
+                **self.hf.checkpoint_extra()}
 
     def _weights_finite(self) -> bool:
         """Whether every weight of every rank is finite: per (device, dtype), one multi-tensor
@@ -436,6 +441,8 @@ class Trainer:
             ckpt.finish(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
         else:
             ckpt.save(self.step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
+            if self.hf.export_each_save:
+                self.hf.export(self.chunks, self.step, self._extra())
 
     def run(self) -> dict:
         self.stop.install()
@@ -541,6 +548,8 @@ class Trainer:
                 break
         if not self.cfg.parallel.fsdp:
             self._save(final=True)
+        if self.cfg.checkpoint.save_hf is not None:
+            self.hf.export(self.chunks, self.step, self._extra())
         wall = time.time() - start
         self._info(f"done: {self.step - start_step} steps in {wall:.1f}s, first loss {first_loss:.4f}, last loss "
                    f"{last_loss:.4f}" if first_loss is not None else "done: no steps run")
