@@ -139,7 +139,7 @@ def run_train(argv: list[str]) -> int:
                 "key=value overrides; `megacore train --help` lists the options and every config key")
         return 2
     from megacore.checkpoint.errors import CheckpointError
-    from megacore.config import ConfigError, load_run_config
+    from megacore.config import ConfigError
     from megacore.launcher import DEFAULT_STOP_GRACE_S, exit_with_launcher
     from megacore.training.contract import TrainingError
 
@@ -154,7 +154,7 @@ def run_train(argv: list[str]) -> int:
             _report(f"error: --stop-grace-s {stop_grace!r} is not a number of seconds >= 0")
             return 2
         try:  # a config error is said once, here, instead of once per worker
-            load_run_config(config_path, overrides).validate(world_size=nproc)
+            _resolved_config(config_path, overrides).validate(world_size=nproc)
         except ConfigError as e:
             _report(f"config error: {e}")
             return 2
@@ -168,11 +168,7 @@ def run_train(argv: list[str]) -> int:
     from megacore.training.contract import PeerFailed
 
     try:
-        cfg = load_run_config(config_path, overrides)
-        if cfg.model.from_hf is not None:  # the model section comes from the HF directory: before validating it
-            from megacore.training.hf_bridge import HFBridge
-
-            HFBridge(cfg)
+        cfg = _resolved_config(config_path, overrides)
         cfg.validate()  # before any key is used (timeout_s below)
         _init_distributed(cfg.parallel.timeout_s)
         from megacore.training.trainer import Trainer
@@ -217,9 +213,23 @@ def _raised_by_input_readers(e: BaseException) -> bool:
     return module.startswith(("megacore.data", "megacore.interop"))
 
 
+def _resolved_config(config_path, overrides):
+    """The run config as ``megacore train`` runs it, not yet validated: YAML and overrides, then the
+    model section from ``model.from_hf`` when set (its config.json decides the shape, so the layout
+    checks must see it)."""
+    from megacore.config import load_run_config
+
+    cfg = load_run_config(config_path, overrides)
+    if cfg.model.from_hf is not None:
+        from megacore.training.hf_bridge import HFBridge
+
+        HFBridge(cfg)
+    return cfg
+
+
 def run_config(argv: list[str]) -> int:
     """``megacore config CONFIG.yaml [overrides] [--nproc N]``: the resolved, validated config as YAML."""
-    from megacore.config import ConfigError, load_run_config
+    from megacore.config import ConfigError
     from megacore.config.loading import dump_run_config
 
     try:
@@ -237,7 +247,7 @@ def run_config(argv: list[str]) -> int:
         return 2
     config_path, overrides = _config_and_overrides(rest)
     try:
-        cfg = load_run_config(config_path, overrides).validate(world_size=nproc)
+        cfg = _resolved_config(config_path, overrides).validate(world_size=nproc)
     except ConfigError as e:
         _report(f"config error: {e}")
         return 2

@@ -50,7 +50,7 @@ def test_rules_name_known_features():
 REFUSED = [
     (["parallel.fsdp=true", "precision.dtype=fp16"], 2, ["parallel.fsdp=True", "precision.dtype='fp16'", "bf16"]),
     (["parallel.fsdp=true", "checkpoint.dir=/tmp/x"], 2, ["parallel.fsdp=True", "checkpoint.dir='/tmp/x'"]),
-    (["parallel.fsdp=true", "checkpoint.load=latest"], 2, ["parallel.fsdp=True", "checkpoint.load='latest'"]),
+    (["parallel.fsdp=true", "checkpoint.load=ckpt/iter_0000010"], 2, ["parallel.fsdp=True", "checkpoint.load='ckpt/iter_0000010'"]),
     (["parallel.fsdp=true", "parallel.tensor=2"], 2, ["parallel.fsdp=True", "parallel.tensor=2",
                                                       "distributed_optimizer=true"]),
     (["parallel.fsdp=true", "parallel.pipeline=2"], 2, ["parallel.pipeline=2"]),
