@@ -162,12 +162,24 @@ def load_run_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, train:, ...)")
     cfg = from_dict(RunConfig, data)
+    # The dotted keys the user set (YAML or override), whatever their value: a key set to exactly its
+    # default is still a choice (model.from_hf keeps such model.* keys; megacore.interop.hf_finetune).
+    cfg.explicit_keys = set(_dotted_keys(data))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.iters=100)")
         key, value = item.split("=", 1)
         apply_override(cfg, key.strip(), value)
+        cfg.explicit_keys.add(key.strip())
     return cfg
+
+
+def _dotted_keys(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
 
 
 def dump_run_config(cfg: RunConfig, header: str = "") -> str:

@@ -3,8 +3,9 @@
 - ``resolve_model(model_cfg, hf_dir)``: the run's ``TransformerConfig`` is the one config.json maps
   to (through the family adapter, as ``load_pretrained`` builds it). A ``model.*`` key the user set
   must agree with it, except the runtime keys of ``RUNTIME_FIELDS``, which change how the run
-  trains but not what the weights compute. A key counts as set when it differs from the
-  TransformerConfig default (a key set to exactly its default value cannot be told from unset).
+  trains but not what the weights compute. A key counts as set when the config loader recorded
+  it (``explicit``: the dotted keys of the YAML and the overrides), else when it differs from the
+  TransformerConfig default.
 - ``load_weights(chunk, hf_dir)``: fill one model chunk of any parallel layout from the HF weights:
   each local parameter gets the slice of its full tensor that its ``ParamMeta`` describes (TP rows,
   expert slice, pipeline stage by global layer names), exactly as ``materialize`` fills a random
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -56,9 +57,11 @@ def _agrees(name: str, user: Any, source: TransformerConfig) -> bool:
         == getattr(source, prop)
 
 
-def resolve_model(model_cfg: TransformerConfig, hf_dir: PathLike) -> TransformerConfig:
+def resolve_model(model_cfg: TransformerConfig, hf_dir: PathLike,
+                  explicit: Optional[set] = None) -> TransformerConfig:
     """The run's model config for ``model.from_hf=hf_dir`` (see the module doc); ConfigError naming
-    the key and both values for an override that contradicts config.json."""
+    the key and both values for an override that contradicts config.json. ``explicit``: the dotted
+    keys the user set (``model.seq_length``, ...), when known."""
     hf_dir = Path(hf_dir)
     source = read_source(hf_dir)[1]
     defaults = TransformerConfig()
@@ -66,7 +69,8 @@ def resolve_model(model_cfg: TransformerConfig, hf_dir: PathLike) -> Transformer
     for f in dataclasses.fields(TransformerConfig):
         name = f.name
         user = getattr(model_cfg, name)
-        if name == "from_hf" or user == getattr(defaults, name) or _agrees(name, user, source):
+        unset = (f"model.{name}" not in explicit) if explicit is not None else user == getattr(defaults, name)
+        if name == "from_hf" or unset or _agrees(name, user, source):
             continue
         if name not in RUNTIME_FIELDS:
             raise ConfigError(

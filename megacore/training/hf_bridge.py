@@ -61,9 +61,11 @@ class HFBridge:
         if cfg.vision.enabled:
             raise ConfigError(f"model.from_hf={src!r} with vision.enabled=true: model.from_hf loads causal language "
                               "models; a LLaVA run builds its language model from the model.* keys")
-        seq_set = cfg.model.seq_length != type(cfg.model)().seq_length
+        explicit = getattr(cfg, "explicit_keys", None)  # recorded by the config loader
+        seq_set = ("model.seq_length" in explicit) if explicit is not None else \
+            cfg.model.seq_length != type(cfg.model)().seq_length
         try:
-            cfg.model = resolve_model(cfg.model, src)
+            cfg.model = resolve_model(cfg.model, src, explicit)
             self.hf_config = read_hf_config(src)
             self.family = adapter_of(self.hf_config).name
         except ConfigError:

@@ -253,3 +253,18 @@ def test_save_hf_at_each_save_exports_after_every_checkpoint(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="save_hf_at_each_save=true but no checkpoint is saved"):
         HFBridge(_run_config(tmp_path / "hf", ("checkpoint.save_hf", tmp_path / "out"),
                              ("checkpoint.save_hf_at_each_save", True)))
+
+
+def test_a_model_key_set_to_its_default_value_counts_as_set(tmp_path):
+    """``model.hidden_size=128`` names the default value and is still the user's choice: the loader
+    records the keys it was given, so from_hf refuses it against config.json's 64 (it used to be
+    taken silently from the directory), while an unnamed key follows the directory."""
+    from megacore.config.loading import load_run_config
+
+    _save("llama_gqa", tmp_path / "hf")
+    base = [f"model.from_hf={tmp_path / 'hf'}", "data.source=mock", "model.seq_length=32"]
+    cfg = load_run_config(None, base)
+    HFBridge(cfg)
+    assert cfg.model.hidden_size == 64
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=128 contradicts"):
+        HFBridge(load_run_config(None, [*base, "model.hidden_size=128"]))
