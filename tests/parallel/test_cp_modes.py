@@ -297,3 +297,43 @@ def test_document_starts_of_a_packed_mask():
     local = split_sample_for_cp(sample, 2, 1)  # positions 4..11
     assert local["position_ids"].tolist() == list(range(4, 12))
     assert local["attention_mask"].tolist() == [4, 4, 4, 7, 7, 7, 7, 11]
+
+
+CP_REFUSED = [
+    (["parallel.context=2", "parallel.context_mode=ring", "model.attention_dropout=0.1"], 2,
+     ["parallel.context_mode='ring'", "model.attention_dropout=0.1", "allgather or a2a"]),
+    (["parallel.context=4", "parallel.context_mode=a2a+ring"], 4, ["context_a2a_size", "None", "e.g. 2"]),
+    (["parallel.context=4", "parallel.context_mode=a2a+ring", "parallel.context_a2a_size=3"], 4, ["got 3"]),
+    (["parallel.context_a2a_size=2"], 1, ["parallel.context_a2a_size=2 needs parallel.context_mode=a2a+ring"]),
+    (["parallel.context=8", "parallel.context_mode=a2a"], 8, ["4 attention heads", "parallel.context=8"]),
+    (["model.hidden_size=96", "model.num_attention_heads=12", "model.num_query_groups=3", "parallel.context=4", "parallel.context_mode=a2a"],
+     4, ["3 key/value heads", "parallel.context=4"]),
+    (["parallel.tensor=2", "parallel.context=4", "parallel.context_mode=a2a+ring", "parallel.context_a2a_size=4"], 8,
+     ["2 attention heads per tensor-parallel rank", "parallel.context_a2a_size=4"]),
+]
+CP_ACCEPTED = [
+    (["parallel.context=4", "parallel.context_mode=a2a"], 4),  # 2 KV heads repeated over 4 ranks
+    (["parallel.context=4", "parallel.context_mode=a2a+ring", "parallel.context_a2a_size=2"], 4),
+    (["parallel.context=2", "parallel.context_mode=ring", "data.reset_attention_mask=true"], 2),
+]
+
+
+def _run_config(overrides):
+    from megacore.config import apply_override
+
+    cfg = RunConfig(model=TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                                            vocab_size=256, seq_length=32))
+    for item in overrides:
+        apply_override(cfg, *item.split("=", 1))
+    return cfg
+
+
+def test_support_table_refuses_what_a_mode_cannot_run_and_names_the_fix():
+    from megacore.config import ConfigError
+
+    for overrides, world, needles in CP_REFUSED:
+        with pytest.raises(ConfigError) as err:
+            _run_config(overrides).validate(world_size=world)
+        assert all(n in str(err.value) for n in needles), (overrides, str(err.value))
+    for overrides, world in CP_ACCEPTED:
+        _run_config(overrides).validate(world_size=world)
