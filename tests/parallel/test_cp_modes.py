@@ -337,3 +337,36 @@ def test_support_table_refuses_what_a_mode_cannot_run_and_names_the_fix():
         assert all(n in str(err.value) for n in needles), (overrides, str(err.value))
     for overrides, world in CP_ACCEPTED:
         _run_config(overrides).validate(world_size=world)
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+# Packed documents (mock data: documents of random length with eod tokens) and a sliding window.
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=64", "model.seq_length=32", "model.vocab_size=128", "model.sliding_window=12",
+        "data.source=mock", "data.reset_attention_mask=true", "train.global_batch_size=2", "train.micro_batch_size=2",
+        "train.iters=3", "train.warmup_iters=0", "train.eval_interval=0", "log.interval=1"]
+
+
+def test_cli_curves_of_every_mode_equal_allgather_and_a_ring_checkpoint_resumes_on_one_process(tmp_path):
+    """``megacore train`` in each mode follows the all-gather CP2 run (loss and grad norm, 1e-5
+    relative); the ring run's step-2 checkpoint, resumed on one process (CP sizes reshard: nothing is
+    split over CP), continues with the all-gather run's step-3 loss."""
+    from megacore.cli import main
+    from tests.training.test_train_cli import grad_norms, losses, train_tiny
+
+    ckpt = tmp_path / "ckpt_ring"
+    want = train_tiny(tmp_path, "allgather", [*TINY, "parallel.context=2", "checkpoint.dir=null"], nproc=2)
+    runs = {"ring": (["parallel.context=2", "parallel.context_mode=ring", f"checkpoint.dir={ckpt}",
+                      "checkpoint.interval=2"], 2),
+            "a2a": (["parallel.context=2", "parallel.context_mode=a2a", "checkpoint.dir=null"], 2),
+            "a2a+ring": (["parallel.context=4", "parallel.context_mode=a2a+ring", "parallel.context_a2a_size=2",
+                          "checkpoint.dir=null"], 4)}
+    for name, (overrides, nproc) in runs.items():
+        got = train_tiny(tmp_path, name, [*TINY, *overrides], nproc=nproc)
+        for a, b in ((losses(got), losses(want)), (grad_norms(got), grad_norms(want))):
+            assert len(a) == len(b) == 3 and max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-5, (name, a, b)
+    resumed = tmp_path / "resumed"
+    assert main(["train", "configs/tiny_cpu.yaml", *TINY, f"checkpoint.load={ckpt}/iter_0000002",
+                 "checkpoint.dir=null", f"log.dir={resumed}"]) == 0
+    (last,) = losses(str(resumed))
+    assert abs(last - losses(want)[2]) / abs(losses(want)[2]) < 1e-5
