@@ -120,13 +120,14 @@ def _reference_backward(dout, q, k, v, out, lse, scale, causal, mask):
 
 
 # ---------------------------------------------------------------------------------------- kernels
-def _bias(mask: torch.Tensor, dtype, sk: int, align: int = 1) -> torch.Tensor:
-    """Additive bias (0 / -inf) from a boolean mask; the last dim's storage padded to ``align``
-    (the CUDA memory-efficient kernel wants aligned rows)."""
-    pad = (-sk) % align
-    bias = torch.zeros(*mask.shape[:-1], sk + pad, dtype=dtype, device=mask.device)
-    bias = bias[..., :sk]
-    return bias.masked_fill_(~mask, float("-inf"))
+def _bias(mask: torch.Tensor, dtype, heads: int = 1, align: int = 1) -> torch.Tensor:
+    """Additive bias (0 / -inf) [B, heads, Sq, Sk] from a boolean mask [B, 1, Sq, Sk]: one copy broadcast
+    over the heads; the rows' storage padded to ``align`` elements (the CUDA memory-efficient kernel
+    wants aligned rows)."""
+    sk = mask.shape[-1]
+    bias = torch.zeros(*mask.shape[:-1], sk + (-sk) % align, dtype=dtype, device=mask.device)[..., :sk]
+    bias.masked_fill_(~mask, float("-inf"))
+    return bias.expand(mask.shape[0], heads, *mask.shape[2:])
 
 
 def _cuda_flash(q, causal, mask) -> bool:
@@ -135,28 +136,29 @@ def _cuda_flash(q, causal, mask) -> bool:
 
 def _kernel_forward(q, k, v, scale, causal, mask):
     if q.device.type == "cpu":
-        bias = None if mask is None else _bias(mask, q.dtype, k.shape[-2])
+        bias = None if mask is None else _bias(mask, q.dtype)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
         return out, lse
     if _cuda_flash(q, causal, mask):
         out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out, lse
-    bias = None if mask is None else _bias(mask.expand(q.shape[0], q.shape[1], -1, -1), q.dtype, k.shape[-2], 16)
+    bias = None if mask is None else _bias(mask, q.dtype, q.shape[1], 16)
     out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)[:2]
     return out, lse[..., : q.shape[-2]]
 
 
 def _kernel_backward(dout, q, k, v, out, lse, scale, causal, mask):
     if q.device.type == "cpu":
-        bias = None if mask is None else _bias(mask, q.dtype, k.shape[-2])
+        bias = None if mask is None else _bias(mask, q.dtype)
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
     sq, sk = q.shape[-2], k.shape[-2]
+    # No dropout: the random-number state is not read; None = not variable-length (dense batches).
     empty = torch.empty(0, dtype=torch.int64, device=q.device)
     if _cuda_flash(q, causal, mask):
         return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, empty, empty, sq, sk, 0.0, causal, empty, empty, scale=scale)
-    bias = None if mask is None else _bias(mask.expand(q.shape[0], q.shape[1], -1, -1), q.dtype, sk, 16)
+            dout, q, k, v, out, lse, None, None, sq, sk, 0.0, causal, empty, empty, scale=scale)
+    bias = None if mask is None else _bias(mask, q.dtype, q.shape[1], 16)
     lse = F.pad(lse, (0, (-sq) % 32))  # the kernel's log-sum-exp rows are padded to 32
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, bias, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale)
