@@ -73,11 +73,11 @@ def _exchange(send: torch.Tensor, ring: Ring, tag: int):
     recv = torch.empty_like(send)
     ops = [dist.P2POp(dist.isend, send, ring.next_rank, ring.group, tag),
            dist.P2POp(dist.irecv, recv, ring.prev_rank, ring.group, tag)]
-    return recv, dist.batch_isend_irecv(ops)
+    return recv, dist.batch_isend_irecv(ops), send  # the send buffer stays referenced until the wait
 
 
 def _arrived(pending) -> torch.Tensor:
-    recv, works = pending
+    recv, works, _ = pending
     for w in works:
         w.wait()
     return recv
@@ -178,8 +178,8 @@ def ring_backward(dout, q, k, v, out, lse, plan: _Plan, ring: Ring, scale: float
     grad_pending = None
     for i, (src, qs, ks, causal, run) in enumerate(plan.steps):
         pending = _exchange(kv, ring, KV_TAG) if i < plan.c - 1 else None
-        dk_blk = torch.zeros(k.shape, dtype=acc_dt, device=k.device)
-        dv_blk = torch.zeros(v.shape, dtype=acc_dt, device=v.device)
+        grads = torch.zeros(k.numel() + v.numel(), dtype=acc_dt, device=k.device)  # this step's dK | dV
+        dk_blk, dv_blk = _unpack(grads, k.shape, v.shape)
         if run:
             kb, vb = (_heads_first(t)[:, :, ks] for t in _unpack(kv, k.shape, v.shape))
             mask = plan.mask(src, qs, ks, q.device)
@@ -188,10 +188,9 @@ def ring_backward(dout, q, k, v, out, lse, plan: _Plan, ring: Ring, scale: float
             dq[:, :, qs] += gq
             _heads_first(dk_blk)[:, :, ks] += gk
             _heads_first(dv_blk)[:, :, ks] += gv
-        grads = _pack(dk_blk, dv_blk)
         if grad_pending is not None:  # the accumulator of this block, from the previous rank
             grads += _arrived(grad_pending)
-        grad_pending = _exchange(grads, ring, GRAD_TAG) if plan.c > 1 else (grads, [])
+        grad_pending = _exchange(grads, ring, GRAD_TAG) if plan.c > 1 else (grads, [], None)
         if pending is not None:
             kv = _arrived(pending)
     dk, dv = _unpack(_arrived(grad_pending), k.shape, v.shape)  # every block's accumulator, home
