@@ -16,7 +16,10 @@ the chunks. Layouts: CP2 and CP4 in every mode (a2a+ring at CP4 with all-to-all 
 CP4 repeats the 2 KV heads over 4 ranks), CP2 x TP2 with sequence parallelism and CP2 x PP2.
 
 Unit tests (one process): the log-sum-exp merge and the per-block forward/backward against an fp64
-softmax over all keys, both block paths (kernel and reference), and the a2a reordering.
+softmax over all keys, both block paths (kernel and reference), the a2a reordering, the a2a+ring
+groups, document starts, and the support table's refusals. Through ``megacore train``: each mode's
+loss and grad-norm curve equals the all-gather run's, and a ring checkpoint resumes on one process.
+On a GPU (``gpu`` marker): the CUDA block kernels in a simulated ring against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ VARIANTS = {
     "hybrid": dict(num_layers=3, layer_pattern="M*-", mamba_head_dim=8, mamba_state_dim=8, mamba_num_groups=2,
                    mamba_chunk_size=4, activation="squared_relu"),
 }
-# Document ends (eod positions) per sequence: boundaries off the chunk edges of CP2 (4) and CP4 (2).
+# Document ends (eod positions) per sequence: most boundaries fall inside the chunks of CP2 (4 tokens)
+# and CP4 (2 tokens).
 EODS = [(4, 9), (2, 7, 8, 12)]
 
 
