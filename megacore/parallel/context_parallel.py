@@ -174,7 +174,8 @@ class ContextParallelMask(nn.Module):
                              "tokens, from megacore.parallel.context_parallel.split_sample_for_cp)")
         doc_starts = None
         if attention_mask is not None:
-            if attention_mask.shape != position_ids.shape or attention_mask.is_floating_point():
+            if (attention_mask.shape != position_ids.shape or attention_mask.is_floating_point()
+                    or attention_mask.dtype == torch.bool):
                 raise ValueError("a context-parallel model takes attention_mask only as the document start of each "
                                  f"local token ([B, S_local] integers, shape {tuple(position_ids.shape)}), as "
                                  "split_sample_for_cp makes of a packed-document mask; padding masks are not "
