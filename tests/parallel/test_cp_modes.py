@@ -441,3 +441,14 @@ def test_ring_kernels_on_cuda_match_the_reference(dtype, masked):
     for got, want in ((out, ref.detach()), (dq, q32.grad), (dk, k32.grad), (dv, v32.grad)):
         err = (got.double() - want.double()).abs().max().item() / want.abs().max().item()
         assert err < tol, (dtype, masked, err)
+
+
+def test_a_cp_model_refuses_padding_masks():
+    from megacore.parallel.context_parallel import ContextParallelMask
+
+    positions = torch.arange(4)[None]
+    for mode in ("allgather", "ring"):
+        with pytest.raises(ValueError, match="padding masks are not supported"):
+            ContextParallelMask(None, mode=mode)(1, 4, "cpu", positions, torch.ones(1, 4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="needs position_ids"):
+            ContextParallelMask(None, mode=mode)(1, 4, "cpu")
