@@ -213,12 +213,15 @@ def _fp64_attention(q, k, v, mask, scale):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["kernel", "reference"])
 @pytest.mark.parametrize("dv", [8, 6], ids=["same_dims", "mla_dims"])
-def test_lse_merge_and_block_backward_match_fp64(fast, dv):
-    """Key blocks attended one by one (kernel or plain-torch block path), merged by log-sum-exp in a
-    shuffled order, equal the fp64 softmax over all keys; each block's backward from the merged output
-    and log-sum-exp gives exactly its share of the fp64 gradients. Documents and a window leave some
-    rows with no visible key in some blocks."""
+def test_lse_merge_and_block_backward_match_fp64(fast, dv, monkeypatch):
+    """Key blocks attended one by one (kernel or plain-torch block path, the latter in row chunks),
+    merged by log-sum-exp in a shuffled order, equal the fp64 softmax over all keys; each block's
+    backward from the merged output and log-sum-exp gives exactly its share of the fp64 gradients.
+    Documents and a window leave some rows with no visible key in some blocks."""
+    from megacore.parallel import cp_block
     from megacore.parallel.cp_block import block_backward, block_forward, block_mask, merge
+
+    monkeypatch.setattr(cp_block, "SCORE_ELEMENTS", 100)  # the reference path: rows of 3 or 4 at a time
 
     g = torch.Generator().manual_seed(3)
     b, h, hkv, s, d = 2, 4, 2, 12, 8
