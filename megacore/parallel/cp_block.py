@@ -48,6 +48,13 @@ import torch.nn.functional as F
 
 aten = torch.ops.aten
 
+# On CUDA, blocks that need a mask (windows, documents) or run in fp32 go through the memory-efficient
+# kernel. Its backward fed the merged output returned wrong (NaN) gradients on an H200 when ``out``
+# was [B, H, S, D]-contiguous (the kernel assumes the [B, S, H, D] layout for it, which
+# ``_kernel_backward`` now gives); until a GPU run of tests/parallel/test_cp_modes.py confirms that
+# fix, those blocks' backward runs the plain-torch block math. Set True to use the kernel.
+EFFICIENT_BACKWARD = False
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
@@ -178,6 +185,9 @@ def _kernel_backward(dout, q, k, v, out, lse, scale, causal, mask):
             dout, q, k, v, out, lse, None, None, sq, sk, 0.0, causal, empty, empty, scale=scale)
     bias = None if mask is None else _bias(mask, q.dtype, q.shape[1], 16)
     lse = F.pad(lse, (0, (-sq) % 32))  # the kernel's log-sum-exp rows are padded to 32
+    # The kernel reads ``out`` with the token stride of a [B, S, H, D]-contiguous tensor (the layout its
+    # forward returns; it takes only the batch and head strides), so give it that layout.
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, bias, out, lse, empty, empty, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, dk, dv
@@ -209,15 +219,14 @@ def block_backward(dout, q, k, v, out, lse, scale: float, causal: bool = False, 
                    fast: bool = True):
     """(dq, dk, dv) of one block given the MERGED output ``out`` and ``lse`` of the whole attention
     (module doc); dk, dv have k's and v's heads. Returned in fp32 for the reference, else q's dtype."""
-    if not fast or (mask is not None and q.device.type == "cuda"):
-        # CUDA, masked: the memory-efficient backward kernel, fed the merged output and log-sum-exp,
-        # returned NaN gradients on an H200 (torch 2.11) after a flash backward ran; the plain-torch
-        # block math (rows in chunks) is used there until that is understood.
+    if not fast or (q.device.type == "cuda" and not _cuda_flash(q, causal, mask) and not EFFICIENT_BACKWARD):
         return _reference_backward(dout, q, k, v, out, lse, scale, causal, mask)
     groups = q.shape[1] // k.shape[1]
     d, dv = q.shape[-1], v.shape[-1]
     k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     if dv != d:
         v, out, dout = (F.pad(t, (0, d - dv)) for t in (v, out, dout))
-    dq, dk, dvv = _kernel_backward(dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), scale, causal, mask)
+    if q.device.type == "cpu":
+        out = out.contiguous()
+    dq, dk, dvv = _kernel_backward(dout.contiguous(), q, k, v, out, lse.contiguous(), scale, causal, mask)
     return dq, _sum_groups(dk, groups), _sum_groups(dvv[..., :dv], groups)

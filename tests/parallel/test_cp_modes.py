@@ -417,14 +417,24 @@ def _simulated_ring(q, k, v, lo, window, c, fast, dout):
     return out, dq, dk, dv
 
 
+UNCONFIRMED = pytest.mark.xfail(strict=False, reason="the memory-efficient kernel's backward fed the merged output "
+                                "gave NaN on an H200 before its output-layout fix; when this passes, make "
+                                "cp_block.EFFICIENT_BACKWARD the default")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("efficient_backward", [False, pytest.param(True, marks=UNCONFIRMED)],
+                         ids=["plain_masked_backward", "efficient_backward"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "docs_window"])
-def test_ring_kernels_on_cuda_match_the_reference(dtype, masked):
+def test_ring_kernels_on_cuda_match_the_reference(dtype, masked, efficient_backward, monkeypatch):
     """The CUDA block kernels (flash without a mask, memory-efficient with one, both returning the
     log-sum-exp; their backwards fed the merged output) in a simulated 4-rank ring equal the plain
     fp32 attention over the whole sequence (GQA 8:2 heads)."""
+    from megacore.parallel import cp_block
     from megacore.parallel.cp_block import block_mask
+
+    monkeypatch.setattr(cp_block, "EFFICIENT_BACKWARD", efficient_backward)
 
     torch.manual_seed(0)
     b, h, hkv, s, d, c, window = 2, 8, 2, 1024, 64, 4, 300
