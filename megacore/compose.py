@@ -13,8 +13,8 @@ from the parallel side. This module alone turns it into the run; the trainer, th
    units over the expert-tensor-parallel group (``megacore.parallel.expert_parallel``);
    then every local shard is materialized as the slice of the one-device model's tensor (``seed``,
    or with ``model.from_hf`` the Hugging Face weights: ``megacore.interop.hf_finetune``);
-4. **CP**: core attention wrapped to gather K/V, the context-parallel mask
-   (``megacore.parallel.context_parallel``), MoE layers routing the whole micro-batch
+4. **CP**: core attention wrapped for ``parallel.context_mode`` (all-gather, ring, all-to-all or
+   all-to-all + ring), the context-parallel mask (``megacore.parallel.context_parallel``), MoE layers routing the whole micro-batch
    (``megacore.parallel.moe_parallel``); TP batch chunks; LLaVA around the language model;
 5. **FP8 / comm overlap**: GEMM strategies handed to the linears (``megacore.precision.fp8``,
    ``megacore.parallel.sp_overlap``);
@@ -109,7 +109,7 @@ def _parallel_chunks(cfg: RunConfig, state: ParallelState, device, dtype, tp_gra
 
             load_weights(chunk, hf_dir)
         if state.cp_size > 1:                                                                   # 4. CP
-            apply_context_parallel(chunk, state.cp_group)
+            apply_context_parallel(chunk, state.cp_group, p.context_mode, p.context_a2a_size)
             apply_moe_context_parallel(chunk, state.cp_group, state.cp_rank, state.cp_size)
         if p.tp_batch_chunks > 1:
             apply_batch_chunks(chunk, p.tp_batch_chunks)

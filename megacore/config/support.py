@@ -34,7 +34,7 @@ class UnknownFact(Exception):
 
 FACT_NAMES = ("world_size", "tensor", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor",
               "sequence_parallel", "distributed_optimizer", "fsdp", "pipeline_layers", "tp_comm_overlap",
-              "tp_batch_chunks", "model", "num_layers", "train", "data", "checkpoint", "precision", "vision",
+              "tp_batch_chunks", "context_mode", "context_a2a_size", "model", "num_layers", "train", "data", "checkpoint", "precision", "vision",
               "device", "compile", "compile_mode")
 
 
@@ -65,7 +65,8 @@ def facts_of_parallel(p, world_size: Optional[int] = None) -> Facts:
     return Facts(**world, tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
                  context=p.context, expert=p.expert, expert_tensor=p.expert_tensor, sequence_parallel=p.sequence_parallel,
                  distributed_optimizer=p.distributed_optimizer, fsdp=p.fsdp, pipeline_layers=p.pipeline_layers,
-                 tp_comm_overlap=p.tp_comm_overlap, tp_batch_chunks=p.tp_batch_chunks)
+                 tp_comm_overlap=p.tp_comm_overlap, tp_batch_chunks=p.tp_batch_chunks, context_mode=p.context_mode,
+                 context_a2a_size=p.context_a2a_size)
 
 
 def facts_of_run(cfg, world_size: Optional[int] = None) -> Facts:
@@ -106,6 +107,14 @@ _FEATURES = [
             implies=("pipeline",)),
     Feature("context", "context parallel (`parallel.context` > 1)", lambda f: f.context > 1,
             _key("parallel.context", lambda f: f.context)),
+    Feature("context_ring", "ring context parallel (`parallel.context_mode` ring or a2a+ring)",
+            lambda f: f.context > 1 and f.context_mode in ("ring", "a2a+ring"),
+            _key("parallel.context_mode", lambda f: f.context_mode), implies=("context",)),
+    Feature("context_a2a", "all-to-all context parallel (`parallel.context_mode` a2a or a2a+ring)",
+            lambda f: f.context > 1 and f.context_mode in ("a2a", "a2a+ring"),
+            _key("parallel.context_mode", lambda f: f.context_mode), implies=("context",)),
+    Feature("context_a2a_size", "`parallel.context_a2a_size`", lambda f: f.context_a2a_size is not None,
+            _key("parallel.context_a2a_size", lambda f: f.context_a2a_size)),
     Feature("expert", "expert parallel (`parallel.expert` > 1)", lambda f: f.expert > 1,
             _key("parallel.expert", lambda f: f.expert)),
     Feature("expert_tensor", "expert tensor parallel (`parallel.expert_tensor` > 1)", lambda f: f.expert_tensor > 1,
@@ -116,6 +125,8 @@ _FEATURES = [
     Feature("fsdp", "FSDP2 (`parallel.fsdp`)", lambda f: f.fsdp, _key("parallel.fsdp", lambda f: f.fsdp)),
     Feature("fp8", "FP8 GEMMs (`precision.fp8`)", lambda f: f.precision.fp8 is not None,
             _key("precision.fp8", lambda f: f.precision.fp8)),
+    Feature("attention_dropout", "attention dropout (`model.attention_dropout` > 0)",
+            lambda f: f.model.attention_dropout > 0, _key("model.attention_dropout", lambda f: f.model.attention_dropout)),
     Feature("fp16", "fp16 with loss scaling (`precision.dtype=fp16`)", lambda f: f.precision.dtype == "fp16",
             _key("precision.dtype", lambda f: f.precision.dtype)),
     # model kinds (columns of the matrix)
@@ -162,7 +173,8 @@ _FEATURES = [
             _key("compile_mode", lambda f: f.compile_mode)),
 ]
 FEATURES: dict[str, Feature] = {feature.key: feature for feature in _FEATURES}
-MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "expert", "expert_tensor",
+MATRIX_ROWS = ("tensor", "sequence_parallel", "pipeline", "virtual_pipeline", "context", "context_ring", "context_a2a",
+               "expert", "expert_tensor",
                "distributed_optimizer", "fsdp", "fp8", "fp16")
 MATRIX_COLUMNS = ("dense", "moe", "hybrid", "mamba", "llava", "mla", "mtp")
 
@@ -315,6 +327,41 @@ def _mamba_cp_chunk(f: Facts) -> Optional[str]:
             "longer sequence or a smaller context-parallel size")
 
 
+def _context_a2a_size(f: Facts) -> Optional[int]:
+    """Ranks of one all-to-all group of the CP mode, or None without one."""
+    if f.context == 1 or f.context_mode not in ("a2a", "a2a+ring"):
+        return None
+    return f.context if f.context_mode == "a2a" else f.context_a2a_size
+
+
+def _a2a_group_fits(f: Facts) -> Optional[str]:
+    if f.context > 1 and f.context_mode == "a2a+ring":
+        a = f.context_a2a_size
+        if a is None or f.context % a:
+            return (f"parallel.context_mode='a2a+ring' needs parallel.context_a2a_size dividing parallel.context="
+                    f"{f.context}, got {a!r}; set parallel.context_a2a_size to a divisor (all-to-all inside groups "
+                    "of that many ranks, ring across the groups), e.g. 2")
+    return None
+
+
+def _a2a_heads(f: Facts) -> Optional[str]:
+    a = _context_a2a_size(f)
+    if a is None or not isinstance(a, int) or a < 1:
+        return None
+    m, t = f.model, f.tensor
+    heads, kv = m.num_attention_heads // t, max(m.num_kv_heads // t, 1)  # per TP rank (KV replicated when fewer)
+    where = "parallel.context" if f.context_mode == "a2a" else "parallel.context_a2a_size"
+    if heads % a:
+        return (f"parallel.context_mode={f.context_mode!r} scatters the {heads} attention heads per tensor-parallel "
+                f"rank over {where}={a} ranks, which does not divide them; choose {where} dividing "
+                "model.num_attention_heads / parallel.tensor, or parallel.context_mode=ring or allgather")
+    if kv % a and a % kv:
+        return (f"parallel.context_mode={f.context_mode!r} spreads the {kv} key/value heads per tensor-parallel rank "
+                f"over {where}={a} ranks, but neither divides the other (split when divisible, repeated when fewer); "
+                "choose model.num_query_groups or that size so one divides the other, or parallel.context_mode=ring")
+    return None
+
+
 def _shared_expert_split(f: Facts) -> Optional[str]:
     m, t = f.model, f.tensor
     width = m.moe_shared_expert_hidden_size
@@ -429,6 +476,11 @@ RULES: list = [
     # -- layouts x features
     Unsupported("context", "context", "fsdp", "FSDP2 is not wired to the context-parallel gradient reduction",
                 "use parallel.distributed_optimizer=true with context parallelism"),
+    Unsupported("context", "context_ring", "attention_dropout", "the ring's blockwise attention has no dropout",
+                "set model.attention_dropout=0, or parallel.context_mode=allgather or a2a"),
+    Requires("context", "context_a2a_size", "parallel.context_mode=a2a+ring", lambda f: f.context_mode == "a2a+ring",
+             "set parallel.context_a2a_size=null, or parallel.context_mode=a2a+ring",
+             reason="it sizes the all-to-all groups of that mode"),
     Unsupported("context", "context", "reset_position_ids", "the context-parallel causal mask is built from the "
                 "global positions", "set data.reset_position_ids=false"),
     Unsupported("fsdp", "fsdp", "tensor", "FSDP2 here shards data-parallel replicas only",
@@ -455,6 +507,11 @@ RULES: list = [
     Check("tensor", "Mamba heads and `model.mamba_num_groups` divisible by `parallel.tensor`", _mamba_split),
     Check("context", "with Mamba layers, a context-parallel chunk (`model.seq_length` / (2 x `parallel.context`)) "
           "holds at least `model.mamba_conv_kernel` - 1 positions", _mamba_cp_chunk),
+    Check("context", "`parallel.context_mode=a2a+ring` has `parallel.context_a2a_size` dividing `parallel.context`",
+          _a2a_group_fits),
+    Check("context", "all-to-all context parallel: attention heads per TP rank divisible by the all-to-all size "
+          "(`parallel.context` for a2a, `parallel.context_a2a_size` for a2a+ring); KV heads per TP rank and that "
+          "size divide one way or the other", _a2a_heads),
     Divisible("tensor", "model.ffn_hidden_size", lambda f: f.model.ffn_size, "parallel.tensor", lambda f: f.tensor,
               "choose an ffn size that is a multiple of the tensor-parallel size"),
     Divisible("tensor", "model.vocab_padding_multiple", lambda f: f.model.vocab_padding_multiple, "parallel.tensor",

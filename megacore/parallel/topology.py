@@ -109,6 +109,7 @@ class ParallelState:
     virtual_pipeline_size: Optional[int] = None
     virtual_pipeline_rank: Optional[int] = None   # set by the pipeline schedule while it runs a model chunk
     owns_default_group: bool = False
+    timeout_s: Optional[float] = None   # the collective timeout of every group (groups made later too)
 
     # -- generic lookups -------------------------------------------------------------------------
     def size(self, name: str) -> int:
@@ -341,8 +342,52 @@ def initialize(tensor: int = 1, pipeline: int = 1, context: int = 1, expert: int
     _STATE = ParallelState(initialized=True, world_size=world, rank=rank, backend=backend_name,
                            device_type=device_type, sizes=sizes, ranks=ranks, groups=groups,
                            group_ranks=group_ranks, mesh=mesh, expert_mesh=expert_mesh,
-                           virtual_pipeline_size=virtual_pipeline, owns_default_group=owns)
+                           virtual_pipeline_size=virtual_pipeline, owns_default_group=owns, timeout_s=timeout_s)
     return _STATE
+
+
+def context_subgroup_ranks(cp_groups: list[list[int]], a2a_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(all-to-all groups, ring groups) of ``parallel.context_mode=a2a+ring`` (pure arithmetic): each
+    CP group (ranks in CP order) cut into all-to-all groups of ``a2a_size`` consecutive CP ranks, and
+    ring groups joining the ranks at the same place of each all-to-all group (the ranks holding the
+    same heads after the all-to-all)."""
+    a2a, ring = [], []
+    for ranks in cp_groups:
+        if len(ranks) % a2a_size:
+            raise ConfigError(f"parallel.context_a2a_size={a2a_size} does not divide parallel.context={len(ranks)}; "
+                              "choose a divisor of the context-parallel size")
+        a2a += [ranks[i:i + a2a_size] for i in range(0, len(ranks), a2a_size)]
+        ring += [ranks[j::a2a_size] for j in range(a2a_size)]
+    return a2a, ring
+
+
+def context_subgroups(a2a_size: int, cp_group=None):
+    """This rank's (all-to-all group, ring group) for ``a2a+ring`` context parallelism
+    (``context_subgroup_ranks`` of the current layout). Made on the first call and kept with the
+    layout's groups (``destroy`` destroys them): collective, every rank of the world calls it with
+    the same size. ``cp_group``, when given, must be the layout's CP group."""
+    state = get_state()
+    if not state.initialized:
+        raise RuntimeError("context_subgroups needs the process groups: call megacore.parallel.initialize first")
+    if cp_group is not None and cp_group is not state.cp_group:
+        raise ValueError("a2a+ring context parallelism splits the CP group of megacore.parallel.get_state(); "
+                         "pass state.cp_group")
+    if isinstance(a2a_size, bool) or not isinstance(a2a_size, int) or a2a_size < 1:
+        raise ConfigError(f"parallel.context_a2a_size={a2a_size!r}: a2a+ring needs the all-to-all group size, a "
+                          "positive divisor of parallel.context; set parallel.context_a2a_size, e.g. 2")
+    if "cp_a2a" in state.groups:
+        if state.sizes["cp_a2a"] != a2a_size:
+            raise ValueError(f"the a2a+ring groups of this layout have {state.sizes['cp_a2a']} ranks, not {a2a_size}; "
+                             "one layout has one all-to-all size")
+        return state.groups["cp_a2a"], state.groups["cp_ring"]
+    cp_lists = rank_groups(state.world_size, state.tp_size, state.pp_size, state.cp_size, state.ep_size,
+                           state.etp_size)["cp"]
+    for name, lists in zip(("cp_a2a", "cp_ring"), context_subgroup_ranks(cp_lists, a2a_size)):
+        state.groups[name] = _make_groups(lists, state.rank, state.timeout_s)
+        state.group_ranks[name] = next(lst for lst in lists if state.rank in lst)
+        state.sizes[name] = len(state.group_ranks[name])
+        state.ranks[name] = state.group_ranks[name].index(state.rank)
+    return state.groups["cp_a2a"], state.groups["cp_ring"]
 
 
 _ON_DESTROY: list = []
