@@ -138,8 +138,9 @@ class GPTModel(nn.Module):
         (True = may attend), and-ed with causality. ``hidden_states`` replaces the embedding
         output on pipeline stages after the first, or with ``kv_cache`` the embeddings of the new
         tokens (LLaVA's prefill passes its image-filled ones). ``kv_cache`` (a
-        ``megacore.inference.KVCache``): ``input_ids`` are the NEW tokens, at positions continuing
-        from ``kv_cache.length``; returns their logits (incremental decoding).
+        ``megacore.inference.KVCache``, or the engine's paged ``megacore.inference.cache.CacheBatch``):
+        ``input_ids`` are the NEW tokens, at the positions ``kv_cache.positions`` gives (each row
+        continuing from what it holds); returns their logits (incremental decoding).
         """
         if kv_cache is not None:
             return self._forward_cached(input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states)
@@ -172,10 +173,11 @@ class GPTModel(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """True for a whole one-device model: ``forward(kv_cache=...)`` works (not a pipeline stage,
-        nor a tensor- or context-parallel model)."""
-        return (self.pre_process and self.post_process and self.output_head.whole_vocab
-                and self.attention_mask.whole_sequence)
+        """True for a whole model: ``forward(kv_cache=...)`` works (not a pipeline stage, nor a
+        context- or sequence-parallel model; a tensor-parallel one decodes with its vocab-parallel
+        head gathering the full logits on every rank)."""
+        return (self.pre_process and self.post_process and self.attention_mask.whole_sequence
+                and self.sequence_parallel_size == 1)
 
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
         if labels is not None or position_ids is not None or attention_mask is not None:
@@ -183,9 +185,9 @@ class GPTModel(nn.Module):
                              "embeddings as hidden_states: positions and the causal mask come from the cache; "
                              "labels, position_ids and attention_mask are for the uncached forward")
         if not self.supports_kv_cache:
-            raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage, a "
-                             "tensor-parallel shard or a context-parallel model); rebuild the model on one device "
-                             "for generation")
+            raise ValueError("the KV cache decodes with a whole model (not a pipeline stage, a context-parallel "
+                             "or sequence-parallel model); rebuild the model on one device, or tensor-parallel "
+                             "without sequence parallelism, for generation")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, new_tokens] tensor, got {tuple(input_ids.shape)}")
         batch, new = input_ids.shape
@@ -194,7 +196,7 @@ class GPTModel(nn.Module):
         if self.embedding.position_embeddings is not None and start + new > self.config.seq_length:
             raise ValueError(f"position {start + new - 1} is past model.seq_length={self.config.seq_length} (learned "
                              "positions); reset the cache and re-feed the last window")
-        positions = torch.arange(start, start + new, device=input_ids.device)[None, :].expand(batch, new)
+        positions = kv_cache.positions(new, batch, input_ids.device)  # [B, new]: per row, from the cache
         if hidden_states is None:
             hidden_BSH = self.embedding(input_ids, positions)
         elif hidden_states.shape[:2] != input_ids.shape:
