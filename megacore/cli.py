@@ -4,6 +4,7 @@
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
     megacore generate --model HF_DIR_OR_CKPT --prompt "text"
+    megacore serve --model HF_DIR_OR_CKPT [--host 127.0.0.1] [--port 8000]   (OpenAI-compatible HTTP)
 
 Exit status of ``megacore train``: 0 done (or stopped cleanly by a signal); 1 training failed on the
 way (the run diverged, the data ran out of labelled tokens); 2 the run cannot start or go on as
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from megacore.inference.generate import main as generate_main
 
         return generate_main(rest)
+    if command == "serve":
+        from megacore.inference.server import main as serve_main
+
+        return serve_main(rest)
     print(f"error: unknown command {command!r}; use one of train, preprocess, convert, generate\n\n{USAGE}", file=sys.stderr)
     return 2
 
