@@ -250,3 +250,43 @@ def test_cli_serves_and_exits_0_on_sigterm(hf_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_example_client_streams_and_prints(srv):
+    script = os.path.join(ROOT, "examples", "openai_client.py")
+    url = f"http://127.0.0.1:{srv.port}"
+    want = greedy(srv, [6, 7, 8], 5)
+    for extra in ([], ["--stream"]):
+        out = subprocess.run([sys.executable, script, "--url", url, "--prompt", "w0 w1 w2", "--max-tokens", "5",
+                              *extra], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == words(want)
+    bad = subprocess.run([sys.executable, script, "--url", url, "--prompt", "w0", "--top-p", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "HTTP 400" in bad.stderr and "top_p" in bad.stderr
+
+
+def test_cli_refuses_bad_setups_with_one_line(hf_dir, tmp_path, capsys):
+    from megacore.inference.server import main
+
+    assert main(["--model", str(hf_dir), "--pp", "2"]) == 2
+    assert "pipeline-parallel inference is not supported" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--model", str(hf_dir), "--device", "cpu", "--max-length", "4096"]) == 2
+    assert "--max-length 4096 must be in [2, 48]" in capsys.readouterr().err
+
+
+def test_chat_template_fallback_and_errors(tmp_path):
+    from megacore.inference.chat import ChatTemplate, ChatTemplateError
+
+    plain = ChatTemplate.find([tmp_path])
+    assert plain.source == "fallback"
+    assert plain.render([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}"
+                                        "{% endif %}{{ messages[0]['content'] }}"}]}))
+    template = ChatTemplate.find([tmp_path])
+    assert template.render([{"role": "user", "content": "x"}]) == "x"
+    with pytest.raises(ChatTemplateError, match="user first"):
+        template.render([{"role": "system", "content": "x"}])
