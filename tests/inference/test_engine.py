@@ -166,3 +166,34 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     plain = TextStream(Bytes(), [], stop=["zz"])
     got = "".join(plain.push(t)[0] for t in "abz".encode()) + plain.finish()
     assert got == "abz"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_decode_step_reads_nothing_back_to_the_host(name, greedy, monkeypatch):
+    """What a CUDA graph cannot hold: a decode step (forward, sampling, stop bookkeeping) never turns
+    a tensor into a Python value. Checked on the CPU by making every such conversion raise."""
+    from megacore.inference.runner import DecodeInputs, ModelRunner
+
+    model = tiny(name)
+    store = KVStore(probe_cache_shapes(model), num_blocks=9, block_size=4, num_slots=3, device="cpu")
+    runner = ModelRunner(model, store, use_graphs=False)
+    b = 3
+    st = DecodeInputs(tokens=torch.tensor([5, 6, 0]), lengths=torch.tensor([7, 3, 0]), slots=torch.tensor([0, 1, 3]),
+                      table=torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [0, 0, 0, 0]]),
+                      temperature=torch.full((b,), 0.0 if greedy else 0.8), top_k=torch.tensor([0, 5, 0]),
+                      top_p=torch.tensor([1.0, 0.9, 1.0]), seed=torch.tensor([1, 2, 0]),
+                      remaining=torch.tensor([4, 4, 0]), stop_ids=torch.full((b, 4), -1),
+                      done=torch.tensor([False, False, True]))
+    out = torch.zeros(b, dtype=torch.long)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("a tensor was read back to the host inside a decode step")
+
+    for method in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, method, no_sync)
+    with torch.no_grad():
+        runner._step(st, out, greedy, key_len=16)
+        runner._step(st, out, greedy, key_len=16)
+    monkeypatch.undo()
+    assert st.lengths.tolist() == [9, 5, 0] and st.remaining.tolist() == [2, 2, 0] and out[2].item() == -1
