@@ -30,10 +30,16 @@ positions a row does not hold. ``contiguous=True`` (one block per row, rows = sl
 static cache of ``megacore.inference.runner.generate_static``) reads a slice instead of a gather.
 ``fresh=True`` is a prefill from position 0: the new keys and values are returned as they are and
 the mask is plain causal (None), SDPA's fast causal path.
+
+Decode without the gather: a grouped-query attention layer first offers the view its query
+(``attend``); with ``paged_kernel`` the view writes the new keys and values and runs
+``megacore.inference.paged_attention`` over the row's blocks in place, reading only the blocks a row
+holds (the default on CUDA). Layers that do not offer (multi-latent attention) read the gather.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -187,6 +193,9 @@ class _LayerView:
     def update(self, k, v):
         return self.view.update(self.layer, k, v)
 
+    def attend(self, q, k, v, scale: float):
+        return self.view.attend(self.layer, q, k, v, scale)
+
     def mamba_state(self, kernel: int):
         return _MambaSlots(self.view, self.layer, kernel)
 
@@ -198,13 +207,21 @@ class CacheBatch:
     tokens go at ``lengths[b] + i``), all int64 on the store's device; ``key_len``: keys a row reads
     (``N * block_size`` when paged; at most ``block_size`` when ``contiguous``). ``host_length``: the
     largest length of the batch as the host knows it (``length``, read for learned positions).
+    ``paged_kernel``: decode attention layers read the pools directly (``attend``; ``"force"``: the
+    Triton kernel even on the CPU, through its interpreter).
     """
 
+    kernel_failed = False  # set once the paged kernel raised: every later view gathers instead
+
     def __init__(self, store: KVStore, slots: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
-                 key_len: int = 0, fresh: bool = False, contiguous: bool = False, host_length: int = 0):
+                 key_len: int = 0, fresh: bool = False, contiguous: bool = False, host_length: int = 0,
+                 paged_kernel: bool = False):
         self.store, self.slots, self.table, self.lengths = store, slots, table, lengths
         self.key_len, self.fresh, self.contiguous, self.length = key_len, fresh, contiguous, host_length
+        self.paged_kernel = bool(paged_kernel) and not fresh and not contiguous
+        self._force = paged_kernel == "force"  # the Triton kernel even on the CPU (its interpreter; tests)
         self._pos: Optional[torch.Tensor] = None
+        self._window: Optional[int] = None
 
     # ------------------------------------------------------------------ what GPTModel calls
     def check_room(self, new_tokens: int, batch: int) -> None:
@@ -218,6 +235,7 @@ class CacheBatch:
         return self._pos
 
     def attention_mask(self, new_tokens: int, device, sliding_window: Optional[int] = None):
+        self._window = sliding_window  # (the paged kernel masks by itself; layers without it read the mask)
         if self.fresh:
             if sliding_window is None:
                 return None
@@ -234,7 +252,7 @@ class CacheBatch:
         pass  # the caller advances ``lengths`` (on the device, inside the decode step)
 
     # ------------------------------------------------------------------ reads and writes
-    def update(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor):
+    def _write(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor) -> None:
         k_pool, v_pool = self.store.k[layer], self.store.v[layer]
         bs = self.store.block_size
         pos = self.positions(k_BS.shape[1], k_BS.shape[0], k_BS.device)
@@ -242,6 +260,35 @@ class CacheBatch:
         offset = pos % bs
         k_pool[block, offset] = k_BS.to(k_pool.dtype)
         v_pool[block, offset] = v_BS.to(v_pool.dtype)
+
+    def attend(self, layer: int, q_BSHD: torch.Tensor, k_BS: torch.Tensor, v_BS: torch.Tensor, scale: float):
+        """Write the new token's keys and values and attend from the pools directly (the paged decode
+        kernel, ``megacore.inference.paged_attention``); None when this forward is not one it serves
+        (prefill, several new tokens, the static layout), and nothing is written then."""
+        if not self.paged_kernel or q_BSHD.shape[1] != 1 or CacheBatch.kernel_failed:
+            return None
+        from megacore.inference.paged_attention import kernel_supports, paged_decode_attention
+
+        k_pool, v_pool = self.store.k[layer], self.store.v[layer]
+        if not kernel_supports(k_pool, self.store.block_size):
+            return None
+        self._write(layer, k_BS, v_BS)
+        width = max(self.key_len // self.store.block_size, 1)
+        try:
+            out = paged_decode_attention(q_BSHD[:, 0], k_pool, v_pool, self.table[:, :width], self.lengths, scale,
+                                         self._window, force_triton=self._force)
+        except Exception as e:  # e.g. a Triton build that cannot compile it: the gather path from now on
+            warnings.warn(f"paged decode attention kernel failed ({type(e).__name__}: {e}); decoding reads the "
+                          "blocks through a gather instead")
+            CacheBatch.kernel_failed = True
+            self.paged_kernel = False
+            return None
+        return out[:, None]
+
+    def update(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor):
+        k_pool, v_pool = self.store.k[layer], self.store.v[layer]
+        bs = self.store.block_size
+        self._write(layer, k_BS, v_BS)
         if self.fresh:
             return k_BS, v_BS
         if self.contiguous:

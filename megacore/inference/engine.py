@@ -116,7 +116,7 @@ class Request:
 
 
 def build_runner(model: torch.nn.Module, max_batch: int, max_length: int, block_size: int = 16,
-                 num_blocks: Optional[int] = None, use_graphs: Optional[bool] = None) -> ModelRunner:
+                 num_blocks: Optional[int] = None, use_graphs: Optional[bool] = None, paged_kernel=None) -> ModelRunner:
     """A ``ModelRunner`` over a new ``KVStore`` for the engine (collective under tensor parallelism:
     every rank makes its own). ``num_blocks`` defaults to room for ``max_batch`` sequences of
     ``max_length`` positions (no preemption)."""
@@ -128,7 +128,7 @@ def build_runner(model: torch.nn.Module, max_batch: int, max_length: int, block_
                          f"({per_seq} blocks of {block_size} + the scratch block); raise num_blocks")
     device = next(model.parameters()).device
     store = KVStore(probe_cache_shapes(model, device), num_blocks, block_size, max_batch, device)
-    return ModelRunner(model, store, use_graphs=use_graphs)
+    return ModelRunner(model, store, use_graphs=use_graphs, paged_kernel=paged_kernel)
 
 
 class Engine:

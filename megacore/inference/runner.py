@@ -87,10 +87,15 @@ class ModelRunner:
     """
 
     def __init__(self, model: torch.nn.Module, store: KVStore, use_graphs: Optional[bool] = None,
-                 contiguous: bool = False):
+                 contiguous: bool = False, paged_kernel=None):
         self.model, self.store, self.contiguous = model, store, contiguous
         self.device = store.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        if paged_kernel is None:  # attention layers decode from the block pools directly on CUDA
+            from megacore.kernels._dispatch import triton_available
+
+            paged_kernel = self.device.type == "cuda" and triton_available()
+        self.paged_kernel = paged_kernel
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device; pass use_graphs=False")
         self._decoders: dict = {}
@@ -137,7 +142,8 @@ class ModelRunner:
         return ring.cpu()
 
     def _step(self, st: DecodeInputs, out: torch.Tensor, greedy: bool, key_len: int) -> None:
-        view = CacheBatch(self.store, st.slots, st.table, st.lengths, key_len=key_len, contiguous=self.contiguous)
+        view = CacheBatch(self.store, st.slots, st.table, st.lengths, key_len=key_len, contiguous=self.contiguous,
+                          paged_kernel=self.paged_kernel)
         logits = self.model(st.tokens[:, None], kv_cache=view)[:, -1]
         nxt = sample_tokens(logits, st.temperature, st.top_k, st.top_p, st.seed, st.lengths + 1, greedy_only=greedy)
         live = ~st.done
