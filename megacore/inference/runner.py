@@ -17,6 +17,9 @@ reaches 0 for the rows that were live. A done row keeps computing (its slot is s
 until the host looks: the host reads the ring of tokens once per call (``steps`` tokens per row),
 the only synchronization.
 
+Attention layers read the paged cache through ``megacore.inference.paged_attention``'s kernel on
+CUDA (``paged_kernel``), or through a gather of each row's blocks (``megacore.inference.cache``).
+
 On CUDA the step is captured once per shape -- (batch bucket, key-length bucket, stop-table
 width, greedy or sampling) -- in a ``torch.cuda.CUDAGraph`` and replayed; the inputs are copied
 into the graph's tensors before the first step of a call. A model whose forward cannot be captured
