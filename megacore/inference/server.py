@@ -98,7 +98,7 @@ class Server:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self.runner.addresses[0][1]
         return self.port
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
