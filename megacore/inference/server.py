@@ -52,6 +52,11 @@ class EngineThread:
         return self
 
     def _run(self) -> None:
+        device = self.engine.store.device
+        if device.type == "cuda":  # the current device is per thread (Triton launches, graph capture use it)
+            import torch
+
+            torch.cuda.set_device(device)
         try:
             while not self._stop.is_set():
                 try:
