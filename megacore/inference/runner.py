@@ -172,15 +172,16 @@ class ModelRunner:
         if not self.use_graphs:
             return dec
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # first calls: Triton autotuning, cuBLAS handles, lazy buffers
+            with torch.cuda.device(self.device):  # graph capture uses the current device's streams
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # first calls: Triton autotuning, cuBLAS handles, lazy buffers
+                        self._step(state, dec.out, greedy, key_len)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
                     self._step(state, dec.out, greedy, key_len)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._step(state, dec.out, greedy, key_len)
             self._pool = graph.pool()
             dec.graph = graph
         except Exception as e:  # a forward that cannot be captured: decode eagerly
