@@ -17,7 +17,8 @@ ffn 5632, vocab 32000, untied), random, in bf16. Rows:
 * **transformers**: ``LlamaForCausalLM.generate(do_sample=False)`` (SDPA attention, its default cache).
 * **engine, N requests**: ``--requests`` concurrent requests of mixed prompt lengths (uniform in
   [32, 512]) and ``max_new_tokens`` (uniform in [64, 256]), all submitted at once, greedy, ignoring
-  eos: generated tokens / wall time (after one untimed run of the same work: graph captures).
+  eos: generated tokens / wall time (after one untimed run of the same work: graph captures). The
+  ``(gather)`` row runs the same work with the paged decode kernel off (blocks gathered, then SDPA).
 
 Decode rates are (T(n) - T(1)) / (n - 1) over two runs that differ only in the number of new tokens,
 so the prefill is not counted. The greedy tokens of the graphed path are compared with eager and
@@ -96,14 +97,16 @@ def hf_twin(model: GPTModel, dtype: torch.dtype, device):
     return hf.eval()
 
 
-def engine_throughput(model, requests: int, max_length: int, seed: int, low_high) -> tuple[float, int, int]:
-    from megacore.inference.engine import Engine, SamplingParams
+def engine_throughput(model, requests: int, max_length: int, seed: int, low_high,
+                      paged_kernel=None) -> tuple[float, int, int]:
+    from megacore.inference.engine import Engine, SamplingParams, build_runner
 
     rng = random.Random(seed)
     (p_lo, p_hi), (n_lo, n_hi) = low_high
     work = [([rng.randrange(model.config.vocab_size) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(n_lo, n_hi))
             for _ in range(requests)]
-    engine = Engine(model, max_batch=requests, max_length=max_length, block_size=16, decode_steps=8)
+    runner = build_runner(model, requests, max_length, block_size=16, paged_kernel=paged_kernel)
+    engine = Engine(model, max_batch=requests, max_length=max_length, block_size=16, decode_steps=8, runner=runner)
     device = next(model.parameters()).device
 
     def run():
@@ -189,6 +192,10 @@ def main(argv=None) -> dict:
     rate, total, preempted = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
                                                low_high=spans)
     rows.append((f"engine, {args.requests} requests", rate))
+    if device.type == "cuda":  # the same work reading the blocks through a gather + SDPA instead of the kernel
+        gathered, _, _ = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
+                                           low_high=spans, paged_kernel=False)
+        rows.append((f"engine, {args.requests} req. (gather)", gathered))
 
     print(f"\n{'path':<28}{'tokens/s':>12}{'of limit':>10}   (weights read per token: {read_bytes / 1e9:.2f} GB, "
           f"{args.hbm_tbps} TB/s)")
