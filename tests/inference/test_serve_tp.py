@@ -28,22 +28,23 @@ def _serve(engine):
 
 
 def _tp_worker(rank, world_size, path):
-    from megacore.inference.engine import build_runner
-    from megacore.inference.parallel import BroadcastRunner, follow, load_tp_model
+    """What ``torchrun --nproc-per-node 2 -m megacore serve --model CKPT --tp 2`` builds on each rank
+    (``serve_setup.prepare``), driven without HTTP."""
+    from megacore.inference import serve_setup
+    from megacore.inference.server import build_parser
 
     torch.manual_seed(0)
-    loaded = load_tp_model(path, tp=world_size)
-    model = loaded.model
-    assert model.output_head.whole_vocab is False  # a vocab-parallel head: really sharded
-    runner = build_runner(model, max_batch=2, max_length=32, block_size=4, num_blocks=13)
-    if rank != 0:
-        follow(runner)
+    args = build_parser().parse_args(["--model", path, "--tp", str(world_size), "--device", "cpu", "--max-batch", "2",
+                                      "--block-size", "4", "--num-blocks", "13", "--decode-steps", "3"])
+    setup = serve_setup.prepare(args)
+    assert setup.runner.model.output_head.whole_vocab is False  # a vocab-parallel head: really sharded
+    if not setup.is_leader:
+        setup.follow()
         return None
-    leader = BroadcastRunner(runner)
     try:
-        return _serve(Engine(model, max_batch=2, block_size=4, decode_steps=3, runner=leader))
+        return _serve(setup.engine)
     finally:
-        leader.stop()
+        setup.release()
 
 
 def test_tp2_serving_equals_one_device(tmp_path):
