@@ -121,9 +121,15 @@ class _Probe:
 def probe_cache_shapes(model, device=None) -> CacheShapes:
     """Run one token through ``model`` (collective under tensor parallelism) and record what each
     layer's cache holds."""
-    device = device or next(model.parameters()).device
+    p = next(model.parameters())
+    device = device or p.device
     probe = _Probe()
-    model(torch.zeros(1, 1, dtype=torch.long, device=device), kv_cache=probe)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    if getattr(model, "pre_process", True):
+        model(ids, kv_cache=probe)
+    else:  # a later pipeline stage: what the previous stage would hand it
+        model(ids, hidden_states=torch.zeros(1, 1, model.config.hidden_size, dtype=p.dtype, device=device),
+              kv_cache=probe)
     for layer, st in probe.states.items():
         probe.shapes.mamba[layer] = ((tuple(st.conv.shape[1:]), st.conv.dtype), (tuple(st.ssm.shape[1:]), st.ssm.dtype))
     return probe.shapes

@@ -132,17 +132,17 @@ def build_runner(model: torch.nn.Module, max_batch: int, max_length: int, block_
 
 
 class Engine:
-    """See the module docstring. ``runner``: a prepared ``ModelRunner`` (tensor-parallel serving
-    passes one that broadcasts its inputs); else one is made over a new store."""
+    """See the module docstring. ``runner``: a prepared ``ModelRunner`` (tensor- and pipeline-parallel
+    serving pass one that broadcasts its inputs; ``model`` is then this rank's part, read for its
+    config); else one is made over a new store."""
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_length: Optional[int] = None,
                  block_size: int = 16, num_blocks: Optional[int] = None, eos_ids: Iterable[int] = (),
                  tokenizer=None, max_queue: Optional[int] = None, decode_steps: int = 8,
                  use_graphs: Optional[bool] = None, runner: Optional[ModelRunner] = None):
-        if not getattr(model, "supports_kv_cache", False):
-            raise ValueError("the engine decodes with a whole GPTModel and a KV cache (not a pipeline stage, nor a "
-                             "context- or sequence-parallel model); pipeline-parallel inference is not supported: "
-                             "serve at tensor parallelism (--tp) instead")
+        if runner is None and not getattr(model, "supports_kv_cache", False):
+            raise ValueError("the engine decodes with a whole GPTModel and a KV cache (not a context- or sequence-"
+                             "parallel model; a pipeline stage needs the runner of megacore.inference.pipeline)")
         if max_batch < 1 or block_size < 1 or decode_steps < 1:
             raise ValueError(f"max_batch={max_batch}, block_size={block_size}, decode_steps={decode_steps} must be >= 1")
         self.model, self.tokenizer = model, tokenizer

@@ -20,8 +20,8 @@ decode call it broadcasts the call's inputs -- all tensors (``PrefillInputs`` / 
 -- and the other ranks run the same call on them: the same positions, blocks and sampling
 parameters, so each rank writes its heads' keys and values to the same blocks. The logits are
 gathered over the vocabulary shards on every rank and the sampler is a function of (seed,
-position), so every rank picks the same token without another exchange. Pipeline parallelism is
-not supported for inference (``megacore serve`` refuses ``--pp``).
+position), so every rank picks the same token without another exchange. Pipeline-parallel
+inference runs the same leader/follower protocol over stage runners (``megacore.inference.pipeline``).
 """
 
 from __future__ import annotations

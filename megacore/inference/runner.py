@@ -149,13 +149,7 @@ class ModelRunner:
                           paged_kernel=self.paged_kernel)
         logits = self.model(st.tokens[:, None], kv_cache=view)[:, -1]
         nxt = sample_tokens(logits, st.temperature, st.top_k, st.top_p, st.seed, st.lengths + 1, greedy_only=greedy)
-        live = ~st.done
-        out.copy_(torch.where(live, nxt, torch.full_like(nxt, -1)))
-        st.lengths.add_(live.to(torch.int64))
-        st.remaining.sub_(live.to(torch.int64))
-        stop = (nxt[:, None] == st.stop_ids).any(dim=-1) | (st.remaining <= 0)
-        st.done.logical_or_(live & stop)
-        st.tokens.copy_(torch.where(live, nxt, st.tokens))
+        advance_rows(st, nxt, out)
 
     def _build(self, inp: DecodeInputs, greedy: bool, key_len: int) -> _Decoder:
         state = DecodeInputs(**{f.name: getattr(inp, f.name).to(self.device, copy=True)
@@ -191,6 +185,19 @@ class ModelRunner:
             self.use_graphs = False
             torch.cuda.synchronize(self.device)
         return dec
+
+
+def advance_rows(st: DecodeInputs, nxt: torch.Tensor, out: torch.Tensor) -> None:
+    """After a step sampled ``nxt``: for the live rows, emit it (``out``; -1 for done rows), advance
+    ``lengths``, spend ``remaining``, mark ``done`` on a stop token or an empty budget, and make it
+    the row's last token."""
+    live = ~st.done
+    out.copy_(torch.where(live, nxt, torch.full_like(nxt, -1)))
+    st.lengths.add_(live.to(torch.int64))
+    st.remaining.sub_(live.to(torch.int64))
+    stop = (nxt[:, None] == st.stop_ids).any(dim=-1) | (st.remaining <= 0)
+    st.done.logical_or_(live & stop)
+    st.tokens.copy_(torch.where(live, nxt, st.tokens))
 
 
 def bucket(n: int, floor: int = 1) -> int:

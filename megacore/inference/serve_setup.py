@@ -75,10 +75,7 @@ def _prepare(args) -> Setup:
     from megacore.inference.generate import LoadedModel, _device, find_tokenizer, load_model
     from megacore.precision.mixed import DTYPES
 
-    if args.pp != 1:
-        raise SetupError(f"--pp {args.pp}: pipeline-parallel inference is not supported; serve a model too large for one "
-                         "GPU with tensor parallelism instead (--tp N under torchrun)")
-    for name in ("max_batch", "max_queue", "block_size", "decode_steps", "tp"):
+    for name in ("max_batch", "max_queue", "block_size", "decode_steps", "tp", "pp"):
         if getattr(args, name) < 1:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -92,11 +89,15 @@ def _prepare(args) -> Setup:
             if tok is not None:
                 run_cfg.model.vocab_size = tok.vocab_size
             return run_cfg.model
-    if args.tp > 1 or world > 1:
-        if world != args.tp:
-            raise SetupError(f"--tp {args.tp} runs on {args.tp} processes: torchrun --nproc-per-node {args.tp} -m "
-                             f"megacore serve ... (this run has {world})")
-        from megacore.inference.parallel import load_tp_model
+    if args.tp > 1 and args.pp > 1:
+        raise SetupError(f"--tp {args.tp} with --pp {args.pp}: tensor and pipeline parallelism together are not "
+                         "supported for inference; use one of them")
+    ranks = args.tp * args.pp
+    if ranks > 1 or world > 1:
+        flag = f"--tp {args.tp}" if args.tp > 1 else f"--pp {args.pp}"
+        if world != ranks:
+            raise SetupError(f"{flag} runs on {ranks} processes: torchrun --nproc-per-node {ranks} -m megacore serve "
+                             f"... (this run has {world}; a multi-process run needs --tp or --pp)")
         from megacore.parallel.topology import init_default_group
 
         init_default_group("gloo" if os.environ.get("MEGACORE_BACKEND") == "gloo" else None)
@@ -104,7 +105,14 @@ def _prepare(args) -> Setup:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        loaded = load_tp_model(args.model, args.tp, dtype, device)
+        if args.tp > 1:
+            from megacore.inference.parallel import load_tp_model
+
+            loaded = load_tp_model(args.model, args.tp, dtype, device)
+        else:
+            from megacore.inference.pipeline import load_pp_model
+
+            loaded = load_pp_model(args.model, args.pp, dtype, device)
     else:
         loaded = load_model(args.model, dtype, _device(args.device), config_model)
     model = loaded.model.eval()
@@ -112,8 +120,13 @@ def _prepare(args) -> Setup:
     max_length = args.max_length or seq
     if not 2 <= max_length <= seq:
         raise SetupError(f"--max-length {max_length} must be in [2, {seq}] (the model's seq_length)")
-    runner = build_runner(model, args.max_batch, max_length, args.block_size, args.num_blocks,
-                          use_graphs=False if args.no_graphs else None)
+    if args.pp > 1:
+        from megacore.inference.pipeline import build_pipeline_runner
+
+        runner = build_pipeline_runner(model, args.max_batch, max_length, args.block_size, args.num_blocks)
+    else:
+        runner = build_runner(model, args.max_batch, max_length, args.block_size, args.num_blocks,
+                              use_graphs=False if args.no_graphs else None)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         return Setup(False, runner)

@@ -5,6 +5,7 @@
         [--tokenizer PATH] [--config CONFIG.yaml] [--dtype bf16] [--device auto] [--no-graphs]
         [--served-model-name NAME] [--shutdown-grace-s 30]
     torchrun --nproc-per-node 2 -m megacore serve --model CKPT_DIR --tp 2      (tensor parallel)
+    torchrun --nproc-per-node 2 -m megacore serve --model CKPT_DIR --pp 2      (pipeline parallel)
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (request fields:
 ``megacore.inference.openai_api``), ``GET /v1/models``, ``GET /health``. ``--model`` and the
@@ -247,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: as stored)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under torchrun with this many ranks)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (only 1 is supported)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (under torchrun; not with --tp)")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--served-model-name", default=None, help="the model id of responses (default: --model)")
     p.add_argument("--shutdown-grace-s", type=float, default=30.0, help="time in-flight requests get on SIGTERM")

@@ -274,7 +274,9 @@ def test_cli_refuses_bad_setups_with_one_line(hf_dir, tmp_path, capsys):
     from megacore.inference.server import main
 
     assert main(["--model", str(hf_dir), "--pp", "2"]) == 2
-    assert "pipeline-parallel inference is not supported" in capsys.readouterr().err
+    assert "--pp 2 runs on 2 processes: torchrun --nproc-per-node 2" in capsys.readouterr().err
+    assert main(["--model", str(hf_dir), "--pp", "2", "--tp", "2"]) == 2
+    assert "tensor and pipeline parallelism together are not supported" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["--model", str(hf_dir), "--device", "cpu", "--max-length", "4096"]) == 2
