@@ -1,4 +1,4 @@
-"""The ``megacore`` command: ``train``, ``config``, ``preprocess``, ``convert``, ``generate``.
+"""The ``megacore`` command: ``train``, ``config``, ``preprocess``, ``convert``, ``generate``, ``serve``.
 
 usage:
     megacore train CONFIG.yaml [dotted.key=value ...] [--nproc N [--stop-grace-s S]]
@@ -6,6 +6,7 @@ usage:
     megacore preprocess --input data.jsonl --output-prefix out/data --tokenizer bpe
     megacore convert --from hf --input HF_DIR --output CKPT_DIR   (and back: --from megacore)
     megacore generate --model HF_DIR_OR_CKPT --prompt "text"
+    megacore serve --model HF_DIR_OR_CKPT [--host 127.0.0.1] [--port 8000]   (OpenAI-compatible HTTP)
     megacore --version
 
 `megacore train --help` lists every config key with its type, default and meaning; each command
@@ -320,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         from megacore.inference.generate import main as generate_main
 
         return _one_line_errors(command, generate_main, rest)
-    _report(f"error: unknown command {command!r}; use one of train, config, preprocess, convert, generate, "
+    if command == "serve":
+        from megacore.inference.server import main as serve_main
+
+        return serve_main(rest)
+    _report(f"error: unknown command {command!r}; use one of train, config, preprocess, convert, generate, serve, "
             f"--version\n\n{USAGE}")
     return 2
 

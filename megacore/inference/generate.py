@@ -99,11 +99,13 @@ def load_hf(path: str, dtype: Optional[torch.dtype], device: torch.device) -> Lo
 
 
 def load_megacore(path: str, dtype: Optional[torch.dtype], device: torch.device,
-                  config_model: Optional[Any] = None) -> LoadedModel:
+                  config_model: Optional[Any] = None, build=None) -> LoadedModel:
     """Rebuild a one-device GPTModel from a megacore checkpoint (any saved layout).
 
     ``config_model``: a TransformerConfig (or a function returning one) used only when the
-    checkpoint records no ``model_config``.
+    checkpoint records no ``model_config``. ``build(config, dtype, device)``: makes the model the
+    weights are loaded into (default ``megacore.compose.build_inference_model``, one device;
+    tensor-parallel serving passes a sharded one, and the load is then collective).
     """
     from megacore.checkpoint import CheckpointError, load_checkpoint, resolve_load_path
     from megacore.checkpoint.directory import INDEX
@@ -133,7 +135,7 @@ def load_megacore(path: str, dtype: Optional[torch.dtype], device: torch.device,
         raise GenerateError(f"checkpoint {ckpt} holds no model weights (no 'model/...' tensors)")
     if dtype is None:
         dtype = dtype_from_name(index["tensors"][model_keys[0]]["dtype"])
-    model = build_inference_model(config, dtype, device)
+    model = (build or build_inference_model)(config, dtype, device)
     try:
         result = load_checkpoint(ckpt, model, load_optimizer=False, load_rng=False)
     except CheckpointError as e:

@@ -109,6 +109,10 @@ class KVCache:
         v_all[:, self.length:end] = v_BSGD
         return k_all[:, :end], v_all[:, :end]
 
+    def positions(self, new_tokens: int, batch: int, device) -> torch.Tensor:
+        """Positions [B, new_tokens] of the new tokens: every row continues from ``length``."""
+        return torch.arange(self.length, self.length + new_tokens, device=device)[None, :].expand(batch, new_tokens)
+
     def advance(self, new_tokens: int) -> None:
         """Count ``new_tokens`` positions as cached (the model calls this after every layer appended)."""
         self.length += new_tokens

@@ -194,7 +194,13 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
+        out_BSHD = None
         if kv_cache is not None:  # append the new positions; attend over every cached one
-            k, v = kv_cache.update(k, v)
-        out_BSHD = self.core_attention(q, k, v, mask)
+            attend = getattr(kv_cache, "attend", None)  # a cache that attends by itself (paged decode
+            if attend is not None:                      # kernel) returns the output, else None
+                out_BSHD = attend(q, k, v, self.core_attention.scale)
+            if out_BSHD is None:
+                k, v = kv_cache.update(k, v)
+        if out_BSHD is None:
+            out_BSHD = self.core_attention(q, k, v, mask)
         return self.linear_proj(out_BSHD.reshape(*out_BSHD.shape[:2], -1))

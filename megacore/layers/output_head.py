@@ -60,7 +60,7 @@ class OutputHead(nn.Module):
     """One device: logits = hidden · Wᵀ over the padded vocabulary, cross entropy over the first
     ``vocab_size`` columns, or both fused."""
 
-    whole_vocab = True  # every logit column lives on this device (KV-cached decoding needs it)
+    whole_vocab = True  # every logit column lives on this device
 
     def __init__(self, vocab_size: int):
         super().__init__()

@@ -101,11 +101,15 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim_of(config)
         inv_freq, self.attention_scaling = rotary_inv_freq(config)
         self._inv_freq_cpu = inv_freq.float()
+        self._inv_freq_on: dict = {}  # device -> inv_freq there (no host-to-device copy per decode step,
+        # which a captured CUDA graph could not hold)
         self._cache: dict = {}
 
     def forward(self, seq_len: int, device, dtype, position_ids: torch.Tensor | None = None):
         if position_ids is not None:
-            inv = self._inv_freq_cpu.to(device)
+            inv = self._inv_freq_on.get(str(device))
+            if inv is None:
+                inv = self._inv_freq_on[str(device)] = self._inv_freq_cpu.to(device)
             angles = position_ids.float()[..., None] * inv  # [B, S, rd/2]
             return self._cos_sin(angles, dtype)
         key = (seq_len, str(device), dtype)

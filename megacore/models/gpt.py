@@ -137,9 +137,11 @@ class GPTModel(nn.Module):
         ``attention_mask``: [B, S] padding mask (1 = real token) or a boolean [B, 1, S, S] mask
         (True = may attend), and-ed with causality. ``hidden_states`` replaces the embedding
         output on pipeline stages after the first, or with ``kv_cache`` the embeddings of the new
-        tokens (LLaVA's prefill passes its image-filled ones). ``kv_cache`` (a
-        ``megacore.inference.KVCache``): ``input_ids`` are the NEW tokens, at positions continuing
-        from ``kv_cache.length``; returns their logits (incremental decoding).
+        tokens (LLaVA's prefill passes its image-filled ones; a later pipeline stage the previous
+        stage's output, and returns its own hidden states unless it is the last). ``kv_cache`` (a
+        ``megacore.inference.KVCache``, or the engine's paged ``megacore.inference.cache.CacheBatch``):
+        ``input_ids`` are the NEW tokens, at the positions ``kv_cache.positions`` gives (each row
+        continuing from what it holds); returns their logits (incremental decoding).
         """
         if kv_cache is not None:
             return self._forward_cached(input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states)
@@ -172,41 +174,47 @@ class GPTModel(nn.Module):
 
     @property
     def supports_kv_cache(self) -> bool:
-        """True for a whole one-device model: ``forward(kv_cache=...)`` works (not a pipeline stage,
-        nor a tensor- or context-parallel model)."""
-        return (self.pre_process and self.post_process and self.output_head.whole_vocab
-                and self.attention_mask.whole_sequence)
+        """True for a whole model that decodes with a cache by itself: ``forward(kv_cache=...)`` gives
+        logits (not a pipeline stage -- stages decode too, chained by the caller, see
+        ``megacore.inference.pipeline`` -- nor a context- or sequence-parallel model; a tensor-parallel
+        one decodes with its vocab-parallel head gathering the full logits on every rank)."""
+        return (self.pre_process and self.post_process and self.attention_mask.whole_sequence
+                and self.sequence_parallel_size == 1)
 
     def _forward_cached(self, input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states):
         if labels is not None or position_ids is not None or attention_mask is not None:
             raise ValueError("forward(kv_cache=...) takes only input_ids (the new tokens), and optionally their "
                              "embeddings as hidden_states: positions and the causal mask come from the cache; "
                              "labels, position_ids and attention_mask are for the uncached forward")
-        if not self.supports_kv_cache:
-            raise ValueError("the KV cache decodes with a whole one-device model (not a pipeline stage, a "
-                             "tensor-parallel shard or a context-parallel model); rebuild the model on one device "
-                             "for generation")
+        if not (self.attention_mask.whole_sequence and self.sequence_parallel_size == 1):
+            raise ValueError("the KV cache decodes with a model that sees whole sequences (not a context-parallel "
+                             "or sequence-parallel model); rebuild the model on one device, or tensor-parallel "
+                             "without sequence parallelism, for generation")
+        if not self.pre_process and hidden_states is None:
+            raise ValueError("a pipeline stage after the first decodes from the previous stage's hidden_states "
+                             "(input_ids only give the shape [batch, new_tokens])")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, new_tokens] tensor, got {tuple(input_ids.shape)}")
         batch, new = input_ids.shape
         kv_cache.check_room(new, batch)
         start = kv_cache.length
-        if self.embedding.position_embeddings is not None and start + new > self.config.seq_length:
+        learned = self.embedding is not None and self.embedding.position_embeddings is not None
+        if learned and start + new > self.config.seq_length:
             raise ValueError(f"position {start + new - 1} is past model.seq_length={self.config.seq_length} (learned "
                              "positions); reset the cache and re-feed the last window")
-        positions = torch.arange(start, start + new, device=input_ids.device)[None, :].expand(batch, new)
+        positions = kv_cache.positions(new, batch, input_ids.device)  # [B, new]: per row, from the cache
         if hidden_states is None:
             hidden_BSH = self.embedding(input_ids, positions)
         elif hidden_states.shape[:2] != input_ids.shape:
             raise ValueError(f"hidden_states of shape {tuple(hidden_states.shape)} do not embed input_ids of shape "
                              f"{tuple(input_ids.shape)}")
-        else:  # embeddings made by the caller (e.g. LLaVA's, with images in them)
+        else:  # embeddings made by the caller (LLaVA's, with images in them), or the previous pipeline stage's output
             hidden_BSH = hidden_states
         rotary = self.rotary(new, input_ids.device, hidden_BSH.dtype, positions) if self.rotary is not None else None
         mask = kv_cache.attention_mask(new, input_ids.device, self.config.sliding_window)
         hidden_BSH = self.decoder(hidden_BSH, rotary, mask, kv_cache=kv_cache)
         kv_cache.advance(new)
-        return self.full_logits(hidden_BSH)
+        return self.full_logits(hidden_BSH) if self.post_process else hidden_BSH
 
     def _full_seq_len(self, hidden_BSH, input_ids):
         if input_ids is not None:
