@@ -3,7 +3,10 @@ returns; the trainer reads it one step late)."""
 
 from __future__ import annotations
 
+import time
 from typing import Optional
+
+import torch
 
 from megacore.training.contract import StepResult
 from megacore.optim.step_info import read_scalars
@@ -31,7 +34,7 @@ class PendingStep:
         self.result = result            # the StepResult, once read
         self.votes: Optional[float] = None  # ranks that asked to stop (None: not collected)
         self.mem_gb: Optional[float] = None  # peak GPU memory allocated while the step was queued
-        self.start_mark = self.end_mark = None  # when the step began/ended (Trainer._timing_mark)
+        self.start_mark = self.end_mark = None  # when the step began/ended (timing_mark)
         self.host_s: Optional[float] = None  # host seconds spent queueing the step (train_step)
         self.aux_denominator: Optional[int] = None  # loss_votes[2] / this = the MoE balance loss
         self.spike = None               # loss above the spike threshold: 0-dim tensor (unread) or None
@@ -71,3 +74,22 @@ class PendingStep:
                                      moe_aux_loss=moe_aux, loss_spike=bool(spike),
                                      moe_metrics=moe_metrics, mtp_losses=mtp_losses)
         return self.result
+
+
+def timing_mark(device: torch.device):
+    """Now, on the timeline that runs the steps: a CUDA event recorded on the current stream (it
+    completes when the GPU gets there), or the host clock on CPU."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start, end) -> float:
+    """Seconds between two marks. Called once the step's values were read, so the events are
+    complete and ``synchronize`` returns at once (it only waits for a step read early)."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3

@@ -52,9 +52,10 @@ from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
-from megacore.training.pending_step import PendingStep
+from megacore.training.layout_sums import count_over_dp, global_param_count, sum_over_layout, weights_finite
+from megacore.training.pending_step import PendingStep, seconds_between, timing_mark
 from megacore.training.run_dir import agree_run_dir, write_run_config
-from megacore.sharding import peek_meta
+from megacore.training.step_record import step_record
 
 
 def _check_device(cfg: RunConfig, device: torch.device) -> None:
@@ -115,7 +116,7 @@ class Trainer:
             self.flops_per_token += vision_flops_per_token(cfg.vision, cfg.model.hidden_size, cfg.model.seq_length)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_tflops = peak_tflops(name)
-        n_params = self._global_param_count()
+        n_params = global_param_count(self.chunks, self.state, self.world_size, self.device)
         p = cfg.parallel
         from megacore.parallel.topology import describe_layout
 
@@ -195,61 +196,13 @@ class Trainer:
                 self._info(f"the checkpoint is at step {self.step} >= train.iters={self.cfg.train.iters}: "
                            "nothing left to train (raise train.iters to continue)")
 
-    def _global_param_count(self) -> int:
-        """Parameters of the one-device model: each local parameter counts at its global shape (TP
-        shards and replicated KV heads alike), the tied output copy not at all, summed over stages."""
-        from megacore.pipeline.tied import unwrap
-
-        n = 0
-        for c in self.chunks:
-            for p in unwrap(c).parameters():
-                if not peek_meta(p).shared_duplicate:
-                    n += math.prod((peek_meta(p).global_shape or p.shape))
-        if self.world_size > 1 and self.state.pp_group is not None:
-            t = torch.tensor([n], dtype=torch.float64, device=comm_device(self.device))
-            dist.all_reduce(t, group=self.state.pp_group)
-            n = int(t.item())
-        return n
-
     def _info(self, msg: str) -> None:
         if self.rank == 0:
             print(f"[megacore] {msg}", flush=True)
 
-    def _count_over_dp(self, local: float):
-        """Labelled tokens of the whole global batch: this rank's count summed over data parallelism.
-
-        Without data parallelism that is the host count itself. Otherwise it is a one-element fp64
-        tensor whose all-reduce is queued and never read here (under NCCL a collective only orders
-        GPU streams, so the host does not wait): the loss is divided by the tensor, and the count
-        is read later with the step's other numbers (``PendingStep``).
-        """
-        if self.world_size == 1 or self.state.dp_cp_size == 1:
-            return local
-        # torch.full is a fill kernel on the device: no host->device copy, which would sync.
-        value = torch.full((1,), float(local), dtype=torch.float64, device=comm_device(self.device))
-        dist.all_reduce(value, group=self.state.dp_cp_group)
-        return value if value.device == self.device else value.to(self.device)
-
-    def _sum_over_layout(self, local: torch.Tensor, *extra) -> torch.Tensor:
-        """``[global loss sum, *extra summed over ranks]`` (fp64, comm device) from ONE all-reduce
-        over all ranks; not read here.
-
-        Each DP/CP rank's last stage holds its share of the global mean loss; the TP ranks of a
-        stage hold the same value, so only TP rank 0 adds it: the world sum is then the sum over
-        DP, CP and PP. ``extra`` rides along, e.g. the stop vote (1 on ranks whose SIGTERM/SIGINT
-        flag is set), so stopping needs no collective or host sync of its own; a device scalar (the
-        MoE load-balancing sum) rides along without a read.
-        """
-        dev = comm_device(self.device)
-        loss = local.detach().to(dev, torch.float64).reshape(1)
-        if self.world_size > 1 and self.state.tp_rank != 0:
-            loss = torch.zeros_like(loss)
-        # torch.full fills on the device: no host->device copy (which would sync).
-        values = torch.cat([loss, *(v.detach().to(dev, torch.float64).reshape(1) if isinstance(v, torch.Tensor)
-                                    else torch.full((1,), float(v), dtype=torch.float64, device=dev) for v in extra)])
-        if self.world_size > 1:
-            dist.all_reduce(values)
-        return values
+    def sum_over_layout(self, local: torch.Tensor, *extra) -> torch.Tensor:
+        """``megacore.training.layout_sums.sum_over_layout`` over this run's layout."""
+        return sum_over_layout(local, *extra, state=self.state, world_size=self.world_size, device=self.device)
 
     @staticmethod
     def _no_tokens_message(step: int) -> str:
@@ -269,7 +222,7 @@ class Trainer:
         from megacore.optim.step_info import StepInfo
 
         micro, local_tokens = self.data.micro_batches(self.data.train_ds, step, self.data.first_sample(step))
-        num_tokens = self._count_over_dp(local_tokens)
+        num_tokens = count_over_dp(local_tokens, self.state, self.world_size, self.device)
         if not isinstance(num_tokens, torch.Tensor) and num_tokens == 0:  # known on the host: fail now
             raise TrainingError(self._no_tokens_message(step))
         self.optimizer.zero_grad()
@@ -287,7 +240,7 @@ class Trainer:
         mtp = self._mtp_terms()
         # The global loss is summed before the optimizer step, so the divergence policy can veto
         # the step on the device (a non-finite loss, a spike): megacore.training.divergence.
-        loss_votes = self._sum_over_layout(local, stop_vote, *([aux] if aux is not None else []), *mtp)
+        loss_votes = self.sum_over_layout(local, stop_vote, *([aux] if aux is not None else []), *mtp)
         threshold = self.guard.spike_threshold(step)
         skip, spike = self.guard.veto(loss_votes[0] / scale, threshold)
         if self.cfg.parallel.fsdp:  # torch's AdamW cannot skip: a non-finite step stops the run (_finish_step)
@@ -354,7 +307,7 @@ class Trainer:
         base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
         for k in range(t.eval_iters):
             micro, local_tokens = self.data.micro_batches(self.data.valid_ds, base + k)
-            n = self._count_over_dp(local_tokens)
+            n = count_over_dp(local_tokens, self.state, self.world_size, self.device)
             if isinstance(n, torch.Tensor):
                 # An empty batch (n == 0) contributes 0 / 1 * 0: what skipping it did, without reading n.
                 denominator = n.clamp(min=1.0)
@@ -365,7 +318,7 @@ class Trainer:
             local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
                                      schedule=self.cfg.parallel.pipeline_schedule,
                                      embedding_group=self.state.embedding_group, forward_only=True)
-            sums.append(self._sum_over_layout(local)[0])
+            sums.append(self.sum_over_layout(local)[0])
             counts.append(n)
         for c in self.chunks:
             c.train()
@@ -393,26 +346,6 @@ class Trainer:
         return {"consumed_samples": self.data.first_sample(self.step), "run_config": self.cfg.to_dict(),
                 **self.hf.checkpoint_extra()}
 
-    def _weights_finite(self) -> bool:
-        """Whether every weight of every rank is finite: per (device, dtype), one multi-tensor
-        max-|w| reduction (``torch._foreach_norm`` with ord=inf, a fused kernel on CUDA), a MAX
-        all-reduce of the verdict and ONE read. Called only before a checkpoint is written, where
-        every queued step has been read already: the read waits for this reduction alone."""
-        dev = comm_device(self.device)
-        bad = torch.zeros(1, dtype=torch.float32, device=dev)
-        groups: dict = {}
-        for chunk in self.chunks:
-            for p in chunk.parameters():
-                t = p.detach()
-                t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
-                groups.setdefault((t.device, t.dtype), []).append(t)
-        for tensors in groups.values():
-            peaks = torch.stack([m.float() for m in torch._foreach_norm(tensors, float("inf"))])
-            bad = torch.maximum(bad, (~torch.isfinite(peaks)).any().float().reshape(1).to(dev))
-        if self.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bool(bad.item() == 0)
-
     def _save(self, final: bool = False) -> None:
         """Write the checkpoint of ``self.step`` (``final``: the one at the end or on a stop, then wait
         for every pending write) -- unless a weight is NaN/inf: then nothing is written, the pending
@@ -427,7 +360,7 @@ class Trainer:
             return
         writes = bool(ckpt.cfg.dir) and (not final or (ckpt.cfg.save_on_exit and self.step > 0
                                                        and ckpt.last_saved_step != self.step))
-        if writes and not self._weights_finite():
+        if writes and not weights_finite(self.chunks, self.world_size, self.device):
             if ckpt.last_saved_step is not None:  # finish() saves only a step it has not saved: wait, save nothing
                 ckpt.finish(ckpt.last_saved_step, self.chunks, self.optimizer, self.loss_scaler, extra=self._extra())
             kept = (f"the newest checkpoint is the one of step {ckpt.last_saved_step}"
@@ -506,7 +439,7 @@ class Trainer:
         start = time.time()
         start_step = self.step
         self.metrics.reset_timer(self.step)
-        self._mark = self._timing_mark()
+        self._mark = timing_mark(self.device)
         pending: Optional[PendingStep] = None
         stopped = False
 
@@ -542,7 +475,7 @@ class Trainer:
                 # Collective, and a host sync while an async save is in flight: every log interval.
                 self.checkpoints.poll()
             if evaluate or save:
-                self._mark = self._timing_mark()  # the next step's time excludes eval and saving
+                self._mark = timing_mark(self.device)  # the next step's time excludes eval and saving
             if stopped:
                 self._info(f"received {self.stop.signal_name or 'a stop signal'}: stopping cleanly after step {self.step}")
                 break
@@ -556,24 +489,6 @@ class Trainer:
         self._info(self.metrics.outputs(self.cfg.checkpoint.dir, self.profiler.output_dir))
         return {"steps": self.step, "first_loss": first_loss, "last_loss": last_loss, "wall_s": wall,
                 "stopped_by_signal": stopped}
-
-    def _timing_mark(self):
-        """Now, on the timeline that runs the steps: a CUDA event recorded on the current stream
-        (it completes when the GPU gets there), or the host clock on CPU."""
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    @staticmethod
-    def _seconds_between(start, end) -> float:
-        """Seconds between two marks. Called once the step's values were read, so the events are
-        complete and ``synchronize`` returns at once (it only waits for a step read early)."""
-        if isinstance(start, float):
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
 
     def _queue_step(self, step: int) -> PendingStep:
         """``train_step`` plus its timing marks and the peak GPU memory allocated while queueing it
@@ -589,7 +504,7 @@ class Trainer:
         queued.host_s = time.perf_counter() - host_start
         if cuda:
             queued.mem_gb = torch.cuda.max_memory_allocated(self.device) / 2**30
-        queued.start_mark, queued.end_mark = self._mark, self._timing_mark()
+        queued.start_mark, queued.end_mark = self._mark, timing_mark(self.device)
         self._mark = queued.end_mark
         return queued
 
@@ -600,7 +515,7 @@ class Trainer:
         steps in a row were skipped (``DivergenceGuard``). A non-finite loss or grad norm on a step
         that was applied (the update may hold NaN: FSDP2 cannot skip) stops the run at once."""
         result = p.resolve()
-        dt = self._seconds_between(p.start_mark, p.end_mark)
+        dt = seconds_between(p.start_mark, p.end_mark)
         if result.tokens == 0:
             raise TrainingError(self._no_tokens_message(p.index))
         if not result.skipped and not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
@@ -616,33 +531,12 @@ class Trainer:
 
     def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float], host_s: Optional[float] = None,
              skip_reason: Optional[str] = None) -> None:
-        """One metrics record for step ``step`` (1-based) that took ``dt`` seconds; ``mem_gb``: its
-        peak GPU memory (None on CPU). ``host_s``: the host time spent queueing it; on a GPU, a
-        ``host_queue_s`` close to ``step_time_s`` means the host, not the GPU, sets the pace.
-        ``skipped`` says whether the update was applied, ``skip_reason`` why not (DivergenceGuard);
-        ``consumed_samples``: training samples consumed once this step is done."""
-        tokens_global = self.cfg.train.global_batch_size * self.cfg.model.seq_length
-        tps = tokens_global / dt
-        record = {"step": step, "loss": r.loss, "grad_norm": r.grad_norm, "lr": self.schedule(step - 1),
-                  "tokens_per_s": tps, "step_time_s": dt, "labelled_tokens": r.tokens, "skipped": r.skipped,
-                  "consumed_samples": self.data.first_sample(step)}
-        if r.skipped:
-            record["skip_reason"] = skip_reason or "skipped"
-        if self.device.type == "cuda":
-            achieved = tps * self.flops_per_token / self.world_size / 1e12
-            record["tflops_per_gpu"] = achieved
-            record["mfu"] = achieved / self.peak_tflops if self.peak_tflops else None
-            record["mem_gb"] = mem_gb
-        if host_s is not None:
-            record["host_queue_s"] = host_s
-        if r.moe_aux_loss is not None:
-            record["moe_aux_loss"] = r.moe_aux_loss
-        if r.mtp_losses:  # megacore.layers.mtp: loss + mtp_loss_weight * mtp_loss is the objective
-            record["mtp_loss"] = sum(r.mtp_losses) / len(r.mtp_losses)
-            if len(r.mtp_losses) > 1:
-                record.update({f"mtp_loss_{k}": v for k, v in enumerate(r.mtp_losses, start=1)})
-        record.update(r.moe_metrics or {})  # expert load (and z-loss): megacore.training.moe.end_moe_step
-        if r.loss_scale is not None:
-            record["loss_scale"] = r.loss_scale
+        """Log step ``step`` (1-based) that took ``dt`` seconds (``megacore.training.step_record``)."""
+        cuda = self.device.type == "cuda"
+        record = step_record(r, dt, step, lr=self.schedule(step - 1), consumed_samples=self.data.first_sample(step),
+                             tokens_per_step=self.cfg.train.global_batch_size * self.cfg.model.seq_length,
+                             skip_reason=skip_reason, host_s=host_s, mem_gb=mem_gb if cuda else None,
+                             flops_per_token=self.flops_per_token if cuda else None, world_size=self.world_size,
+                             peak_tflops=self.peak_tflops)
         # A skipped step is always printed: the console shows every step the run did not learn from.
         self.metrics.log_step(record, print_line=step % self.cfg.log.interval == 0 or step == 1 or r.skipped)

@@ -113,7 +113,7 @@ def test_loss_spike_is_skipped_logged_and_changes_no_weight(tmp_path, monkeypatc
     spike; the steps around it are applied, and the spike does not enter the mean."""
     t = _trainer(tmp_path, ["train.iters=9", "checkpoint.interval=0", "train.loss_spike_factor=2",
                             "train.loss_spike_window=3"])
-    real_sum, real_step, seen = t._sum_over_layout, t.train_step, {}
+    real_sum, real_step, seen = t.sum_over_layout, t.train_step, {}
 
     def sum_over_layout(local, *extra):
         values = real_sum(local, *extra)
@@ -129,7 +129,7 @@ def test_loss_spike_is_skipped_logged_and_changes_no_weight(tmp_path, monkeypatc
         seen[step] = (all(torch.equal(a, b) for a, b in zip(before, _weights(t))), t.optimizer.num_steps - adam)
         return pending
 
-    monkeypatch.setattr(t, "_sum_over_layout", sum_over_layout)
+    monkeypatch.setattr(t, "sum_over_layout", sum_over_layout)
     monkeypatch.setattr(t, "train_step", train_step)
     t.run()
     records = _metrics(tmp_path / "log")
