@@ -169,7 +169,7 @@ if triton_available():
     @triton.jit
     def _chunk_scan_bwd_dx_kernel(X, B_, C_, DY, CUM, DT, DST, Dp, DX, DBH, DDT, DLAM, S, H, HPG, P, N, KC,
                                   sx_b, sx_s, sx_h, sx_p, sb_b, sb_s, sb_g, sb_n, sc_b, sc_s, sc_g, sc_n,
-                                  sd_b, sd_s, sd_h, sd_p,
+                                  sd_b, sd_s, sd_h, sd_p, so_b, so_s, so_h, so_p,
                                   L: tl.constexpr, HAS_D: tl.constexpr, IEEE: tl.constexpr,
                                   BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
         """Rows s of one chunk: dx, d(dt) (through xd), per-head dB and its −dB·B part of dΛ."""
@@ -219,7 +219,7 @@ if triton_available():
             dys = tl.load(dy_base + pos_s[:, None] * sd_s + offs_p[None, :] * sd_p, mask=ms[:, None] & mp[None, :],
                           other=0.0)
             dx += tl.load(Dp + h).to(tl.float32) * dys.to(tl.float32)
-        tl.store(DX + b.to(tl.int64) * sx_b + h * sx_h + pos_s[:, None] * sx_s + offs_p[None, :] * sx_p,
+        tl.store(DX + b.to(tl.int64) * so_b + h * so_h + pos_s[:, None] * so_s + offs_p[None, :] * so_p,
                  dx.to(DX.dtype.element_ty), mask=ms[:, None] & mp[None, :])
         tl.store(DDT + row + offs_s, tl.sum(dxd * xs.to(tl.float32), axis=1), mask=ms)
         tl.store(DLAM + row + offs_s, -tl.sum(dbh * bs.to(tl.float32), axis=1), mask=ms)

@@ -108,7 +108,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size: int, has_init:
     grid = (triton.cdiv(L, bl), k, b * h)
     K._chunk_scan_bwd_dx_kernel[grid](
         x, B, C, dy, cum, dtp, dst, D if D is not None else x, dx, dbh, ddt, dlam_b, s, h, h // g, p, n, k,
-        *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
+        *_strides(x), *_strides(B), *_strides(C), *_strides(dy), *_strides(dx),
         L=L, HAS_D=D is not None, IEEE=ieee, BL=bl, BP=bp, BN=bn, num_warps=8)
     K._chunk_scan_bwd_dc_kernel[grid](
         x, B, C, dy, cum, dtp, st, dch, dlam_c, s, h, h // g, p, n, k,

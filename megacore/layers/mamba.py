@@ -33,6 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.causal_conv1d import causal_conv1d_silu
+from megacore.kernels.ssd_decode import mamba_decode_step
+from megacore.kernels.ssd_scan import ssd_scan
 from megacore.sharding import mark_init
 
 
@@ -155,31 +159,63 @@ class MambaMixer(nn.Module):
         if cp is not None and state is not None:
             raise ValueError("a context-parallel Mamba mixer has no incremental decoding; decode with a whole "
                              "one-device model")
-        if cp is not None:
-            xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
-        elif state is None:
-            xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
-        else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
-            window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
-            keep = self.conv1d.kernel_size[0] - 1
-            state.conv = window[..., window.shape[-1] - keep:].detach()  # (not [-keep:]: keep may be 0)
-            xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        xbc = F.silu(xbc).transpose(1, 2)
+        # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
+        # the context-parallel strategy brings its own conv and scan.
+        fast = (cp is None and projected.dtype != torch.float64
+                and use_triton(projected, kernel="mamba mixer", under_compile=True))
+        A = -torch.exp(self.A_log.float())
+        if fast and state is not None and s == 1:
+            return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
+        if fast:
+            initial = None if state is None else state.conv_inputs(b, xbc)
+            if state is not None:
+                keep = self.conv1d.kernel_size[0] - 1
+                window = torch.cat([initial, xbc.transpose(1, 2)], dim=-1)
+                state.conv = window[..., window.shape[-1] - keep:].detach().contiguous()
+            xbc = causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, initial, force_triton=True)
+        else:
+            if cp is not None:
+                xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
+            elif state is None:
+                xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
+            else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
+                window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
+                keep = self.conv1d.kernel_size[0] - 1
+                state.conv = window[..., window.shape[-1] - keep:].detach()  # (not [-keep:]: keep may be 0)
+                xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+            xbc = F.silu(xbc).transpose(1, 2)
         x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
-        A = -torch.exp(self.A_log.float())
         x = x.reshape(b, s, self.num_heads, self.head_dim)
         B, C = B.reshape(b, s, self.num_groups, self.state_dim), C.reshape(b, s, self.num_groups, self.state_dim)
+        initial_state = None if state is None else state.ssm
         if cp is not None:
             y = cp.scan(x, dt, A, B, C, self.chunk_size, D=self.D)
+        elif fast:
+            y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
+                                force_triton=True)
         else:
-            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
-                                   initial_state=None if state is None else state.ssm)
+            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state)
         if state is not None:
             state.ssm = final.detach()
         y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)
         return self.out_proj(y.to(hidden_BSH.dtype))
 
+    def _decode_step(self, z, xbc, dt, A, state: "MambaState", out_dtype: torch.dtype) -> torch.Tensor:
+        """One new position with the fused decode kernels (``megacore.kernels.ssd_decode``)."""
+        b = xbc.shape[0]
+        conv = state.conv_inputs(b, xbc)
+        if not conv.is_contiguous():
+            conv = state.conv = conv.contiguous()
+        if state.ssm is None:
+            state.ssm = xbc.new_zeros(b, self.num_heads, self.head_dim, self.state_dim, dtype=torch.float32)
+        elif state.ssm.dtype != torch.float32 or not state.ssm.is_contiguous():
+            state.ssm = state.ssm.float().contiguous()
+        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
+        y = mamba_decode_step(conv, state.ssm, xbc[:, 0], dt, A, self.conv1d.weight, self.conv1d.bias, self.D,
+                              self.num_heads, self.head_dim, self.num_groups, self.state_dim, force_triton=True)
+        y = gated_rms_norm(y.to(z.dtype)[:, None], z, self.norm_weight, self.inner // self.num_groups, self.eps)
+        return self.out_proj(y.to(out_dtype))
 
 
 class MambaState:
