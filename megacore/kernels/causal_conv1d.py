@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megacore.kernels._dispatch import next_power_of_2, triton_available, use_triton
+from megacore.kernels._dispatch import triton_available, use_triton
 
 
 def causal_conv1d_silu_reference(x_BSC, weight, bias=None, initial=None):
