@@ -45,12 +45,11 @@ if triton_available():
 
     @triton.jit
     def _conv_pre(X, W, BIAS, HALO, b, offs_t, offs_c, S, sx_b, sx_s, sh_b, sh_c, sh_k,
-                  K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HALO: tl.constexpr):
+                  K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_HALO: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
         mt, mc = offs_t < S, offs_c[None, :] >= 0
+        acc = tl.zeros((BT, BC), tl.float32)
         if HAS_BIAS:
-            acc = tl.zeros((offs_t.shape[0], offs_c.shape[0]), tl.float32) + tl.load(BIAS + offs_c).to(tl.float32)[None, :]
-        else:
-            acc = tl.zeros((offs_t.shape[0], offs_c.shape[0]), tl.float32)
+            acc += tl.load(BIAS + offs_c).to(tl.float32)[None, :]
         for k in tl.static_range(K):
             src = offs_t - (K - 1) + k
             v = tl.load(X + b * sx_b + src[:, None] * sx_s + offs_c[None, :], mask=((src >= 0) & mt)[:, None] & mc,
@@ -68,7 +67,7 @@ if triton_available():
         pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         offs_t = pid_t * BT + tl.arange(0, BT)
         offs_c = pid_c * BC + tl.arange(0, BC)  # the wrapper makes C a multiple of BC
-        pre = _conv_pre(X, W, BIAS, HALO, b, offs_t, offs_c, S, sx_b, sx_s, sh_b, sh_c, sh_k, K, HAS_BIAS, HAS_HALO)
+        pre = _conv_pre(X, W, BIAS, HALO, b, offs_t, offs_c, S, sx_b, sx_s, sh_b, sh_c, sh_k, K, HAS_BIAS, HAS_HALO, BT, BC)
         y = pre * tl.sigmoid(pre)
         tl.store(Y + b * sy_b + offs_t[:, None] * sy_s + offs_c[None, :], y.to(Y.dtype.element_ty),
                  mask=(offs_t < S)[:, None])
@@ -82,7 +81,7 @@ if triton_available():
         offs_t = pid_t * BT + tl.arange(0, BT)
         offs_c = pid_c * BC + tl.arange(0, BC)
         mt = offs_t < S
-        pre = _conv_pre(X, W, BIAS, HALO, b, offs_t, offs_c, S, sx_b, sx_s, sh_b, sh_c, sh_k, K, HAS_BIAS, HAS_HALO)
+        pre = _conv_pre(X, W, BIAS, HALO, b, offs_t, offs_c, S, sx_b, sx_s, sh_b, sh_c, sh_k, K, HAS_BIAS, HAS_HALO, BT, BC)
         dy = tl.load(DY + b * sd_b + offs_t[:, None] * sd_s + offs_c[None, :], mask=mt[:, None], other=0.0)
         sg = tl.sigmoid(pre)
         dpre = tl.where(mt[:, None], dy.to(tl.float32) * sg * (1.0 + pre * (1.0 - sg)), 0.0)

@@ -125,7 +125,7 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size: int, has_init:
         dD = (dy.float() * x.float()).sum((0, 1, 3)).to(D.dtype)
     else:
         dD = x.new_zeros(0)
-    return (dx, ddt[:, :, :s].transpose(1, 2).to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD,
+    return (dx, ddt[:, :, :s].transpose(1, 2).to(dt.dtype).contiguous(), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD,
             dinit if has_init else x.new_zeros(0, dtype=torch.float32))
 
 
