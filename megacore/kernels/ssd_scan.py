@@ -1,7 +1,8 @@
 """Mamba-2 SSD chunked scan: Triton forward/backward as one torch custom op, beside the torch reference.
 
 ``ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None) -> (y, final_state)`` has the
-contract of ``megacore.layers.mamba.ssd_chunked`` (the reference): x [b, s, h, p], dt [b, s, h]
+contract of ``ssd_chunked`` (the torch reference, below; ``ssd_reference`` is the step-by-step
+recurrence): x [b, s, h, p], dt [b, s, h]
 (softplus'ed, clamped), A [h] (< 0), B/C [b, s, g, n] (g divides h), D [h] or None, initial_state
 [b, h, p, n] or None (zeros) -> y [b, s, h, p] in x's dtype and the final state in fp32. Every input
 gets its gradient (the final state's gradient flows back too). The kernels and their math are in
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from megacore.kernels._dispatch import next_power_of_2, triton_available, use_triton
 
@@ -30,6 +32,74 @@ if triton_available():
     import triton
 
     from megacore.kernels import _ssd_triton as K
+
+
+def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):
+    """The Mamba-2 recurrence (``megacore.layers.mamba`` module doc), one position at a time (fp32 or better).
+
+    x [b, s, h, p], dt [b, s, h] (already softplus'ed and clamped), A [h], B/C [b, s, g, n],
+    D [h] or None, initial_state [b, h, p, n] or None (zeros) -> (y [b, s, h, p], final state)."""
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
+    ys = []
+    for t in range(s):
+        decay = torch.exp(dt[:, t] * A)                                   # [b, h]
+        state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    return (y if D is None else y + x * D[:, None]), state
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
+    """Same result as ``ssd_reference`` (``(y, final state)``), computed chunk by chunk (math in at
+    least fp32; the state is returned in that precision).
+
+    With a_l = dt_l·A and its running sum Λ_l inside a chunk (positions l, s of the chunk):
+      y_l = Σ_{s<=l} (C_l·B_s) e^{Λ_l - Λ_s} dt_s x_s     (within the chunk)
+          + e^{Λ_l} C_l · H                                (H: the state entering the chunk)
+    and the state leaving the chunk is e^{Λ_L} H + Σ_s e^{Λ_L - Λ_s} dt_s x_s ⊗ B_s.
+    """
+    b, s, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    out_dtype = x.dtype
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16/fp16/fp32, fp64 stays fp64
+    x, dt, A, B, C = (t.to(acc) for t in (x, dt, A, B, C))
+    B = B.repeat_interleave(h // g, dim=2)
+    C = C.repeat_interleave(h // g, dim=2)
+    pad = (-s) % chunk_size
+    xd = x * dt[..., None]                                                 # dt_s x_s
+    a = dt * A                                                             # [b, s, h], <= 0
+    if pad:  # zero decay exponent and zero input: padded positions change nothing before them
+        xd, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xd, a, B, C))
+    k = (s + pad) // chunk_size
+    L = chunk_size
+    xd = xd.view(b, k, L, h, p)
+    B, C = B.view(b, k, L, h, n), C.view(b, k, L, h, n)
+    cum = a.view(b, k, L, h).cumsum(dim=2)                                  # Λ_l
+    # Within a chunk: decay e^{Λ_l - Λ_s} for s <= l, 0 above the diagonal (masked before exp).
+    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]                    # [b, k, l, s, h]
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    decay = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    scores = torch.einsum("bklhn,bkshn->bklsh", C, B) * decay
+    y = torch.einsum("bklsh,bkshp->bklhp", scores, xd)
+    # Each chunk's own contribution to the state at its end, then the carried state across chunks.
+    to_end = torch.exp(cum[:, :, -1:, :] - cum)                             # e^{Λ_L - Λ_s}
+    chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
+    chunk_decay = torch.exp(cum[:, :, -1, :])                               # e^{Λ_L}, [b, k, h]
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
+    entering = []
+    for c in range(k):
+        entering.append(state)
+        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
+    entering = torch.stack(entering, dim=1)                                 # [b, k, h, p, n]
+    y = y + torch.einsum("bklhn,bkhpn->bklhp", C, entering) * torch.exp(cum)[..., None]
+    y = y.reshape(b, k * L, h, p)[:, :s]
+    if D is not None:
+        y = y + x * D.to(acc)[:, None]
+    return y.to(out_dtype), state
 
 
 def _blocks(L: int, p: int, n: int, device: torch.device) -> tuple[int, int, int]:
@@ -209,6 +279,4 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, force_
     """``ssd_chunked``'s result through the Triton op where selected (module doc), else the reference."""
     if x.dtype != torch.float64 and use_triton(x, force_triton, "ssd_scan", under_compile=True):
         return ssd_scan_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    from megacore.layers.mamba import ssd_chunked  # the reference lives with the layer (no import cycle)
-
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
