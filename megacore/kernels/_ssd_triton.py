@@ -16,10 +16,19 @@ Backward (dy given, G the gradient of a state)::
     dB_s  = Σ_{l>=s} (dy_l·xd_s) e^{Λ_l-Λ_s} C_l + e^{Λ_L-Λ_s} xd_s dF_c      per head)
     dC_l  = Σ_{s<=l} (dy_l·xd_s) e^{Λ_l-Λ_s} B_s + e^{Λ_l} dy_l H_c          (_chunk_scan_bwd_dc_kernel)
 
-and the gradient of the log decays is dΛ_l = dC_l·C_l − dB_l·B_l (+ G_{c+1}·H_{c+1} at a chunk's
-last position): each term of y (or of a state) carries e^{Λ_l − Λ_s}, so its Λ-gradient is the term
-times its gradient, +1 at the later and −1 at the earlier position, and those sums are exactly the
-contractions above. dΛ becomes d(dt·A) by a reverse cumulative sum inside each chunk (in torch).
+Every term of y (or of a state) carries e^{Λ_l − Λ_s}: its Λ-gradient is the term times its
+gradient, +1 at the later position l and −1 at the earlier s. Summed over the positions l >= t (the
+gradient of a_t = dt_t·A, since Λ is a cumulative sum), the two signs cancel except for the terms
+that straddle t, so, with T_ls = (C_l·B_s) e^{Λ_l-Λ_s} dt_s (x_s·dy_l)::
+
+    d a_t = Σ_{l >= t > s} T_ls                          (intra-chunk, the BOX of the dC kernel)
+          + Σ_{s < t} U_s,  U_s = dt_s e^{Λ_L-Λ_s} x_s·(dF_c B_s)   (chunk state; dx kernel)
+          + Σ_{l >= t} e^{Λ_l} dy_l·(H_c C_l)              (incoming state; dC kernel)
+          + e^{Λ_L} G_{c+1}·H_c                              (chunk decay; state-passing kernel)
+
+All four are sums of terms with no cancellation between large numbers (the shorter identity
+dΛ = dC·C − dB·B cancels badly when dB and dC come out of bf16 products); torch adds them up with
+cumulative sums along the chunk.
 
 Layouts: x/dy [b, s, h, p] and B/C [b, s, g, n] by strides; cum/dt [b, h, k·L] fp32 (zero padded past
 s); states [b, slots, h, p, n] fp32. Matrix products take their operands in the input dtype (bf16
@@ -146,7 +155,7 @@ if triton_available():
     @triton.jit
     def _state_pass_bwd_kernel(ST, DST, CUM, DFINAL, DINIT, TERM, H, KC, PN, NBLK,
                                L: tl.constexpr, HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
-        """DST slots hold dH_c(direct) on entry and dF_c = G_{c+1} on exit; TERM gets G_{c+1}·H_{c+1}."""
+        """DST slots hold dH_c(direct) on entry and dF_c = G_{c+1} on exit; TERM gets e^{Λ_L} G_{c+1}·H_c."""
         pid, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -158,12 +167,13 @@ if triton_available():
         row = bh.to(tl.int64) * KC * L
         for i in range(KC):
             c = KC - 1 - i
-            nxt = tl.load(ST + ((b.to(tl.int64) * (KC + 1) + c + 1) * H + h) * PN + offs, mask=m, other=0.0)
-            tl.store(TERM + (bh.to(tl.int64) * KC + c) * NBLK + pid, tl.sum(grad * nxt, axis=0))
+            cur = tl.load(ST + ((b.to(tl.int64) * (KC + 1) + c) * H + h) * PN + offs, mask=m, other=0.0)
+            decay = tl.exp(tl.load(CUM + row + c * L + L - 1))
+            tl.store(TERM + (bh.to(tl.int64) * KC + c) * NBLK + pid, decay * tl.sum(grad * cur, axis=0))
             ptr = DST + ((b.to(tl.int64) * KC + c) * H + h) * PN + offs
             direct = tl.load(ptr, mask=m, other=0.0)
             tl.store(ptr, grad, mask=m)
-            grad = direct + tl.exp(tl.load(CUM + row + c * L + L - 1)) * grad
+            grad = direct + decay * grad
         tl.store(DINIT + bh.to(tl.int64) * PN + offs, grad, mask=m)
 
     @triton.jit
@@ -172,7 +182,7 @@ if triton_available():
                                   sd_b, sd_s, sd_h, sd_p, so_b, so_s, so_h, so_p,
                                   L: tl.constexpr, HAS_D: tl.constexpr, IEEE: tl.constexpr,
                                   BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-        """Rows s of one chunk: dx, d(dt) (through xd), per-head dB and its −dB·B part of dΛ."""
+        """Rows s of one chunk: dx, d(dt) (through xd), per-head dB, and U_s = dB_s(state part)·B_s."""
         pid_s, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         g = h // HPG
@@ -212,8 +222,8 @@ if triton_available():
                      mask=mp[:, None] & mn[None, :], other=0.0)
         es = tl.where(ms, tl.exp(cum_last - cum_s), 0.0)
         dxd += _dot(bs, tl.trans(df).to(bs.dtype), IEEE) * es[:, None]
-        dbh += _dot(xs, df.to(xs.dtype), IEEE) * es[:, None]
-        dbh = dbh * dt_s[:, None]
+        dbst = _dot(xs, df.to(xs.dtype), IEEE) * es[:, None]   # the chunk state's part of dB / dt_s
+        dbh = (dbh + dbst) * dt_s[:, None]
         dx = dxd * dt_s[:, None]
         if HAS_D:
             dys = tl.load(dy_base + pos_s[:, None] * sd_s + offs_p[None, :] * sd_p, mask=ms[:, None] & mp[None, :],
@@ -222,17 +232,18 @@ if triton_available():
         tl.store(DX + b.to(tl.int64) * so_b + h * so_h + pos_s[:, None] * so_s + offs_p[None, :] * so_p,
                  dx.to(DX.dtype.element_ty), mask=ms[:, None] & mp[None, :])
         tl.store(DDT + row + offs_s, tl.sum(dxd * xs.to(tl.float32), axis=1), mask=ms)
-        tl.store(DLAM + row + offs_s, -tl.sum(dbh * bs.to(tl.float32), axis=1), mask=ms)
+        tl.store(DLAM + row + offs_s, tl.sum(dbst * bs.to(tl.float32), axis=1) * dt_s, mask=ms)
         tl.store(DBH + ((b.to(tl.int64) * S + pos_s[:, None]) * H + h) * N + offs_n[None, :], dbh,
                  mask=ms[:, None] & mn[None, :])
 
     @triton.jit
-    def _chunk_scan_bwd_dc_kernel(X, B_, C_, DY, CUM, DT, ST, DCH, DLAM, S, H, HPG, P, N, KC,
+    def _chunk_scan_bwd_dc_kernel(X, B_, C_, DY, CUM, DT, ST, DCH, DLAM, BOX, S, H, HPG, P, N, KC, NLB,
                                   sx_b, sx_s, sx_h, sx_p, sb_b, sb_s, sb_g, sb_n, sc_b, sc_s, sc_g, sc_n,
                                   sd_b, sd_s, sd_h, sd_p,
                                   L: tl.constexpr, IEEE: tl.constexpr,
                                   BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-        """Rows l of one chunk: per-head dC and its dC·C part of dΛ."""
+        """Rows l of one chunk: per-head dC, the incoming state's part of dΛ_l (dy_l·e^{Λ_l}H C_l), and this
+        row block's share of BOX_t = Σ_{l >= t > s} T_ls (T_ls: the (l, s) term of Σ dy·y)."""
         pid_l, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         g = h // HPG
@@ -252,6 +263,9 @@ if triton_available():
         hin = tl.load(ST + ((b.to(tl.int64) * (KC + 1) + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
                       mask=mp[:, None] & mn[None, :], other=0.0)
         dch = _dot(dyl, hin.to(dyl.dtype), IEEE) * tl.exp(cum_l)[:, None]
+        tl.store(DLAM + row + offs_l, tl.sum(dch * cl.to(tl.float32), axis=1), mask=ml)
+        carry = tl.zeros((BL,), dtype=tl.float32)  # Σ_{s < this block} T_ls per row
+        box = BOX + ((bh.to(tl.int64) * KC + c) * NLB + pid_l) * L
         for s0 in range(0, (pid_l + 1) * BL, BL):
             offs_s = s0 + tl.arange(0, BL)
             pos_s = c * L + offs_s
@@ -266,6 +280,10 @@ if triton_available():
             w = tl.where(keep, tl.exp(tl.minimum(cum_l[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :], 0.0)
             gm = _dot(dyl, tl.trans(xs), IEEE) * w
             dch += _dot(gm.to(bs.dtype), bs, IEEE)
-        tl.store(DLAM + row + offs_l, tl.sum(dch * cl.to(tl.float32), axis=1), mask=ml)
+            t_ls = gm * _dot(cl, tl.trans(bs), IEEE)
+            before = carry[:, None] + tl.cumsum(t_ls, axis=1) - t_ls        # Σ_{s' < s} T_ls'
+            tl.store(box + offs_s, tl.sum(tl.where(offs_l[:, None] >= offs_s[None, :], before, 0.0), axis=0),
+                     mask=offs_s < L)
+            carry += tl.sum(t_ls, axis=1)
         tl.store(DCH + ((b.to(tl.int64) * S + pos_l[:, None]) * H + h) * N + offs_n[None, :], dch,
                  mask=ml[:, None] & mn[None, :])

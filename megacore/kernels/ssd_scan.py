@@ -173,20 +173,23 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size: int, has_init:
     dbh = x.new_empty(b, s, h, n, dtype=torch.float32)
     dch = x.new_empty(b, s, h, n, dtype=torch.float32)
     ddt = torch.zeros_like(dtp)
-    dlam_b = torch.zeros_like(dtp)
-    dlam_c = torch.zeros_like(dtp)
-    grid = (triton.cdiv(L, bl), k, b * h)
+    u_state = torch.zeros_like(dtp)
+    inter = torch.zeros_like(dtp)
+    nlb = triton.cdiv(L, bl)
+    box = torch.zeros(b * h, k, nlb, L, dtype=torch.float32, device=x.device)
+    grid = (nlb, k, b * h)
     K._chunk_scan_bwd_dx_kernel[grid](
-        x, B, C, dy, cum, dtp, dst, D if D is not None else x, dx, dbh, ddt, dlam_b, s, h, h // g, p, n, k,
+        x, B, C, dy, cum, dtp, dst, D if D is not None else x, dx, dbh, ddt, u_state, s, h, h // g, p, n, k,
         *_strides(x), *_strides(B), *_strides(C), *_strides(dy), *_strides(dx),
         L=L, HAS_D=D is not None, IEEE=ieee, BL=bl, BP=bp, BN=bn, num_warps=8)
     K._chunk_scan_bwd_dc_kernel[grid](
-        x, B, C, dy, cum, dtp, st, dch, dlam_c, s, h, h // g, p, n, k,
+        x, B, C, dy, cum, dtp, st, dch, inter, box, s, h, h // g, p, n, k, nlb,
         *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
         L=L, IEEE=ieee, BL=bl, BP=bp, BN=bn, num_warps=8)
-    dlam = (dlam_c + dlam_b).view(b, h, k, L)
-    dlam[..., L - 1] += term.sum(-1).view(b, h, k)
-    da = dlam.flip(-1).cumsum(-1).flip(-1).view(b, h, k * L)     # d(dt·A): reverse cumsum in each chunk
+    # d(dt·A) per position (_ssd_triton's docstring): four sums without cancellation.
+    u_state, inter = u_state.view(b, h, k, L), inter.view(b, h, k, L)
+    da = (box.sum(2).view(b, h, k, L) + (u_state.cumsum(-1) - u_state) + inter.flip(-1).cumsum(-1).flip(-1)
+          + term.sum(-1).view(b, h, k, 1)).view(b, h, k * L)
     ddt = ddt + da * A.float()[None, :, None]
     dA = (da * dtp).sum((0, 2))
     dB = dbh.view(b, s, g, h // g, n).sum(3)

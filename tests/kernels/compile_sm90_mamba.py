@@ -27,7 +27,7 @@ def main(which: str = "all") -> None:
         compile_one(K._chunk_scan_bwd_dx_kernel, dict(X=dt, B_=dt, C_=dt, DY=dt, CUM=f32, DT=f32, DST=f32, Dp=f32,
                                                       DX=dt, DBH=f32, DDT=f32, DLAM=f32),
                     dict(L=128, HAS_D=True, IEEE=ieee, BL=64, BP=64, BN=128), 8)
-        compile_one(K._chunk_scan_bwd_dc_kernel, dict(X=dt, B_=dt, C_=dt, DY=dt, CUM=f32, DT=f32, ST=f32, DCH=f32,
+        compile_one(K._chunk_scan_bwd_dc_kernel, dict(X=dt, B_=dt, C_=dt, DY=dt, CUM=f32, DT=f32, ST=f32, DCH=f32, BOX=f32,
                                                       DLAM=f32),
                     dict(L=128, IEEE=ieee, BL=64, BP=64, BN=128), 8)
         for halo in (False, True):
