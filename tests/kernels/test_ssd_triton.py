@@ -64,6 +64,7 @@ NAMES = "y final dx ddt dA dB dC dD dinit".split()
     (2, 37, 4, 8, 2, 16, 16, True, True),    # several chunks, the last one partial
     (1, 13, 3, 5, 1, 6, 8, False, True),      # odd sizes under the 16-wide blocks, no D
     (2, 9, 2, 4, 2, 8, 32, True, False),      # chunk longer than the sequence, no initial state
+    (1, 50, 4, 4, 4, 4, 24, True, True),      # a chunk that is no power of two (blocks of 32 cover 24)
 ])
 def test_scan_matches_fp64_recurrence_and_reference(b, s, h, p, g, n, chunk, with_d, with_init):
     inputs = _inputs(b, s, h, p, g, n, seed=s, with_d=with_d, with_init=with_init)
