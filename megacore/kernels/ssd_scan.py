@@ -144,7 +144,8 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size: int):
         x, B, C, cum, dtp, st, D if D is not None else x, y, s, h, h // g, p, n, k,
         *_strides(x), *_strides(B), *_strides(C), *_strides(y),
         L=L, HAS_D=D is not None, IEEE=ieee, BL=bl, BP=bpf, BN=bn, num_warps=4)
-    return y, st[:, k].clone(), cum, st
+    final = torch.empty(b, h, p, n, dtype=torch.float32, device=x.device).copy_(st[:, k])  # never a view of st
+    return y, final, cum, st
 
 
 def _backward(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size: int, has_init: bool):
