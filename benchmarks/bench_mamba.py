@@ -1,9 +1,10 @@
 """Mamba-2 kernels: a scan/conv microbenchmark and hybrid-vs-attention training steps, in one run.
 
 1. Kernels, at the hybrid 1B layer shape (hidden 2048: 64 heads x 64, 8 groups, state 128, chunk 128,
-   conv over 6144 channels; micro batch x seq as given): the SSD scan forward+backward and the causal
+   conv over 6144 channels; micro batch 4 x seq 2048): the SSD scan forward+backward and the causal
    conv1d+SiLU forward+backward, Triton (``megacore.kernels``) against the torch reference
-   (``ssd_chunked`` / ``F.conv1d``), eager, CUDA-event timed.
+   (``ssd_chunked`` / ``F.conv1d``), and one generation step of the whole mixer (fused decode
+   kernels against the torch path); eager, CUDA-event timed.
 2. Training steps through the composition root ``megacore train`` uses (``bench_train_step.py``,
    ``build_megacore``, compiled): the hybrid 1B (16 layers, pattern ``M-M-M*-M-M-M*-M-``) with the
    kernels (``MEGACORE_KERNELS=auto``: Triton for the Mamba ops even under torch.compile) and with the
@@ -96,12 +97,43 @@ def kernel_bench(a) -> list[dict]:
     if have_triton:
         cases += [("ssd scan fwd+bwd", "triton", scan(ssd_scan_triton)),
                   ("conv1d+silu fwd+bwd", "triton", conv(lambda *t: causal_conv1d_silu(*t, force_triton=True)))]
+    cases += decode_cases(a, have_triton, dtype)
     rows = []
     for name, impl, fn in cases:
         ms = _time(fn, dev, a.kernel_iters)
         rows.append({"kernel": name, "impl": impl, "ms": ms, "shape": f"b{b} s{s} h{h} p{p} g{g} n{n} L{L}"})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def decode_cases(a, have_triton: bool, dtype) -> list:
+    """One generation step of a whole Mamba mixer (in_proj .. out_proj) at the layer shape, batch
+    ``--decode-batch``: the fused decode kernels against the torch path."""
+    import torch
+
+    import megacore
+    from megacore.kernels import kernel_backend
+    from megacore.layers.mamba import MambaMixer, MambaState
+
+    b, _, h, p, g, n, L = a.kernel_shape
+    cfg = megacore.TransformerConfig(num_layers=1, hidden_size=h * p // 2, num_attention_heads=4, vocab_size=64,
+                                     seq_length=64, layer_pattern="M", mamba_head_dim=p, mamba_state_dim=n,
+                                     mamba_num_groups=g, mamba_chunk_size=L)
+    mixer = MambaMixer(cfg).to(a.device, dtype)
+    with torch.no_grad():
+        for prm in mixer.parameters():
+            prm.normal_(0, 0.02)
+    hidden = torch.randn(a.decode_batch, 1, cfg.hidden_size, device=a.device, dtype=dtype)
+    state = MambaState(mixer.conv1d.kernel_size[0])
+
+    def step(backend):
+        def run():
+            with torch.no_grad(), kernel_backend(backend):
+                mixer(hidden, state)
+        return run
+
+    name = f"mixer decode step (batch {a.decode_batch})"
+    return [(name, "torch", step("torch"))] + ([(name, "triton", step("triton"))] if have_triton else [])
 
 
 def train_bench(a) -> list[dict]:
@@ -136,10 +168,10 @@ def train_bench(a) -> list[dict]:
 
 def print_tables(kernels, train) -> None:
     if kernels:
-        print(f"\n{'kernel (fwd+bwd)':<22}{'impl':>8}{'ms':>10}{'vs torch':>10}   shape")
+        print(f"\n{'kernel':<32}{'impl':>8}{'ms':>10}{'vs torch':>10}   shape")
         base = {r["kernel"]: r["ms"] for r in kernels if r["impl"] == "torch"}
         for r in kernels:
-            print(f"{r['kernel']:<22}{r['impl']:>8}{r['ms']:>10.3f}{base[r['kernel']] / r['ms']:>9.2f}x   {r['shape']}")
+            print(f"{r['kernel']:<32}{r['impl']:>8}{r['ms']:>10.3f}{base[r['kernel']] / r['ms']:>9.2f}x   {r['shape']}")
     if train:
         print(f"\n{'model':<11}{'seq':>6}{'mbs':>4}  {'variant':<32}{'ms/step':>9}{'tokens/s':>11}{'MFU':>7}"
               f"{'mem GB':>8}")
@@ -169,6 +201,7 @@ def main() -> int:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--kernel-iters", type=int, default=10)
+    p.add_argument("--decode-batch", type=int, default=8, help="sequences in the decode-step benchmark")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU, eager (a quick check that it runs)")
     p.add_argument("--out", default=None, help="write the results here as JSON")
     a = p.parse_args()
