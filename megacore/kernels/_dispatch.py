@@ -87,15 +87,18 @@ def interpreter_enabled() -> bool:
 _TRITON_IMPORTS = triton_available()  # decided once: keeps use_triton trivial for torch.compile
 
 
-def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "kernel") -> bool:
+def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "kernel",
+               under_compile: bool = False) -> bool:
     """Decide the path for ``tensor``: Triton on CUDA (or interpreter + ``force_triton``), else torch.
 
     Without ``force_triton`` the process-wide backend decides ("torch": never; "triton": as if
     forced). ``force_triton=True`` (or backend "triton") on CPU without the interpreter raises
     instead of silently running the reference, so a test that asks for the kernel always gets it.
+    ``under_compile=True``: "auto" keeps the kernel under ``torch.compile`` too (for kernels such as
+    the Mamba scan, whose reference inductor cannot fuse into anything close to the kernel).
     """
     if not force_triton:
-        if _BACKEND == "torch" or (_BACKEND == "auto" and torch.compiler.is_compiling()):
+        if _BACKEND == "torch" or (_BACKEND == "auto" and not under_compile and torch.compiler.is_compiling()):
             return False
         force_triton = _BACKEND == "triton"
     if not _TRITON_IMPORTS:

@@ -17,7 +17,14 @@ one to one.
 
 ``ssd_chunked`` evaluates the recurrence in chunks of ``mamba_chunk_size`` positions: inside a
 chunk as a masked (attention-like) matrix product, across chunks through the carried state, one
-small loop over the chunks. ``ssd_reference`` is the step-by-step recurrence (tests).
+small loop over the chunks. ``ssd_reference`` is the step-by-step recurrence (tests). Both live
+beside the Triton scan in ``megacore.kernels.ssd_scan`` and are re-exported here.
+
+Kernels (``MEGACORE_KERNELS``, ``megacore.kernels._dispatch``): on CUDA with Triton (backend auto or
+triton, also under ``torch.compile``) the mixer runs the Triton causal conv1d + SiLU
+(``kernels.causal_conv1d``), the Triton SSD scan (``kernels.ssd_scan``) and, for a one-position step
+with a ``MambaState``, the fused decode step (``kernels.ssd_decode``); backend torch keeps the plain
+torch path below. A context-parallel mixer keeps the strategy's own conv and scan.
 
 ``MambaMixer.context_parallel``: None, or a sequence strategy handed in by the parallel code when
 the local sequence is this rank's share of a context-parallel split
@@ -33,75 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import TransformerConfig
+from megacore.kernels._dispatch import use_triton
+from megacore.kernels.causal_conv1d import causal_conv1d_silu
+from megacore.kernels.ssd_decode import mamba_decode_step
+from megacore.kernels.ssd_scan import ssd_chunked, ssd_reference, ssd_scan  # noqa: F401 (re-exported)
 from megacore.sharding import mark_init
-
-
-def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):
-    """The recurrence of the module docstring, one position at a time (fp32 or better).
-
-    x [b, s, h, p], dt [b, s, h] (already softplus'ed and clamped), A [h], B/C [b, s, g, n],
-    D [h] or None, initial_state [b, h, p, n] or None (zeros) -> (y [b, s, h, p], final state)."""
-    b, s, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    B = B.repeat_interleave(h // g, dim=2)
-    C = C.repeat_interleave(h // g, dim=2)
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
-    ys = []
-    for t in range(s):
-        decay = torch.exp(dt[:, t] * A)                                   # [b, h]
-        state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    y = torch.stack(ys, dim=1)
-    return (y if D is None else y + x * D[:, None]), state
-
-
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
-    """Same result as ``ssd_reference`` (``(y, final state)``), computed chunk by chunk (math in at
-    least fp32; the state is returned in that precision).
-
-    With a_l = dt_l·A and its running sum Λ_l inside a chunk (positions l, s of the chunk):
-      y_l = Σ_{s<=l} (C_l·B_s) e^{Λ_l - Λ_s} dt_s x_s     (within the chunk)
-          + e^{Λ_l} C_l · H                                (H: the state entering the chunk)
-    and the state leaving the chunk is e^{Λ_L} H + Σ_s e^{Λ_L - Λ_s} dt_s x_s ⊗ B_s.
-    """
-    b, s, h, p = x.shape
-    g, n = B.shape[2], B.shape[3]
-    out_dtype = x.dtype
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 math for bf16/fp16/fp32, fp64 stays fp64
-    x, dt, A, B, C = (t.to(acc) for t in (x, dt, A, B, C))
-    B = B.repeat_interleave(h // g, dim=2)
-    C = C.repeat_interleave(h // g, dim=2)
-    pad = (-s) % chunk_size
-    xd = x * dt[..., None]                                                 # dt_s x_s
-    a = dt * A                                                             # [b, s, h], <= 0
-    if pad:  # zero decay exponent and zero input: padded positions change nothing before them
-        xd, a, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (xd, a, B, C))
-    k = (s + pad) // chunk_size
-    L = chunk_size
-    xd = xd.view(b, k, L, h, p)
-    B, C = B.view(b, k, L, h, n), C.view(b, k, L, h, n)
-    cum = a.view(b, k, L, h).cumsum(dim=2)                                  # Λ_l
-    # Within a chunk: decay e^{Λ_l - Λ_s} for s <= l, 0 above the diagonal (masked before exp).
-    diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]                    # [b, k, l, s, h]
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
-    scores = torch.einsum("bklhn,bkshn->bklsh", C, B) * decay
-    y = torch.einsum("bklsh,bkshp->bklhp", scores, xd)
-    # Each chunk's own contribution to the state at its end, then the carried state across chunks.
-    to_end = torch.exp(cum[:, :, -1:, :] - cum)                             # e^{Λ_L - Λ_s}
-    chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
-    chunk_decay = torch.exp(cum[:, :, -1, :])                               # e^{Λ_L}, [b, k, h]
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
-    entering = []
-    for c in range(k):
-        entering.append(state)
-        state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
-    entering = torch.stack(entering, dim=1)                                 # [b, k, h, p, n]
-    y = y + torch.einsum("bklhn,bkhpn->bklhp", C, entering) * torch.exp(cum)[..., None]
-    y = y.reshape(b, k * L, h, p)[:, :s]
-    if D is not None:
-        y = y + x * D.to(acc)[:, None]
-    return y.to(out_dtype), state
 
 
 def gated_rms_norm(y, z, weight, group_size: int, eps: float):
@@ -155,31 +98,63 @@ class MambaMixer(nn.Module):
         if cp is not None and state is not None:
             raise ValueError("a context-parallel Mamba mixer has no incremental decoding; decode with a whole "
                              "one-device model")
-        if cp is not None:
-            xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
-        elif state is None:
-            xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
-        else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
-            window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
-            keep = self.conv1d.kernel_size[0] - 1
-            state.conv = window[..., window.shape[-1] - keep:].detach()  # (not [-keep:]: keep may be 0)
-            xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
-        xbc = F.silu(xbc).transpose(1, 2)
+        # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
+        # the context-parallel strategy brings its own conv and scan.
+        fast = (cp is None and projected.dtype != torch.float64
+                and use_triton(projected, kernel="mamba mixer", under_compile=True))
+        A = -torch.exp(self.A_log.float())
+        if fast and state is not None and s == 1:
+            return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
+        if fast:
+            initial = None if state is None else state.conv_inputs(b, xbc)
+            if state is not None:
+                keep = self.conv1d.kernel_size[0] - 1
+                window = torch.cat([initial, xbc.transpose(1, 2)], dim=-1)
+                state.conv = window[..., window.shape[-1] - keep:].detach().contiguous()
+            xbc = causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, initial, force_triton=True)
+        else:
+            if cp is not None:
+                xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
+            elif state is None:
+                xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
+            else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
+                window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)
+                keep = self.conv1d.kernel_size[0] - 1
+                state.conv = window[..., window.shape[-1] - keep:].detach()  # (not [-keep:]: keep may be 0)
+                xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+            xbc = F.silu(xbc).transpose(1, 2)
         x, B, C = xbc.split([self.inner, self.num_groups * self.state_dim, self.num_groups * self.state_dim], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
-        A = -torch.exp(self.A_log.float())
         x = x.reshape(b, s, self.num_heads, self.head_dim)
         B, C = B.reshape(b, s, self.num_groups, self.state_dim), C.reshape(b, s, self.num_groups, self.state_dim)
+        initial_state = None if state is None else state.ssm
         if cp is not None:
             y = cp.scan(x, dt, A, B, C, self.chunk_size, D=self.D)
+        elif fast:
+            y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
+                                force_triton=True)
         else:
-            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
-                                   initial_state=None if state is None else state.ssm)
+            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state)
         if state is not None:
             state.ssm = final.detach()
         y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)
         return self.out_proj(y.to(hidden_BSH.dtype))
 
+    def _decode_step(self, z, xbc, dt, A, state: "MambaState", out_dtype: torch.dtype) -> torch.Tensor:
+        """One new position with the fused decode kernels (``megacore.kernels.ssd_decode``)."""
+        b = xbc.shape[0]
+        conv = state.conv_inputs(b, xbc)
+        if not conv.is_contiguous():
+            conv = state.conv = conv.contiguous()
+        if state.ssm is None:
+            state.ssm = xbc.new_zeros(b, self.num_heads, self.head_dim, self.state_dim, dtype=torch.float32)
+        elif state.ssm.dtype != torch.float32 or not state.ssm.is_contiguous():
+            state.ssm = state.ssm.float().contiguous()
+        dt = F.softplus(dt[:, 0].float() + self.dt_bias.float()).clamp(min=self.dt_clamp_min)
+        y = mamba_decode_step(conv, state.ssm, xbc[:, 0], dt, A, self.conv1d.weight, self.conv1d.bias, self.D,
+                              self.num_heads, self.head_dim, self.num_groups, self.state_dim, force_triton=True)
+        y = gated_rms_norm(y.to(z.dtype)[:, None], z, self.norm_weight, self.inner // self.num_groups, self.eps)
+        return self.out_proj(y.to(out_dtype))
 
 
 class MambaState:
