@@ -30,10 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
 import torch
+
+# Measure the GPU decode paths (CUDA graphs, the paged Triton kernel), which runners do not take by
+# default until they have been validated on a GPU (megacore.inference.runner.GPU_PATHS_BY_DEFAULT).
+os.environ.setdefault("MEGACORE_DECODE_GPU_PATHS", "1")
 
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel

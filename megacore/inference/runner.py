@@ -1,6 +1,6 @@
 """The model side of the engine: prefill one sequence, decode a batch for a few steps, on the device.
 
-    runner = ModelRunner(model, store, use_graphs=None)        # graphs: on for CUDA, off elsewhere
+    runner = ModelRunner(model, store, use_graphs=None)        # graphs: see GPU_PATHS_BY_DEFAULT
     first = runner.prefill(PrefillInputs(...))                 # [1] first new token (or nothing)
     ring = runner.decode(DecodeInputs(...), steps=8)           # [B, 8] tokens, -1 once a row is done
 
@@ -28,6 +28,8 @@ one warning. On the CPU the same step runs eagerly.
 """
 
 from __future__ import annotations
+
+import os
 
 import dataclasses
 import warnings
@@ -82,10 +84,20 @@ class _Decoder:
         self.state, self.out, self.graph = state, out, None
 
 
+# Whether CUDA-graph decoding and the paged Triton decode kernel are on by default on CUDA. Off until
+# their GPU tests (tests/inference: the ``gpu`` marker) and benchmarks/bench_decode.py have run on a
+# GPU: both are checked on the CPU only (the graphable step's logic, the kernel in Triton's
+# interpreter). Pass use_graphs=True / paged_kernel=True, or set MEGACORE_DECODE_GPU_PATHS=1, to use
+# them meanwhile.
+GPU_PATHS_BY_DEFAULT = os.environ.get("MEGACORE_DECODE_GPU_PATHS", "0") == "1"
+
+
 class ModelRunner:
     """Prefill and batched decode of ``model`` over ``store`` (see the module docstring).
 
-    ``use_graphs``: capture decode steps in CUDA graphs (default: when the store is on CUDA).
+    ``use_graphs``: capture decode steps in CUDA graphs (default: ``GPU_PATHS_BY_DEFAULT`` and the
+    store on CUDA). ``paged_kernel``: attention layers read the block pools with the Triton decode
+    kernel (default: ``GPU_PATHS_BY_DEFAULT``, CUDA and Triton).
     ``contiguous``: the store is a static cache (one block per row, rows = slots 0..B-1).
     """
 
@@ -93,11 +105,12 @@ class ModelRunner:
                  contiguous: bool = False, paged_kernel=None):
         self.model, self.store, self.contiguous = model, store, contiguous
         self.device = store.device
-        self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        on_gpu = self.device.type == "cuda" and GPU_PATHS_BY_DEFAULT
+        self.use_graphs = on_gpu if use_graphs is None else use_graphs
         if paged_kernel is None:  # attention layers decode from the block pools directly on CUDA
             from megacore.kernels._dispatch import triton_available
 
-            paged_kernel = self.device.type == "cuda" and triton_available()
+            paged_kernel = on_gpu and triton_available()
         self.paged_kernel = paged_kernel
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device; pass use_graphs=False")
