@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from megacore.file_modes import current_umask
+
 ENV_CACHE = "MEGACORE_CACHE"
 
 
@@ -58,21 +60,6 @@ def ensure_dir(path: Path) -> Path:
         raise OSError(f"cannot create cache directory {str(path)!r} ({e.strerror}); set data.cache_dir "
                       f"or the {ENV_CACHE} environment variable to a writable folder") from e
     return path
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where Linux reports it (``/proc/self/status``);
-    elsewhere by setting and restoring it."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def temp_path_for(final: Path) -> Path:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
+from megacore.file_modes import current_umask
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -218,20 +219,6 @@ def _is_replaced(name: str) -> bool:
     """Files a fresh save supersedes (weights and config); anything else in the target dir is kept."""
     return (name in ("config.json", SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
             or re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", name) is not None)
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux tells (``/proc/self/status``)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
-    os.umask(mask)
-    return mask
 
 
 def copy_file(src: Path, dst: Path) -> None:
