@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
-from megacore.file_modes import current_umask
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from megacore.file_modes import current_umask
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
