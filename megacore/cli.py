@@ -125,7 +125,10 @@ def _config_and_overrides(rest: list[str]) -> tuple[str | None, list[str]]:
     return config_path, (rest[1:] if config_path else rest)
 
 
-def run_train(argv: list[str]) -> int:
+def _command_args(argv: list[str], usage: str, command: str):
+    """``(opts, rest, nproc)`` of a config-taking command, or the exit code when there is nothing to
+    run: help printed (0), a bad option, or no config and no override (2; a bare `megacore train`
+    would train a default model nobody asked for)."""
     try:
         opts, rest = _split_args(argv)
         nproc = _nproc(opts)
@@ -133,12 +136,20 @@ def run_train(argv: list[str]) -> int:
         _report(str(e))
         return 2
     if opts.get("help"):
-        _print(_help(TRAIN_USAGE))
+        _print(_help(usage))
         return 0
-    if not rest:  # a bare `megacore train` would train a default model nobody asked for
-        _report(TRAIN_USAGE.splitlines()[0] + "\nerror: give a config file (e.g. configs/tiny_cpu.yaml) or "
-                "key=value overrides; `megacore train --help` lists the options and every config key")
+    if not rest:
+        _report(usage.splitlines()[0] + "\nerror: give a config file (e.g. configs/tiny_cpu.yaml) or key=value "
+                f"overrides; `megacore {command} --help` lists the options and every config key")
         return 2
+    return opts, rest, nproc
+
+
+def run_train(argv: list[str]) -> int:
+    parsed = _command_args(argv, TRAIN_USAGE, "train")
+    if isinstance(parsed, int):
+        return parsed
+    opts, rest, nproc = parsed
     from megacore.checkpoint.errors import CheckpointError
     from megacore.config import ConfigError
     from megacore.launcher import DEFAULT_STOP_GRACE_S, exit_with_launcher
@@ -233,19 +244,10 @@ def run_config(argv: list[str]) -> int:
     from megacore.config import ConfigError
     from megacore.config.loading import dump_run_config
 
-    try:
-        opts, rest = _split_args(argv)
-        nproc = _nproc(opts)
-    except SystemExit as e:
-        _report(str(e))
-        return 2
-    if opts.get("help"):
-        _print(_help(CONFIG_USAGE))
-        return 0
-    if not rest:
-        _report(CONFIG_USAGE.splitlines()[0] + "\nerror: give a config file (e.g. configs/tiny_cpu.yaml) or key=value "
-                "overrides; `megacore config --help` lists every config key")
-        return 2
+    parsed = _command_args(argv, CONFIG_USAGE, "config")
+    if isinstance(parsed, int):
+        return parsed
+    opts, rest, nproc = parsed
     config_path, overrides = _config_and_overrides(rest)
     try:
         cfg = _resolved_config(config_path, overrides).validate(world_size=nproc)
