@@ -218,7 +218,7 @@ def test_preprocess_reports_a_missing_input_in_one_line(tmp_path):
     out = _cli(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o"),
                 "--tokenizer", "bpe"])
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert out.returncode != 0 and len(lines) == 1 and "missing.jsonl" in lines[0], out.stderr
+    assert out.returncode == 2 and len(lines) == 1 and "missing.jsonl" in lines[0], out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -237,7 +237,7 @@ def main(argv: list[str]) -> int:
         run(args)
     except (FileNotFoundError, ValueError, ImportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a bad input or option, like the other commands' user errors
     return 0
 
 

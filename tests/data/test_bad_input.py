@@ -42,7 +42,7 @@ def test_input_without_documents_is_refused_and_writes_nothing(tmp_path, tokeniz
     src = tmp_path / name
     src.write_text(content, encoding="utf-8")
     for tok in (str(tokenizer_json), "bpe"):
-        assert main(_args(src, tmp_path / "out" / "o", tok)) == 1
+        assert main(_args(src, tmp_path / "out" / "o", tok)) == 2
         err = capsys.readouterr().err
         assert f"{src}" in err and "no non-empty document" in err, err
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -53,7 +53,7 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, tokenizer_json, ca
                         ("latin1.txt", [b"fine", b"", b"more", b"caf\xe9 au lait"])):
         src = tmp_path / name
         src.write_bytes(b"\n".join(lines) + b"\n")
-        assert main(_args(src, tmp_path / "o", tokenizer_json)) == 1
+        assert main(_args(src, tmp_path / "o", tokenizer_json)) == 2
         err = capsys.readouterr().err
         line = len(lines)
         assert f"{src}:{line}: not UTF-8 text (byte 0xe9" in err, err

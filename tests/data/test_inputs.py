@@ -74,26 +74,26 @@ def test_columnar_errors_name_the_file_column_and_row(tmp_path, tokenizer_json, 
     base = ["--output-prefix", str(tmp_path / "o"), "--tokenizer", str(tokenizer_json)]
 
     pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "nulls.parquet")
-    assert main(["--input", str(tmp_path / "nulls.parquet"), *base]) == 1
+    assert main(["--input", str(tmp_path / "nulls.parquet"), *base]) == 2
     assert "nulls.parquet: row 2 is null, not a string" in capsys.readouterr().err
 
-    assert main(["--input", str(tmp_path / "nulls.parquet"), "--text-key", "content", *base]) == 1
+    assert main(["--input", str(tmp_path / "nulls.parquet"), "--text-key", "content", *base]) == 2
     err = capsys.readouterr().err
     assert "no column 'content'" in err and "['text']" in err and "--text-key" in err
 
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
-    assert main(["--input", str(tmp_path / "ints.parquet"), *base]) == 1
+    assert main(["--input", str(tmp_path / "ints.parquet"), *base]) == 2
     assert "column 'text' holds int64, not strings" in capsys.readouterr().err
 
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x"]}),
                                "test": datasets.Dataset.from_dict({"text": ["y"]})})
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert main(["--input", str(tmp_path / "dd"), *base]) == 1
+    assert main(["--input", str(tmp_path / "dd"), *base]) == 2
     err = capsys.readouterr().err
     assert "DatasetDict with splits ['test', 'train']" in err and str(tmp_path / "dd" / "test") in err
 
     (tmp_path / "empty").mkdir()
-    assert main(["--input", str(tmp_path / "empty"), *base]) == 1
+    assert main(["--input", str(tmp_path / "empty"), *base]) == 2
     assert "neither a Hugging Face datasets folder" in capsys.readouterr().err
     assert not (tmp_path / "o.bin").exists() and not (tmp_path / "o.idx").exists()
 
@@ -110,5 +110,5 @@ def test_missing_optional_dependency_names_the_package(tmp_path, tokenizer_json,
         src = tmp_path / "in.parquet"
         pq.write_table(pa.table({"text": ["x"]}), src)
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
-    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(tokenizer_json)]) == 1
+    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(tokenizer_json)]) == 2
     assert f"pip install {package}" in capsys.readouterr().err

@@ -82,24 +82,24 @@ def test_bpe_on_the_fly_writes_its_tokenizer(tmp_path, monkeypatch):
 
 def test_errors_name_the_problem(tmp_path, tokenizer_json, capsys):
     base = ["--output-prefix", str(tmp_path / "o"), "--tokenizer", str(tokenizer_json)]
-    assert main(["--input", str(tmp_path / "missing.jsonl")] + base) == 1
+    assert main(["--input", str(tmp_path / "missing.jsonl")] + base) == 2
     assert "does not exist" in capsys.readouterr().err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n', encoding="utf-8")
     for workers in ("1", "2"):
-        assert main(["--input", str(bad), "--workers", workers] + base) == 1
+        assert main(["--input", str(bad), "--workers", workers] + base) == 2
         err = capsys.readouterr().err
         assert f"{bad}:3: not valid JSON" in err, err
     assert not list(tmp_path.glob("o.*")), "no partial output on error"
 
     nokey = tmp_path / "nokey.jsonl"
     nokey.write_text('{"content": "x"}\n', encoding="utf-8")
-    assert main(["--input", str(nokey)] + base) == 1
+    assert main(["--input", str(nokey)] + base) == 2
     assert "nokey.jsonl:1: no key 'text'" in capsys.readouterr().err
 
     other = tmp_path / "data.csv"
     other.write_text("a,b\n")
-    assert main(["--input", str(other)] + base) == 1
+    assert main(["--input", str(other)] + base) == 2
     assert "is none of .jsonl, .txt" in capsys.readouterr().err
     assert main(["--input", str(bad)]) == 2  # argparse: missing required options
