@@ -42,7 +42,6 @@ norm weights — and any ``*.bias``) go to a group with ``weight_decay=0``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
@@ -50,7 +49,8 @@ from torch import nn
 
 from megacore.distributed.comm import ProcessGroup, active_groups, all_reduce_over, comm_device
 from megacore.distributed.grad_clip import counted_grads, default_is_tp_replicated, local_norm_power, scale_grads_
-
+from megacore.optim.fragments import (  # noqa: F401 (re-exported: the optimizer's building blocks)
+    Fragment, StateEntry, default_no_weight_decay, make_master, weight_decay_groups)
 from megacore.optim.step_info import StepInfo, read_scalars
 
 if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distributed -> this module)
@@ -59,60 +59,6 @@ if TYPE_CHECKING:  # runtime import would be circular (loss_scaler -> distribute
 STATE_FORMAT = "megacore.optimizer.v1"
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq")
 _IMPLEMENTATION_KEYS = {"fused", "foreach", "capturable", "differentiable"}
-
-
-def default_no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """No weight decay for biases, norm weights and every other 1-D parameter."""
-    return param.dim() < 2 or name.endswith("bias")
-
-
-def weight_decay_groups(module: nn.Module, weight_decay: float,
-                        no_weight_decay: Callable[[str, torch.Tensor], bool] = default_no_weight_decay) -> list[dict]:
-    """Two ``torch.optim`` groups ``[decay, no_decay]`` of the trainable params of ``module``."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@dataclass
-class StateEntry:
-    """``flat`` (live storage) == elements ``[start, start + flat.numel())`` of state ``state_name``
-    of ``param`` flattened (the ``checkpoint_entries()`` protocol of megacore.checkpoint)."""
-
-    param: nn.Parameter
-    state_name: str
-    flat: torch.Tensor
-    start: int
-
-
-@dataclass
-class Fragment:
-    """The optimizer's piece ``[start, end)`` of ``param`` (flattened): ``master`` is what AdamW steps."""
-
-    name: str
-    param: nn.Parameter
-    start: int
-    end: int
-    master: torch.Tensor
-    has_master_copy: bool   # False: master is a view of the weights themselves
-    group: int              # 0 = weight decay, 1 = no weight decay
-
-    def model_view(self) -> torch.Tensor:
-        return self.param.data.view(-1)[self.start:self.end]
-
-    def grad_view(self) -> Optional[torch.Tensor]:
-        g = getattr(self.param, "main_grad", None)
-        g = g if g is not None else self.param.grad
-        return None if g is None else g.reshape(-1)[self.start:self.end]
-
-
-def make_master(view: torch.Tensor, master_weights: bool) -> tuple[torch.Tensor, bool]:
-    """(master, has_copy): an fp32 copy of a half-precision ``view``, else ``view`` itself."""
-    if master_weights and view.dtype in (torch.bfloat16, torch.float16):
-        return view.detach().to(torch.float32).clone(), True
-    return view.detach(), False
 
 
 class MixedPrecisionOptimizer:
