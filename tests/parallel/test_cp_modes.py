@@ -400,19 +400,6 @@ def test_cli_curves_of_every_mode_equal_allgather_and_a_ring_checkpoint_resumes_
     assert abs(last - losses(want)[2]) / abs(losses(want)[2]) < 1e-5
 
 
-def test_cli_ring_curve_with_reset_position_ids_equals_one_process(tmp_path):
-    """``megacore train`` on packed documents with ``data.reset_position_ids`` (rotary positions restart
-    per document) and document masks: the ring CP2 run's loss and grad-norm curve equals one process's
-    (1e-5 relative)."""
-    from tests.training.test_train_cli import grad_norms, losses, train_tiny
-
-    tiny = [*TINY, "data.reset_position_ids=true", "checkpoint.dir=null"]
-    want = train_tiny(tmp_path, "one", tiny)
-    got = train_tiny(tmp_path, "ring", [*tiny, "parallel.context=2", "parallel.context_mode=ring"], nproc=2)
-    for a, b in ((losses(got), losses(want)), (grad_norms(got), grad_norms(want))):
-        assert len(a) == len(b) == 3 and max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-5, (a, b)
-
-
 # ----------------------------------------------------------------------------------------- GPU
 def _simulated_ring(q, k, v, lo, window, c, fast, dout):
     """Every rank of a c-rank ring on one device: each rank's steps (``cp_ring._Plan``), its blocks
