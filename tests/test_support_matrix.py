@@ -55,7 +55,6 @@ REFUSED = [
                                                       "distributed_optimizer=true"]),
     (["parallel.fsdp=true", "parallel.pipeline=2"], 2, ["parallel.pipeline=2"]),
     (["parallel.context=2", "parallel.fsdp=true"], 2, ["parallel.context=2", "parallel.fsdp=True"]),
-    (["parallel.context=2", "data.reset_position_ids=true"], 2, ["data.reset_position_ids=True", "global positions"]),
     (["model.num_experts=4", "parallel.expert=2", "parallel.fsdp=true"], 2, ["parallel.expert=2", "parallel.fsdp"]),
     (["model.num_experts=4", "parallel.tensor=2", "parallel.expert=2"], 4,
      ["parallel.expert=2", "parallel.sequence_parallel=true", "once per rank"]),

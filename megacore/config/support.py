@@ -334,8 +334,6 @@ RULES: list = [
     Requires("context", "context_a2a_size", "parallel.context_mode=a2a+ring", lambda f: f.context_mode == "a2a+ring",
              "set parallel.context_a2a_size=null, or parallel.context_mode=a2a+ring",
              reason="it sizes the all-to-all groups of that mode"),
-    Unsupported("context", "context", "reset_position_ids", "the context-parallel causal mask is built from the "
-                "global positions", "set data.reset_position_ids=false"),
     Unsupported("fsdp", "fsdp", "tensor", "FSDP2 here shards data-parallel replicas only",
                 "use parallel.distributed_optimizer=true for TP/PP layouts"),
     Unsupported("fsdp", "fsdp", "pipeline", "FSDP2 here shards data-parallel replicas only",

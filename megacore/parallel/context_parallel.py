@@ -7,7 +7,7 @@ model on its S/c tokens. Every mode below keeps this layout, so the data feed an
 depend on the mode.
 
 Attention (``parallel.context_mode``). The plan wraps every core attention from outside; queries,
-keys and values arrive after rotary, so each carries its own global position:
+keys and values arrive after rotary, so each already carries its own rotary position:
 
 - ``allgather`` (``ContextParallelAttention``): keys and values are all-gathered over the CP group
   (``gather_kv``) before the wrapped core attends::
@@ -25,7 +25,8 @@ keys and values arrive after rotary, so each carries its own global position:
   groups (groups from ``megacore.parallel.topology.context_subgroups``).
 
 The mask (``ContextParallelMask``, built once per forward, replaces the model's ``attention_mask``
-module) compares global positions: query at position t may attend key at p iff p <= t, within the
+module) compares global positions, which it derives from the split itself (``cp_token_index`` of
+its CP rank), never from ``position_ids``: query at position t may attend key at p iff p <= t, within the
 sliding window if the model has one, and in the same packed document when ``attention_mask`` gives
 the document starts (``split_sample_for_cp`` turns a ``[1, S, S]`` packed-document mask into them).
 Window and documents together give each query a lowest visible position ``lo`` (``lowest_visible``),
@@ -41,7 +42,10 @@ states exchanged over the CP group; exact), whatever the attention mode. Everyth
 token-wise, so it needs nothing. The loss is each rank's share of the global mean: its tokens' loss
 sum divided by the labelled tokens of the whole global batch, which the trainer sums over DP×CP.
 Gradients are summed over DP×CP by DDP, whose group is ``dp_cp``. RoPE and learned positions use
-``position_ids``: the global positions of the local tokens, set by ``split_for_cp``.
+``position_ids``, which ``split_sample_for_cp`` sets for the local tokens: their global positions, or
+with ``data.reset_position_ids`` the sample's own (each token's offset within its document). So the
+rotary position and the mask's position of a token are separate: the first is whatever the data says,
+the second always the token's place in the global sequence.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def document_starts(mask_SS: np.ndarray) -> np.ndarray:
 
 def split_sample_for_cp(sample: dict, cp_size: int, cp_rank: int) -> dict:
     """This CP rank's tokens of one sample (arrays of length S: tokens, labels, loss_mask, ...), with
-    ``position_ids`` set to their global positions. A packed-document ``attention_mask`` [1, S, S]
+    ``position_ids``: the sample's own for those tokens when it has them (e.g. restarting per document,
+    ``data.reset_position_ids``), else their global positions. A packed-document ``attention_mask`` [1, S, S]
     becomes the document start of each of the rank's tokens ([S/c] int64, ``document_starts``), the
     form a context-parallel model takes (``ContextParallelMask``)."""
     seq_len = len(sample["tokens"])
@@ -109,24 +114,35 @@ def _gather_tokens(x_BS: torch.Tensor, group) -> torch.Tensor:
     return C.gather_along_dim(x_BS.contiguous(), 1, group, grad_is_partial=False)
 
 
-def lowest_visible(position_ids_BS: torch.Tensor, doc_starts_BS: Optional[torch.Tensor],
+def global_positions(local_len: int, group, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([S_local] the global positions of this CP rank's tokens, [S] those of the keys gathered over
+    ``group`` in rank order), from the split (``cp_token_index``): the mask's positions, which the
+    rotary ``position_ids`` need not be (``data.reset_position_ids``)."""
+    c, r = C.group_size(group), C.group_rank(group)
+    seq = local_len * c
+    keys = np.concatenate([cp_token_index(seq, c, j) for j in range(c)])
+    return (torch.from_numpy(cp_token_index(seq, c, r)).to(device), torch.from_numpy(keys).to(device))
+
+
+def lowest_visible(positions_BS: torch.Tensor, doc_starts_BS: Optional[torch.Tensor],
                    sliding_window: Optional[int]) -> Optional[torch.Tensor]:
-    """[B, S] the lowest key position each query may attend (its document's start, and the first
-    position of its sliding window), or None when only causality applies."""
+    """[B, S] the lowest key position each query (at global position ``positions_BS``, [B or 1, S])
+    may attend (its document's start, and the first position of its sliding window), or None when
+    only causality applies."""
     lo = doc_starts_BS
     if sliding_window is not None:
-        first = position_ids_BS - (sliding_window - 1)
+        first = positions_BS - (sliding_window - 1)
         lo = first if lo is None else torch.maximum(lo, first)
     return lo
 
 
-def cp_attention_mask(position_ids_BS: torch.Tensor, group, sliding_window: Optional[int] = None,
+def cp_attention_mask(q_pos_S: torch.Tensor, k_pos_S: torch.Tensor, sliding_window: Optional[int] = None,
                       doc_starts_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Boolean [B, 1, S_local, S] mask (True = may attend) of the local queries against the gathered keys."""
-    keys_BS = _gather_tokens(position_ids_BS, group)
-    mask = causal_mask(position_ids_BS, keys_BS, sliding_window)
+    """Boolean [B or 1, 1, S_local, S] mask (True = may attend) of the local queries (global positions
+    ``q_pos_S``) against the gathered keys (``k_pos_S``)."""
+    mask = causal_mask(q_pos_S[None], k_pos_S[None], sliding_window)
     if doc_starts_BS is not None:
-        mask = mask & (keys_BS[:, None, :] >= doc_starts_BS[:, :, None])
+        mask = mask & (k_pos_S[None, None, :] >= doc_starts_BS[:, :, None])
     return mask[:, None]
 
 
@@ -152,9 +168,10 @@ class ContextParallelAttention(nn.Module):
 
 class ContextParallelMask(nn.Module):
     """In place of the model's ``AttentionMask``: what the context-parallel attention of ``mode`` needs,
-    built once per forward from the global positions of the local tokens (``position_ids``, which a
-    context-parallel model must be given) and, for packed documents, ``attention_mask`` = the document
-    start of each local token ([B, S_local], from ``split_sample_for_cp``):
+    built once per forward from the global positions of the local tokens (``global_positions``: from
+    the split, not from ``position_ids``, which feed rotary and may restart per document; a
+    context-parallel model must still be given them) and, for packed documents, ``attention_mask`` =
+    the document start of each local token ([B, S_local], from ``split_sample_for_cp``):
 
     - ``allgather``: boolean [B, 1, S_local, S], the local queries against the gathered keys;
     - ``a2a``: boolean [B, 1, S, S] over the whole sequence in position order, or None (plain causal);
@@ -170,7 +187,7 @@ class ContextParallelMask(nn.Module):
 
     def forward(self, batch: int, seq: int, device, position_ids=None, attention_mask=None):
         if position_ids is None:
-            raise ValueError("a context-parallel model needs position_ids (the global positions of this rank's "
+            raise ValueError("a context-parallel model needs position_ids (the rotary positions of this rank's "
                              "tokens, from megacore.parallel.context_parallel.split_sample_for_cp)")
         doc_starts = None
         if attention_mask is not None:
@@ -180,10 +197,11 @@ class ContextParallelMask(nn.Module):
                                  f"local token ([B, S_local] integers, shape {tuple(position_ids.shape)}), as "
                                  "split_sample_for_cp makes of a packed-document mask; padding masks are not "
                                  f"supported; got {attention_mask.dtype} {tuple(attention_mask.shape)}")
-            doc_starts = attention_mask.to(position_ids.dtype)
+            doc_starts = attention_mask.to(torch.int64)
+        q_pos, k_pos = global_positions(position_ids.shape[-1], self.group, position_ids.device)
         if self.mode == "allgather":
-            return cp_attention_mask(position_ids, self.group, self.sliding_window, doc_starts)
-        lo = lowest_visible(position_ids, doc_starts, self.sliding_window)
+            return cp_attention_mask(q_pos, k_pos, self.sliding_window, doc_starts).expand(batch, -1, -1, -1)
+        lo = lowest_visible(q_pos[None].expand(batch, -1), doc_starts, self.sliding_window)
         if lo is None or self.mode == "ring":
             return lo
         a = C.group_size(self.a2a_group)
@@ -212,8 +230,8 @@ def apply_context_parallel(model: nn.Module, group, mode: str = "allgather", a2a
     ``group`` (the CP group of ``megacore.parallel.get_state()``): every core attention is wrapped for
     ``mode`` (``parallel.context_mode``: allgather, ring, a2a, or a2a+ring with all-to-all groups of
     ``a2a_size`` ranks), the attention mask becomes the CP mask, and every Mamba mixer passes its state
-    between the ranks' chunks. The model must then be called with ``position_ids`` (the global
-    positions of its tokens)."""
+    between the ranks' chunks. The model must then be called with ``position_ids`` (its tokens'
+    rotary positions: global, or per document; ``split_sample_for_cp``)."""
     if mode not in MODES:
         raise ValueError(f"context-parallel mode {mode!r} is not known; use one of {list(MODES)}")
     if C.group_size(group) == 1:

@@ -121,7 +121,7 @@ class DataFeed:
         host before the copy to the device, so counting never waits for the GPU)."""
         base = batch_index * self.cfg.train.global_batch_size if first is None else first
         cp, cp_rank = self.state.cp_size, self.state.cp_rank
-        # Context parallel: keep this rank's tokens, with their global positions (rotary and the mask).
+        # Context parallel: keep this rank's tokens with their rotary positions (global, or per document).
         keep_positions = self.cfg.data.reset_position_ids or cp > 1
         out, labelled = [], 0.0
         for r in self.micro_slices():

@@ -11,9 +11,11 @@ gradient; 1e-5 absolute.
 Variants: packed documents whose boundaries fall inside the CP chunks (odd boundaries, different per
 sequence; GQA, rope), the same with a sliding window (blocks outside the window skipped by the
 ring), multi-latent attention (different q/k and v head dims), the ring's plain-torch block path
-(``attention_backend=reference``), and a hybrid stack whose Mamba layers pass their state between
-the chunks. Layouts: CP2 and CP4 in every mode (a2a+ring at CP4 with all-to-all groups of 2; a2a at
-CP4 repeats the 2 KV heads over 4 ranks), CP2 x TP2 with sequence parallelism and CP2 x PP2.
+(``attention_backend=reference``), a hybrid stack whose Mamba layers pass their state between
+the chunks, and ``reset_*``: the same with ``data.reset_position_ids`` (rotary positions restart in
+each document, the mask keeps the global order). Layouts: CP2 and CP4 in every mode (a2a+ring at CP2
+with all-to-all groups of 1 and at CP4 with groups of 2; a2a at CP4 repeats the 2 KV heads over 4
+ranks), CP2 x TP2 with sequence parallelism and CP2 x PP2.
 
 Unit tests (one process): the log-sum-exp merge and the per-block forward/backward against an fp64
 softmax over all keys, both block paths (kernel and reference), the a2a reordering, the a2a+ring
@@ -47,13 +49,22 @@ VARIANTS = {
     "hybrid": dict(num_layers=3, layer_pattern="M*-", mamba_head_dim=8, mamba_state_dim=8, mamba_num_groups=2,
                    mamba_chunk_size=4, activation="squared_relu"),
 }
+# data.reset_position_ids: rotary positions restart in every document while the mask keeps the global
+# order: with document masks, with only a sliding window (over global positions), and in a hybrid stack
+# (Mamba layers refuse document masks, not restarted positions).
+VARIANTS.update(reset_docs=VARIANTS["docs"], reset_window_docs=VARIANTS["window_docs"],
+                reset_window=VARIANTS["window"], reset_hybrid=VARIANTS["hybrid"])
 # Document ends (eod positions) per sequence: most boundaries fall inside the chunks of CP2 (4 tokens)
 # and CP4 (2 tokens).
 EODS = [(4, 9), (2, 7, 8, 12)]
 
 
 def _uses_docs(variant: str) -> bool:
-    return variant in ("docs", "window_docs", "reference_backend")
+    return variant in ("docs", "window_docs", "reference_backend", "reset_docs", "reset_window_docs")
+
+
+def _resets_positions(variant: str) -> bool:
+    return variant.startswith("reset_")
 
 
 def _data():
@@ -66,16 +77,20 @@ def _data():
         for e in ends:
             doc[b, e + 1:] += 1  # an eod belongs to the document it ends
     causal = torch.ones(S, S, dtype=torch.bool).tril()
-    mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]  # [B, 1, S, S], as make_sample builds
-    return ids, labels, loss_mask, mask
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    mask = (causal & same_doc)[:, None]  # [B, 1, S, S], as make_sample builds
+    doc_positions = torch.arange(S) - same_doc.int().argmax(-1)  # offset within the document (reset_position_ids)
+    return ids, labels, loss_mask, mask, doc_positions
 
 
 def _reference(variant: str):
     from megacore.models import GPTModel
 
     ref = GPTModel(TransformerConfig(**{**BASE, **VARIANTS[variant]}), seed=7).train()
-    ids, labels, loss_mask, mask = _data()
+    ids, labels, loss_mask, mask, doc_positions = _data()
     kwargs = {"attention_mask": mask} if _uses_docs(variant) else {}
+    if _resets_positions(variant):
+        kwargs["position_ids"] = doc_positions
     logits = ref(ids, **kwargs).detach()
     loss = ref(ids, labels=labels, loss_mask=loss_mask, reduction="sum", **kwargs) / loss_mask.sum()
     loss.backward()
@@ -85,12 +100,14 @@ def _reference(variant: str):
 def _local_batch(state, variant: str):
     from megacore.parallel.context_parallel import split_sample_for_cp
 
-    ids, labels, loss_mask, mask = _data()
+    ids, labels, loss_mask, mask, doc_positions = _data()
     samples = []
     for b in range(BATCH):
         sample = {"tokens": ids[b].numpy(), "labels": labels[b].numpy(), "loss_mask": loss_mask[b].numpy()}
         if _uses_docs(variant):
             sample["attention_mask"] = mask[b].numpy()
+        if _resets_positions(variant):
+            sample["position_ids"] = doc_positions[b].numpy()
         samples.append(split_sample_for_cp(sample, state.cp_size, state.cp_rank))
     batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
     kwargs = {"position_ids": batch["position_ids"]}
@@ -180,15 +197,18 @@ def _check(results, cases, world):
 
 
 TWO = [
-    ("cp2_allgather", dict(context=2), ("docs", "window", "mla")),
-    ("cp2_ring", dict(context=2, context_mode="ring"), ("docs", "window_docs", "mla", "reference_backend", "hybrid")),
-    ("cp2_a2a", dict(context=2, context_mode="a2a"), ("docs", "window_docs", "mla")),
+    ("cp2_allgather", dict(context=2), ("docs", "window", "mla", "reset_docs", "reset_window")),
+    ("cp2_ring", dict(context=2, context_mode="ring"), ("docs", "window_docs", "mla", "reference_backend", "hybrid",
+                                                        "reset_docs", "reset_window", "reset_hybrid")),
+    ("cp2_a2a", dict(context=2, context_mode="a2a"), ("docs", "window_docs", "mla", "reset_window_docs")),
+    ("cp2_a2a1_ring", dict(context=2, context_mode="a2a+ring", context_a2a_size=1), ("reset_window_docs",)),
 ]
 FOUR = [
     ("cp4_allgather", dict(context=4), ("window_docs",)),
-    ("cp4_ring", dict(context=4, context_mode="ring"), ("window_docs", "window", "mla")),
+    ("cp4_ring", dict(context=4, context_mode="ring"), ("window_docs", "window", "mla", "reset_docs")),
     ("cp4_a2a", dict(context=4, context_mode="a2a"), ("window_docs",)),
-    ("cp4_a2a2_ring", dict(context=4, context_mode="a2a+ring", context_a2a_size=2), ("window_docs", "docs")),
+    ("cp4_a2a2_ring", dict(context=4, context_mode="a2a+ring", context_a2a_size=2),
+     ("window_docs", "docs", "reset_window_docs")),
     ("cp2_tp2_sp_ring", dict(context=2, tensor=2, sequence_parallel=True, context_mode="ring"), ("window_docs",)),
     ("cp2_tp2_sp_a2a", dict(context=2, tensor=2, sequence_parallel=True, context_mode="a2a"), ("docs",)),
     ("cp2_pp2_ring", dict(context=2, pipeline=2, context_mode="ring"), ("window_docs",)),
@@ -322,6 +342,7 @@ CP_ACCEPTED = [
     (["parallel.context=4", "parallel.context_mode=a2a"], 4),  # 2 KV heads repeated over 4 ranks
     (["parallel.context=4", "parallel.context_mode=a2a+ring", "parallel.context_a2a_size=2"], 4),
     (["parallel.context=2", "parallel.context_mode=ring", "data.reset_attention_mask=true"], 2),
+    (["parallel.context=2", "parallel.context_mode=a2a", "data.reset_position_ids=true"], 2),
 ]
 
 
