@@ -39,7 +39,8 @@ class BlockPool:
         self.digest_of: dict = {}                         # registered block -> digest
         self.by_digest: dict = {}                         # digest -> registered block
         self.idle: "OrderedDict[int, None]" = OrderedDict()  # registered, unreferenced, oldest first
-        self.hits = 0                                     # blocks handed out by match
+        self.hits = 0                                     # stats: blocks handed out by match, and evicted
+        self.evictions = 0
 
     def available(self) -> int:
         return len(self.free) + len(self.idle)
@@ -53,6 +54,7 @@ class BlockPool:
         elif self.idle:
             b, _ = self.idle.popitem(last=False)
             del self.by_digest[self.digest_of.pop(b)]
+            self.evictions += 1
         else:
             raise RuntimeError("no free block (the engine checks available() first)")
         self.refs[b] = 1

@@ -144,7 +144,8 @@ class Engine:
                  block_size: int = 16, num_blocks: Optional[int] = None, eos_ids: Iterable[int] = (),
                  tokenizer=None, max_queue: Optional[int] = None, decode_steps: int = 8,
                  use_graphs: Optional[bool] = None, runner: Optional[ModelRunner] = None,
-                 max_prefill_tokens: int = 4096, prefix_caching: bool = False):
+                 max_prefill_tokens: int = 4096, prefix_caching: bool = False,
+                 packed_prefill: Optional[bool] = None):
         if runner is None and not getattr(model, "supports_kv_cache", False):
             raise ValueError("the engine decodes with a whole GPTModel and a KV cache (not a context- or sequence-"
                              "parallel model; a pipeline stage needs the runner of megacore.inference.pipeline)")
@@ -165,7 +166,11 @@ class Engine:
         self.block_size, self.blocks_per_seq = self.store.block_size, per_seq
         # Packed (batched, chunked) prefill needs the runner's prefill_packed and no Mamba layer (their
         # scan does not restart per sequence); otherwise each request is prefilled alone, whole.
-        self.packed = bool(callable(getattr(self.runner, "prefill_packed", None)) and not self.store.shapes.mamba)
+        can_pack = callable(getattr(self.runner, "prefill_packed", None)) and not self.store.shapes.mamba
+        if packed_prefill and not can_pack:
+            raise ValueError("packed_prefill=True needs a ModelRunner (not a tensor- or pipeline-parallel one) and a "
+                             "model without Mamba layers; pass packed_prefill=None to prefill one request at a time")
+        self.packed = can_pack if packed_prefill is None else bool(packed_prefill)
         self.max_prefill_tokens = max_prefill_tokens
         self.blocks = BlockPool(self.store.num_blocks, self.block_size, prefix_caching and self.packed)
         self.prefilling: list[Request] = []    # admitted, prompt not yet all in the cache (chunked prefill)
