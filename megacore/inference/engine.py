@@ -17,11 +17,20 @@ or ``"error"``.
 **Scheduling** (one ``step``): take in new requests and cancellations (``add_request`` / ``cancel``
 may be called from any thread; ``max_queue`` bounds the requests waiting for a slot, beyond it
 ``add_request`` raises ``QueueFull``); admit waiting requests, oldest first, while a slot (at most
-``max_batch`` sequences decode together) and the blocks for the prompt are free: each admitted
-request is prefilled alone and samples its first token; then decode every running request for up to
-``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization per call), stream
+``max_batch`` sequences decode together), the blocks for the prompt and the prefill budget allow;
+prefill them in one forward, packed (``megacore.inference.packed``: at most ``max_prefill_tokens``
+new tokens per step, a longer prompt split into chunks over several steps, continued first at the
+next step), each sampling its first token when its whole prompt is in; then decode every running
+request for up to ``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization per call), stream
 the new tokens, and free the slot and blocks of each finished request at once, so that a waiting
 request takes its place at the next step (continuous batching).
+
+Models with Mamba layers (their scan does not restart per sequence) and runners without
+``prefill_packed`` (tensor- and pipeline-parallel serving) prefill one whole prompt per forward
+instead (``packed_prefill``: None = pack when possible). ``prefix_caching=True`` (packed models
+only) reuses the blocks of a prompt's leading full blocks already computed for an earlier prompt
+with the same tokens (``megacore.inference.blocks``); the request then prefills only the rest.
+``prefill_tokens`` / ``prefill_calls`` count the tokens and forwards prefills computed.
 
 **Memory** is a ``megacore.inference.cache.KVStore`` of ``num_blocks`` blocks of ``block_size``
 positions. A request holds blocks for the positions it has written, plus the next

@@ -11,11 +11,11 @@ from megacore.inference.engine import Engine, SamplingParams
 from megacore.inference.packed import PackedView, PrefillChunk, pack_chunks
 from tests.inference.test_engine import alone, prompts, tiny
 
-PACKABLE = {"gqa": {}, "mla": {}, "swa": dict(sliding_window=5)}
+PACKABLE = {"gqa": {}, "mla": {}, "swa": dict(sliding_window=5), "learned": dict(position_embedding="learned")}
 
 
 def model_for(name):
-    return tiny("gqa", **PACKABLE[name]) if name == "swa" else tiny(name)
+    return tiny(name) if name in ("gqa", "mla") else tiny("gqa", **PACKABLE[name])
 
 
 @pytest.mark.parametrize("name", list(PACKABLE))
@@ -58,7 +58,8 @@ def _run_staggered(engine, ps):
     return reqs
 
 
-@pytest.mark.parametrize("name,budget", [("gqa", 64), ("gqa", 5), ("mla", 7), ("swa", 64)])
+@pytest.mark.parametrize("name,budget", [("gqa", 64), ("gqa", 5), ("mla", 7), ("swa", 64),
+                                         ("learned", 64)])
 def test_mixed_batch_each_request_gets_its_tokens_alone(name, budget):
     """Mixed prompt lengths, staggered arrivals, greedy and seeded sampling, a pool small enough to
     preempt; the prefill budget packs several prompts per forward (64) or splits one prompt over
@@ -146,3 +147,13 @@ def test_bad_prefill_options_are_refused():
         Engine(tiny("gqa"), max_prefill_tokens=0)
     with pytest.raises(ValueError, match="packed_prefill=True needs"):
         Engine(tiny("hybrid_mamba"), packed_prefill=True)
+
+
+def test_a_pack_longer_than_the_learned_position_table_is_fine():
+    """Four prompts of 14 tokens packed into one 56-token row of a model with 40 learned positions:
+    only each sequence's own positions must fit."""
+    model = tiny("gqa", position_embedding="learned")
+    ps = prompts((14, 14, 14, 14), seed=13)
+    engine = Engine(model, max_batch=4, block_size=4, decode_steps=4)
+    assert engine.generate(ps, SamplingParams(max_new_tokens=5)) == [alone(model, p, 5) for p in ps]
+    assert engine.prefill_calls == 1
