@@ -11,13 +11,14 @@ is the cache the model reads for that forward:
 
 - ``positions``: each token's position in its own sequence (they restart per chunk's sequence);
 - writes: each token's keys/values (or MLA latents) go to ``(its block, position % block_size)``;
-- reads: when no chunk has cached positions, the new keys as they are (``T`` keys); otherwise every
+- reads (``update``): when no chunk has cached positions, the new keys as they are (``T`` keys); otherwise every
   chunk's sequence gathered from its blocks, positions ``0 .. start + len - 1`` each (``K`` keys);
 - the mask: a query sees a key of the same sequence at or before its position (and within the
   sliding window) -- block-diagonal causal, so no sequence reads another's tokens.
 
-Attention layers (grouped-query and multi-latent) only see ``update`` and a boolean mask, so both
-pack. A Mamba layer's scan has no per-token reset, so hybrid Mamba stacks do not pack: the engine
+Grouped-query attention layers offer their query to the view (``attend``), which runs one SDPA per
+chunk over that chunk's own keys (the causal fast path for a chunk from position 0); multi-latent
+attention layers read ``update`` and attend over the whole row with the block-diagonal mask. A Mamba layer's scan has no per-token reset, so hybrid Mamba stacks do not pack: the engine
 prefills them one sequence at a time (``CacheBatch(fresh=True)``).
 
 Every field of ``PackedInputs`` is a tensor, built on the host once per call, so the forward itself
@@ -31,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from megacore.layers.attention import causal_mask
+from megacore.layers.attention import attention_sdpa, causal_mask
 
 
 @dataclass
@@ -65,7 +66,6 @@ class PackedInputs:
     top_p: torch.Tensor        # [R] float32
     seed: torch.Tensor         # [R] int64
     sample: torch.Tensor       # [R] int64: 1 = sample the next token
-    max_end: torch.Tensor      # [1] int64: the largest start + len (positions bound of learned embeddings)
 
 
 def pack_chunks(chunks: Sequence[PrefillChunk], block_size: int) -> PackedInputs:
@@ -99,8 +99,7 @@ def pack_chunks(chunks: Sequence[PrefillChunk], block_size: int) -> PackedInputs
         key_seq=t(kseq) if gather else empty, key_pos=t(kpos) if gather else empty, last=t(last),
         temperature=t([float(c.temperature) for c in chunks], torch.float32), top_k=t([c.top_k for c in chunks]),
         top_p=t([float(c.top_p) for c in chunks], torch.float32), seed=t([c.seed for c in chunks]),
-        sample=t([1 if c.sample else 0 for c in chunks]),
-        max_end=t([max(c.start + len(c.tokens) for c in chunks)]))
+        sample=t([1 if c.sample else 0 for c in chunks]))
 
 
 class _PackedLayer:
@@ -110,21 +109,38 @@ class _PackedLayer:
     def update(self, k, v):
         return self.view.update(self.layer, k, v)
 
+    def attend(self, q, k, v, scale: float):
+        return self.view.attend(self.layer, q, k, v, scale)
+
     def mamba_state(self, kernel: int):
         raise ValueError("a Mamba layer cannot prefill packed sequences (its scan does not restart per sequence); "
                          "prefill hybrid Mamba models one sequence at a time (ModelRunner.prefill)")
 
 
-class PackedView:
-    """The cache interface (``megacore.inference.cache``) over a ``PackedInputs`` (device tensors)."""
+def segments(inp: PackedInputs) -> list:
+    """Per chunk, on the host: (first token index, end token index, start position, first key index)."""
+    last, pos = inp.last.tolist(), inp.pos.tolist()
+    out, a, ka = [], 0, 0
+    for b in (x + 1 for x in last):
+        start = pos[a]
+        out.append((a, b, start, ka))
+        ka += start + b - a
+        a = b
+    return out
 
-    def __init__(self, store, inp: PackedInputs, host_max_end: int):
-        self.store, self.inp = store, inp
+
+class PackedView:
+    """The cache interface (``megacore.inference.cache``) over a ``PackedInputs`` (device tensors);
+    ``segs``: ``segments(inp)`` of the host copy (so that the forward reads nothing back)."""
+
+    def __init__(self, store, inp: PackedInputs, segs: list):
+        self.store, self.inp, self.segs = store, inp, segs
         self.new = inp.ids.shape[1]
         # GPTModel checks ``length + new`` against seq_length for learned positions: the packed row is
         # not one sequence, its furthest position is what must fit.
-        self.length = host_max_end - self.new
+        self.length = max(start + b - a for a, b, start, _ in segs) - self.new
         self._gather = inp.key_block.numel() > 0
+        self._window = None
 
     def check_room(self, new_tokens: int, batch: int) -> None:
         if batch != 1 or new_tokens != self.new:
@@ -134,6 +150,7 @@ class PackedView:
         return self.inp.pos[None, :]
 
     def attention_mask(self, new_tokens: int, device, sliding_window=None) -> torch.Tensor:
+        self._window = sliding_window
         inp = self.inp
         kseq, kpos = (inp.key_seq, inp.key_pos) if self._gather else (inp.seq, inp.pos)
         mask = (inp.seq[:, None] == kseq[None, :]) & causal_mask(inp.pos, kpos, sliding_window)
@@ -145,10 +162,37 @@ class PackedView:
     def advance(self, new_tokens: int) -> None:
         pass
 
-    def update(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor):
+    def _write(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor) -> None:
         k_pool, v_pool = self.store.k[layer], self.store.v[layer]
         k_pool[self.inp.block, self.inp.offset] = k_BS[0].to(k_pool.dtype)
         v_pool[self.inp.block, self.inp.offset] = v_BS[0].to(v_pool.dtype)
+
+    def attend(self, layer: int, q_BSHD: torch.Tensor, k_BS: torch.Tensor, v_BS: torch.Tensor, scale: float):
+        """Grouped-query attention, one SDPA per chunk over its own keys: the causal fast path for a
+        chunk from position 0, its gathered blocks and a mask otherwise. (The one masked SDPA over
+        the whole row that ``update`` + the mask give would cost T x K scores instead of the sum of
+        each chunk's.)"""
+        self._write(layer, k_BS, v_BS)
+        k_pool, v_pool = self.store.k[layer], self.store.v[layer]
+        outs = []
+        for a, b, start, ka in self.segs:
+            q = q_BSHD[:, a:b]
+            if start == 0:
+                k, v = k_BS[:, a:b], v_BS[:, a:b]
+                mask = None
+                if self._window is not None:
+                    p = torch.arange(b - a, device=q.device)
+                    mask = causal_mask(p, p, self._window)[None, None]
+            else:
+                kb, ko = self.inp.key_block[ka:ka + start + b - a], self.inp.key_offset[ka:ka + start + b - a]
+                k, v = k_pool[kb, ko][None].to(k_BS.dtype), v_pool[kb, ko][None].to(v_BS.dtype)
+                mask = causal_mask(self.inp.pos[a:b], torch.arange(start + b - a, device=q.device), self._window)[None, None]
+            outs.append(attention_sdpa(q, k, v, mask, scale))
+        return torch.cat(outs, dim=1)
+
+    def update(self, layer: int, k_BS: torch.Tensor, v_BS: torch.Tensor):
+        self._write(layer, k_BS, v_BS)
+        k_pool, v_pool = self.store.k[layer], self.store.v[layer]
         if not self._gather:
             return k_BS, v_BS
         return k_pool[self.inp.key_block, self.inp.key_offset][None], v_pool[self.inp.key_block, self.inp.key_offset][None]

@@ -43,7 +43,7 @@ import torch
 
 from megacore.inference.cache import CacheBatch, KVStore
 from megacore.inference.device_sampling import sample_tokens
-from megacore.inference.packed import PackedInputs, PackedView
+from megacore.inference.packed import PackedInputs, PackedView, segments
 
 
 @dataclass
@@ -142,9 +142,9 @@ class ModelRunner:
         """Several sequences' next chunks in one forward (``megacore.inference.packed``); the next token
         of each [R] (on the device; meaningful where ``sample``), or None when none samples."""
         sample = bool(inp.sample.any())
-        max_end = int(inp.max_end[0])
+        segs = segments(inp)
         inp = _to(inp, self.device)
-        logits = self.model(inp.ids, kv_cache=PackedView(self.store, inp, max_end))[0, inp.last]
+        logits = self.model(inp.ids, kv_cache=PackedView(self.store, inp, segs))[0, inp.last]
         if not sample:
             return None
         position = inp.pos[inp.last] + 1

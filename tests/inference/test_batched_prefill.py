@@ -8,7 +8,7 @@ import torch
 
 from megacore.inference.cache import KVStore, probe_cache_shapes
 from megacore.inference.engine import Engine, SamplingParams
-from megacore.inference.packed import PackedView, PrefillChunk, pack_chunks
+from megacore.inference.packed import PackedView, PrefillChunk, pack_chunks, segments
 from tests.inference.test_engine import alone, prompts, tiny
 
 PACKABLE = {"gqa": {}, "mla": {}, "swa": dict(sliding_window=5), "learned": dict(position_embedding="learned")}
@@ -34,7 +34,7 @@ def test_packed_chunks_give_the_full_forward_logits(name):
         for call in calls:
             chunks = [PrefillChunk(ids[r, a:b].tolist(), a, tables[r]) for r, a, b in call]
             inp = pack_chunks(chunks, 3)
-            got = model(inp.ids, kv_cache=PackedView(store, inp, int(inp.max_end[0])))[0]
+            got = model(inp.ids, kv_cache=PackedView(store, inp, segments(inp)))[0]
             at = 0
             for r, a, b in call:
                 assert b <= lengths[r]
