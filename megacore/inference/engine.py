@@ -298,6 +298,11 @@ class Engine:
         return True
 
     def _release(self, req: Request) -> None:
+        # With prefix caching, what the request computed stays matchable after it lets go: its prompt
+        # and generated tokens (a chat's next turn starts with them; a preempted request resumes on
+        # them). Positions 0..cached-1 hold those tokens' keys; full blocks only (BlockPool.register).
+        if req.blocks:
+            self.blocks.register((req.prompt + req.token_ids)[:req.cached], req.blocks)
         self.blocks.release(req.blocks)
         req.blocks = []
         if req.slot is not None:

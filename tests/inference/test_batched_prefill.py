@@ -8,6 +8,7 @@ import torch
 
 from megacore.inference.cache import KVStore, probe_cache_shapes
 from megacore.inference.engine import Engine, SamplingParams
+from megacore.inference.sampling import generate
 from megacore.inference.packed import PackedView, PrefillChunk, pack_chunks, segments
 from tests.inference.test_engine import alone, prompts, tiny
 
@@ -58,16 +59,17 @@ def _run_staggered(engine, ps):
     return reqs
 
 
-@pytest.mark.parametrize("name,budget", [("gqa", 64), ("gqa", 5), ("mla", 7), ("swa", 64),
-                                         ("learned", 64)])
-def test_mixed_batch_each_request_gets_its_tokens_alone(name, budget):
+@pytest.mark.parametrize("name,budget,caching", [("gqa", 64, False), ("gqa", 5, False), ("mla", 7, False),
+                                                 ("swa", 64, False), ("learned", 64, False), ("gqa", 64, True)])
+def test_mixed_batch_each_request_gets_its_tokens_alone(name, budget, caching):
     """Mixed prompt lengths, staggered arrivals, greedy and seeded sampling, a pool small enough to
     preempt; the prefill budget packs several prompts per forward (64) or splits one prompt over
-    several (5, 7 tokens: smaller than most prompts)."""
+    several (5, 7 tokens: smaller than most prompts). With prefix caching, preempted requests resume
+    on the blocks they had computed."""
     model = model_for(name)
     ps = prompts((3, 11, 6, 14, 2, 9, 5), seed=7)
     engine = Engine(model, max_batch=4, max_length=32, block_size=4, num_blocks=14, decode_steps=3,
-                    max_prefill_tokens=budget)
+                    max_prefill_tokens=budget, prefix_caching=caching)
     assert engine.packed
     reqs = _run_staggered(engine, ps)
     for i, (r, p) in enumerate(zip(reqs, ps)):
@@ -80,6 +82,8 @@ def test_mixed_batch_each_request_gets_its_tokens_alone(name, budget):
     else:              # a prompt longer than the budget took several
         assert engine.prefill_calls > len(ps)
     assert sorted(engine.free_blocks) == list(range(1, 14)) and sorted(engine.free_slots) == [0, 1, 2, 3]
+    if caching:
+        assert engine.preemptions > 0 and engine.blocks.hits > 0
 
 
 def test_hybrid_mamba_prefills_one_request_at_a_time_and_still_equals_alone():
@@ -157,3 +161,31 @@ def test_a_pack_longer_than_the_learned_position_table_is_fine():
     engine = Engine(model, max_batch=4, block_size=4, decode_steps=4)
     assert engine.generate(ps, SamplingParams(max_new_tokens=5)) == [alone(model, p, 5) for p in ps]
     assert engine.prefill_calls == 1
+
+
+def test_prefix_cache_keeps_a_finished_requests_generated_tokens_for_the_next_turn():
+    """A chat's next turn repeats the previous prompt and answer: the blocks holding the answer's
+    tokens are reused too (not only the prompt's)."""
+    model = tiny("gqa")
+    p1 = prompts((10,), seed=14)[0]
+    engine = Engine(model, max_batch=2, block_size=4, decode_steps=4, prefix_caching=True)
+    answer = engine.generate([p1], SamplingParams(max_new_tokens=9))[0]
+    p2 = p1 + answer + [5, 6, 7]
+    before = engine.prefill_tokens
+    again = engine.generate([p2], SamplingParams(max_new_tokens=5))[0]
+    cached = len(p1) + len(answer) - 1          # the last answer token was never fed back
+    assert engine.prefill_tokens - before == len(p2) - cached // 4 * 4
+    assert again == alone(model, p2, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gqa", "mla"])
+def test_packed_and_chunked_prefill_on_cuda_equal_the_full_forward(name):
+    model = tiny(name).float().cuda()
+    ps = prompts((3, 11, 6, 14, 2, 9, 5), seed=15)
+    for budget in (64, 5):
+        engine = Engine(model, max_batch=4, max_length=32, block_size=4, decode_steps=3, max_prefill_tokens=budget,
+                        prefix_caching=True)
+        got = engine.generate(ps + ps[:2], SamplingParams(max_new_tokens=8))
+        want = [generate(model, torch.tensor(p, device="cuda"), 8, use_cache=False)[len(p):].tolist() for p in ps + ps[:2]]
+        assert got == want, (name, budget)
