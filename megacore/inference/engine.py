@@ -21,15 +21,16 @@ may be called from any thread; ``max_queue`` bounds the requests waiting for a s
 prefill them in one forward, packed (``megacore.inference.packed``: at most ``max_prefill_tokens``
 new tokens per step, a longer prompt split into chunks over several steps, continued first at the
 next step), each sampling its first token when its whole prompt is in; then decode every running
-request for up to ``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization per call), stream
-the new tokens, and free the slot and blocks of each finished request at once, so that a waiting
+request for up to ``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization
+per call), stream the new tokens, and free the slot and blocks of each finished request at once, so that a waiting
 request takes its place at the next step (continuous batching).
 
 Models with Mamba layers (their scan does not restart per sequence) and runners without
 ``prefill_packed`` (tensor- and pipeline-parallel serving) prefill one whole prompt per forward
 instead (``packed_prefill``: None = pack when possible). ``prefix_caching=True`` (packed models
-only) reuses the blocks of a prompt's leading full blocks already computed for an earlier prompt
-with the same tokens (``megacore.inference.blocks``); the request then prefills only the rest.
+only): a prompt's leading full blocks whose tokens an earlier request already computed (its prompt,
+or its prompt and answer) are shared, refcounted (``megacore.inference.blocks``); the request then
+prefills only the rest.
 ``prefill_tokens`` / ``prefill_calls`` count the tokens and forwards prefills computed.
 
 **Memory** is a ``megacore.inference.cache.KVStore`` of ``num_blocks`` blocks of ``block_size``
