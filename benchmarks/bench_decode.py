@@ -18,7 +18,8 @@ ffn 5632, vocab 32000, untied), random, in bf16. Rows:
 * **engine, N requests**: ``--requests`` concurrent requests of mixed prompt lengths (uniform in
   [32, 512]) and ``max_new_tokens`` (uniform in [64, 256]), all submitted at once, greedy, ignoring
   eos: generated tokens / wall time (after one untimed run of the same work: graph captures). The
-  ``(gather)`` row runs the same work with the paged decode kernel off (blocks gathered, then SDPA).
+  ``(gather)`` row runs the same work with the paged decode kernel off (blocks gathered, then SDPA);
+  the ``(1 prefill/fwd)`` row with each prompt prefilled alone instead of packed (``packed_prefill=False``).
 
 Decode rates are (T(n) - T(1)) / (n - 1) over two runs that differ only in the number of new tokens,
 so the prefill is not counted. The greedy tokens of the graphed path are compared with eager and
@@ -103,7 +104,7 @@ def hf_twin(model: GPTModel, dtype: torch.dtype, device):
 
 
 def engine_throughput(model, requests: int, max_length: int, seed: int, low_high,
-                      paged_kernel=None) -> tuple[float, int, int]:
+                      paged_kernel=None, packed_prefill=None) -> tuple[float, int, int, int]:
     from megacore.inference.engine import Engine, SamplingParams, build_runner
 
     rng = random.Random(seed)
@@ -111,7 +112,8 @@ def engine_throughput(model, requests: int, max_length: int, seed: int, low_high
     work = [([rng.randrange(model.config.vocab_size) for _ in range(rng.randint(p_lo, p_hi))], rng.randint(n_lo, n_hi))
             for _ in range(requests)]
     runner = build_runner(model, requests, max_length, block_size=16, paged_kernel=paged_kernel)
-    engine = Engine(model, max_batch=requests, max_length=max_length, block_size=16, decode_steps=8, runner=runner)
+    engine = Engine(model, max_batch=requests, max_length=max_length, block_size=16, decode_steps=8, runner=runner,
+                    packed_prefill=packed_prefill)
     device = next(model.parameters()).device
 
     def run():
@@ -122,9 +124,10 @@ def engine_throughput(model, requests: int, max_length: int, seed: int, low_high
     run()  # captures every (batch, key-length) graph the timed run meets
     sync(device)
     t = time.perf_counter()
+    calls = engine.prefill_calls
     tokens = run()
     sync(device)
-    return tokens / (time.perf_counter() - t), tokens, engine.preemptions
+    return tokens / (time.perf_counter() - t), tokens, engine.preemptions, engine.prefill_calls - calls
 
 
 def main(argv=None) -> dict:
@@ -194,20 +197,25 @@ def main(argv=None) -> dict:
             rows.append(("transformers generate", rate))
             tokens["transformers"] = out[0, args.prompt_len:].tolist()
             del hf
-    rate, total, preempted = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
+    rate, total, preempted, prefills = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
                                                low_high=spans)
     rows.append((f"engine, {args.requests} requests", rate))
     if device.type == "cuda":  # the same work reading the blocks through a gather + SDPA instead of the kernel
-        gathered, _, _ = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
-                                           low_high=spans, paged_kernel=False)
+        gathered, _, _, _ = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024), seed=2,
+                                              low_high=spans, paged_kernel=False)
         rows.append((f"engine, {args.requests} req. (gather)", gathered))
+    # the same work prefilling one request per forward (what packed prefill saves)
+    alone, _, _, prefills_alone = engine_throughput(model, args.requests, max_length=min(cfg["seq_length"], 1024),
+                                                    seed=2, low_high=spans, packed_prefill=False)
+    rows.append((f"engine, {args.requests} req. (1 prefill/fwd)", alone))
 
     print(f"\n{'path':<28}{'tokens/s':>12}{'of limit':>10}   (weights read per token: {read_bytes / 1e9:.2f} GB, "
           f"{args.hbm_tbps} TB/s)")
     for name, r in rows:
         print(f"{name:<28}{r:>12.1f}{r / limit:>10.1%}")
-    print(f"engine, {args.requests} requests: {total} tokens generated, {preempted} preemptions (throughput; the "
-          "limit column compares with batch-1 reading)")
+    print(f"engine, {args.requests} requests: {total} tokens generated, {preempted} preemptions, {prefills} prefill "
+          f"forwards packed ({prefills_alone} one request at a time) (throughput; the limit column compares with "
+          "batch-1 reading)")
     ref = tokens["graphed"]
     for name in ("eager", "old", "transformers"):
         if name in tokens:
@@ -215,7 +223,8 @@ def main(argv=None) -> dict:
                   f"{min(len(ref), len(tokens[name]))} equal")
     result = {"rows": {n: r for n, r in rows}, "weights_read_bytes": read_bytes, "hbm_tbps": args.hbm_tbps,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "tiny": args.tiny,
-              "engine_tokens": total, "engine_preemptions": preempted}
+              "engine_tokens": total, "engine_preemptions": preempted, "engine_prefill_forwards": prefills,
+              "engine_prefill_forwards_alone": prefills_alone}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

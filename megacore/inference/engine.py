@@ -17,11 +17,21 @@ or ``"error"``.
 **Scheduling** (one ``step``): take in new requests and cancellations (``add_request`` / ``cancel``
 may be called from any thread; ``max_queue`` bounds the requests waiting for a slot, beyond it
 ``add_request`` raises ``QueueFull``); admit waiting requests, oldest first, while a slot (at most
-``max_batch`` sequences decode together) and the blocks for the prompt are free: each admitted
-request is prefilled alone and samples its first token; then decode every running request for up to
-``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization per call), stream
-the new tokens, and free the slot and blocks of each finished request at once, so that a waiting
+``max_batch`` sequences decode together), the blocks for the prompt and the prefill budget allow;
+prefill them in one forward, packed (``megacore.inference.packed``: at most ``max_prefill_tokens``
+new tokens per step, a longer prompt split into chunks over several steps, continued first at the
+next step), each sampling its first token when its whole prompt is in; then decode every running
+request for up to ``decode_steps`` tokens (``megacore.inference.runner``: one host synchronization
+per call), stream the new tokens, and free the slot and blocks of each finished request at once, so that a waiting
 request takes its place at the next step (continuous batching).
+
+Models with Mamba layers (their scan does not restart per sequence) and runners without
+``prefill_packed`` (tensor- and pipeline-parallel serving) prefill one whole prompt per forward
+instead (``packed_prefill``: None = pack when possible). ``prefix_caching=True`` (packed models
+only): a prompt's leading full blocks whose tokens an earlier request already computed (its prompt,
+or its prompt and answer) are shared, refcounted (``megacore.inference.blocks``); the request then
+prefills only the rest.
+``prefill_tokens`` / ``prefill_calls`` count the tokens and forwards prefills computed.
 
 **Memory** is a ``megacore.inference.cache.KVStore`` of ``num_blocks`` blocks of ``block_size``
 positions. A request holds blocks for the positions it has written, plus the next
@@ -47,7 +57,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from megacore.inference.blocks import BlockPool
 from megacore.inference.cache import KVStore, probe_cache_shapes
+from megacore.inference.packed import PrefillChunk, pack_chunks
 from megacore.inference.runner import DecodeInputs, ModelRunner, PrefillInputs, bucket
 from megacore.inference.text import TextStream
 
@@ -105,6 +117,8 @@ class Request:
     slot: Optional[int] = None
     blocks: list = field(default_factory=list)
     cached: int = 0                                      # positions in the cache
+    context: list = field(default_factory=list)          # what the prefill feeds (prompt, + tokens when resumed)
+    resumed: bool = False                                # preempted: refill, sample nothing
     max_new: int = 0                                     # max_new_tokens cut to max_length
     stops: frozenset = frozenset()
     stream: Optional[TextStream] = None
@@ -139,12 +153,15 @@ class Engine:
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_length: Optional[int] = None,
                  block_size: int = 16, num_blocks: Optional[int] = None, eos_ids: Iterable[int] = (),
                  tokenizer=None, max_queue: Optional[int] = None, decode_steps: int = 8,
-                 use_graphs: Optional[bool] = None, runner: Optional[ModelRunner] = None):
+                 use_graphs: Optional[bool] = None, runner: Optional[ModelRunner] = None,
+                 max_prefill_tokens: int = 4096, prefix_caching: bool = False,
+                 packed_prefill: Optional[bool] = None):
         if runner is None and not getattr(model, "supports_kv_cache", False):
             raise ValueError("the engine decodes with a whole GPTModel and a KV cache (not a context- or sequence-"
                              "parallel model; a pipeline stage needs the runner of megacore.inference.pipeline)")
-        if max_batch < 1 or block_size < 1 or decode_steps < 1:
-            raise ValueError(f"max_batch={max_batch}, block_size={block_size}, decode_steps={decode_steps} must be >= 1")
+        if max_batch < 1 or block_size < 1 or decode_steps < 1 or max_prefill_tokens < 1:
+            raise ValueError(f"max_batch={max_batch}, block_size={block_size}, decode_steps={decode_steps}, "
+                             f"max_prefill_tokens={max_prefill_tokens} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.vocab_size = model.config.vocab_size
         self.max_batch, self.decode_steps, self.max_queue = max_batch, decode_steps, max_queue
@@ -157,7 +174,18 @@ class Engine:
         if self.store.num_slots < max_batch:
             raise ValueError(f"the runner's store has {self.store.num_slots} slots, fewer than max_batch={max_batch}")
         self.block_size, self.blocks_per_seq = self.store.block_size, per_seq
-        self.free_blocks = list(range(self.store.num_blocks - 1, 0, -1))   # block 0: scratch
+        # Packed (batched, chunked) prefill needs the runner's prefill_packed and no Mamba layer (their
+        # scan does not restart per sequence); otherwise each request is prefilled alone, whole.
+        can_pack = callable(getattr(self.runner, "prefill_packed", None)) and not self.store.shapes.mamba
+        if packed_prefill and not can_pack:
+            raise ValueError("packed_prefill=True needs a ModelRunner (not a tensor- or pipeline-parallel one) and a "
+                             "model without Mamba layers; pass packed_prefill=None to prefill one request at a time")
+        self.packed = can_pack if packed_prefill is None else bool(packed_prefill)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.blocks = BlockPool(self.store.num_blocks, self.block_size, prefix_caching and self.packed)
+        self.prefilling: list[Request] = []    # admitted, prompt not yet all in the cache (chunked prefill)
+        self.prefill_tokens = 0                # stats: tokens computed by prefill forwards, and those forwards
+        self.prefill_calls = 0
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -168,6 +196,11 @@ class Engine:
         self._ids = itertools.count()
         self._order = itertools.count()
         self.preemptions = 0
+
+    @property
+    def free_blocks(self) -> list:
+        """Blocks no request holds (free, or cached prefixes nobody uses)."""
+        return self.blocks.unheld()
 
     # ------------------------------------------------------------------ any thread
     def add_request(self, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
@@ -214,7 +247,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine's thread
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or not self._inbox.empty())
+        return bool(self.running or self.prefilling or self.waiting or not self._inbox.empty())
 
     def step(self) -> bool:
         """Take in requests, admit, decode; True while requests remain."""
@@ -238,7 +271,7 @@ class Engine:
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         self._drain_inbox()
-        for r in list(self.waiting) + list(self.running):
+        for r in list(self.waiting) + list(self.prefilling) + list(self.running):
             self._finish(r, reason, [])
 
     def _drain_inbox(self) -> None:
@@ -250,7 +283,7 @@ class Engine:
             if kind == "add":
                 self.waiting.append(item)
                 continue
-            for r in self.waiting + self.running:
+            for r in self.waiting + self.prefilling + self.running:
                 if r.id == item:
                     self._finish(r, "cancelled", [])
 
@@ -259,14 +292,19 @@ class Engine:
 
     def _take_blocks(self, req: Request, positions: int) -> bool:
         need = min(self._blocks_for(positions), self.blocks_per_seq) - len(req.blocks)
-        if need > len(self.free_blocks):
+        if need > self.blocks.available():
             return False
         for _ in range(max(need, 0)):
-            req.blocks.append(self.free_blocks.pop())
+            req.blocks.append(self.blocks.take())
         return True
 
     def _release(self, req: Request) -> None:
-        self.free_blocks.extend(reversed(req.blocks))
+        # With prefix caching, what the request computed stays matchable after it lets go: its prompt
+        # and generated tokens (a chat's next turn starts with them; a preempted request resumes on
+        # them). Positions 0..cached-1 hold those tokens' keys; full blocks only (BlockPool.register).
+        if req.blocks:
+            self.blocks.register((req.prompt + req.token_ids)[:req.cached], req.blocks)
+        self.blocks.release(req.blocks)
         req.blocks = []
         if req.slot is not None:
             self.free_slots.append(req.slot)
@@ -279,30 +317,77 @@ class Engine:
         return table
 
     def _admit(self) -> None:
-        while self.waiting and self.free_slots:
+        """Continue chunked prefills, then admit waiting requests (oldest first) while a slot, their blocks
+        and the prefill token budget allow; prefill them all in one packed forward (or one by one)."""
+        budget = self.max_prefill_tokens if self.packed else None
+        chunks = []
+        for req in self.prefilling:
+            if budget <= 0:
+                break
+            n = min(len(req.context) - req.cached, budget)
+            chunks.append((req, n))
+            budget -= n
+        while self.waiting and self.free_slots and (budget is None or budget > 0):
             req = self.waiting[0]
-            resumed = bool(req.token_ids)   # preempted: refill prompt + what it produced, sample nothing
-            context = req.prompt + req.token_ids[:-1] if resumed else req.prompt
-            reserve = len(self.running)  # leave a block for each running request to grow into
-            if self._blocks_for(len(context) + 1) + reserve > len(self.free_blocks) and self.running:
-                return
+            context = req.prompt + req.token_ids[:-1] if req.token_ids else req.prompt
+            reserve = len(self.running) + len(self.prefilling)  # a block for each admitted request to grow into
+            if self._blocks_for(len(context) + 1) + reserve > self.blocks.available() and (self.running or self.prefilling):
+                break
+            req.blocks = self.blocks.match(context, (len(context) - 1) // self.block_size)
+            hit = len(req.blocks) * self.block_size   # positions whose keys a cached prefix holds
             if not self._take_blocks(req, len(context) + 1):
-                return
+                self._release(req)
+                break
             self.waiting.pop(0)
+            req.resumed, req.context = bool(req.token_ids), context
             with self._lock:
-                if not resumed:
+                if not req.resumed:
                     self._queued -= 1
-            req.slot, req.order, req.cached = self.free_slots.pop(), next(self._order), len(context)
-            p = req.params
-            ids = torch.tensor([context], dtype=torch.int64)
-            first = self.runner.prefill(PrefillInputs(
-                ids=ids, slot=torch.tensor([req.slot]), table=self._table([req], len(req.blocks)),
-                temperature=torch.tensor([float(p.temperature)]), top_k=torch.tensor([p.top_k]),
-                top_p=torch.tensor([float(p.top_p)]), seed=torch.tensor([p.seed]),
-                sample=torch.tensor([0 if resumed else 1])))
+            req.slot, req.order, req.cached = self.free_slots.pop(), next(self._order), hit
+            if budget is None:
+                self._prefill_alone(req)
+                continue
+            self.prefilling.append(req)
+            n = min(len(context) - req.cached, budget)
+            chunks.append((req, n))
+            budget -= n
+        if chunks:
+            self._prefill_packed(chunks)
+
+    def _prefill_alone(self, req: Request) -> None:
+        p = req.params
+        first = self.runner.prefill(PrefillInputs(
+            ids=torch.tensor([req.context], dtype=torch.int64), slot=torch.tensor([req.slot]),
+            table=self._table([req], len(req.blocks)), temperature=torch.tensor([float(p.temperature)]),
+            top_k=torch.tensor([p.top_k]), top_p=torch.tensor([float(p.top_p)]), seed=torch.tensor([p.seed]),
+            sample=torch.tensor([0 if req.resumed else 1])))
+        self.prefill_tokens += len(req.context)
+        self.prefill_calls += 1
+        req.cached = len(req.context)
+        self.running.append(req)
+        if not req.resumed:
+            self._accept(req, [int(first[0])])
+
+    def _prefill_packed(self, chunks: list) -> None:
+        packed = []
+        for req, n in chunks:
+            p, last = req.params, req.cached + n == len(req.context)
+            packed.append(PrefillChunk(req.context[req.cached:req.cached + n], req.cached, req.blocks,
+                                       float(p.temperature), p.top_k, float(p.top_p), p.seed,
+                                       sample=last and not req.resumed))
+        first = self.runner.prefill_packed(pack_chunks(packed, self.block_size))
+        first = first.tolist() if first is not None else [None] * len(chunks)
+        self.prefill_tokens += sum(n for _, n in chunks)
+        self.prefill_calls += 1
+        for (req, n), token in zip(chunks, first):
+            req.cached += n
+            if req.cached < len(req.context):
+                continue
+            self.prefilling.remove(req)
+            self.blocks.register(req.context, req.blocks)
             self.running.append(req)
-            if not resumed:
-                self._accept(req, [int(first[0])])
+            if not req.resumed:
+                self._accept(req, [int(token)])
 
     def _preempt_latest(self) -> None:
         victim = max(self.running, key=lambda r: r.order)
@@ -380,6 +465,8 @@ class Engine:
     def _finish(self, req: Request, reason: str, tokens: list, text: str = "") -> None:
         if req in self.running:
             self.running.remove(req)
+        if req in self.prefilling:
+            self.prefilling.remove(req)
         if req in self.waiting:
             self.waiting.remove(req)
             if not req.token_ids:

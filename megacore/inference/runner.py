@@ -1,12 +1,15 @@
-"""The model side of the engine: prefill one sequence, decode a batch for a few steps, on the device.
+"""The model side of the engine: prefill sequences, decode a batch for a few steps, on the device.
 
     runner = ModelRunner(model, store, use_graphs=None)        # graphs: see GPU_PATHS_BY_DEFAULT
     first = runner.prefill(PrefillInputs(...))                 # [1] first new token (or nothing)
+    firsts = runner.prefill_packed(pack_chunks(chunks, bs))    # [R]: several sequences in one forward
     ring = runner.decode(DecodeInputs(...), steps=8)           # [B, 8] tokens, -1 once a row is done
 
 **Prefill** runs the prompt through the model at once (``CacheBatch(fresh=True)``: SDPA's causal
 kernel over the new keys), writes every position's keys/values (or latents, or the Mamba state)
-into the sequence's blocks and samples the first token from the last position.
+into the sequence's blocks and samples the first token from the last position. ``prefill_packed``
+does the same for several sequences (or later chunks of them) packed into one row, each attending
+only to its own positions (``megacore.inference.packed``); not for Mamba layers.
 
 **Decode** advances every row of a batch by one token per step. A step is pure device work on
 tensors that live across steps (``DecodeInputs`` on the device): embed the rows' last tokens at
@@ -40,6 +43,7 @@ import torch
 
 from megacore.inference.cache import CacheBatch, KVStore
 from megacore.inference.device_sampling import sample_tokens
+from megacore.inference.packed import PackedInputs, PackedView, segments
 
 
 @dataclass
@@ -131,6 +135,19 @@ class ModelRunner:
         if not sample:
             return None
         position = torch.full_like(inp.slot, s)
+        return sample_tokens(logits, inp.temperature, inp.top_k, inp.top_p, inp.seed, position)
+
+    @torch.no_grad()
+    def prefill_packed(self, inp: PackedInputs) -> Optional[torch.Tensor]:
+        """Several sequences' next chunks in one forward (``megacore.inference.packed``); the next token
+        of each [R] (on the device; meaningful where ``sample``), or None when none samples."""
+        sample = bool(inp.sample.any())
+        segs = segments(inp)
+        inp = _to(inp, self.device)
+        logits = self.model(inp.ids, kv_cache=PackedView(self.store, inp, segs))[0, inp.last]
+        if not sample:
+            return None
+        position = inp.pos[inp.last] + 1
         return sample_tokens(logits, inp.temperature, inp.top_k, inp.top_p, inp.seed, position)
 
     # ------------------------------------------------------------------ decode

@@ -20,5 +20,6 @@ def test_bench_decode_runs_tiny(tmp_path, capsys):
     assert {"bandwidth limit", "old generate", "transformers generate", "engine, 1 request"} <= names
     assert all(rate > 0 for rate in result["rows"].values())
     assert result["engine_tokens"] > 0 and (tmp_path / "out.json").is_file()
+    assert result["engine_prefill_forwards"] < result["engine_prefill_forwards_alone"]   # prompts were packed
     # fp32 on the CPU: every path continues the prompt with the same greedy tokens
     assert "graphed vs old: first 6 of 6 equal" in out and "graphed vs transformers: first 12 of 12 equal" in out
