@@ -75,7 +75,7 @@ def _prepare(args) -> Setup:
     from megacore.inference.generate import LoadedModel, _device, find_tokenizer, load_model
     from megacore.precision.mixed import DTYPES
 
-    for name in ("max_batch", "max_queue", "block_size", "decode_steps", "tp", "pp"):
+    for name in ("max_batch", "max_queue", "block_size", "decode_steps", "max_prefill_tokens", "tp", "pp"):
         if getattr(args, name) < 1:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -156,7 +156,8 @@ def _leader(args, loaded, run_cfg, model, runner, max_length: int, world: int) -
         broadcast = BroadcastRunner(runner)
     engine = Engine(model, max_batch=args.max_batch, max_length=max_length, block_size=args.block_size,
                     eos_ids=eos, tokenizer=tokenizer, max_queue=args.max_queue, decode_steps=args.decode_steps,
-                    runner=broadcast or runner)
+                    runner=broadcast or runner, max_prefill_tokens=args.max_prefill_tokens,
+                    prefix_caching=args.prefix_caching)
     dirs = list(loaded.tokenizer_dirs)
     if args.tokenizer:
         path = Path(args.tokenizer)

@@ -3,6 +3,7 @@
     megacore serve --model DIR_OR_CHECKPOINT [--host 127.0.0.1] [--port 8000] [--max-batch 8]
         [--max-queue 64] [--max-length N] [--block-size 16] [--num-blocks N] [--decode-steps 8]
         [--tokenizer PATH] [--config CONFIG.yaml] [--dtype bf16] [--device auto] [--no-graphs]
+        [--max-prefill-tokens 4096] [--prefix-caching]
         [--served-model-name NAME] [--shutdown-grace-s 30]
     torchrun --nproc-per-node 2 -m megacore serve --model CKPT_DIR --tp 2      (tensor parallel)
     torchrun --nproc-per-node 2 -m megacore serve --model CKPT_DIR --pp 2      (pipeline parallel)
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV-cache blocks (default: max-batch full-length sequences)")
     p.add_argument("--decode-steps", type=int, default=8, help="tokens decoded per host synchronization")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens per prefill forward (newly admitted prompts are packed; longer ones split)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="reuse the KV blocks of prompt prefixes seen before (not for Mamba layers)")
     p.add_argument("--tokenizer", help="tokenizer.json, a folder holding one, or a sentencepiece .model")
     p.add_argument("--config", help="run config YAML (checkpoints without a recorded model config; the tokenizer)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: as stored)")

@@ -281,6 +281,8 @@ def test_cli_refuses_bad_setups_with_one_line(hf_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["--model", str(hf_dir), "--device", "cpu", "--max-length", "4096"]) == 2
     assert "--max-length 4096 must be in [2, 48]" in capsys.readouterr().err
+    assert main(["--model", str(hf_dir), "--device", "cpu", "--max-prefill-tokens", "0"]) == 2
+    assert "--max-prefill-tokens must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_chat_template_fallback_and_errors(tmp_path):
