@@ -32,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from megacore.inference.cache import _LayerView
 from megacore.layers.attention import attention_sdpa, causal_mask
 
 
@@ -102,15 +103,8 @@ def pack_chunks(chunks: Sequence[PrefillChunk], block_size: int) -> PackedInputs
         sample=t([1 if c.sample else 0 for c in chunks]))
 
 
-class _PackedLayer:
-    def __init__(self, view: "PackedView", layer: int):
-        self.view, self.layer = view, layer
-
-    def update(self, k, v):
-        return self.view.update(self.layer, k, v)
-
-    def attend(self, q, k, v, scale: float):
-        return self.view.attend(self.layer, q, k, v, scale)
+class _PackedLayer(_LayerView):
+    """One layer's view of a packed prefill: the paged view's ``update``/``attend``, no Mamba state."""
 
     def mamba_state(self, kernel: int):
         raise ValueError("a Mamba layer cannot prefill packed sequences (its scan does not restart per sequence); "

@@ -10,25 +10,15 @@ from megacore.inference.engine import Engine
 from megacore.inference.sampling import generate
 from megacore.models import GPTModel
 from tests.dist.harness import run_distributed
-from tests.inference.test_serve_tp import CONFIG, PARAMS, PROMPTS, _serve
+from tests.inference.test_serve_tp import CONFIG, PARAMS, PROMPTS, _serve, serve_rank
 
 
 def _pp_worker(rank, world_size, path):
-    from megacore.inference import serve_setup
-    from megacore.inference.server import build_parser
+    def staged(setup, rank):
+        stage = setup.runner.model
+        assert (stage.pre_process, stage.post_process) == (rank == 0, rank == world_size - 1)
 
-    args = build_parser().parse_args(["--model", path, "--pp", str(world_size), "--device", "cpu", "--max-batch", "2",
-                                      "--block-size", "4", "--num-blocks", "13", "--decode-steps", "3"])
-    setup = serve_setup.prepare(args)
-    stage = setup.runner.model
-    assert (stage.pre_process, stage.post_process) == (rank == 0, rank == world_size - 1)
-    if not setup.is_leader:
-        setup.follow()
-        return None
-    try:
-        return _serve(setup.engine)
-    finally:
-        setup.release()
+    return serve_rank(rank, world_size, path, "--pp", staged)
 
 
 def test_pp2_serving_equals_one_device(tmp_path):

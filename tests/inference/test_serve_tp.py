@@ -27,17 +27,19 @@ def _serve(engine):
     return [r.token_ids for r in reqs]
 
 
-def _tp_worker(rank, world_size, path):
-    """What ``torchrun --nproc-per-node 2 -m megacore serve --model CKPT --tp 2`` builds on each rank
-    (``serve_setup.prepare``), driven without HTTP."""
+def serve_rank(rank, world_size, path, flag, check=None):
+    """What ``torchrun --nproc-per-node N -m megacore serve --model CKPT <flag> N`` builds on each rank
+    (``serve_setup.prepare``), driven without HTTP: rank 0 returns the tokens, followers None.
+    ``check(setup, rank)``: assertions on the rank's built model."""
     from megacore.inference import serve_setup
     from megacore.inference.server import build_parser
 
     torch.manual_seed(0)
-    args = build_parser().parse_args(["--model", path, "--tp", str(world_size), "--device", "cpu", "--max-batch", "2",
+    args = build_parser().parse_args(["--model", path, flag, str(world_size), "--device", "cpu", "--max-batch", "2",
                                       "--block-size", "4", "--num-blocks", "13", "--decode-steps", "3"])
     setup = serve_setup.prepare(args)
-    assert setup.runner.model.output_head.whole_vocab is False  # a vocab-parallel head: really sharded
+    if check is not None:
+        check(setup, rank)
     if not setup.is_leader:
         setup.follow()
         return None
@@ -45,6 +47,13 @@ def _tp_worker(rank, world_size, path):
         return _serve(setup.engine)
     finally:
         setup.release()
+
+
+def _tp_worker(rank, world_size, path):
+    def sharded(setup, rank):
+        assert setup.runner.model.output_head.whole_vocab is False  # a vocab-parallel head: really sharded
+
+    return serve_rank(rank, world_size, path, "--tp", sharded)
 
 
 def test_tp2_serving_equals_one_device(tmp_path):
