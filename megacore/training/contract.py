@@ -34,6 +34,17 @@ class PeerFailed(RuntimeError):
 
 
 
+def check_device(cfg: RunConfig, device: torch.device) -> None:
+    """What ``RunConfig.validate`` cannot know: the device ``device=auto`` resolved to, and whether it
+    runs FP8 GEMMs (the support table refuses ``precision.fp8`` with ``device=cpu`` already)."""
+    if cfg.precision.fp8 is not None:
+        from megacore.precision.fp8 import fp8_device_problem
+
+        problem = fp8_device_problem(device)
+        if problem is not None:
+            raise ConfigError(problem)
+
+
 def resolve_device(cfg: RunConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -41,14 +41,14 @@ from megacore.distributed.comm import comm_device
 from megacore.training.compile import release_cuda_graphs
 from megacore.training.flops import flops_per_token, peak_tflops, vision_flops_per_token
 from megacore.precision.mixed import DTYPES
-from megacore.training.contract import StepResult, StopFlag, TrainingError, resolve_device
+from megacore.training.contract import StepResult, StopFlag, TrainingError, check_device, resolve_device
 from megacore.training.data_feed import DataFeed
 from megacore.training.divergence import DivergenceGuard
+from megacore.training.evaluation import evaluate
 from megacore.training.lr_schedule import LRSchedule
 from megacore.training.metrics import MetricsLogger
 from megacore.training.profiling import Profiler
 from megacore.training.sinks import open_sinks, require_sink_packages
-from megacore.optim.step_info import read_scalars
 from megacore.layers.moe import set_aux_loss_scale
 from megacore.training.moe import aux_loss_sum, end_moe_step, moe_layers, num_moe_layers
 from megacore.training.peers import describe_collective_failure
@@ -56,17 +56,6 @@ from megacore.training.layout_sums import count_over_dp, global_param_count, sum
 from megacore.training.pending_step import PendingStep, seconds_between, timing_mark
 from megacore.training.run_dir import agree_run_dir, write_run_config
 from megacore.training.step_record import step_record
-
-
-def _check_device(cfg: RunConfig, device: torch.device) -> None:
-    """What ``RunConfig.validate`` cannot know: the device ``device=auto`` resolved to, and whether it
-    runs FP8 GEMMs (the support table refuses ``precision.fp8`` with ``device=cpu`` already)."""
-    if cfg.precision.fp8 is not None:
-        from megacore.precision.fp8 import fp8_device_problem
-
-        problem = fp8_device_problem(device)
-        if problem is not None:
-            raise ConfigError(problem)
 
 
 class Trainer:
@@ -92,7 +81,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         cfg.validate(self.world_size)  # every layout x feature x model check: megacore.config.support
-        _check_device(cfg, self.device)
+        check_device(cfg, self.device)
         require_sink_packages(cfg.log)  # a missing wandb/tensorboard fails here, before any work
         self._init_parallel()
         self._lock_checkpoint_dir()
@@ -297,37 +286,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, step: int) -> float:
-        """Mean loss over ``train.eval_iters`` validation batches; the numbers are read once, at the end."""
-        from megacore.pipeline.schedules import forward_backward
-
-        t = self.cfg.train
-        for c in self.chunks:
-            c.eval()
-        sums, counts = [], []
-        base = (step // t.eval_interval - 1) * t.eval_iters if t.eval_interval else 0
-        for k in range(t.eval_iters):
-            micro, local_tokens = self.data.micro_batches(self.data.valid_ds, base + k)
-            n = count_over_dp(local_tokens, self.state, self.world_size, self.device)
-            if isinstance(n, torch.Tensor):
-                # An empty batch (n == 0) contributes 0 / 1 * 0: what skipping it did, without reading n.
-                denominator = n.clamp(min=1.0)
-            elif n == 0:
-                continue
-            else:
-                denominator = n
-            local = forward_backward(self.chunks, micro, denominator, pp_group=self.state.pp_group,
-                                     schedule=self.cfg.parallel.pipeline_schedule,
-                                     embedding_group=self.state.embedding_group, forward_only=True)
-            sums.append(self.sum_over_layout(local)[0])
-            counts.append(n)
-        for c in self.chunks:
-            c.train()
-        values = read_scalars(sums + counts)
-        loss_sum, tokens = 0.0, 0.0
-        for value, n in zip(values[:len(sums)], values[len(sums):]):
-            loss_sum += value * n
-            tokens += n
-        return loss_sum / max(tokens, 1.0)
+        """Mean validation loss at ``step`` (``megacore.training.evaluation``)."""
+        return evaluate(self.chunks, self.data, self.cfg, self.state, step, self.sum_over_layout,
+                        lambda n: count_over_dp(n, self.state, self.world_size, self.device))
 
     # ------------------------------------------------------------------------------- loop
     def _stop_requested(self, votes: Optional[float] = None) -> bool:
