@@ -40,20 +40,28 @@ _DTYPES = [torch.int64, torch.float32, torch.bool]
 _HEADER = 3 + 4 * 12
 
 
+def check_serving_world(path: str, flag: str, size: int, unit: str, kind: str) -> None:
+    """A model-parallel server (``flag`` = ``--tp``/``--pp`` of ``size``) runs one process per
+    ``unit`` and loads a megacore checkpoint; GenerateError naming the fix otherwise."""
+    from megacore.inference.generate import GenerateError, detect_format
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != size:
+        raise GenerateError(f"{flag} {size} needs {size} processes, one per {unit} (torchrun --nproc-per-node {size} "
+                            f"-m megacore serve ...); this run has {world}")
+    if detect_format(path) != "megacore":
+        raise GenerateError(f"{path!r} is a Hugging Face directory; {kind}-parallel serving loads megacore checkpoints: "
+                            f"convert it first (megacore convert --from hf --input {path} --output CKPT_DIR)")
+
+
 def load_tp_model(path: str, tp: int, dtype: Optional[torch.dtype] = None, device=None):
     """A ``LoadedModel`` holding this rank's TP shard of the checkpoint at ``path`` (collective over
     the default group, whose size must be ``tp``)."""
     from megacore import parallel
     from megacore.compose import build_parallel_gpt
-    from megacore.inference.generate import GenerateError, detect_format, load_megacore
+    from megacore.inference.generate import GenerateError, load_megacore
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world != tp:
-        raise GenerateError(f"--tp {tp} needs {tp} processes, one per rank (torchrun --nproc-per-node {tp} -m megacore "
-                            f"serve ...); this run has {world}")
-    if detect_format(path) != "megacore":
-        raise GenerateError(f"{path!r} is a Hugging Face directory; tensor-parallel serving loads megacore checkpoints: "
-                            f"convert it first (megacore convert --from hf --input {path} --output CKPT_DIR)")
+    check_serving_world(path, "--tp", tp, "rank", "tensor")
     state = parallel.get_state() if parallel.is_initialized() else parallel.initialize(tensor=tp)
 
     def build(config, dtype, device):

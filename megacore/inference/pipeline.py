@@ -36,16 +36,11 @@ def load_pp_model(path: str, pp: int, dtype: Optional[torch.dtype] = None, devic
     """A ``LoadedModel`` holding this rank's pipeline stage of the checkpoint at ``path`` (collective
     over the default group, whose size must be ``pp``)."""
     from megacore import parallel
-    from megacore.inference.generate import GenerateError, detect_format, load_megacore
+    from megacore.inference.generate import GenerateError, load_megacore
+    from megacore.inference.parallel import check_serving_world
     from megacore.pipeline.partition import build_stage_modules
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world != pp:
-        raise GenerateError(f"--pp {pp} needs {pp} processes, one per stage (torchrun --nproc-per-node {pp} -m megacore "
-                            f"serve ...); this run has {world}")
-    if detect_format(path) != "megacore":
-        raise GenerateError(f"{path!r} is a Hugging Face directory; pipeline-parallel serving loads megacore checkpoints: "
-                            f"convert it first (megacore convert --from hf --input {path} --output CKPT_DIR)")
+    check_serving_world(path, "--pp", pp, "stage", "pipeline")
     state = parallel.get_state() if parallel.is_initialized() else parallel.initialize(pipeline=pp)
 
     def build(config, dtype, device):
