@@ -104,3 +104,19 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def agreed(self, world_size: int, device: torch.device, votes: Optional[float] = None) -> bool:
+        """Whether the run stops here, the same answer on every rank. ``votes``: the number of ranks
+        that asked to stop, from the all-reduce a step's loss travelled in (already the same on every
+        rank); None: agree now (MAX of the flags over the world, a collective and a host sync)."""
+        if votes is not None:
+            return votes > 0
+        if world_size == 1:
+            return self.requested
+        import torch.distributed as dist
+
+        from megacore.distributed.comm import comm_device
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device(device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

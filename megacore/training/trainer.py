@@ -291,18 +291,6 @@ class Trainer:
                         lambda n: count_over_dp(n, self.state, self.world_size, self.device))
 
     # ------------------------------------------------------------------------------- loop
-    def _stop_requested(self, votes: Optional[float] = None) -> bool:
-        """Every rank must stop at the same step. ``votes``: the number of ranks that asked to stop,
-        from the all-reduce a step's loss travelled in (already the same on every rank); None:
-        agree now (MAX of the flags over the world, a collective and a host sync)."""
-        if votes is not None:
-            return votes > 0
-        if self.world_size == 1:
-            return self.stop.requested
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=comm_device(self.device))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def _extra(self) -> dict:
         return {"consumed_samples": self.data.first_sample(self.step), "run_config": self.cfg.to_dict(),
                 **self.hf.checkpoint_extra()}
@@ -488,7 +476,7 @@ class Trainer:
         reason = self.guard.observe(p.index, result, p.spike_threshold)
         self._log(result, dt, p.index + 1, p.mem_gb, p.host_s, reason)
         self.guard.check(self.schedule(p.index), self.checkpoints.last_saved_step if self.checkpoints else None)
-        return result, self._stop_requested(p.votes)
+        return result, self.stop.agreed(self.world_size, self.device, p.votes)
 
     def _log(self, r: StepResult, dt: float, step: int, mem_gb: Optional[float], host_s: Optional[float] = None,
              skip_reason: Optional[str] = None) -> None:
