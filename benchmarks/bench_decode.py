@@ -11,6 +11,8 @@ ffn 5632, vocab 32000, untied), random, in bf16. Rows:
   table: one row of it), so tokens/s <= HBM bandwidth (``--hbm-tbps``, H200: 4.8 TB/s) / those bytes.
 * **static + graphs**: ``megacore.inference.static.StaticGenerator``, batch 1, greedy: the prompt
   prefilled once, then one captured CUDA graph replay per token (16 tokens per host sync).
+* **static + graphs + compile**: the same step through ``torch.compile`` (``compile_step=True``:
+  inductor fuses the elementwise work between the GEMVs) before it is captured.
 * **static, eager**: the same without graphs (what the graphs save).
 * **engine, 1 request**: ``megacore.inference.engine.Engine`` (paged cache, graphs) with one request.
 * **old generate**: ``megacore.inference.sampling.generate`` (a Python loop, KV cache, eager).
@@ -31,15 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 
 import torch
-
-# Measure the GPU decode paths (CUDA graphs, the paged Triton kernel), which runners do not take by
-# default until they have been validated on a GPU (megacore.inference.runner.GPU_PATHS_BY_DEFAULT).
-os.environ.setdefault("MEGACORE_DECODE_GPU_PATHS", "1")
 
 from megacore.config import TransformerConfig
 from megacore.models import GPTModel
@@ -139,6 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="HBM bandwidth in TB/s (H200: 4.8)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled decode step (GPU only)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.tiny:
@@ -169,6 +167,11 @@ def main(argv=None) -> dict:
     rate, out = decode_rate(lambda n: static.generate(prompt, n), args.new_tokens, device)
     rows.append(("static + graphs" if graphs else "static (CPU: no graphs)", rate))
     tokens["graphed"] = out[0, args.prompt_len:].tolist()
+    if graphs and not args.no_compile:
+        compiled = StaticGenerator(model, 1, max_length=max_length, use_graphs=True, compile_step=True)
+        rate, out = decode_rate(lambda n: compiled.generate(prompt, n), args.new_tokens, device)
+        rows.append(("static + graphs + compile", rate))
+        tokens["compiled"] = out[0, args.prompt_len:].tolist()
     if graphs:
         eager = StaticGenerator(model, 1, max_length=max_length, use_graphs=False)
         rate, out = decode_rate(lambda n: eager.generate(prompt, n), args.old_new_tokens, device)
@@ -217,7 +220,7 @@ def main(argv=None) -> dict:
           f"forwards packed ({prefills_alone} one request at a time) (throughput; the limit column compares with "
           "batch-1 reading)")
     ref = tokens["graphed"]
-    for name in ("eager", "old", "transformers"):
+    for name in ("compiled", "eager", "old", "transformers"):
         if name in tokens:
             print(f"greedy tokens: graphed vs {name}: first {leading_equal(ref, tokens[name])} of "
                   f"{min(len(ref), len(tokens[name]))} equal")

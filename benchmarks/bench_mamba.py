@@ -7,7 +7,7 @@
    kernels against the torch path); eager, CUDA-event timed.
 2. Training steps through the composition root ``megacore train`` uses (``bench_train_step.py``,
    ``build_megacore``, compiled): the hybrid 1B (16 layers, pattern ``M-M-M*-M-M-M*-M-``) with the
-   kernels (``MEGACORE_KERNELS=auto`` with ``MEGACORE_MAMBA_KERNELS=1``: Triton for the Mamba ops even under torch.compile) and with the
+   kernels (``MEGACORE_KERNELS=auto``: Triton for the Mamba ops, also under torch.compile) and with the
    torch path (``=torch``), and the all-attention 1B (``configs/llama_1b_gpu.yaml``'s shape), per
    sequence length (micro batch 4 at 2048, 1 at 8192, as BENCHMARKS.md measured issue 20's numbers).
 
@@ -150,7 +150,7 @@ def train_bench(a) -> list[dict]:
                    "--out", out, "--timeout", str(a.timeout)] + a.shape_args
             if extra:
                 cmd += ["--model-args", extra]
-            env = dict(os.environ, MEGACORE_KERNELS="auto", MEGACORE_MAMBA_KERNELS="1")
+            env = dict(os.environ, MEGACORE_KERNELS="auto")
             print("$ " + " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, env=env, check=False)
             try:

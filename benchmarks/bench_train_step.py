@@ -107,7 +107,7 @@ def main() -> int:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     config = {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "seq", "mbs",
                                          "accum", "steps", "warmup", "device", "experts", "topk", "moe_ffn",
-                                         "model_args")}
+                                         "model_args", "run_args")}
     rows = []
 
     def write_out():  # after every variant, so a stage killed by a timeout keeps what it measured

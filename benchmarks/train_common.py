@@ -43,6 +43,8 @@ def add_model_args(p: argparse.ArgumentParser, seq: int = 2048, mbs: int = 4) ->
     p.add_argument("--model-args", default="", help="more megacore model fields, comma-separated, for megacore's "
                                                     "variants and the FLOPs count (e.g. model.moe_aux_loss_coeff=0.01,"
                                                     "model.multi_latent_attention=true)")
+    p.add_argument("--run-args", default="", help="more run-config overrides for megacore's variants only, comma-"
+                                                  "separated, not model fields (e.g. precision.master_weights=false)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor on cuda, "
                                                            "eager on cpu)")
 
@@ -141,6 +143,7 @@ def build_megacore(a, compile: bool, recompute: str | None = None, fp8: str | No
         overrides += [f"model.num_experts={a.experts}", f"model.moe_top_k={a.topk}",
                       f"model.moe_ffn_hidden_size={a.moe_ffn or a.ffn}"]
     overrides += [o for o in a.model_args.split(",") if o]
+    overrides += [o for o in getattr(a, "run_args", "").split(",") if o]
     if recompute:
         granularity, _, modules = recompute.partition(":")
         overrides.append(f"recompute.granularity={granularity}")

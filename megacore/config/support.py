@@ -301,9 +301,6 @@ RULES: list = [
              "experts once per rank"),
     Unsupported("moe", "tp_batch_chunks", "moe", "an MoE layer routes (and balances) a whole micro-batch, not "
                 "groups of its sequences", "set parallel.tp_batch_chunks=1"),
-    Unsupported("moe", "fp8", "moe", "the fp8 routed experts (megacore.precision.fp8_grouped) are checked against "
-                "their reference on the CPU only; their Hopper kernel has not yet run on a GPU here",
-                "set precision.fp8=null with model.num_experts"),
     Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
                 "use parallel.distributed_optimizer=true"),
     Unsupported("hybrid", "fp8", "mamba", "fp8 has not been validated with Mamba layers", "set precision.fp8=null"),

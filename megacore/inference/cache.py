@@ -27,7 +27,7 @@ CUDA graph and replayed with new contents. Writes scatter each new token's entri
 ``(table[b, pos // block_size], pos % block_size)``; reads gather the row's blocks into
 ``[B, key_len, ...]`` and the mask ``key <= query position`` (and the sliding window) hides the
 positions a row does not hold. ``contiguous=True`` (one block per row, rows = slots 0..B-1: the
-static cache of ``megacore.inference.runner.generate_static``) reads a slice instead of a gather.
+static cache of ``megacore.inference.static.generate_static``) reads a slice instead of a gather.
 ``fresh=True`` is a prefill from position 0: the new keys and values are returned as they are and
 the mask is plain causal (None), SDPA's fast causal path.
 

@@ -1,6 +1,6 @@
 """The model side of the engine: prefill sequences, decode a batch for a few steps, on the device.
 
-    runner = ModelRunner(model, store, use_graphs=None)        # graphs: see GPU_PATHS_BY_DEFAULT
+    runner = ModelRunner(model, store, use_graphs=None)        # graphs on CUDA
     first = runner.prefill(PrefillInputs(...))                 # [1] first new token (or nothing)
     firsts = runner.prefill_packed(pack_chunks(chunks, bs))    # [R]: several sequences in one forward
     ring = runner.decode(DecodeInputs(...), steps=8)           # [B, 8] tokens, -1 once a row is done
@@ -23,6 +23,11 @@ the only synchronization.
 Attention layers read the paged cache through ``megacore.inference.paged_attention``'s kernel on
 CUDA (``paged_kernel``), or through a gather of each row's blocks (``megacore.inference.cache``).
 
+``compile_step=True`` runs the step through ``torch.compile`` (inductor fuses the norms, rotary,
+residual adds, activations and sampling into far fewer kernels; at batch 1 a step's time is mostly
+per-kernel cost, not weight reads). Each shape compiles once (tens of seconds for a 1B model) before
+it is captured; the step's values are those of the eager step up to the fused kernels' rounding.
+
 On CUDA the step is captured once per shape -- (batch bucket, key-length bucket, stop-table
 width, greedy or sampling) -- in a ``torch.cuda.CUDAGraph`` and replayed; the inputs are copied
 into the graph's tensors before the first step of a call. A model whose forward cannot be captured
@@ -32,7 +37,6 @@ one warning. On the CPU the same step runs eagerly.
 
 from __future__ import annotations
 
-import os
 
 import dataclasses
 import warnings
@@ -88,28 +92,19 @@ class _Decoder:
         self.state, self.out, self.graph = state, out, None
 
 
-# Whether CUDA-graph decoding and the paged Triton decode kernel are on by default on CUDA. Off until
-# their GPU tests (tests/inference: the ``gpu`` marker) and benchmarks/bench_decode.py have run on a
-# GPU: both are checked on the CPU only (the graphable step's logic, the kernel in Triton's
-# interpreter). Pass use_graphs=True / paged_kernel=True, or set MEGACORE_DECODE_GPU_PATHS=1, to use
-# them meanwhile.
-GPU_PATHS_BY_DEFAULT = os.environ.get("MEGACORE_DECODE_GPU_PATHS", "0") == "1"
-
-
 class ModelRunner:
     """Prefill and batched decode of ``model`` over ``store`` (see the module docstring).
 
-    ``use_graphs``: capture decode steps in CUDA graphs (default: ``GPU_PATHS_BY_DEFAULT`` and the
-    store on CUDA). ``paged_kernel``: attention layers read the block pools with the Triton decode
-    kernel (default: ``GPU_PATHS_BY_DEFAULT``, CUDA and Triton).
+    ``use_graphs``: capture decode steps in CUDA graphs (default: the store is on CUDA). ``paged_kernel``: attention layers read the block pools with the Triton decode
+    kernel (default: CUDA and Triton).
     ``contiguous``: the store is a static cache (one block per row, rows = slots 0..B-1).
     """
 
     def __init__(self, model: torch.nn.Module, store: KVStore, use_graphs: Optional[bool] = None,
-                 contiguous: bool = False, paged_kernel=None):
+                 contiguous: bool = False, paged_kernel=None, compile_step: bool = False):
         self.model, self.store, self.contiguous = model, store, contiguous
         self.device = store.device
-        on_gpu = self.device.type == "cuda" and GPU_PATHS_BY_DEFAULT
+        on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if use_graphs is None else use_graphs
         if paged_kernel is None:  # attention layers decode from the block pools directly on CUDA
             from megacore.kernels._dispatch import triton_available
@@ -119,6 +114,12 @@ class ModelRunner:
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device; pass use_graphs=False")
         self._decoders: dict = {}
+        self._step_fn = self._step
+        if compile_step:
+            # One compiled variant per decode shape (batch, key-length bucket, stop width, greedy):
+            # more than dynamo's default recompile limit allows one function in a long serving run.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._step_fn = torch.compile(self._step, dynamic=False)
         self._pool = None
         self._warned = False
 
@@ -170,7 +171,7 @@ class ModelRunner:
             if dec.graph is not None:
                 dec.graph.replay()
             else:
-                self._step(dec.state, dec.out, greedy, key_len)
+                self._step_fn(dec.state, dec.out, greedy, key_len)
             ring[:, i].copy_(dec.out)
         return ring.cpu()
 
@@ -200,12 +201,12 @@ class ModelRunner:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    for _ in range(2):  # first calls: Triton autotuning, cuBLAS handles, lazy buffers
-                        self._step(state, dec.out, greedy, key_len)
+                    for _ in range(2):  # first calls: compilation, autotuning, cuBLAS handles, lazy buffers
+                        self._step_fn(state, dec.out, greedy, key_len)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
-                    self._step(state, dec.out, greedy, key_len)
+                    self._step_fn(state, dec.out, greedy, key_len)
             self._pool = graph.pool()
             dec.graph = graph
         except Exception as e:  # a forward that cannot be captured: decode eagerly

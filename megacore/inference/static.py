@@ -32,7 +32,8 @@ class StaticGenerator:
     across calls (the captured graphs are kept)."""
 
     def __init__(self, model: torch.nn.Module, batch: int, max_length: Optional[int] = None,
-                 use_graphs: Optional[bool] = None, steps_per_sync: int = 16, min_key_bucket: int = 256):
+                 use_graphs: Optional[bool] = None, steps_per_sync: int = 16, min_key_bucket: int = 256,
+                 compile_step: bool = False):
         if not getattr(model, "supports_kv_cache", False):
             raise ValueError("static-cache generation needs a whole GPTModel that decodes with a KV cache (not a "
                              "pipeline stage, nor a context- or sequence-parallel model)")
@@ -42,7 +43,7 @@ class StaticGenerator:
         p = next(model.parameters())
         self.store = KVStore(probe_cache_shapes(model, p.device), num_blocks=batch + 1, block_size=self.max_length,
                              num_slots=batch, device=p.device)
-        self.runner = ModelRunner(model, self.store, use_graphs=use_graphs, contiguous=True)
+        self.runner = ModelRunner(model, self.store, use_graphs=use_graphs, contiguous=True, compile_step=compile_step)
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,

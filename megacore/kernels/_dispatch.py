@@ -88,7 +88,7 @@ _TRITON_IMPORTS = triton_available()  # decided once: keeps use_triton trivial f
 
 
 def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "kernel",
-               under_compile: bool = False, in_auto: bool = True) -> bool:
+               under_compile: bool = False) -> bool:
     """Decide the path for ``tensor``: Triton on CUDA (or interpreter + ``force_triton``), else torch.
 
     Without ``force_triton`` the process-wide backend decides ("torch": never; "triton": as if
@@ -96,11 +96,9 @@ def use_triton(tensor: torch.Tensor, force_triton: bool = False, kernel: str = "
     instead of silently running the reference, so a test that asks for the kernel always gets it.
     ``under_compile=True``: "auto" keeps the kernel under ``torch.compile`` too (for kernels such as
     the Mamba scan, whose reference inductor cannot fuse into anything close to the kernel).
-    ``in_auto=False``: "auto" does not pick this kernel (one not yet validated on a GPU); only
-    backend "triton" or ``force_triton`` run it.
     """
     if not force_triton:
-        if _BACKEND == "torch" or (_BACKEND == "auto" and not in_auto) or (_BACKEND == "auto" and not under_compile and torch.compiler.is_compiling()):
+        if _BACKEND == "torch" or (_BACKEND == "auto" and not under_compile and torch.compiler.is_compiling()):
             return False
         force_triton = _BACKEND == "triton"
     if not _TRITON_IMPORTS:

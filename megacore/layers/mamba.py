@@ -21,10 +21,7 @@ small loop over the chunks. ``ssd_reference`` is the step-by-step recurrence (te
 beside the Triton scan in ``megacore.kernels.ssd_scan`` and are re-exported here.
 
 Kernels (``MEGACORE_KERNELS``, ``megacore.kernels._dispatch``): on CUDA with Triton (backend
-triton, also under ``torch.compile``; backend auto too once ``MAMBA_KERNELS_IN_AUTO`` is set, which
-waits for the GPU tests and benchmark of tests/gpu/test_mamba_gpu.py and benchmarks/bench_mamba.py
-to have run on a GPU: the kernels are checked in Triton's interpreter and compiled for sm_90 on the
-CPU only; ``MEGACORE_MAMBA_KERNELS=1`` opts in meanwhile) the mixer runs the Triton causal conv1d + SiLU
+auto or triton, also under ``torch.compile``) the mixer runs the Triton causal conv1d + SiLU
 (``kernels.causal_conv1d``), the Triton SSD scan (``kernels.ssd_scan``) and, for a one-position step
 with a ``MambaState``, the fused decode step (``kernels.ssd_decode``); backend torch keeps the plain
 torch path below. A context-parallel mixer keeps the strategy's own conv and scan.
@@ -38,8 +35,6 @@ recurrence from the positions other ranks hold.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,11 +45,6 @@ from megacore.kernels.causal_conv1d import causal_conv1d_silu
 from megacore.kernels.ssd_decode import mamba_decode_step
 from megacore.kernels.ssd_scan import ssd_chunked, ssd_reference, ssd_scan  # noqa: F401 (re-exported)
 from megacore.sharding import mark_init
-
-# Whether MEGACORE_KERNELS=auto picks the Triton mixer kernels on CUDA (see the module docstring);
-# MEGACORE_MAMBA_KERNELS=1 opts in until then.
-MAMBA_KERNELS_IN_AUTO = os.environ.get("MEGACORE_MAMBA_KERNELS", "0") == "1"
-
 
 def gated_rms_norm(y, z, weight, group_size: int, eps: float):
     """``weight · rmsnorm(y · silu(z))`` with the RMS taken over groups of ``group_size`` channels
@@ -110,7 +100,7 @@ class MambaMixer(nn.Module):
         # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
         # the context-parallel strategy brings its own conv and scan.
         fast = (cp is None and projected.dtype != torch.float64
-                and use_triton(projected, kernel="mamba mixer", under_compile=True, in_auto=MAMBA_KERNELS_IN_AUTO))
+                and use_triton(projected, kernel="mamba mixer", under_compile=True))
         A = -torch.exp(self.A_log.float())
         if fast and state is not None and s == 1:
             return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)

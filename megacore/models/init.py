@@ -30,25 +30,27 @@ def _name_seed(seed: int, name: str) -> int:
 
 
 def full_init_tensor(kind: str, shape, config: TransformerConfig, seed: int, name: str) -> torch.Tensor:
-    """The full fp32 tensor that parameter ``name`` starts from (on CPU)."""
+    """The full fp32 tensor that parameter ``name`` starts from, always on the CPU (also inside a
+    ``with torch.device("cuda")`` block: the seeded generator is a CPU one, so the values do not
+    depend on the device)."""
     if kind == "ones":
-        return torch.ones(shape)
+        return torch.ones(shape, device="cpu")
     if kind == "zeros":
-        return torch.zeros(shape)
+        return torch.zeros(shape, device="cpu")
     if kind == "mamba_A_log":  # A_h = h for heads 1..H (Mamba-2), stored as log
-        return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32))
+        return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32, device="cpu"))
     gen = torch.Generator().manual_seed(_name_seed(seed, name))
     if kind == "mamba_dt_bias":  # dt log-uniform in [1e-3, 0.1], stored as softplus⁻¹(dt)
         lo, hi = math.log(1e-3), math.log(0.1)
-        dt = torch.exp(torch.rand(shape, generator=gen) * (hi - lo) + lo)
+        dt = torch.exp(torch.rand(shape, generator=gen, device="cpu") * (hi - lo) + lo)
         return dt + torch.log(-torch.expm1(-dt))
     if kind == "conv_uniform":  # a depthwise conv1d's weight and bias, as nn.Conv1d draws them
         bound = 1.0 / math.sqrt(config.mamba_conv_kernel)
-        return (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        return (torch.rand(shape, generator=gen, device="cpu") * 2 - 1) * bound
     std = config.init_std
     if kind == "scaled_normal" and config.scaled_output_init:
         std = config.init_std / math.sqrt(2.0 * config.num_layers)
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+    return torch.empty(shape, device="cpu").normal_(0.0, std, generator=gen)
 
 
 def _default_kind(name: str, param: torch.Tensor) -> str:

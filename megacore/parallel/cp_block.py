@@ -49,11 +49,11 @@ import torch.nn.functional as F
 aten = torch.ops.aten
 
 # On CUDA, blocks that need a mask (windows, documents) or run in fp32 go through the memory-efficient
-# kernel. Its backward fed the merged output returned wrong (NaN) gradients on an H200 when ``out``
-# was [B, H, S, D]-contiguous (the kernel assumes the [B, S, H, D] layout for it, which
-# ``_kernel_backward`` now gives); until a GPU run of tests/parallel/test_cp_modes.py confirms that
-# fix, those blocks' backward runs the plain-torch block math. Set True to use the kernel.
-EFFICIENT_BACKWARD = False
+# kernel, forward and backward. Its backward reads the merged output with the token stride of a
+# [B, S, H, D]-contiguous tensor, so ``_kernel_backward`` hands it that layout ([B, H, S, D]-contiguous
+# gave NaN gradients). False sends those blocks' backward through the plain-torch block math instead
+# (slower, more memory: a debugging switch; tests/parallel/test_cp_modes.py checks both on a GPU).
+EFFICIENT_BACKWARD = True
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -44,9 +44,8 @@ def test_engine_through_the_kernel_equals_the_full_forward(extra):
 
 
 @pytest.mark.gpu
-def test_graphed_engine_with_the_kernel_equals_the_full_forward_on_cuda(monkeypatch):
+def test_graphed_engine_with_the_kernel_equals_the_full_forward_on_cuda():
     from megacore.config import TransformerConfig
-    from megacore.inference import runner as runner_module
     from megacore.inference.sampling import generate
     from megacore.models import GPTModel
 
@@ -56,7 +55,6 @@ def test_graphed_engine_with_the_kernel_equals_the_full_forward_on_cuda(monkeypa
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (3, 40, 17, 9)]
     news = [30, 12, 50, 25]
-    monkeypatch.setattr(runner_module, "GPU_PATHS_BY_DEFAULT", True)  # what this test validates
     engine = Engine(model, max_batch=4, block_size=16, decode_steps=8)
     assert engine.runner.paged_kernel and engine.runner.use_graphs
     got = engine.generate(ps, [SamplingParams(max_new_tokens=n) for n in news])

@@ -57,6 +57,16 @@ def test_init_does_not_depend_on_global_rng():
     _assert_same(a, _state(GPTModel(cfg, seed=3)))
 
 
+def test_init_values_do_not_depend_on_the_default_device():
+    """Under ``with torch.device(...)`` (how users build straight onto a GPU) the values are drawn on the
+    CPU from the seeded CPU generator, so they equal a plain build (meta stands in for cuda here)."""
+    cfg = _config()
+    want = _state(GPTModel(cfg, seed=3))
+    with torch.device("meta"):
+        model = materialize(GPTModel(cfg, seed=3), cfg, seed=3, device="cpu")
+    _assert_same(want, _state(model))
+
+
 def test_same_shaped_parameters_get_independent_values():
     """Seeds come from the parameter name: layer 0 and layer 1 must not share weights."""
     model = GPTModel(_config(), seed=0)

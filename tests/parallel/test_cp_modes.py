@@ -438,13 +438,8 @@ def _simulated_ring(q, k, v, lo, window, c, fast, dout):
     return out, dq, dk, dv
 
 
-UNCONFIRMED = pytest.mark.xfail(strict=False, reason="the memory-efficient kernel's backward fed the merged output "
-                                "gave NaN on an H200 before its output-layout fix; when this passes, make "
-                                "cp_block.EFFICIENT_BACKWARD the default")
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("efficient_backward", [False, pytest.param(True, marks=UNCONFIRMED)],
+@pytest.mark.parametrize("efficient_backward", [False, True],
                          ids=["plain_masked_backward", "efficient_backward"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "docs_window"])
