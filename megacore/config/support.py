@@ -304,8 +304,10 @@ RULES: list = [
     Unsupported("moe", "expert", "fsdp", "FSDP2 would shard the experts a second time over the ranks that split them",
                 "use parallel.distributed_optimizer=true"),
     Unsupported("hybrid", "fp8", "mamba", "fp8 has not been validated with Mamba layers", "set precision.fp8=null"),
-    Unsupported("hybrid", "reset_attention_mask", "mamba", "it masks attention per document, but a Mamba layer's "
-                "scan carries its state across documents", "set data.reset_attention_mask=false"),
+    Requires("hybrid", "reset_attention_mask", "parallel.context=1 when the model has Mamba layers",
+             lambda f: f.context == 1 or "M" not in f.model.layer_kinds,
+             "set parallel.context=1, or data.reset_attention_mask=false",
+             reason="a context-parallel Mamba layer passes its state from rank to rank with no document resets"),
     Unsupported("llava", "context", "llava", "LLaVA trains with data, tensor and pipeline parallelism",
                 "set parallel.context=1"),
     Unsupported("llava", "expert", "llava", "LLaVA trains with data, tensor and pipeline parallelism",

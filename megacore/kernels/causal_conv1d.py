@@ -12,8 +12,8 @@ dpre = dy · silu'(pre) (recomputed from x)::
     dw[c, k]   = Σ_{b,t} dpre[t, c] · x[t - (K-1) + k, c]        dbias = Σ_{b,t} dpre
 
 The reference is the layer's own ``nn.Conv1d`` math (``F.conv1d`` with left zero padding or the
-prepended ``initial``). Math in fp32; y and dx in x's dtype. Packed documents are not reset (the model
-does not pack documents for Mamba layers; see ``ssd_scan``).
+prepended ``initial``). Math in fp32; y and dx in x's dtype. Packed documents:
+``causal_conv1d_silu_documents`` (torch only) drops the taps that reach into an earlier document.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def causal_conv1d_silu_reference(x_BSC, weight, bias=None, initial=None):
     out = F.conv1d(torch.cat([before, xt], dim=-1), w[:, None].to(acc), None if bias is None else bias.to(acc),
                    groups=w.shape[0])
     return F.silu(out).transpose(1, 2).to(x_BSC.dtype)
+
+
+def causal_conv1d_silu_documents(x_BSC, weight, bias, seq_idx):
+    """``causal_conv1d_silu_reference`` over packed documents: the tap of position t - j counts only
+    when ``seq_idx`` [B, S] is the same there as at t (a document starts with zeros before it, as a
+    sequence of its own does). Plain torch, math in >= fp32."""
+    w = weight.reshape(weight.shape[0], -1)
+    kk, s = w.shape[1], x_BSC.shape[1]
+    acc = torch.promote_types(x_BSC.dtype, torch.float32)
+    xp = F.pad(x_BSC.to(acc), (0, 0, kk - 1, 0))                       # [B, K-1+S, C]
+    docs = F.pad(seq_idx, (kk - 1, 0), value=-1)                         # no document before position 0
+    pre = x_BSC.new_zeros(x_BSC.shape, dtype=acc) if bias is None else bias.to(acc).expand(x_BSC.shape).clone()
+    for j in range(kk):                                                  # tap j reads position t - (K-1) + j
+        same = (docs[:, j:j + s] == seq_idx).to(acc)[..., None]
+        pre = pre + w[:, j].to(acc) * xp[:, j:j + s] * same
+    return F.silu(pre).to(x_BSC.dtype)
 
 
 if triton_available():

@@ -9,9 +9,9 @@ gets its gradient (the final state's gradient flows back too). The kernels and t
 ``_ssd_triton``; this file lays the tensors out, launches, and finishes the small reductions in torch
 (group sums of dB/dC, the reverse cumulative sum that turns dΛ into d(dt·A)).
 
-The scan never crosses document boundaries of packed sequences because the model does not pack
-them for Mamba layers (``megacore.layers.hybrid`` refuses document masks for hybrid stacks), the
-same contract as the reference.
+Packed documents: the references take ``seq_idx`` [b, s] (each position's document number,
+non-decreasing along a row); the state is reset where it changes, so no position sees an earlier
+document. The Triton scan has no ``seq_idx`` yet: the mixer takes the reference for packed input.
 
 Selection (``use_triton(..., under_compile=True)``): with ``MEGACORE_KERNELS=auto`` the kernel runs
 on CUDA tensors also under ``torch.compile`` (as an opaque custom op: one graph, no break), because
@@ -34,11 +34,12 @@ if triton_available():
     from megacore.kernels import _ssd_triton as K
 
 
-def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     """The Mamba-2 recurrence (``megacore.layers.mamba`` module doc), one position at a time (fp32 or better).
 
     x [b, s, h, p], dt [b, s, h] (already softplus'ed and clamped), A [h], B/C [b, s, g, n],
-    D [h] or None, initial_state [b, h, p, n] or None (zeros) -> (y [b, s, h, p], final state)."""
+    D [h] or None, initial_state [b, h, p, n] or None (zeros) -> (y [b, s, h, p], final state).
+    ``seq_idx`` [b, s] or None: where it changes from t-1 to t, the state is zeroed before step t."""
     b, s, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     B = B.repeat_interleave(h // g, dim=2)
@@ -47,13 +48,15 @@ def ssd_reference(x, dt, A, B, C, D=None, initial_state=None):
     ys = []
     for t in range(s):
         decay = torch.exp(dt[:, t] * A)                                   # [b, h]
+        if seq_idx is not None and t > 0:
+            decay = decay * (seq_idx[:, t] == seq_idx[:, t - 1]).to(decay.dtype)[:, None]
         state = state * decay[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
     y = torch.stack(ys, dim=1)
     return (y if D is None else y + x * D[:, None]), state
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, seq_idx=None):
     """Same result as ``ssd_reference`` (``(y, final state)``), computed chunk by chunk (math in at
     least fp32; the state is returned in that precision).
 
@@ -61,6 +64,12 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
       y_l = Σ_{s<=l} (C_l·B_s) e^{Λ_l - Λ_s} dt_s x_s     (within the chunk)
           + e^{Λ_l} C_l · H                                (H: the state entering the chunk)
     and the state leaving the chunk is e^{Λ_L} H + Σ_s e^{Λ_L - Λ_s} dt_s x_s ⊗ B_s.
+
+    With ``seq_idx`` (packed documents) every term whose source and target positions lie in
+    different documents is dropped: the pair (l, s) unless doc(l) = doc(s); H's terms unless doc(l)
+    = doc(last position before the chunk) (the first chunk: doc(0), which ``initial_state`` belongs
+    to); a source s's share of the leaving state unless doc(s) = doc(L). Documents are contiguous,
+    so equal numbers at two positions mean no boundary between them.
     """
     b, s, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -81,21 +90,30 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
     cum = a.view(b, k, L, h).cumsum(dim=2)                                  # Λ_l
     # Within a chunk: decay e^{Λ_l - Λ_s} for s <= l, 0 above the diagonal (masked before exp).
     diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]                    # [b, k, l, s, h]
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(diff.masked_fill(~causal[None, None, :, :, None], float("-inf")))
+    visible = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
+    if seq_idx is not None:
+        doc = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1).view(b, k, L)
+        before = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)         # doc of the position before each chunk
+        visible = visible & (doc[:, :, :, None] == doc[:, :, None, :])
+    decay = torch.exp(diff.masked_fill(~visible[..., None], float("-inf")))
     scores = torch.einsum("bklhn,bkshn->bklsh", C, B) * decay
     y = torch.einsum("bklsh,bkshp->bklhp", scores, xd)
     # Each chunk's own contribution to the state at its end, then the carried state across chunks.
     to_end = torch.exp(cum[:, :, -1:, :] - cum)                             # e^{Λ_L - Λ_s}
-    chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
     chunk_decay = torch.exp(cum[:, :, -1, :])                               # e^{Λ_L}, [b, k, h]
+    from_entering = torch.exp(cum)                                          # e^{Λ_l}
+    if seq_idx is not None:
+        to_end = to_end * (doc == doc[:, :, -1:]).to(acc)[..., None]
+        chunk_decay = chunk_decay * (doc[:, :, -1] == before).to(acc)[..., None]
+        from_entering = from_entering * (doc == before[:, :, None]).to(acc)[..., None]
+    chunk_states = torch.einsum("bklh,bklhp,bklhn->bkhpn", to_end, xd, B)
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(acc)
     entering = []
     for c in range(k):
         entering.append(state)
         state = state * chunk_decay[:, c, :, None, None] + chunk_states[:, c]
     entering = torch.stack(entering, dim=1)                                 # [b, k, h, p, n]
-    y = y + torch.einsum("bklhn,bkhpn->bklhp", C, entering) * torch.exp(cum)[..., None]
+    y = y + torch.einsum("bklhn,bkhpn->bklhp", C, entering) * from_entering[..., None]
     y = y.reshape(b, k * L, h, p)[:, :s]
     if D is not None:
         y = y + x * D.to(acc)[:, None]

@@ -48,10 +48,21 @@ class MambaLayer(_SingleMixerLayer):
             # scan already is; the layer's recurrent state lives in the cache
             return self.mixer(normed_BSH, state=kv_cache.mamba_state(self.mixer.conv1d.kernel_size[0]))
         if mask is not None and self.mixer.context_parallel is None:  # (under CP: the CP causal mask,
-            # which the state-passing scan follows; document masks are refused for Mamba layers)
-            raise NotImplementedError("Mamba layers scan every position in order: padding or document masks "
-                                      "(data.reset_attention_mask, attention_mask) are not supported with them")
+            # which the state-passing scan follows; the support table refuses documents there)
+            return self.mixer(normed_BSH, seq_idx=sequence_index(mask, normed_BSH.shape[0]))
         return self.mixer(normed_BSH)
+
+
+def sequence_index(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each position's document number [B, S] from the attention layers' boolean mask [B or 1, 1, S, S]
+    (True = may attend): position t continues t-1's sequence exactly when it may attend to it, so
+    packed documents (``data.reset_attention_mask``) and left padding start new sequences there."""
+    if mask.dtype != torch.bool or mask.dim() != 4:
+        raise ValueError(f"Mamba layers read document boundaries from a boolean [B, 1, S, S] attention mask; got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    continues = mask[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)          # [B, S-1]: t may see t-1
+    starts = torch.cat([torch.zeros_like(continues[:, :1]), ~continues], dim=1)
+    return starts.to(torch.int64).cumsum(dim=1).expand(batch, -1)
 
 
 class AttentionLayer(_SingleMixerLayer):

@@ -41,7 +41,7 @@ from torch import nn
 
 from megacore.config import TransformerConfig
 from megacore.kernels._dispatch import use_triton
-from megacore.kernels.causal_conv1d import causal_conv1d_silu
+from megacore.kernels.causal_conv1d import causal_conv1d_silu, causal_conv1d_silu_documents
 from megacore.kernels.ssd_decode import mamba_decode_step
 from megacore.kernels.ssd_scan import ssd_chunked, ssd_reference, ssd_scan  # noqa: F401 (re-exported)
 from megacore.sharding import mark_init
@@ -87,9 +87,12 @@ class MambaMixer(nn.Module):
         mark_init(self.conv1d.bias, "conv_uniform")
         self.context_parallel = None  # see the module docstring (parallel code hands it in)
 
-    def forward(self, hidden_BSH: torch.Tensor, state: "MambaState | None" = None) -> torch.Tensor:
+    def forward(self, hidden_BSH: torch.Tensor, state: "MambaState | None" = None,
+                seq_idx: "torch.Tensor | None" = None) -> torch.Tensor:
         """``state``: the recurrent state of the positions before these (incremental decoding); it is
-        read and then advanced past them. None: the sequence starts here."""
+        read and then advanced past them. None: the sequence starts here. ``seq_idx`` [B, S]: packed
+        documents, each position's document number (non-decreasing along a row); the conv and the
+        scan start afresh at every document, exactly as if each were its own sequence."""
         projected = self.in_proj(hidden_BSH)
         b, s = projected.shape[:2]  # under sequence parallelism in_proj gathered the full sequence
         z, xbc, dt = projected.split([self.inner, self.conv_dim, self.num_heads], dim=-1)
@@ -97,14 +100,22 @@ class MambaMixer(nn.Module):
         if cp is not None and state is not None:
             raise ValueError("a context-parallel Mamba mixer has no incremental decoding; decode with a whole "
                              "one-device model")
+        if seq_idx is not None and (cp is not None or state is not None):
+            raise ValueError("packed documents (seq_idx) are for a whole sequence on one rank: not with a "
+                             "context-parallel split nor with incremental decoding")
+        if seq_idx is not None and seq_idx.shape != (b, s):
+            raise ValueError(f"seq_idx {tuple(seq_idx.shape)} must be [batch, seq] = [{b}, {s}]")
         # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
-        # the context-parallel strategy brings its own conv and scan.
-        fast = (cp is None and projected.dtype != torch.float64
+        # the context-parallel strategy brings its own conv and scan; packed documents take the torch
+        # path (the kernels have no document resets yet).
+        fast = (cp is None and seq_idx is None and projected.dtype != torch.float64
                 and use_triton(projected, kernel="mamba mixer", under_compile=True))
         A = -torch.exp(self.A_log.float())
         if fast and state is not None and s == 1:
             return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
-        if fast:
+        if seq_idx is not None:
+            xbc = causal_conv1d_silu_documents(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        elif fast:
             initial = None if state is None else state.conv_inputs(b, xbc)
             if state is not None:
                 keep = self.conv1d.kernel_size[0] - 1
@@ -133,7 +144,8 @@ class MambaMixer(nn.Module):
             y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
                                 force_triton=True)
         else:
-            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state)
+            y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
+                                   seq_idx=seq_idx)
         if state is not None:
             state.ssm = final.detach()
         y = gated_rms_norm(y.reshape(b, s, self.inner), z, self.norm_weight, self.inner // self.num_groups, self.eps)

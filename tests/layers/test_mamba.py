@@ -248,14 +248,88 @@ def test_bad_hybrid_configs_name_the_key(kw, key, words):
     assert words in str(err.value)
 
 
-def test_mamba_layer_refuses_masks_clearly():
-    cfg = megacore.TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64,
-                                     seq_length=8, layer_pattern="M*", mamba_head_dim=8, mamba_state_dim=4,
-                                     mamba_num_groups=2)
-    model = GPTModel(cfg, seed=0)
-    ids = torch.randint(0, 64, (2, 8))
-    with pytest.raises(NotImplementedError, match="masks"):
-        model(ids, attention_mask=torch.ones(2, 8, dtype=torch.long).tril())
+def _per_document(fn, seq_idx, *tensors):
+    """``fn`` run on each document of each row alone (the independent reference for packing), the
+    outputs concatenated back along the sequence."""
+    rows = []
+    for r in range(seq_idx.shape[0]):
+        parts = []
+        for d in seq_idx[r].unique():
+            keep = seq_idx[r] == d
+            parts.append(fn(*(t[r:r + 1, keep] for t in tensors)))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+# Row 0: documents of 5, 9 and 7 positions (boundaries inside chunks and at 14 = 2 chunks of 7);
+# row 1: one document of 2 positions, then one of 19.
+SEQ_IDX = torch.tensor([[0] * 5 + [1] * 9 + [2] * 7, [4] * 2 + [5] * 19])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 32])
+def test_packed_documents_scan_like_separate_sequences(chunk):
+    """With ``seq_idx`` the chunked scan equals the recurrence with resets (values and every gradient,
+    fp64) and each document scanned alone."""
+    inputs = [t.requires_grad_() for t in _ssd_inputs()]
+    x, dt, A, B, C, D = inputs
+    ref, _ = ssd_reference(*inputs, seq_idx=SEQ_IDX)
+    got, _ = ssd_chunked(x, dt, A, B, C, chunk, D, seq_idx=SEQ_IDX)
+    alone = _per_document(lambda x_, dt_, B_, C_: ssd_reference(x_, dt_, A, B_, C_, D)[0], SEQ_IDX, x, dt, B, C)
+    torch.testing.assert_close(ref, alone, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    for name, a, r in zip("x dt A B C D".split(), torch.autograd.grad(got, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_packed_documents_conv_like_separate_sequences():
+    from megacore.kernels.causal_conv1d import causal_conv1d_silu_documents, causal_conv1d_silu_reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)
+    w, bias = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
+    got = causal_conv1d_silu_documents(x, w, bias, SEQ_IDX)
+    want = _per_document(lambda x_: causal_conv1d_silu_reference(x_, w, bias), SEQ_IDX, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _hybrid(seq=16):
+    cfg = megacore.TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                                     vocab_size=64, seq_length=seq, ffn_hidden_size=48, layer_pattern="M*M-",
+                                     mamba_head_dim=8, mamba_state_dim=4, mamba_num_groups=2, mamba_chunk_size=4)
+    return GPTModel(cfg, seed=0).double()
+
+
+def test_packed_documents_through_a_hybrid_model_equal_separate_sequences():
+    """A row packing documents of 6 and 10 tokens, with the document mask of data.reset_attention_mask
+    and reset position ids, gives each document's logits and the same parameter gradients as the two
+    documents run as sequences of their own."""
+    model = _hybrid()
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    doc = torch.tensor([0] * 6 + [1] * 10)
+    mask = (torch.ones(16, 16, dtype=torch.bool).tril() & (doc[:, None] == doc[None, :]))[None, None]
+    positions = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    packed = model(ids, position_ids=positions, attention_mask=mask)
+    alone = torch.cat([model(ids[:, :6]), model(ids[:, 6:])], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    grads = []
+    for out in (packed, alone):
+        model.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:  # (the mixer computes dt in fp32 even in an fp64 model: dt_bias, A_log to ~1e-7)
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_mamba_layer_names_a_mask_it_cannot_read():
+    from megacore.layers.hybrid import sequence_index
+
+    with pytest.raises(ValueError, match="boolean"):
+        sequence_index(torch.zeros(1, 1, 4, 4), 1)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    mask[2, :2] = False                          # position 2 starts a new document
+    assert sequence_index(mask[None, None], 2).tolist() == [[0, 0, 1, 1]] * 2
 
 
 def test_greedy_generation_matches_hugging_face_nemotron_h():

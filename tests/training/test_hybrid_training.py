@@ -1,6 +1,6 @@
 """``megacore train`` with a hybrid stack (Mamba-2, attention and MLP layers) on CPU: the loss falls,
 DP2 (distributed optimizer), PP2, TP2 with sequence parallelism and CP2 (Mamba states passed between
-the ranks' chunks) reproduce the single-process curve, and the layouts this version cannot run are
+the ranks' chunks) reproduce the single-process curve, packed documents too (TP2+SP), and the layouts this version cannot run are
 refused with errors that name the keys."""
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def test_hybrid_layouts_reproduce_single_process_curve(tmp_path, reference, name
     assert worst < 1e-4, (name, worst, got, want)
 
 
+def test_packed_documents_train_alike_at_tp2_sp(tmp_path, reference):
+    """data.reset_attention_mask=true: the Mamba layers restart at every document (the model-level
+    proof is tests/layers/test_mamba.py); through the trainer TP2+SP reproduces the one-process curve,
+    and that curve is not the unpacked one (the document masks took effect)."""
+    packed = _train(tmp_path, "docs", ["data.reset_attention_mask=true", "data.reset_position_ids=true"])
+    tp2 = _train(tmp_path, "docs_tp2", ["data.reset_attention_mask=true", "data.reset_position_ids=true",
+                                        "parallel.tensor=2", "parallel.sequence_parallel=true"], nproc=2)
+    got, want = losses(tp2), losses(packed)
+    assert len(got) == len(want) == 12
+    assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 1e-4, (got, want)
+    assert max(abs(a - b) for a, b in zip(want, losses(reference))) > 1e-3
+
+
 def test_hybrid_moe_balance_loss_is_averaged_over_its_moe_layers(tmp_path):
     """'M-' with experts has ONE MoE layer: the logged balance loss is its mean (about moe_top_k = 2
     for even routing), not that sum spread over all layers of the pattern."""
@@ -58,7 +71,7 @@ def test_hybrid_moe_balance_loss_is_averaged_over_its_moe_layers(tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["data.reset_attention_mask=true"], "data.reset_attention_mask"),
+    (["data.reset_attention_mask=true", "parallel.context=2"], "parallel.context=1"),
     (["model.sliding_window=8"], "model.sliding_window"),
 ])
 def test_unsupported_hybrid_layouts_are_refused(extra, words):
