@@ -214,15 +214,18 @@ class CacheBatch:
     (``N * block_size`` when paged; at most ``block_size`` when ``contiguous``). ``host_length``: the
     largest length of the batch as the host knows it (``length``, read for learned positions).
     ``paged_kernel``: decode attention layers read the pools directly (``attend``; ``"force"``: the
-    Triton kernel even on the CPU, through its interpreter).
+    Triton kernel even on the CPU, through its interpreter). ``logits_at``: the new positions the
+    model computes logits for (an index or slice along the sequence; None: all); a prefill that
+    samples from its last position alone passes ``slice(-1, None)``, so no [B, S, vocab] tensor is made.
     """
 
     kernel_failed = False  # set once the paged kernel raised: every later view gathers instead
 
     def __init__(self, store: KVStore, slots: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor,
                  key_len: int = 0, fresh: bool = False, contiguous: bool = False, host_length: int = 0,
-                 paged_kernel: bool = False):
+                 paged_kernel: bool = False, logits_at=None):
         self.store, self.slots, self.table, self.lengths = store, slots, table, lengths
+        self.logits_at = logits_at
         self.key_len, self.fresh, self.contiguous, self.length = key_len, fresh, contiguous, host_length
         self.paged_kernel = bool(paged_kernel) and not fresh and not contiguous
         self._force = paged_kernel == "force"  # the Triton kernel even on the CPU (its interpreter; tests)

@@ -135,6 +135,7 @@ class PackedView:
         self.length = max(start + b - a for a, b, start, _ in segs) - self.new
         self._gather = inp.key_block.numel() > 0
         self._window = None
+        self.logits_at = inp.last  # logits only where a chunk ends (what the runner samples from)
 
     def check_room(self, new_tokens: int, batch: int) -> None:
         if batch != 1 or new_tokens != self.new:

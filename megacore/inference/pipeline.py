@@ -101,7 +101,8 @@ class PipelineRunner:
     def prefill(self, inp: PrefillInputs) -> Optional[torch.Tensor]:
         sample = bool(inp.sample[0])
         inp = PrefillInputs(**{f.name: getattr(inp, f.name).to(self.device) for f in dataclasses.fields(inp)})
-        view = CacheBatch(self.store, inp.slot, inp.table, torch.zeros_like(inp.slot), fresh=True)
+        view = CacheBatch(self.store, inp.slot, inp.table, torch.zeros_like(inp.slot), fresh=True,
+                          logits_at=slice(-1, None))
         logits = self._stage(inp.ids, view)
         if not sample:
             return None

@@ -131,7 +131,7 @@ class ModelRunner:
         inp = _to(inp, self.device)
         s = inp.ids.shape[1]
         view = CacheBatch(self.store, inp.slot, inp.table, torch.zeros_like(inp.slot), fresh=True, host_length=0,
-                          contiguous=self.contiguous)
+                          contiguous=self.contiguous, logits_at=slice(-1, None))
         logits = self.model(inp.ids, kv_cache=view)[:, -1]
         if not sample:
             return None
@@ -145,7 +145,7 @@ class ModelRunner:
         sample = bool(inp.sample.any())
         segs = segments(inp)
         inp = _to(inp, self.device)
-        logits = self.model(inp.ids, kv_cache=PackedView(self.store, inp, segs))[0, inp.last]
+        logits = self.model(inp.ids, kv_cache=PackedView(self.store, inp, segs))[0]  # [R, V]: at inp.last only
         if not sample:
             return None
         position = inp.pos[inp.last] + 1

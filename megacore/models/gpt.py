@@ -141,7 +141,8 @@ class GPTModel(nn.Module):
         stage's output, and returns its own hidden states unless it is the last). ``kv_cache`` (a
         ``megacore.inference.KVCache``, or the engine's paged ``megacore.inference.cache.CacheBatch``):
         ``input_ids`` are the NEW tokens, at the positions ``kv_cache.positions`` gives (each row
-        continuing from what it holds); returns their logits (incremental decoding).
+        continuing from what it holds); returns their logits (incremental decoding), or only those
+        at ``kv_cache.logits_at`` (an index or slice along the new tokens) when the cache sets it.
         """
         if kv_cache is not None:
             return self._forward_cached(input_ids, kv_cache, labels, position_ids, attention_mask, hidden_states)
@@ -214,7 +215,10 @@ class GPTModel(nn.Module):
         mask = kv_cache.attention_mask(new, input_ids.device, self.config.sliding_window)
         hidden_BSH = self.decoder(hidden_BSH, rotary, mask, kv_cache=kv_cache)
         kv_cache.advance(new)
-        return self.full_logits(hidden_BSH) if self.post_process else hidden_BSH
+        if not self.post_process:
+            return hidden_BSH
+        logits_at = getattr(kv_cache, "logits_at", None)
+        return self.full_logits(hidden_BSH if logits_at is None else hidden_BSH[:, logits_at])
 
     def _full_seq_len(self, hidden_BSH, input_ids):
         if input_ids is not None:

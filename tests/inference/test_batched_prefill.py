@@ -35,7 +35,13 @@ def test_packed_chunks_give_the_full_forward_logits(name):
         for call in calls:
             chunks = [PrefillChunk(ids[r, a:b].tolist(), a, tables[r]) for r, a, b in call]
             inp = pack_chunks(chunks, 3)
-            got = model(inp.ids, kv_cache=PackedView(store, inp, segments(inp)))[0]
+            view = PackedView(store, inp, segments(inp))
+            view.logits_at = None                                   # every position's logits, to compare
+            got = model(inp.ids, kv_cache=view)[0]
+            # What the runner gets: the logits at each chunk's last token only ([R, V], no [T, V]).
+            lasts = model(inp.ids, kv_cache=PackedView(store, inp, segments(inp)))[0]
+            assert lasts.shape == (len(call), full.shape[-1])
+            torch.testing.assert_close(lasts, got[inp.last], rtol=1e-5, atol=1e-5)
             at = 0
             for r, a, b in call:
                 assert b <= lengths[r]
