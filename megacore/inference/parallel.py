@@ -15,9 +15,9 @@ reshards on load: a checkpoint saved at any layout serves at any TP size dividin
 Hugging Face directories are loaded on one device only: convert them first (``megacore convert
 --from hf``).
 
-Only rank 0 runs the engine (queue, scheduling, block tables, streaming). Before every prefill or
-decode call it broadcasts the call's inputs -- all tensors (``PrefillInputs`` / ``DecodeInputs``)
--- and the other ranks run the same call on them: the same positions, blocks and sampling
+Only rank 0 runs the engine (queue, scheduling, block tables, streaming). Before every prefill,
+packed prefill or decode call it broadcasts the call's inputs -- all tensors (``PrefillInputs`` /
+``PackedInputs`` / ``DecodeInputs``) -- and the other ranks run the same call on them: the same positions, blocks and sampling
 parameters, so each rank writes its heads' keys and values to the same blocks. The logits are
 gathered over the vocabulary shards on every rank and the sampler is a function of (seed,
 position), so every rank picks the same token without another exchange. Pipeline-parallel
@@ -32,12 +32,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megacore.inference.packed import PackedInputs
 from megacore.inference.runner import DecodeInputs, ModelRunner, PrefillInputs
 
-_STOP, _PREFILL, _DECODE = 0, 1, 2
-_KINDS = {_PREFILL: PrefillInputs, _DECODE: DecodeInputs}
+_STOP, _PREFILL, _DECODE, _PACKED = 0, 1, 2, 3
+_KINDS = {_PREFILL: PrefillInputs, _DECODE: DecodeInputs, _PACKED: PackedInputs}
 _DTYPES = [torch.int64, torch.float32, torch.bool]
-_HEADER = 3 + 4 * 12
+_MAX_FIELDS = max(len(dataclasses.fields(k)) for k in _KINDS.values())
+_HEADER = 3 + 4 * _MAX_FIELDS  # op, steps, key_len; per field: dtype code, ndim, two sizes
 
 
 def check_serving_world(path: str, flag: str, size: int, unit: str, kind: str) -> None:
@@ -100,11 +102,17 @@ class BroadcastRunner:
             header[3 + 4 * i: 7 + 4 * i] = torch.tensor([_DTYPES.index(t.dtype), t.dim(), *shape])
         _bcast(header.to(self._dev), self.group)
         for t in tensors:  # (bool travels as int64: not every backend reduces or sends bool)
+            if t.numel() == 0:  # (the shape is in the header: nothing to send)
+                continue
             _bcast(t.to(self._dev, torch.int64 if t.dtype == torch.bool else t.dtype).contiguous(), self.group)
 
     def prefill(self, inp: PrefillInputs):
         self._send(_PREFILL, inp)
         return self.runner.prefill(inp)
+
+    def prefill_packed(self, inp: PackedInputs):
+        self._send(_PACKED, inp)
+        return self.runner.prefill_packed(inp)
 
     def decode(self, inp: DecodeInputs, steps: int, key_len: Optional[int] = None) -> torch.Tensor:
         self._send(_DECODE, inp, steps, key_len or 0)
@@ -129,10 +137,14 @@ def follow(runner: ModelRunner, group=None) -> None:
             code, ndim, d0, d1 = header[3 + 4 * i: 7 + 4 * i]
             shape = [d0, d1][:ndim]
             dtype = _DTYPES[code]
-            got = _bcast(torch.empty(shape, dtype=torch.int64 if dtype == torch.bool else dtype, device=dev), group)
+            got = torch.empty(shape, dtype=torch.int64 if dtype == torch.bool else dtype, device=dev)
+            if got.numel():
+                _bcast(got, group)
             values[f.name] = got.to("cpu", dtype)
         inputs = cls(**values)
         if op == _PREFILL:
             runner.prefill(inputs)
+        elif op == _PACKED:
+            runner.prefill_packed(inputs)
         else:
             runner.decode(inputs, steps, key_len or None)

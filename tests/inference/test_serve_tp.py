@@ -1,5 +1,5 @@
 """Tensor-parallel serving: a checkpoint saved on one device, loaded as two TP shards (resharded on
-load), served with rank 0 scheduling and broadcasting each call; the greedy tokens equal one device's
+load), served with rank 0 scheduling and broadcasting each call (packed prefills too); the greedy tokens equal one device's
 (the full forward's argmax) for staggered requests of mixed lengths, and seeded samples equal one
 device's engine."""
 
@@ -52,6 +52,7 @@ def serve_rank(rank, world_size, path, flag, check=None):
 def _tp_worker(rank, world_size, path):
     def sharded(setup, rank):
         assert setup.runner.model.output_head.whole_vocab is False  # a vocab-parallel head: really sharded
+        assert not setup.is_leader or setup.engine.packed            # prefills packed, broadcast to the follower
 
     return serve_rank(rank, world_size, path, "--tp", sharded)
 
