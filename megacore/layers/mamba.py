@@ -24,12 +24,13 @@ Kernels (``MEGACORE_KERNELS``, ``megacore.kernels._dispatch``): on CUDA with Tri
 auto or triton, also under ``torch.compile``) the mixer runs the Triton causal conv1d + SiLU
 (``kernels.causal_conv1d``), the Triton SSD scan (``kernels.ssd_scan``) and, for a one-position step
 with a ``MambaState``, the fused decode step (``kernels.ssd_decode``); backend torch keeps the plain
-torch path below. A context-parallel mixer keeps the strategy's own conv and scan.
+torch path below. A context-parallel mixer runs the strategy's conv and scan (which use the same
+kernels per chunk). Packed documents (``seq_idx``) take the torch path.
 
 ``MambaMixer.context_parallel``: None, or a sequence strategy handed in by the parallel code when
 the local sequence is this rank's share of a context-parallel split
-(``megacore.parallel.mamba_context_parallel``): its ``conv(xbc [B, C, S], weight, bias)`` replaces
-the causal conv and its ``scan(x, dt, A, B, C, chunk_size, D)`` the SSD scan, each continuing the
+(``megacore.parallel.mamba_context_parallel``): its ``conv_silu(xbc [B, S, C], weight, bias)`` replaces
+the causal conv + SiLU and its ``scan(x, dt, A, B, C, chunk_size, D)`` the SSD scan, each continuing the
 recurrence from the positions other ranks hold.
 """
 
@@ -115,6 +116,8 @@ class MambaMixer(nn.Module):
             return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
         if seq_idx is not None:
             xbc = causal_conv1d_silu_documents(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        elif cp is not None:
+            xbc = cp.conv_silu(xbc, self.conv1d.weight, self.conv1d.bias)
         elif fast:
             initial = None if state is None else state.conv_inputs(b, xbc)
             if state is not None:
@@ -123,9 +126,7 @@ class MambaMixer(nn.Module):
                 state.conv = window[..., window.shape[-1] - keep:].detach().contiguous()
             xbc = causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, initial, force_triton=True)
         else:
-            if cp is not None:
-                xbc = cp.conv(xbc.transpose(1, 2), self.conv1d.weight, self.conv1d.bias)
-            elif state is None:
+            if state is None:
                 xbc = self.conv1d(xbc.transpose(1, 2))[..., :s]
             else:  # the conv window reaches back into the cached inputs of the last kernel-1 positions
                 window = torch.cat([state.conv_inputs(b, xbc), xbc.transpose(1, 2)], dim=-1)

@@ -26,7 +26,7 @@ write Λ_t = Σ_{t0<u<=t} dt_u·A (so e^{Λ_t} = Π a_u). Unrolling,
 
 and at the chunk's end (position t1): S_{t1} = e^{Λ_{t1}} H + F, F = S⁰_{t1}. So each rank
 
-1. scans each of its chunks from a zero state (``ssd_chunked``): y⁰ and the summary (F, g = e^{Λ_{t1}});
+1. scans each of its chunks from a zero state (``ssd_scan``): y⁰ and the summary (F, g = e^{Λ_{t1}});
 2. all-gathers the 2c summaries ([2c, B, heads, P·N + 1], tiny) and runs the chunk-level recurrence
    in sequence order on every rank: H_0 = 0, H_{k+1} = g_k H_k + F_k (``incoming_states``);
 3. adds the incoming state's part e^{Λ_t} H_k C_t to its chunks' outputs (``add_incoming_state``).
@@ -43,14 +43,19 @@ mixer's ``in_proj`` has already gathered the TP group's tokens, so the mixer see
 (CP) sequence. The strategy (``MambaContextParallel``) is handed into ``MambaMixer.context_parallel``
 by ``apply_context_parallel``; the model itself imports nothing from here. Incremental decoding under
 CP is not supported (a KV cache decodes with a whole one-device model).
+
+Kernels: each chunk's conv (with its halo as ``initial``) and zero-state scan go through
+``megacore.kernels`` (``causal_conv1d_silu``, ``ssd_scan``): the Triton kernels where selected (CUDA,
+``MEGACORE_KERNELS`` auto or triton), else the torch references; the chunk-level recurrence and the
+incoming-state term stay in torch (small).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from megacore.layers.mamba import ssd_chunked
+from megacore.kernels.causal_conv1d import causal_conv1d_silu
+from megacore.kernels.ssd_scan import ssd_scan
 from megacore.parallel import collectives as C
 
 
@@ -107,33 +112,33 @@ class MambaContextParallel:
             raise ValueError(f"the local sequence under context parallelism holds two equal chunks, got {n} positions")
         return t.split(n // 2, dim=dim)
 
-    def conv(self, xbc_BCS: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-        """The causal depthwise conv of the local [B, conv_dim, 2L] inputs, each chunk continued from its
-        predecessor's last K-1 inputs (module doc) -> [B, conv_dim, 2L] (before the activation)."""
+    def conv_silu(self, xbc_BSC: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """silu(causal depthwise conv) of the local [B, 2L, conv_dim] inputs, each chunk continued from
+        its predecessor's last K-1 inputs (module doc) -> [B, 2L, conv_dim]."""
         keep = weight.shape[-1] - 1
-        halves = self._halves(xbc_BCS, -1)
+        halves = self._halves(xbc_BSC, 1)
         if keep == 0:
-            return F.conv1d(xbc_BCS, weight, bias, groups=xbc_BCS.shape[1])
-        if halves[0].shape[-1] < keep:
-            raise ValueError(f"a context-parallel chunk of {halves[0].shape[-1]} positions is shorter than the Mamba "
+            return causal_conv1d_silu(xbc_BSC, weight, bias)
+        if halves[0].shape[1] < keep:
+            raise ValueError(f"a context-parallel chunk of {halves[0].shape[1]} positions is shorter than the Mamba "
                              f"conv's look-back of {keep}; use a longer sequence or a smaller parallel.context")
-        tails = torch.stack([h[..., h.shape[-1] - keep:] for h in halves])         # [2, B, C, K-1]
-        tails = C.gather_along_dim(tails, 0, self.group, grad_is_partial=True)      # [2c, B, C, K-1]
+        tails = torch.stack([h[:, h.shape[1] - keep:].transpose(1, 2) for h in halves])  # [2, B, C, K-1]
+        tails = C.gather_along_dim(tails, 0, self.group, grad_is_partial=True)            # [2c, B, C, K-1]
         outs = []
         for half, chunk in zip(halves, self.chunk_ids):
             before = tails[self._gathered_index(chunk - 1)] if chunk > 0 else torch.zeros_like(tails[0])
-            outs.append(F.conv1d(torch.cat([before, half], dim=-1), weight, bias, groups=half.shape[1]))
-        return torch.cat(outs, dim=-1)
+            outs.append(causal_conv1d_silu(half, weight, bias, initial=before.contiguous()))
+        return torch.cat(outs, dim=1)
 
     def scan(self, x, dt, A, B, C_, chunk_size: int, D=None) -> torch.Tensor:
-        """``ssd_chunked``'s y for this rank's two chunks of the whole sequence (module doc). Shapes as
+        """``ssd_scan``'s y for this rank's two chunks of the whole sequence (module doc). Shapes as
         there, with s = 2L local positions."""
         b, _, h, p = x.shape
         n = B.shape[-1]
         parts = list(zip(*(self._halves(t, 1) for t in (x, dt, B, C_))))
         ys, summaries, log_decays = [], [], []
         for xs, dts, Bs, Cs in parts:
-            y, final = ssd_chunked(xs, dts, A, Bs, Cs, chunk_size, D=D)
+            y, final = ssd_scan(xs, dts, A, Bs, Cs, chunk_size, D=D)
             lam = chunk_log_decay(dts, A)
             ys.append(y)
             log_decays.append(lam)

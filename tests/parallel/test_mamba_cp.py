@@ -13,11 +13,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from megacore.config import ParallelConfig, RecomputeConfig, RunConfig, TrainConfig, TransformerConfig
+from megacore.kernels import triton_available
 from megacore.layers.mamba import ssd_chunked, ssd_reference
 from megacore.parallel.mamba_context_parallel import add_incoming_state, chunk_log_decay, incoming_states
 from tests.dist.harness import run_distributed
@@ -83,7 +86,7 @@ def _reference(model_cfg):
     return loss.item(), grads, norm
 
 
-def _layout(rank, world, parallel: dict, extra: dict, recompute: dict | None = None) -> dict:
+def _layout(rank, world, parallel: dict, extra: dict, recompute: dict | None = None, kernels: str = "auto") -> dict:
     import megacore.parallel as P
     from megacore.compose import build_optimizer, build_run_model
     from megacore.layers.mamba import MambaMixer
@@ -103,8 +106,21 @@ def _layout(rank, world, parallel: dict, extra: dict, recompute: dict | None = N
         opt, _ = build_optimizer(cfg, [model], state)
         ids, labels = _data(model_cfg["seq_length"])
         ids, labels, kwargs = rank_batch(ids, labels, state)
-        share = model(ids, labels=labels, reduction="sum", **kwargs) / (BATCH * model_cfg["seq_length"])
-        share.backward()
+        from megacore.kernels import kernel_backend
+
+        import importlib
+
+        scan_module = importlib.import_module("megacore.kernels.ssd_scan")  # (the package re-exports a function of that name)
+
+        launched, triton_scan = [], scan_module.ssd_scan_triton
+        scan_module.ssd_scan_triton = lambda *a, **k: launched.append(1) or triton_scan(*a, **k)
+        try:
+            with kernel_backend(kernels):  # "triton": each chunk's conv and scan through the Triton kernels
+                share = model(ids, labels=labels, reduction="sum", **kwargs) / (BATCH * model_cfg["seq_length"])
+                share.backward()
+        finally:
+            scan_module.ssd_scan_triton = triton_scan
+        assert bool(launched) == (kernels == "triton"), (kernels, len(launched))
         info = opt.step()
         want_loss, want_grads, want_norm = _reference(model_cfg)
         counted = share.detach().double() if state.tp_rank == 0 else torch.zeros((), dtype=torch.float64)
@@ -136,6 +152,8 @@ def _check(results, layouts, world):
 def test_mamba_cp2_matches_one_device():
     layouts = [("cp2", dict(context=2), {}),
                ("cp2_full_recompute", dict(context=2), {}, dict(granularity="full"))]
+    if triton_available() and os.environ.get("TRITON_INTERPRET") == "1":  # (tests/conftest.py sets it on CPU)
+        layouts.append(("cp2_triton_kernels", dict(context=2), {}, None, "triton"))
     _check(run_distributed(_layouts, world_size=2, args=(layouts,), timeout_s=400), layouts, 2)
 
 
