@@ -1,6 +1,6 @@
 """Mamba-2 SSD chunked scan: Triton forward/backward as one torch custom op, beside the torch reference.
 
-``ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None) -> (y, final_state)`` has the
+``ssd_scan(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None) -> (y, final_state)`` has the
 contract of ``ssd_chunked`` (the torch reference, below; ``ssd_reference`` is the step-by-step
 recurrence): x [b, s, h, p], dt [b, s, h]
 (softplus'ed, clamped), A [h] (< 0), B/C [b, s, g, n] (g divides h), D [h] or None, initial_state
@@ -9,9 +9,12 @@ gets its gradient (the final state's gradient flows back too). The kernels and t
 ``_ssd_triton``; this file lays the tensors out, launches, and finishes the small reductions in torch
 (group sums of dB/dC, the reverse cumulative sum that turns dΛ into d(dt·A)).
 
-Packed documents: the references take ``seq_idx`` [b, s] (each position's document number,
-non-decreasing along a row); the state is reset where it changes, so no position sees an earlier
-document. The Triton scan has no ``seq_idx`` yet: the mixer takes the reference for packed input.
+Packed documents: ``seq_idx`` [b, s] (each position's document number, non-decreasing along a
+row); the state is reset where it changes, so no position sees an earlier document. The references
+drop the cross-document terms explicitly. The Triton scan subtracts ``DOCUMENT_RESET`` from the decay
+exponent dt_t·A of every position t that starts a document: every term that reaches across t then
+carries a factor e^{-DOCUMENT_RESET} (below 1e-17, under fp32 resolution) and nothing else changes;
+the decay exponent at t itself only ever multiplies such terms, so its gradient is that small too.
 
 Selection (``use_triton(..., under_compile=True)``): with ``MEGACORE_KERNELS=auto`` the kernel runs
 on CUDA tensors also under ``torch.compile`` (as an opaque custom op: one graph, no break), because
@@ -125,13 +128,22 @@ def _blocks(L: int, p: int, n: int, device: torch.device) -> tuple[int, int, int
     return bl, max(16, next_power_of_2(p)), max(16, next_power_of_2(n))
 
 
-def _layout(dt: torch.Tensor, A: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """dt [b, s, h] -> (dt, Λ) as [b, h, k·L] fp32, zero decay exponent past s (pads change nothing)."""
+# Subtracted from dt·A where a packed document starts (module doc): e^-40 ≈ 4e-18 cuts the state.
+DOCUMENT_RESET = 40.0
+
+
+def _layout(dt: torch.Tensor, A: torch.Tensor, L: int,
+            starts: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """dt [b, s, h] -> (dt, Λ) as [b, h, k·L] fp32, zero decay exponent past s (pads change nothing);
+    ``starts`` [b, s] (1 where a document starts) lowers the exponent there by ``DOCUMENT_RESET``."""
     b, s, h = dt.shape
     k = triton.cdiv(s, L)
     dtp = dt.new_zeros(b, h, k * L, dtype=torch.float32)
     dtp[:, :, :s] = dt.transpose(1, 2)
-    cum = (dtp * A.float()[None, :, None]).view(b, h, k, L).cumsum(-1).view(b, h, k * L)
+    a = dtp * A.float()[None, :, None]
+    if starts is not None:
+        a[:, :, :s] -= DOCUMENT_RESET * starts.float()[:, None, :]
+    cum = a.view(b, h, k, L).cumsum(-1).view(b, h, k * L)
     return dtp, cum, k
 
 
@@ -139,11 +151,11 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.stride())
 
 
-def _forward(x, dt, A, B, C, D, initial_state, chunk_size: int):
+def _forward(x, dt, A, B, C, D, initial_state, chunk_size: int, starts=None):
     b, s, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     L = chunk_size
-    dtp, cum, k = _layout(dt, A, L)
+    dtp, cum, k = _layout(dt, A, L, starts)
     bl, bp, bn = _blocks(L, p, n, x.device)
     ieee = x.dtype == torch.float32
     st = x.new_empty(b, k + 1, h, p, n, dtype=torch.float32)
@@ -224,12 +236,13 @@ def _backward(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size: int, has_init:
 @torch.library.custom_op("megacore::ssd_scan_fwd", mutates_args=())
 def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: Optional[torch.Tensor], initial_state: Optional[torch.Tensor],
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, dt, A, B, C, D, initial_state, chunk_size)
+                chunk_size: int, starts: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, dt, A, B, C, D, initial_state, chunk_size, starts)
 
 
 @_ssd_fwd_op.register_fake
-def _(x, dt, A, B, C, D, initial_state, chunk_size):
+def _(x, dt, A, B, C, D, initial_state, chunk_size, starts=None):
     b, s, h, p = x.shape
     n = B.shape[3]
     k = -(-s // chunk_size)
@@ -257,7 +270,7 @@ def _(dy, dfinal, x, dt, A, B, C, D, cum, st, chunk_size, has_init):
 
 
 def _setup(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, chunk_size = inputs
+    x, dt, A, B, C, D, initial_state, chunk_size, _starts = inputs
     _, _, cum, st = output
     ctx.save_for_backward(x, dt, A, B, C, D, cum, st)
     ctx.chunk_size = chunk_size
@@ -270,7 +283,7 @@ def _autograd(ctx, dy, dfinal, _dcum, _dst):
     dx, ddt, dA, dB, dC, dD, dinit = _ssd_bwd_op(dy, dfinal, x, dt, A, B, C, D, cum, st, ctx.chunk_size,
                                                  ctx.has_init)
     return (dx, ddt, dA, dB, dC, dD if D is not None else None,
-            dinit.to(ctx.init_dtype) if ctx.has_init else None, None)
+            dinit.to(ctx.init_dtype) if ctx.has_init else None, None, None)
 
 
 _ssd_fwd_op.register_autograd(_autograd, setup_context=_setup)
@@ -289,16 +302,26 @@ def _check(x, dt, A, B, C, chunk_size, D, initial_state) -> None:
         raise ValueError(f"ssd_scan: initial_state {tuple(initial_state.shape)} is not [b, h, p, n]")
 
 
-def ssd_scan_triton(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None):
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[b, s] float32: 1 where ``seq_idx`` changes from the previous position (a document starts)."""
+    starts = torch.zeros(seq_idx.shape, dtype=torch.float32, device=seq_idx.device)
+    starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).float()
+    return starts
+
+
+def ssd_scan_triton(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, seq_idx=None):
     """The Triton op (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) -> (y, final state fp32)."""
     _check(x, dt, A, B, C, chunk_size, D, initial_state)
+    if seq_idx is not None and seq_idx.shape != x.shape[:2]:
+        raise ValueError(f"ssd_scan: seq_idx {tuple(seq_idx.shape)} is not [b, s] = {tuple(x.shape[:2])}")
     B, C = B.to(x.dtype), C.to(x.dtype)
-    y, final, _, _ = _ssd_fwd_op(x, dt.float(), A.float(), B, C, D, initial_state, int(chunk_size))
+    starts = document_starts(seq_idx) if seq_idx is not None else None
+    y, final, _, _ = _ssd_fwd_op(x, dt.float(), A.float(), B, C, D, initial_state, int(chunk_size), starts)
     return y, final
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, force_triton: bool = False):
+def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, initial_state=None, force_triton: bool = False, seq_idx=None):
     """``ssd_chunked``'s result through the Triton op where selected (module doc), else the reference."""
     if x.dtype != torch.float64 and use_triton(x, force_triton, "ssd_scan", under_compile=True):
-        return ssd_scan_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
-    return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state)
+        return ssd_scan_triton(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, seq_idx=seq_idx)
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state, seq_idx=seq_idx)

@@ -25,7 +25,8 @@ auto or triton, also under ``torch.compile``) the mixer runs the Triton causal c
 (``kernels.causal_conv1d``), the Triton SSD scan (``kernels.ssd_scan``) and, for a one-position step
 with a ``MambaState``, the fused decode step (``kernels.ssd_decode``); backend torch keeps the plain
 torch path below. A context-parallel mixer runs the strategy's conv and scan (which use the same
-kernels per chunk). Packed documents (``seq_idx``) take the torch path.
+kernels per chunk). Packed documents (``seq_idx``) run the torch conv and the scan kernel with
+document resets.
 
 ``MambaMixer.context_parallel``: None, or a sequence strategy handed in by the parallel code when
 the local sequence is this rank's share of a context-parallel split
@@ -108,8 +109,8 @@ class MambaMixer(nn.Module):
             raise ValueError(f"seq_idx {tuple(seq_idx.shape)} must be [batch, seq] = [{b}, {s}]")
         # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
         # the context-parallel strategy brings its own conv and scan; packed documents take the torch
-        # path (the kernels have no document resets yet).
-        fast = (cp is None and seq_idx is None and projected.dtype != torch.float64
+        # conv (the Triton conv has no document resets) and the scan with seq_idx.
+        fast = (cp is None and projected.dtype != torch.float64
                 and use_triton(projected, kernel="mamba mixer", under_compile=True))
         A = -torch.exp(self.A_log.float())
         if fast and state is not None and s == 1:
@@ -143,7 +144,7 @@ class MambaMixer(nn.Module):
             y = cp.scan(x, dt, A, B, C, self.chunk_size, D=self.D)
         elif fast:
             y, final = ssd_scan(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
-                                force_triton=True)
+                                force_triton=True, seq_idx=seq_idx)
         else:
             y, final = ssd_chunked(x, dt, A, B, C, self.chunk_size, D=self.D, initial_state=initial_state,
                                    seq_idx=seq_idx)
