@@ -26,8 +26,7 @@ per call), stream the new tokens, and free the slot and blocks of each finished 
 request takes its place at the next step (continuous batching).
 
 Models with Mamba layers (their cache keeps one state per sequence, which a packed forward does not
-write) and runners without ``prefill_packed`` (pipeline-parallel serving) prefill one whole prompt per forward
-instead (``packed_prefill``: None = pack when possible). ``prefix_caching=True`` (packed models
+write) prefill one whole prompt per forward instead (``packed_prefill``: None = pack when possible). ``prefix_caching=True`` (packed models
 only): a prompt's leading full blocks whose tokens an earlier request already computed (its prompt,
 or its prompt and answer) are shared, refcounted (``megacore.inference.blocks``); the request then
 prefills only the rest.
@@ -178,7 +177,7 @@ class Engine:
         # scan does not restart per sequence); otherwise each request is prefilled alone, whole.
         can_pack = callable(getattr(self.runner, "prefill_packed", None)) and not self.store.shapes.mamba
         if packed_prefill and not can_pack:
-            raise ValueError("packed_prefill=True needs a ModelRunner or a tensor-parallel one (not a pipeline-parallel one) and a "
+            raise ValueError("packed_prefill=True needs a runner with prefill_packed (ModelRunner, tensor- or pipeline-parallel) and a "
                              "model without Mamba layers; pass packed_prefill=None to prefill one request at a time")
         self.packed = can_pack if packed_prefill is None else bool(packed_prefill)
         self.max_prefill_tokens = max_prefill_tokens

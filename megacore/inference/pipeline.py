@@ -9,11 +9,13 @@ the last stage holds the final norm and output layer) filled from a megacore che
 any layout (``megacore.checkpoint`` reshards on load), and its own paged KV store for its layers
 -- same blocks, slots and tables as every other stage, so one engine's block tables serve all.
 
-Rank 0 runs the engine and broadcasts each prefill / decode call's inputs
+Rank 0 runs the engine and broadcasts each prefill / packed prefill / decode call's inputs
 (``megacore.inference.parallel.BroadcastRunner``); every stage runs the same call: receive the
 previous stage's hidden states (stage 0: embed the tokens), run its layers with its cache, send its
 output on; the last stage samples and broadcasts the tokens to every stage, which all advance the
-same lengths, budgets and done flags. One micro-batch at a time: the stages take turns (this splits
+same lengths, budgets and done flags. A packed prefill (``megacore.inference.packed``: several
+requests' chunks in one row) passes the whole row's hidden states between stages; the last stage
+computes logits at each chunk's last token only. One micro-batch at a time: the stages take turns (this splits
 memory, not time), and decoding is eager (no CUDA graphs across stages). Tensor parallelism and
 pipeline parallelism together are not supported.
 """
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from megacore.inference.cache import CacheBatch, KVStore, probe_cache_shapes
 from megacore.inference.device_sampling import sample_tokens
+from megacore.inference.packed import PackedInputs, PackedView, segments
 from megacore.inference.runner import DecodeInputs, PrefillInputs, advance_rows
 
 
@@ -75,8 +78,9 @@ class PipelineRunner:
         self.last_rank = dist.get_global_rank(group, world - 1) if group is not None else world - 1
         self.hidden, self.dtype = stage.config.hidden_size, next(stage.parameters()).dtype
 
-    def _stage(self, ids: torch.Tensor, view: CacheBatch) -> Optional[torch.Tensor]:
-        """This stage's part of one forward; the last stage's logits of the last position, else None."""
+    def _stage(self, ids: torch.Tensor, view, packed: bool = False) -> Optional[torch.Tensor]:
+        """This stage's part of one forward; the last stage's logits of the last position (``packed``:
+        of each chunk's last token, [R, V]), else None."""
         if self.first:
             out = self.model(ids, kv_cache=view)
         else:
@@ -86,7 +90,7 @@ class PipelineRunner:
         if not self.last:
             dist.send(out.contiguous(), dst=self.next, group=self.group)
             return None
-        return out[:, -1]
+        return out[0] if packed else out[:, -1]
 
     def _tokens(self, logits, inp, position: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         """The last stage samples; every stage gets the tokens."""
@@ -107,6 +111,18 @@ class PipelineRunner:
         if not sample:
             return None
         return self._tokens(logits, inp, torch.full_like(inp.slot, inp.ids.shape[1]))
+
+    @torch.no_grad()
+    def prefill_packed(self, inp: PackedInputs) -> Optional[torch.Tensor]:
+        """``ModelRunner.prefill_packed`` for this stage: the next token of each chunk [R] (every stage
+        gets them), or None when none samples."""
+        sample = bool(inp.sample.any())
+        segs = segments(inp)
+        inp = PackedInputs(**{f.name: getattr(inp, f.name).to(self.device) for f in dataclasses.fields(inp)})
+        logits = self._stage(inp.ids, PackedView(self.store, inp, segs), packed=True)
+        if not sample:
+            return None
+        return self._tokens(logits, inp, inp.pos[inp.last] + 1)
 
     @torch.no_grad()
     def decode(self, inp: DecodeInputs, steps: int, key_len: Optional[int] = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ def _pp_worker(rank, world_size, path):
     def staged(setup, rank):
         stage = setup.runner.model
         assert (stage.pre_process, stage.post_process) == (rank == 0, rank == world_size - 1)
+        assert not setup.is_leader or setup.engine.packed            # prefills packed, broadcast to the stages
 
     return serve_rank(rank, world_size, path, "--pp", staged)
 
