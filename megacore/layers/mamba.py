@@ -25,8 +25,7 @@ auto or triton, also under ``torch.compile``) the mixer runs the Triton causal c
 (``kernels.causal_conv1d``), the Triton SSD scan (``kernels.ssd_scan``) and, for a one-position step
 with a ``MambaState``, the fused decode step (``kernels.ssd_decode``); backend torch keeps the plain
 torch path below. A context-parallel mixer runs the strategy's conv and scan (which use the same
-kernels per chunk). Packed documents (``seq_idx``) run the torch conv and the scan kernel with
-document resets.
+kernels per chunk). Packed documents (``seq_idx``) run both kernels with document resets.
 
 ``MambaMixer.context_parallel``: None, or a sequence strategy handed in by the parallel code when
 the local sequence is this rank's share of a context-parallel split
@@ -108,15 +107,16 @@ class MambaMixer(nn.Module):
         if seq_idx is not None and seq_idx.shape != (b, s):
             raise ValueError(f"seq_idx {tuple(seq_idx.shape)} must be [batch, seq] = [{b}, {s}]")
         # The Triton kernels (megacore.kernels: causal_conv1d, ssd_scan, ssd_decode) where selected;
-        # the context-parallel strategy brings its own conv and scan; packed documents take the torch
-        # conv (the Triton conv has no document resets) and the scan with seq_idx.
+        # the context-parallel strategy brings its own conv and scan; packed documents (seq_idx) reset
+        # the state in both kernels.
         fast = (cp is None and projected.dtype != torch.float64
                 and use_triton(projected, kernel="mamba mixer", under_compile=True))
         A = -torch.exp(self.A_log.float())
         if fast and state is not None and s == 1:
             return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
-        if seq_idx is not None:
-            xbc = causal_conv1d_silu_documents(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        if seq_idx is not None:  # packed documents: the Triton conv where selected, else the torch one
+            xbc = (causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, force_triton=True, seq_idx=seq_idx)
+                   if fast else causal_conv1d_silu_documents(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx))
         elif cp is not None:
             xbc = cp.conv_silu(xbc, self.conv1d.weight, self.conv1d.bias)
         elif fast:

@@ -30,13 +30,15 @@ def main(which: str = "all") -> None:
         compile_one(K._chunk_scan_bwd_dc_kernel, dict(X=dt, B_=dt, C_=dt, DY=dt, CUM=f32, DT=f32, ST=f32, DCH=f32, BOX=f32,
                                                       DLAM=f32),
                     dict(L=128, IEEE=ieee, BL=64, BP=64, BN=128), 8)
-        for halo in (False, True):
-            compile_one(conv._conv_fwd_kernel, dict(X=dt, W=dt, BIAS=dt, HALO=dt, Y=dt),
-                        dict(K=4, HAS_BIAS=True, HAS_HALO=halo, BT=64, BC=128))
-            compile_one(conv._conv_bwd_pre_kernel, dict(X=dt, W=dt, BIAS=dt, HALO=dt, DY=dt, DPRE=f32, DWP=f32,
-                                                         DBP=f32),
-                        dict(K=4, HAS_BIAS=True, HAS_HALO=halo, BT=64, BC=128))
-        compile_one(conv._conv_bwd_dx_kernel, dict(DPRE=f32, W=dt, DX=dt), dict(K=4, BT=64, BC=128))
+        for halo, seq in ((False, False), (True, False), (False, True)):  # (packed documents come without a halo)
+            compile_one(conv._conv_fwd_kernel, dict(X=dt, W=dt, BIAS=dt, HALO=dt, SEQ="*i64", Y=dt),
+                        dict(K=4, HAS_BIAS=True, HAS_HALO=halo, HAS_SEQ=seq, BT=64, BC=128))
+            compile_one(conv._conv_bwd_pre_kernel, dict(X=dt, W=dt, BIAS=dt, HALO=dt, SEQ="*i64", DY=dt, DPRE=f32,
+                                                         DWP=f32, DBP=f32),
+                        dict(K=4, HAS_BIAS=True, HAS_HALO=halo, HAS_SEQ=seq, BT=64, BC=128))
+        for seq in (False, True):
+            compile_one(conv._conv_bwd_dx_kernel, dict(DPRE=f32, W=dt, SEQ="*i64", DX=dt),
+                        dict(K=4, HAS_SEQ=seq, BT=64, BC=128))
         compile_one(dec._conv_step_kernel, dict(CS=dt, XBC=dt, W=dt, BIAS=dt, XA=f32),
                     dict(K=4, HAS_BIAS=True, BC=1024))
     for flag in (False, True):
