@@ -77,6 +77,8 @@ REFUSED = [
      ["data.reset_attention_mask=True", "parallel.context=1 when the model has Mamba layers"]),
     (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.tp_comm_overlap=copy_engine",
       "precision.fp8=tensorwise", "device=cuda"], 2, ["parallel.tp_comm_overlap='copy_engine'", "precision.fp8"]),
+    (["model.qk_norm=true", "model.qk_norm_scope=projection", "parallel.tensor=2"], 2,
+     ["parallel.tensor=2 needs model.qk_norm_scope=head", "set parallel.tensor=1"]),
     (["compile_mode=reduce-overhead"], 1, ["compile_mode='reduce-overhead' needs compile=true"]),
 ]
 

@@ -67,7 +67,12 @@ class TransformerConfig:
 
     add_qkv_bias: bool = doc(False, "Biases on the query/key/value projections (Qwen2).")
     add_bias_linear: bool = doc(False, "Biases on every other linear layer (GPT-2).")
-    qk_norm: bool = doc(False, "RMS-normalize queries and keys per head before attention (Qwen3).")
+    qk_norm: bool = doc(False, "RMS-normalize queries and keys before attention (and before the rotary "
+                               "embedding); model.qk_norm_scope says over which channels.")
+    qk_norm_scope: str = doc("head", "With qk_norm: 'head' normalizes each head's query and key (weights of "
+                                     "head_dim; Qwen3); 'projection' normalizes a token's whole query "
+                                     "projection and whole key projection (weights of heads x head_dim and "
+                                     "kv_heads x head_dim; OLMoE).")
     attention_dropout: float = doc(0.0, "Dropout probability on the attention weights, in [0, 1).")
     hidden_dropout: float = doc(0.0, "Dropout probability on each residual branch's output, in [0, 1).")
     sliding_window: Optional[int] = doc(None, "A query attends only to the last this many positions (itself "
@@ -246,6 +251,9 @@ class TransformerConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 _fail(f"model.{name}", v, "must be in [0, 1)", "use e.g. 0.0 or 0.1")
+        if self.qk_norm_scope not in ("head", "projection"):
+            _fail("model.qk_norm_scope", self.qk_norm_scope, "must be 'head' or 'projection'",
+                  "set model.qk_norm_scope=head (per head, Qwen3) or projection (OLMoE)")
         if self.sliding_window is not None and self.sliding_window <= 0:
             _fail("model.sliding_window", self.sliding_window, "must be positive", "use null to disable it")
         if self.attention_backend not in ATTENTION_BACKENDS:

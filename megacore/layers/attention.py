@@ -172,9 +172,13 @@ class SelfAttention(nn.Module):
             if lin.bias is not None:
                 mark_init(lin.bias, "zeros")
         self.q_norm = self.k_norm = None
+        # qk_norm_scope "projection" (OLMoE): one RMS over all of a token's query (key) channels.
+        self.qk_norm_per_head = config.qk_norm_scope == "head"
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.norm_epsilon)
-            self.k_norm = RMSNorm(self.head_dim, config.norm_epsilon)
+            q_width, k_width = (self.head_dim, self.head_dim) if self.qk_norm_per_head else (
+                config.num_attention_heads * self.head_dim, config.num_kv_heads * self.head_dim)
+            self.q_norm = RMSNorm(q_width, config.norm_epsilon)
+            self.k_norm = RMSNorm(k_width, config.norm_epsilon)
         self.core_attention = core_attention_cls(config)
         self.apply_rotary = apply_rotary  # Triton kernel on CUDA, plain torch elsewhere
 
@@ -189,8 +193,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_BSH: torch.Tensor, rotary=None, mask=None, kv_cache=None) -> torch.Tensor:
         q, k, v = self.split_qkv(self.linear_qkv(hidden_BSH))
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:  # heads are in q's (k's) projection order, so flattening them is it
+            q, k = self.q_norm(q.flatten(-2)).view_as(q), self.k_norm(k.flatten(-2)).view_as(k)
         if rotary is not None:
             cos, sin = rotary
             q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)

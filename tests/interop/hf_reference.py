@@ -46,6 +46,10 @@ CASES: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(_ROPE_COMMON, num_hidden_layers=3, head_dim=32, num_experts=8,
                                          num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True,
                                          mlp_only_layers=[0])),
+    # OLMoE: every layer sparse, q/k RMSNorm over the whole projections, raw top-k weights. (No pad token:
+    # transformers' embedding would freeze its row's gradient, which megacore trains.)
+    "olmoe": ("OlmoeConfig", dict(_ROPE_COMMON, intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                                  norm_topk_prob=False, pad_token_id=None, eos_token_id=2)),
     # DeepSeek-V3: multi-latent attention with the query bottleneck, interleaved-rope checkpoint, first layer
     # dense, 8 sigmoid-routed experts in 4 groups (2 eligible), 2 shared experts, a nonzero score-correction
     # bias (randomize_), routed weights renormalized and scaled.

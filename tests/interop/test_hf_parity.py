@@ -36,6 +36,7 @@ PLAN = [
     ("qwen2_moe_shared", "60KB", None),
     ("qwen2_moe_sparse_step", None, "40KB"),
     ("qwen3_moe", None, None),
+    ("olmoe", "50KB", None),
     ("deepseek_v3", "60KB", None),
     ("deepseek_v3_yarn", None, "50KB"),
     ("gpt2_tied", "25KB", "25KB"),
@@ -44,7 +45,7 @@ PLAN = [
 EXPECTED_FAMILY = {"llama_gqa": "llama", "llama_bias_tied": "llama", "mistral_sliding": "mistral",
                    "qwen2_bias": "qwen2", "qwen2_sliding": "qwen2", "mixtral_moe": "mixtral",
                    "gpt2_tied": "gpt2", "nemotron_h_hybrid": "nemotron_h", "qwen2_moe_shared": "qwen2_moe",
-                   "qwen2_moe_sparse_step": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3",
+                   "qwen2_moe_sparse_step": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe", "deepseek_v3": "deepseek_v3",
                    "deepseek_v3_yarn": "deepseek_v3"}
 
 

@@ -1,4 +1,4 @@
-"""Qwen2-MoE and Qwen3-MoE beyond the shared parity test (tests/interop/test_hf_parity.py): config.json
+"""Qwen2-MoE, Qwen3-MoE and OLMoE beyond the shared parity test (tests/interop/test_hf_parity.py): config.json
 round-trips key for key, the sparse-layer layout maps both ways or is refused by name, greedy decoding
 reproduces transformers' generate, and what the families cannot hold is refused."""
 
@@ -16,7 +16,7 @@ from megacore.interop import hf
 from megacore.interop.families.qwen2_moe import hf_sparse_layers, moe_layers
 from megacore.models import GPTModel
 
-QWEN_CASES = [c for c in CASES if c.startswith(("qwen2_moe", "qwen3_moe"))]
+QWEN_CASES = [c for c in CASES if c.startswith(("qwen2_moe", "qwen3_moe", "olmoe"))]
 _HF_BASE = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=48, num_experts=4,
                 num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
 
@@ -108,7 +108,7 @@ def test_qwen3_expert_count_under_either_key():
                                           if k not in ("model_type", "architectures")}).num_experts == 6
 
 
-@pytest.mark.parametrize("case", ["qwen2_moe_sparse_step", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["qwen2_moe_sparse_step", "qwen3_moe", "olmoe"])
 def test_greedy_generation_matches_transformers(tmp_path, case):
     """MoE, dense and shared-expert layers in the KV-cache decode path decode HF's tokens."""
     ref = build_sharp_hf(case, seed=5)
@@ -136,6 +136,12 @@ _SMALL = dict(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=10
     ("qwen3_moe", dict(qk_norm=True, add_qkv_bias=True), "add_qkv_bias"),
     ("qwen3_moe", dict(qk_norm=True, moe_shared_expert_hidden_size=16), "moe_shared_expert_hidden_size"),
     ("qwen3_moe", dict(qk_norm=True, moe_routed_scaling_factor=2.5), "moe_routed_scaling_factor"),
+    ("qwen3_moe", dict(qk_norm=True, qk_norm_scope="projection"), "qk_norm_scope"),
+    ("olmoe", dict(), "qk_norm"),
+    ("olmoe", dict(qk_norm=True), "qk_norm_scope"),
+    ("olmoe", dict(qk_norm=True, qk_norm_scope="projection", moe_layer_freq=2), "moe_layer_freq"),
+    ("olmoe", dict(qk_norm=True, qk_norm_scope="projection", moe_shared_expert_hidden_size=16),
+     "moe_shared_expert_hidden_size"),
     ("mixtral", dict(moe_first_k_dense=1), "moe_first_k_dense"),
     ("mixtral", dict(moe_layer_freq=2), "moe_layer_freq"),
     ("mixtral", dict(moe_shared_expert_hidden_size=16), "moe_shared_expert_hidden_size"),
@@ -156,14 +162,19 @@ def test_import_refusals():
     with pytest.raises(ConfigError, match="mixes sliding and full"):
         hf.config_from_hf({**base, "model_type": "qwen2_moe", "use_sliding_window": True, "sliding_window": 8,
                            "max_window_layers": 2})   # transformers: layer 0 slides, layer 1 does not
-    # OLMoE normalizes q and k over the whole projection, not per head as megacore's qk_norm: no family.
-    with pytest.raises(ConfigError, match="unsupported Hugging Face architecture.*olmoe"):
-        hf.config_from_hf({**base, "model_type": "olmoe"})
+    olmoe = {**base, "model_type": "olmoe", "intermediate_size": 16}
+    with pytest.raises(ConfigError, match="attention_bias=true is not supported for olmoe"):
+        hf.config_from_hf({**olmoe, "attention_bias": True})
+    with pytest.raises(ConfigError, match="clip_qkv=8.0 is not supported for olmoe"):
+        hf.config_from_hf({**olmoe, "clip_qkv": 8.0})
+    cfg = hf.config_from_hf(olmoe)
+    assert (cfg.qk_norm, cfg.qk_norm_scope, cfg.moe_ffn_size, cfg.moe_first_k_dense) == (True, "projection", 16, 0)
 
 
 def test_infer_family_for_moe_models():
     assert hf.infer_family(TransformerConfig(**_SMALL)) == "mixtral"
     assert hf.infer_family(TransformerConfig(**_SMALL, qk_norm=True)) == "qwen3_moe"
+    assert hf.infer_family(TransformerConfig(**_SMALL, qk_norm=True, qk_norm_scope="projection")) == "olmoe"
     assert hf.infer_family(TransformerConfig(**_SMALL, moe_shared_expert_hidden_size=16,
                                              moe_shared_expert_gate=True, add_qkv_bias=True)) == "qwen2_moe"
 

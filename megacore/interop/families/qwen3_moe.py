@@ -50,7 +50,7 @@ class Qwen3MoeAdapter(Qwen2MoeAdapter):
         return {**super().extra_fields(hf), "qk_norm": True}
 
     def export_checks(self, c: TransformerConfig) -> list[tuple[str, Any]]:
-        return [("qk_norm", True), ("add_qkv_bias", False), ("add_bias_linear", False)]
+        return [("qk_norm", True), ("qk_norm_scope", "head"), ("add_qkv_bias", False), ("add_bias_linear", False)]
 
     def write_sliding(self, c: TransformerConfig, out: dict) -> None:
         out["use_sliding_window"] = c.sliding_window is not None
@@ -63,7 +63,7 @@ class Qwen3MoeAdapter(Qwen2MoeAdapter):
         out["attention_bias"] = False
 
     def reads_like(self, c: TransformerConfig) -> bool:
-        return c.num_experts is not None and c.qk_norm
+        return c.num_experts is not None and c.qk_norm and c.qk_norm_scope == "head"
 
 
 ADAPTER = Qwen3MoeAdapter()
