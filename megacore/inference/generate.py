@@ -21,8 +21,15 @@ from ``--config``'s ``data:`` section (for ``data.source=default`` the cached by
 embedded corpus, the one training used), or from the ``data`` section of a ``run_config`` that the
 checkpoint's ``extra`` records. Without any, pass ``--prompt-ids``.
 
-Decoding is the KV-cached loop of ``megacore.inference.sampling`` (the prompt is fed once, then one
-token per step): ``--temperature 0`` (the default) is greedy. Generation stops at ``--max-new-tokens`` or at
+Decoding (``--decoder``): ``static`` is ``megacore.inference.static`` -- a cache preallocated for the
+prompt and ``--max-new-tokens``, the prompt prefilled once, then device-side decode steps captured in
+CUDA graphs on a GPU (``--compile`` runs each step through ``torch.compile`` first: tens of seconds
+once, fewer kernels per token after); ``loop`` is the KV-cached Python loop of
+``megacore.inference.sampling`` (one token per step, and the only one that slides past the model's
+positions). ``auto`` (the default) takes ``static`` on a GPU when the prompt and ``--max-new-tokens``
+fit in the model's positions, else ``loop``. Greedy tokens are the same either way; a seed's sampled
+tokens differ between them (the static path samples on the device). ``--temperature 0`` (the
+default) is greedy. Generation stops at ``--max-new-tokens`` or at
 an end-of-sequence token (the HF config's ``eos_token_id``, else the tokenizer's end-of-document
 id; ``--ignore-eos`` disables this). The prompt and the continuation are printed to stdout.
 
@@ -198,7 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="parameter dtype (default: as stored)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    p.add_argument("--decoder", choices=("auto", "static", "loop"), default="auto",
+                   help="static: preallocated cache + device-side steps (CUDA graphs on a GPU); loop: the KV-cached "
+                        "Python loop; auto (default): static on a GPU when prompt + max-new-tokens fit, else loop")
+    p.add_argument("--compile", action="store_true", help="with the static decoder: torch.compile the decode step")
     return p
+
+
+def pick_decoder(choice: str, model, device: torch.device, needed: int) -> str:
+    """``static`` or ``loop`` for ``--decoder choice`` (see the module docstring); GenerateError when
+    ``static`` was asked for and cannot run."""
+    max_positions = getattr(getattr(model, "config", None), "seq_length", None)
+    fits = max_positions is None or needed <= max_positions
+    can = bool(getattr(model, "supports_kv_cache", False))
+    if choice == "static":
+        if not can:
+            raise GenerateError("--decoder static needs a whole model that decodes with a KV cache; use --decoder loop")
+        if not fits:
+            raise GenerateError(f"--decoder static: the prompt + --max-new-tokens ({needed} positions) exceed the "
+                                f"model's {max_positions}; lower --max-new-tokens or use --decoder loop (it slides)")
+        return "static"
+    if choice == "loop":
+        return "loop"
+    return "static" if device.type == "cuda" and can and fits else "loop"
 
 
 def _device(name: str) -> torch.device:
@@ -281,10 +310,22 @@ def run(args: argparse.Namespace) -> dict:
     check_positions(len(prompt_ids), args.max_new_tokens, getattr(loaded.model.config, "seq_length", None))
     eos = [] if args.ignore_eos else (loaded.eos_ids or ([tokenizer.eod] if tokenizer is not None else []))
     ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    out = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, eos_ids=eos)
+    decoder = pick_decoder(args.decoder, loaded.model, device, len(prompt_ids) + args.max_new_tokens)
+    if args.compile and decoder != "static":
+        raise GenerateError("--compile applies to the static decoder; add --decoder static (or drop --compile)")
+    if decoder == "static":
+        from megacore.inference.static import StaticGenerator
+
+        gen = StaticGenerator(loaded.model, 1, max_length=len(prompt_ids) + args.max_new_tokens,
+                              use_graphs=device.type == "cuda", compile_step=args.compile)
+        out = gen.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, eos_ids=eos)
+    else:
+        out = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, eos_ids=eos)
     new_ids = out[len(prompt_ids):].tolist()
-    result = {"prompt_ids": prompt_ids, "new_ids": new_ids, "model": loaded.path, "format": loaded.kind}
+    result = {"prompt_ids": prompt_ids, "new_ids": new_ids, "model": loaded.path, "format": loaded.kind,
+              "decoder": decoder}
     if tokenizer is not None:
         result["text"] = tokenizer.decode(prompt_ids + new_ids)
     return result

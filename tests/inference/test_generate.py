@@ -115,6 +115,31 @@ def test_cli_with_text_prompt_matches_transformers(hf, capsys):
     assert text.split() == [WORDS[i] for i in ids + expected]
 
 
+def test_static_decoder_gives_the_loops_tokens_and_auto_picks_by_device(hf, capsys):
+    """--decoder static (preallocated cache, device-side steps; CUDA graphs on a GPU) decodes the
+    transformers-greedy tokens the loop does, stopping at the same eos; auto is the loop on the CPU."""
+    model, path = hf
+    model.generation_config.eos_token_id = EOS
+    expected = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=16, pad_token_id=0,
+                              attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))[0, len(PROMPT):].tolist()
+    results = {}
+    for decoder in ("static", "loop", "auto"):
+        args = build_parser().parse_args(["--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)),
+                                          "--max-new-tokens", "16", "--device", "cpu", "--decoder", decoder])
+        results[decoder] = run(args)
+    assert results["static"]["new_ids"] == results["loop"]["new_ids"] == expected
+    assert [r["decoder"] for r in results.values()] == ["static", "loop", "loop"]
+
+
+def test_static_decoder_refusals_name_the_fix(hf, capsys):
+    _, path = hf
+    rc, _, err = _cli(capsys, "--model", path, "--prompt-ids", "3,4", "--max-new-tokens", 10_000, "--device", "cpu",
+                      "--decoder", "static")
+    assert rc == 2 and "--decoder static" in err and "--decoder loop" in err
+    rc, _, err = _cli(capsys, "--model", path, "--prompt-ids", "3,4", "--device", "cpu", "--compile")
+    assert rc == 2 and "--compile applies to the static decoder" in err
+
+
 def test_checkpoint_generates_like_the_hf_directory(hf, ckpt, capsys):
     assert detect_format(str(ckpt)) == "megacore"
     loaded = load_model(str(ckpt))
