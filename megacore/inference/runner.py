@@ -37,7 +37,6 @@ one warning. On the CPU the same step runs eagerly.
 
 from __future__ import annotations
 
-
 import dataclasses
 import warnings
 from dataclasses import dataclass
@@ -95,8 +94,9 @@ class _Decoder:
 class ModelRunner:
     """Prefill and batched decode of ``model`` over ``store`` (see the module docstring).
 
-    ``use_graphs``: capture decode steps in CUDA graphs (default: the store is on CUDA). ``paged_kernel``: attention layers read the block pools with the Triton decode
-    kernel (default: CUDA and Triton).
+    ``use_graphs``: capture decode steps in CUDA graphs (default: the store is on CUDA).
+    ``paged_kernel``: attention layers read the block pools with the Triton decode kernel (default:
+    CUDA and Triton). ``compile_step``: run the step through ``torch.compile`` (module docstring).
     ``contiguous``: the store is a static cache (one block per row, rows = slots 0..B-1).
     """
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from megacore.config import TransformerConfig
 from megacore.kernels._dispatch import use_triton
-from megacore.kernels.causal_conv1d import causal_conv1d_silu, causal_conv1d_silu_documents
+from megacore.kernels.causal_conv1d import causal_conv1d_silu
 from megacore.kernels.ssd_decode import mamba_decode_step
 from megacore.kernels.ssd_scan import ssd_chunked, ssd_reference, ssd_scan  # noqa: F401 (re-exported)
 from megacore.sharding import mark_init
@@ -114,9 +114,8 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         if fast and state is not None and s == 1:
             return self._decode_step(z, xbc, dt, A, state, hidden_BSH.dtype)
-        if seq_idx is not None:  # packed documents: the Triton conv where selected, else the torch one
-            xbc = (causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, force_triton=True, seq_idx=seq_idx)
-                   if fast else causal_conv1d_silu_documents(xbc, self.conv1d.weight, self.conv1d.bias, seq_idx))
+        if seq_idx is not None:  # packed documents: the Triton conv where selected, else its torch reference
+            xbc = causal_conv1d_silu(xbc, self.conv1d.weight, self.conv1d.bias, force_triton=fast, seq_idx=seq_idx)
         elif cp is not None:
             xbc = cp.conv_silu(xbc, self.conv1d.weight, self.conv1d.bias)
         elif fast:
